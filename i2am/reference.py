@@ -1,0 +1,115 @@
+"""The I2AM equations, materialised: the oracle every backend and map is tested against.
+
+Written to be read next to the paper (Park & Jang, "I2AM", ICLR 2025) and ../shared/SPEC.md
+sections 2-3. Everything here builds the full (Nq x Nk) probabilities and loops over layers,
+heads and time groups as the equations are printed; float64 by default. Never use it on real
+sizes: that is what the streaming backends are for.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+MAP_NAMES = ("gen_query", "gen_key", "ref_key", "ref_query")
+
+
+def softmaxes(q, k, scale):
+    """P (softmax over keys, the attention itself) and C (softmax over queries)."""
+    s = scale * q @ k.transpose(-1, -2)  # s[x, k] = scale <q[x], k[k]>
+    return s.softmax(-1), s.softmax(-2)
+
+
+def call_maps(q, k, v, *, scale, ref_idx, record_idx, key_probes, query_probes,
+              names=("gen_query", "ref_key"), dtype=torch.float64):
+    """One attention call: the output and the maps of SPEC section 2 for the recorded entries.
+
+    q (B,H,Nq,d), k (B,H,Nk,d), v (B,H,Nk,dv); ref_idx (Kr,) key indices of the reference grid;
+    record_idx (Br,) batch indices; key_probes u (Ru,Kr); query_probes m (Rw,Nq).
+    Returns out (B,H,Nq,dv) in q.dtype and {name: (Br,H,R,N)} in float32.
+    """
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    P, C = softmaxes(q, k, scale)
+    out = (P @ v).to(torch.float32)
+    u, m = key_probes.to(dtype), query_probes.to(dtype)
+    P, C = P[record_idx][..., ref_idx], C[record_idx][..., ref_idx]  # (Br,H,Nq,Kr)
+    maps = {
+        "gen_query": lambda: u @ C.transpose(-1, -2),  # sum_k u[k] C[x,k]        official M_g
+        "gen_key": lambda: u @ P.transpose(-1, -2),    # sum_k u[k] P[x,k]        eq. 4-7
+        "ref_key": lambda: m @ P,                      # sum_x m[x] P[x,k]        official M_r
+        "ref_query": lambda: m @ C,                    # sum_x m[x] C[x,k]        eq. 12-15
+    }
+    return out, {name: maps[name]().float() for name in names}
+
+
+def resize(x, size, mode="bicubic"):
+    """Resize the last two axes of x to size (eq. 14); align_corners=False as the official code."""
+    lead = x.shape[:-2]
+    x = x.reshape(-1, 1, *x.shape[-2:])
+    kw = {} if mode == "nearest" else {"align_corners": False}
+    return F.interpolate(x, size=tuple(size), mode=mode, **kw).reshape(*lead, *size)
+
+
+def ref_map_eq14(P, grid, m, mode="bicubic"):
+    """eq. 14-15 as printed: Resize_l the query axes of P (Nq,Kr) to the latent grid, weight by m."""
+    Kr = P.shape[-1]
+    resized = resize(P.transpose(0, 1).reshape(Kr, *grid), m.shape, mode)  # (Kr, h, w)
+    return (resized * m).sum((-2, -1))
+
+
+def pullback(m, grid, mode="bicubic"):
+    """Resize_l^T m by brute force: the weight of layer position x is <m, Resize_l(e_x)>."""
+    n = grid[0] * grid[1]
+    basis = torch.eye(n, dtype=m.dtype).reshape(n, *grid)
+    return (resize(basis, m.shape, mode) * m).sum((-2, -1))
+
+
+def generated(gens, size, mode="bicubic", by=None):
+    """M_g (eq. 5, 10, 11). gens: one (G, N, h_l, w_l) buffer per layer of the set S.
+
+    M_g = 1/(|S| N) sum_l sum_n clamp_min0(Resize(sum_tau gen[l, tau, n])); by="time" keeps
+    tau (clamp per group), by="head" keeps n. The factor 1/(|S| N) is kept in all three.
+    """
+    G, N = gens[0].shape[:2]
+    keep = {None: 1, "time": G, "head": N}[by]
+    total = torch.zeros(keep, *size, dtype=torch.float64)
+    for g in gens:
+        for i in range(keep):
+            for n in range(N):
+                if by == "head" and n != i:
+                    continue
+                x = g[i, n] if by == "time" else g[:, n].sum(0)
+                total[i] += resize(x.double(), size, mode).clamp_min(0)
+    total /= len(gens) * N
+    return total if by else total[0]
+
+
+def reference(refs, grid, by=None):
+    """M_r (eq. 13, 15, 17). refs: one (G, N, hI*wI) buffer per layer of the set S."""
+    G, N = refs[0].shape[:2]
+    stacked = torch.stack([r.double() for r in refs])  # (S, G, N, K)
+    if by == "time":
+        out = stacked.sum((0, 2))
+    elif by == "head":
+        out = stacked.sum((0, 1))
+    else:
+        out = stacked.sum((0, 1, 2))
+    return (out / (len(refs) * N)).reshape(*out.shape[:-1], *grid)
+
+
+def normalize(x):
+    """eq. 8: min-max to [0, 1] per 2-D map; a constant map becomes zeros, never NaN."""
+    lo = x.amin((-2, -1), keepdim=True)
+    span = x.amax((-2, -1), keepdim=True) - lo
+    return torch.where(span > 0, (x - lo) / torch.where(span > 0, span, 1), torch.zeros_like(x))
+
+
+def pixel_level(M, size, threshold=0.4):
+    """eq. 9: normalise, bicubic to image size, clamp, normalise again, zero values <= threshold."""
+    x = normalize(resize(normalize(M), size, "bicubic").clamp(0, 1))
+    return torch.where(x <= threshold, torch.zeros_like(x), x)
+
+
+def imacs(Mh, x, lam=3.0):
+    """IMACS as the official code: mean inside the mask minus lam times mean outside."""
+    x = x.to(Mh.dtype)
+    return (Mh * x).sum() / x.sum() - lam * (Mh * (1 - x)).sum() / (1 - x).sum()

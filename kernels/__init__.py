@@ -1,0 +1,8 @@
+"""i2am.kernels: cross-attention that streams I2AM attribution maps into small buffers.
+
+The kernel layer: one op, :func:`attention_with_maps`, with interchangeable backends
+("triton", "cuda", "torch", "reference"). The analysis layer (``i2am``) builds on it.
+"""
+from .api import BACKENDS, MAP_NAMES, attention_with_maps, backend_module, triton_available
+
+__all__ = ["attention_with_maps", "BACKENDS", "MAP_NAMES", "backend_module", "triton_available"]

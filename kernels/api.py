@@ -1,0 +1,205 @@
+"""attention_with_maps: the one public op of the kernel layer (SPEC section 4).
+
+This wrapper checks and normalises the arguments, allocates (or takes) the float32 map
+buffers, sends unrecorded batch entries to plain SDPA and the recorded ones to a backend.
+Every backend module exposes the same function::
+
+    run(q, k, v, out, maps, *, scale, ref_idx, record_idx, key_probes, query_probes)
+
+q (B,H,Nq,d), k (B,H,Nk,d), v (B,H,Nk,dv): the caller's tensors, any strides, one dtype and
+device. out (B,H,Nq,dv), q.dtype: the backend writes the rows record_idx. maps: {name: float32
+buffer, any strides}, with name in MAP_NAMES and shape (Br,H,Ru,Nq) for gen_*, (Br,H,Rw,Kr)
+for ref_*: the backend ADDS this call's maps into them. ref_idx (Kr,) and record_idx (Br,) are
+int64 on the device; key_probes (Ru,Kr) and query_probes (Rw,Nq) are contiguous float32.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+MAP_NAMES = ("gen_query", "gen_key", "ref_key", "ref_query")
+CONVENTIONS = ("query", "key")
+BACKENDS = ("auto", "triton", "cuda", "torch", "reference")
+_MODULES = {
+    "torch": "torch_backend",
+    "triton": "triton_backend",
+    "cuda": "cuda_backend",
+    "reference": "reference_backend",
+}
+
+
+def attention_with_maps(q, k, v, *, scale=None, ref_keys=None, record=None, key_probes=None,
+                        query_probes=None, gen=("query",), ref=("key",), backend="auto",
+                        accumulate=None):
+    """Cross-attention that also returns I2AM maps, without materialising (Nq x Nk) scores.
+
+    Args:
+        q, k, v: (B, H, Nq, d), (B, H, Nk, d), (B, H, Nk, dv); any float dtype and strides.
+        scale: score scale, default d ** -0.5.
+        ref_keys: the reference-grid keys, a slice or an index tensor into Nk (default all).
+        record: batch indices whose maps are computed (default all); the others cost plain
+            attention only.
+        key_probes: (Ru, Kr) weights over the reference keys, default one uniform row 1/Kr.
+        query_probes: (Rw, Nq) weights over this call's queries, default one uniform row 1/Nq.
+        gen, ref: softmax conventions to reduce for the generated and reference maps:
+            "query" (softmax over queries) and/or "key" (softmax over keys).
+        backend: "auto" (triton for CUDA tensors when it imports, else torch), "triton",
+            "cuda", "torch" or "reference".
+        accumulate: optional dict of float32 buffers with exactly the requested map names and
+            shapes (strided views allowed); this call's maps are added into them in place.
+
+    Returns:
+        (out, maps): out == SDPA(q, k, v) in q.dtype; maps {"gen_query": (Br,H,Ru,Nq),
+        "gen_key": ..., "ref_key": (Br,H,Rw,Kr), "ref_query": ...}, float32, exactly the
+        requested entries (the accumulate dict itself when given).
+    """
+    B, H, Nq, Nk, d = _check_qkv(q, k, v)
+    scale = d ** -0.5 if scale is None else _check_scale(scale)
+    dev = q.device
+    ref_idx = _index(ref_keys, Nk, "ref_keys", dev)
+    record_idx = _index(record, B, "record", dev, unique=True)
+    key_probes = _probes(key_probes, ref_idx.numel(), "key_probes", "|ref_keys|", dev)
+    query_probes = _probes(query_probes, Nq, "query_probes", "Nq", dev)
+    names = [f"gen_{c}" for c in _conventions(gen, "gen")]
+    names += [f"ref_{c}" for c in _conventions(ref, "ref")]
+    shapes = {n: (record_idx.numel(), H, (key_probes if n.startswith("gen") else query_probes).shape[0],
+                  Nq if n.startswith("gen") else ref_idx.numel()) for n in names}
+    maps = _buffers(accumulate, shapes, dev)
+    name = _resolve_backend(backend, q)
+
+    if not names or record_idx.numel() == 0:
+        return _sdpa(q, k, v, scale), maps
+    out = torch.empty(B, H, Nq, v.shape[-1], dtype=q.dtype, device=dev)
+    unrecorded = _complement(record_idx, B)
+    if unrecorded.numel():
+        out[unrecorded] = _sdpa(q[unrecorded], k[unrecorded], v[unrecorded], scale)
+    backend_module(name).run(q, k, v, out, maps, scale=scale, ref_idx=ref_idx, record_idx=record_idx,
+                             key_probes=key_probes, query_probes=query_probes)
+    return out, maps
+
+
+def backend_module(name):
+    """The module implementing backend `name` (imported on first use)."""
+    return importlib.import_module(f"{__package__}.{_MODULES[name]}")
+
+
+def triton_available(device):
+    """Triton runs CUDA tensors, and CPU tensors under TRITON_INTERPRET=1."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _resolve_backend(backend, q):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if q.is_cuda and triton_available(q.device) else "torch"
+    if backend == "triton" and not triton_available(q.device):
+        raise ValueError("backend='triton' needs CUDA tensors and an importable triton "
+                         f"(or TRITON_INTERPRET=1 for CPU tensors); got a {q.device} tensor")
+    return backend
+
+
+def _sdpa(q, k, v, scale):
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def _check_qkv(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, N, d), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, H, Nq, d = q.shape
+    if k.shape[:2] != (B, H) or k.shape[3] != d:
+        raise ValueError(f"k must be (B={B}, H={H}, Nk, d={d}) to match q {tuple(q.shape)}, "
+                         f"got {tuple(k.shape)}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v must be (B={B}, H={H}, Nk={k.shape[2]}, dv) to match k, got {tuple(v.shape)}")
+    if min(B, H, Nq, k.shape[2], d) == 0:
+        raise ValueError(f"empty attention: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    return B, H, Nq, k.shape[2], d
+
+
+def _check_scale(scale):
+    scale = float(scale)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number, got {scale}")
+    return scale
+
+
+def _index(sel, n, what, device, unique=False):
+    """A slice, a sequence or an integer tensor of indices into range(n), as int64 on device."""
+    if sel is None:
+        idx = torch.arange(n)
+    elif isinstance(sel, slice):
+        idx = torch.arange(n)[sel]
+    else:
+        idx = torch.as_tensor(sel).reshape(-1)
+        if idx.numel() and (idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool):
+            raise TypeError(f"{what} must hold integer indices, got {idx.dtype}")
+        idx = idx.long().cpu()
+        if idx.numel() and (idx.min() < 0 or idx.max() >= n):
+            raise ValueError(f"{what} must index range(0, {n}), got values from "
+                             f"{int(idx.min())} to {int(idx.max())}")
+        if unique and idx.unique().numel() != idx.numel():
+            raise ValueError(f"{what} must not repeat an index, got {idx.tolist()}")
+    if what != "record" and idx.numel() == 0:
+        raise ValueError(f"{what} selects no index out of {n}")
+    return idx.to(device)
+
+
+def _probes(p, n, what, n_name, device):
+    if p is None:
+        return torch.full((1, n), 1.0 / n, device=device)
+    if not isinstance(p, torch.Tensor):
+        p = torch.as_tensor(p, dtype=torch.float32)
+    if p.dim() == 1:
+        p = p[None]
+    if p.dim() != 2 or p.shape[1] != n or p.shape[0] == 0:
+        raise ValueError(f"{what} must be (R, {n_name}={n}) with R >= 1, got {tuple(p.shape)}")
+    if not torch.isfinite(p).all():
+        raise ValueError(f"{what} must be finite")
+    return p.to(device=device, dtype=torch.float32).contiguous()
+
+
+def _conventions(sel, what):
+    sel = (sel,) if isinstance(sel, str) else tuple(sel or ())
+    bad = [c for c in sel if c not in CONVENTIONS]
+    if bad or len(set(sel)) != len(sel):
+        raise ValueError(f"{what} must be distinct entries of {CONVENTIONS}, got {sel}")
+    return sel
+
+
+def _buffers(accumulate, shapes, device):
+    if accumulate is None:
+        return {n: torch.zeros(s, device=device) for n, s in shapes.items()}
+    if not isinstance(accumulate, dict) or set(accumulate) != set(shapes):
+        got = sorted(accumulate) if isinstance(accumulate, dict) else type(accumulate).__name__
+        raise ValueError(f"accumulate must be a dict with exactly the keys {sorted(shapes)}, got {got}")
+    for n, s in shapes.items():
+        t = accumulate[n]
+        if tuple(t.shape) != s or t.dtype != torch.float32 or t.device != device:
+            raise ValueError(f"accumulate[{n!r}] must be float32 {s} on {device}, "
+                             f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+    return accumulate
+
+
+def _complement(idx, n):
+    keep = torch.ones(n, dtype=torch.bool, device=idx.device)
+    keep[idx] = False
+    return keep.nonzero().flatten()
+
