@@ -5,7 +5,7 @@ Two packages come from this repository: ``i2am`` (the analysis layer, ``i2am/``)
 """
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 install_requires = [
     "torch>=2.4",
@@ -24,7 +24,8 @@ setup(
     version="0.1.0",
     description="Fused attention kernels for I2AM attribution maps of image-to-image diffusion models",
     python_requires=">=3.10",
-    packages=["i2am", "i2am.kernels"],
+    packages=find_packages(include=["i2am", "i2am.*"]) + ["i2am.kernels"],
+    package_data={"i2am": ["demo/*.safetensors", "demo/*.json"]},
     package_dir={"i2am": "i2am", "i2am.kernels": "kernels"},
     install_requires=install_requires,
     extras_require={"test": ["pytest", "pytest-benchmark", "transformers"]},
