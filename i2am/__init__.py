@@ -1,1 +1,11 @@
-"""i2am: I2AM attribution maps for image-to-image diffusion models, computed inside attention."""
+"""i2am: I2AM attribution maps for image-to-image diffusion models, computed inside attention.
+
+    with i2am.trace(pipe, ref_grid=(16, 16), mask=mask, points=[(20, 30)]) as tc:
+        image = pipe(...).images[0]
+    maps = tc.maps()
+    maps.generated(), maps.reference(masked=True), maps.specific_reference((20, 30))
+"""
+from .maps import AttributionMaps
+from .recorder import Recorder
+
+__all__ = ["AttributionMaps", "Recorder"]

@@ -8,7 +8,8 @@ sizes: that is what the streaming backends are for.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from .grid import resize
 
 MAP_NAMES = ("gen_query", "gen_key", "ref_key", "ref_query")
 
@@ -39,14 +40,6 @@ def call_maps(q, k, v, *, scale, ref_idx, record_idx, key_probes, query_probes,
         "ref_query": lambda: m @ C,                    # sum_x m[x] C[x,k]        eq. 12-15
     }
     return out, {name: maps[name]().float() for name in names}
-
-
-def resize(x, size, mode="bicubic"):
-    """Resize the last two axes of x to size (eq. 14); align_corners=False as the official code."""
-    lead = x.shape[:-2]
-    x = x.reshape(-1, 1, *x.shape[-2:])
-    kw = {} if mode == "nearest" else {"align_corners": False}
-    return F.interpolate(x, size=tuple(size), mode=mode, **kw).reshape(*lead, *size)
 
 
 def ref_map_eq14(P, grid, m, mode="bicubic"):
@@ -94,22 +87,3 @@ def reference(refs, grid, by=None):
     else:
         out = stacked.sum((0, 1, 2))
     return (out / (len(refs) * N)).reshape(*out.shape[:-1], *grid)
-
-
-def normalize(x):
-    """eq. 8: min-max to [0, 1] per 2-D map; a constant map becomes zeros, never NaN."""
-    lo = x.amin((-2, -1), keepdim=True)
-    span = x.amax((-2, -1), keepdim=True) - lo
-    return torch.where(span > 0, (x - lo) / torch.where(span > 0, span, 1), torch.zeros_like(x))
-
-
-def pixel_level(M, size, threshold=0.4):
-    """eq. 9: normalise, bicubic to image size, clamp, normalise again, zero values <= threshold."""
-    x = normalize(resize(normalize(M), size, "bicubic").clamp(0, 1))
-    return torch.where(x <= threshold, torch.zeros_like(x), x)
-
-
-def imacs(Mh, x, lam=3.0):
-    """IMACS as the official code: mean inside the mask minus lam times mean outside."""
-    x = x.to(Mh.dtype)
-    return (Mh * x).sum() / x.sum() - lam * (Mh * (1 - x)).sum() / (1 - x).sum()

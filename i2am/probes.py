@@ -1,0 +1,113 @@
+"""Probes: every I2AM map is one weighted reduction of the attention (SPEC section 2).
+
+Query probes live on the latent grid (h, w): uniform (eq. 15), the inpainting mask (eq. 17),
+one-hot points (M_sr, eq. 16) and boxes (a region's M_sr). Key probes live on the reference
+grid (hI, wI): uniform (eq. 7) and one-hot patches (specific-generated maps).
+"""
+from dataclasses import dataclass
+
+import torch
+
+from .grid import resize
+
+
+@dataclass(frozen=True)
+class ProbeSet:
+    """Probe rows with their labels: ("uniform",), ("mask",), ("point", (r, c)), ("box", (t, l, b, r))
+    or ("patch", (i, j)). weights: (R, rows, cols), each row a probe over a grid."""
+    labels: tuple
+    weights: torch.Tensor
+
+
+def probe_row(labels, label):
+    """The row of a probe label, or an error naming the probes that were traced."""
+    if label not in labels:
+        traced = ", ".join(_describe(lab) for lab in labels)
+        raise ValueError(f"{_describe(label)} was not traced (traced probes: {traced})")
+    return labels.index(label)
+
+
+def _describe(label):
+    return label[0] if len(label) == 1 else f"{label[0]} {label[1]}"
+
+
+def latent_mask(mask, size):
+    """The inpainting mask (1 = region to fill, any size) resized with nearest to size, as 0/1 float."""
+    m = (resize(mask_2d(mask), size, "nearest") > 0.5).float()
+    if m.sum() == 0:
+        raise ValueError(f"mask is empty once resized with nearest to the latent grid {size[0]}x{size[1]}")
+    return m
+
+
+def mask_2d(mask):
+    """A mask as a float (H, W) tensor; leading axes of size 1 are dropped."""
+    mask = torch.as_tensor(mask, dtype=torch.float32)
+    while mask.dim() > 2 and mask.shape[0] == 1:
+        mask = mask[0]
+    if mask.dim() != 2:
+        raise ValueError(f"mask must be 2-D (H, W) (leading axes of size 1 allowed), got {tuple(mask.shape)}")
+    if not torch.isfinite(mask).all() or mask.min() < 0:
+        raise ValueError("mask must hold finite values >= 0 (1 = region to fill)")
+    return mask
+
+
+def query_probes(size, mask=None, points=(), boxes=()):
+    """Latent-grid query probes: uniform 1/(h w), mask/(h w) when a mask is given, points, boxes."""
+    h, w = size
+    labels, rows = [("uniform",)], [torch.full((h, w), 1.0 / (h * w))]
+    if mask is not None:
+        labels.append(("mask",))
+        rows.append(latent_mask(mask, size) / (h * w))
+    for p in points:
+        r, c = _ints(p, 2, "point (row, col)")
+        if not (0 <= r < h and 0 <= c < w):
+            raise ValueError(f"point {(r, c)} is off the latent grid {h}x{w} (rows 0..{h - 1}, cols 0..{w - 1})")
+        one = torch.zeros(h, w)
+        one[r, c] = 1.0
+        labels.append(("point", (r, c)))
+        rows.append(one)
+    for bx in boxes:
+        t, l, b, r = _ints(bx, 4, "box (top, left, bottom, right)")
+        if not (0 <= t < b <= h and 0 <= l < r <= w):
+            raise ValueError(f"box {(t, l, b, r)} must satisfy 0 <= top < bottom <= {h} and "
+                             f"0 <= left < right <= {w} (end-exclusive, latent grid {h}x{w})")
+        ind = torch.zeros(h, w)
+        ind[t:b, l:r] = 1.0 / ((b - t) * (r - l))
+        labels.append(("box", (t, l, b, r)))
+        rows.append(ind)
+    return _unique(ProbeSet(tuple(labels), torch.stack(rows)))
+
+
+def key_probes(ref_grid, patches=()):
+    """Reference-grid key probes: uniform 1/(hI wI), then one-hot patches (i, j)."""
+    hI, wI = ref_grid
+    labels, rows = [("uniform",)], [torch.full((hI, wI), 1.0 / (hI * wI))]
+    for p in patches:
+        i, j = _ints(p, 2, "patch (i, j)")
+        if not (0 <= i < hI and 0 <= j < wI):
+            raise ValueError(f"patch {(i, j)} is off the reference grid {hI}x{wI} "
+                             f"(rows 0..{hI - 1}, cols 0..{wI - 1})")
+        one = torch.zeros(hI, wI)
+        one[i, j] = 1.0
+        labels.append(("patch", (i, j)))
+        rows.append(one)
+    return _unique(ProbeSet(tuple(labels), torch.stack(rows)))
+
+
+def _ints(p, n, what):
+    try:
+        vals = tuple(int(x) for x in p)
+    except (TypeError, ValueError):
+        raise TypeError(f"each {what} must be {n} integers, got {p!r}") from None
+    if len(vals) != n:
+        raise ValueError(f"each {what} must be {n} integers, got {p!r}")
+    return vals
+
+
+def _unique(probes):
+    seen = set()
+    for lab in probes.labels:
+        if lab in seen:
+            raise ValueError(f"{_describe(lab)} is given twice")
+        seen.add(lab)
+    return probes
