@@ -153,7 +153,8 @@ class AttributionMaps:
         counts = {}
         for lab in self.query_labels[1:] + self.key_labels[1:]:
             counts[lab[0]] = counts.get(lab[0], 0) + 1
-        probes = ", ".join(f"{v} {k}{'s' * (v > 1 and k != 'mask')}" for k, v in counts.items()) or "none"
+        plural = {"point": "points", "box": "boxes", "patch": "patches"}
+        probes = ", ".join(f"{v} {plural[k] if v > 1 else k}" for k, v in counts.items()) or "none"
         return (f"AttributionMaps({len(self.layers)} layers, latent {h}x{w}, reference grid "
                 f"{self.ref_grid[0]}x{self.ref_grid[1]}, {len(self.record)} image(s), "
                 f"{self.time_groups} time group(s) over {self.num_steps} steps, convention="

@@ -57,33 +57,29 @@ def pullback(m, grid, mode="bicubic"):
 
 
 def generated(gens, size, mode="bicubic", by=None):
-    """M_g (eq. 5, 10, 11). gens: one (G, N, h_l, w_l) buffer per layer of the set S.
+    """M_g (eq. 5, 10, 11). gens: one (G, N_l, h_l, w_l) buffer per layer of the set S.
 
-    M_g = 1/(|S| N) sum_l sum_n clamp_min0(Resize(sum_tau gen[l, tau, n])); by="time" keeps
-    tau (clamp per group), by="head" keeps n. The factor 1/(|S| N) is kept in all three.
+    M_g = 1/|S| sum_l 1/N_l sum_n clamp_min0(Resize(sum_tau gen[l, tau, n])) (SPEC section 3,
+    with each layer's own head count N_l); by="time" keeps tau (clamp per group), by="head"
+    keeps n. The factors are the same in all three, so summing over the kept axis gives back
+    the integrated reference map.
     """
-    G, N = gens[0].shape[:2]
-    keep = {None: 1, "time": G, "head": N}[by]
+    keep = {None: 1, "time": gens[0].shape[0], "head": gens[0].shape[1]}[by]
     total = torch.zeros(keep, *size, dtype=torch.float64)
     for g in gens:
+        N = g.shape[1]
         for i in range(keep):
             for n in range(N):
                 if by == "head" and n != i:
                     continue
                 x = g[i, n] if by == "time" else g[:, n].sum(0)
-                total[i] += resize(x.double(), size, mode).clamp_min(0)
-    total /= len(gens) * N
+                total[i] += resize(x.double(), size, mode).clamp_min(0) / N
+    total /= len(gens)
     return total if by else total[0]
 
 
 def reference(refs, grid, by=None):
-    """M_r (eq. 13, 15, 17). refs: one (G, N, hI*wI) buffer per layer of the set S."""
-    G, N = refs[0].shape[:2]
-    stacked = torch.stack([r.double() for r in refs])  # (S, G, N, K)
-    if by == "time":
-        out = stacked.sum((0, 2))
-    elif by == "head":
-        out = stacked.sum((0, 1))
-    else:
-        out = stacked.sum((0, 1, 2))
-    return (out / (len(refs) * N)).reshape(*out.shape[:-1], *grid)
+    """M_r (eq. 13, 15, 17). refs: one (G, N_l, hI*wI) buffer per layer of the set S."""
+    axes = {None: (0, 1), "time": (1,), "head": (0,)}[by]
+    total = sum(r.double().sum(axes) / r.shape[1] for r in refs) / len(refs)
+    return total.reshape(*total.shape[:-1], *grid)

@@ -1,0 +1,29 @@
+"""The torch backend's extra memory is bounded by its chunk, never by Nq x Nk (SPEC section 5)."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+H, NQ, NK = 8, 65536, 1025
+
+SCRIPT = textwrap.dedent(f"""
+    import resource, torch
+    from i2am.kernels import attention_with_maps
+    q, k, v = torch.randn(1, {H}, {NQ}, 40), torch.randn(1, {H}, {NK}, 40), torch.randn(1, {H}, {NK}, 40)
+    probes = torch.rand(6, {NQ})  # uniform, mask, 4 points: the default recorder probes
+    attention_with_maps(q[:, :, :64], k, v, query_probes=probes[:, :64], backend="torch")  # warm-up
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out, maps = attention_with_maps(q, k, v, query_probes=probes, gen=("query", "key"),
+                                    ref=("key", "query"), backend="torch")
+    assert torch.isfinite(out).all() and all(torch.isfinite(m).all() for m in maps.values())
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+""")
+
+
+@pytest.mark.slow
+def test_peak_extra_memory_below_a_quarter_of_one_score_tensor():
+    res = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True)
+    extra = int(res.stdout.split()[-1])
+    scores = H * NQ * NK * 4  # one (H, Nq, Nk) float32 tensor: 2.0 GiB
+    assert extra < scores / 4, f"peak extra memory {extra / 2**20:.0f} MiB"
