@@ -1,0 +1,202 @@
+"""The report folder of one analysis: maps.safetensors, scores.json, PNG figures and report.md.
+
+    report.write_report("out", maps, image=generated, reference=reference, ref_mask=cloth_mask,
+                        settings={"steps": 50}, extra_scores={"accuracy": 0.8},
+                        extra_images={"input": masked_input})
+
+Images are PIL images or arrays/tensors as in i2am.viz; when more than one image was recorded,
+image may be a list with one image per recorded entry and every figure is made per entry.
+"""
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from . import viz
+
+MAPS_FILE, SCORES_FILE, INDEX_FILE = "maps.safetensors", "scores.json", "report.md"
+
+
+def write_report(out_dir, maps, *, image=None, reference=None, ref_mask=None, settings=None,
+                 extra_scores=None, extra_images=None, threshold=0.4, alpha=0.5, lam=3.0,
+                 title="I2AM attribution report"):
+    """Write the report folder of `maps` (an i2am.AttributionMaps) and return the scores.json
+    content: IMACS_g when the trace had an inpainting mask, IMACS_r when ref_mask is also given,
+    the extra scores, and "settings" (the maps' own settings, the display settings and
+    `settings`, e.g. the pipeline call's)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _save_maps(maps, out / MAPS_FILE)
+    scores = imacs_scores(maps, ref_mask, lam=lam, threshold=threshold)
+    scores.update(extra_scores or {})
+    scores["settings"] = {**map_settings(maps), "threshold": threshold, "alpha": alpha, "lam": lam,
+                          **(settings or {})}
+    (out / SCORES_FILE).write_text(json.dumps(_jsonable(scores), indent=2) + "\n")
+
+    images = dict(extra_images or {})
+    for name, img in (("generated", image), ("reference", reference)):
+        if isinstance(img, (list, tuple)):
+            images.update((f"{name}_{b}", one) for b, one in enumerate(img))
+        elif img is not None:
+            images[name] = img
+    for name, img in images.items():
+        viz.to_pil(img).save(out / f"{name}.png")
+    figures = render_figures(out, maps, image=image, reference=reference, threshold=threshold, alpha=alpha)
+    (out / INDEX_FILE).write_text(_markdown(title, scores, list(images), figures))
+    return scores
+
+
+def render_figures(out_dir, maps, *, image=None, reference=None, threshold=0.4, alpha=0.5):
+    """Write every figure of `maps` as PNG into out_dir; returns [(file name, caption)].
+
+    overview (M_g, M_r and the masked M_r over their images), by_time (when there is more than
+    one time group), by_head (one per head count when layers differ in heads), one
+    specific-reference figure per traced point or box and one specific-generated figure per
+    traced patch."""
+    out = Path(out_dir)
+    samples = len(maps.record)
+    shown = dict(threshold=threshold, alpha=alpha)
+    figures = []
+
+    def save(fig, name, caption):
+        fig.save(out / f"{name}.png")
+        figures.append((f"{name}.png", caption))
+
+    def per_sample(tensor):
+        return [tensor] if samples == 1 else list(tensor)
+
+    masked = maps.reference(masked=True) if maps.mask is not None else None
+    images, refs = _per_sample(image, samples), _per_sample(reference, samples)
+    probes = [lab[1] for lab in maps.query_labels if lab[0] in ("point", "box")]
+    patches = [lab[1] for lab in maps.key_labels if lab[0] == "patch"]
+    splits = _splits(maps)
+    for b in range(samples):
+        sfx, img, ref = _suffix(b, samples), images[b], refs[b]
+        save(viz.overview_figure(img, ref, per_sample(maps.generated())[b], per_sample(maps.reference())[b],
+                                 None if masked is None else per_sample(masked)[b], **shown),
+             "overview" + sfx, "Generated map M_g and reference map M_r" + (
+                 " (M_r, masked: inpainting-mask query probe, eq. 17)" if masked is not None else ""))
+        for name, caption, by, layers, labels in splits:
+            fig = viz.split_figure(per_sample(maps.generated(by=by, layers=layers))[b],
+                                   per_sample(maps.reference(by=by, layers=layers))[b], image=img,
+                                   reference_image=ref, column_labels=labels, title=caption, **shown)
+            save(fig, name + sfx, caption)
+        for probe in probes:
+            kind = "point" if len(probe) == 2 else "box"
+            fig = viz.specific_reference_figure(img, ref, per_sample(maps.specific_reference(probe))[b], probe,
+                                                maps.latent_size, **shown)
+            save(fig, f"specific_reference_{kind}_{_join(probe)}{sfx}",
+                 f"Specific-reference map M_sr of latent {kind} {tuple(probe)}")
+        for patch in patches:
+            fig = viz.specific_generated_figure(ref, img, per_sample(maps.specific_generated(patch))[b], patch,
+                                                maps.ref_grid, **shown)
+            save(fig, f"specific_generated_patch_{_join(patch)}{sfx}",
+                 f"Where reference patch {tuple(patch)} is used in the generated image")
+    return figures
+
+
+def imacs_scores(maps, ref_mask=None, *, lam=3.0, threshold=0.4):
+    """{"IMACS_g", "IMACS_r"} as AttributionMaps.imacs computes them; empty without a traced
+    inpainting mask (IMACS_r also needs ref_mask)."""
+    if maps.mask is None:
+        if ref_mask is not None:
+            raise ValueError("IMACS_r needs the inpainting mask in the trace (mask=), these maps have none")
+        return {}
+    scores = maps.imacs(ref_mask=ref_mask, lam=lam, threshold=threshold)
+    return {f"IMACS_{'g' if key == 'gen' else 'r'}": value for key, value in scores.items()}
+
+
+def map_settings(maps):
+    """The settings an AttributionMaps carries, as JSON-ready values."""
+    return {
+        "latent_size": list(maps.latent_size), "ref_grid": list(maps.ref_grid),
+        "num_steps": maps.num_steps, "time_groups": maps.time_groups, "convention": maps.convention,
+        "resize": maps.resize, "recorded_entries": maps.record, "layers": list(maps.layers),
+        "inpainting_mask": maps.mask is not None,
+        "points": [list(lab[1]) for lab in maps.query_labels if lab[0] == "point"],
+        "boxes": [list(lab[1]) for lab in maps.query_labels if lab[0] == "box"],
+        "patches": [list(lab[1]) for lab in maps.key_labels if lab[0] == "patch"],
+    }
+
+
+def _splits(maps):
+    """(file name, title, by, layers, column labels) of the by-time and by-head grids."""
+    splits = []
+    if maps.time_groups > 1:
+        splits.append(("by_time", f"By time group ({maps.num_steps} steps, first = noisiest)", "time", None,
+                       viz.time_labels(maps.time_groups, maps.num_steps)))
+    by_heads = {}
+    for name, buffers in maps.layers.items():
+        by_heads.setdefault(buffers["gen"].shape[2], []).append(name)
+    for heads, names in sorted(by_heads.items()):
+        alone = len(by_heads) == 1
+        splits.append(("by_head" if alone else f"by_head_{heads}heads",
+                       "By head" + ("" if alone else f" (the {len(names)} layers with {heads} heads)"),
+                       "head", None if alone else names, [f"head {n}" for n in range(heads)]))
+    return splits
+
+
+def _save_maps(maps, path):
+    """Save through a temporary file, so that re-rendering into the folder the maps were loaded
+    from never truncates the file under them."""
+    tmp = path.with_name(path.name + ".tmp")
+    maps.save(tmp)
+    os.replace(tmp, path)
+
+
+def _per_sample(image, samples):
+    if isinstance(image, (list, tuple)):
+        if len(image) != samples:
+            raise ValueError(f"{len(image)} images for {samples} recorded entries")
+        return list(image)
+    return [image] * samples
+
+
+def _suffix(b, samples):
+    return "" if samples == 1 else f"_{b}"
+
+
+def _join(coords):
+    return "_".join(str(int(c)) for c in coords)
+
+
+def _jsonable(x):
+    if torch.is_tensor(x):
+        return x.tolist()
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)  # paths, dtypes, devices
+
+
+def _markdown(title, scores, image_names, figures):
+    settings = scores["settings"]
+    values = {k: v for k, v in scores.items() if k != "settings"}
+    lines = [f"# {title}", "", "## Scores", ""]
+    if values:
+        lines += ["| score | value |", "|---|---|"] + [f"| {k} | {_score_cell(v)} |" for k, v in values.items()]
+    else:
+        lines.append("No scores: the trace had no inpainting mask, so IMACS is not defined.")
+    lines += ["", "## Settings", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {k} | {json.dumps(_jsonable(v))} |" for k, v in settings.items()]
+    if image_names:  # an HTML table, so that small images are shown enlarged with sharp pixels
+        cells = "".join(f'<td><img src="{n}.png" alt="{n}" height="{viz.TILE}" style="image-rendering: '
+                        f'pixelated"></td>' for n in image_names)
+        heads = "".join(f"<th>{n}</th>" for n in image_names)
+        lines += ["", "## Images", "", f"<table><tr>{heads}</tr><tr>{cells}</tr></table>"]
+    lines += ["", "## Figures", ""]
+    for file, caption in figures:
+        lines += [f"### {caption}", "", f"![{caption}]({file})", ""]
+    lines.append(f"Maps: `{MAPS_FILE}` (i2am.AttributionMaps.load), scores: `{SCORES_FILE}`.")
+    return "\n".join(lines) + "\n"
+
+
+def _score_cell(value):
+    value = _jsonable(value)
+    if isinstance(value, list):
+        return ", ".join(_score_cell(v) for v in value)
+    return f"{value:.4f}" if isinstance(value, float) else json.dumps(value)
