@@ -1,0 +1,241 @@
+"""Side-by-side benchmark of one cross-attention call (`i2am bench`, SPEC section 6).
+
+Every column runs on the same q, k, v in the same process: torch SDPA (the baseline), i2am
+with maps off, i2am with the default maps (gen query uniform; ref key uniform, masked and 4
+points) for each available backend, the naive path (materialise fp32 probabilities, softmax
+over both axes, reduce) and a chunked capture in the style of attention-map capture tools
+(1024 queries a chunk, fp32 probabilities over keys, reduced per chunk).
+"""
+import json
+import os
+import platform
+import statistics
+import subprocess
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .kernels import attention_with_maps, backend_module, triton_available
+
+# (label, Nq, Nk, d, H): SD1.5- and SDXL-like cross-attention layers, 64x64 to 256x256 latents
+GPU_SHAPES = [(f"{s}x{s} d{d} Nk{nk}", s * s, nk, d, h)
+              for s in (32, 64, 128, 256) for nk in (77, 257, 1025) for d, h in ((40, 8), (64, 8), (80, 8), (128, 8))]
+CPU_SHAPES = [("16x16 d40 Nk77", 256, 77, 40, 8), ("32x32 d40 Nk257", 1024, 257, 40, 8),
+              ("64x64 d64 Nk77", 4096, 77, 64, 8)]
+QUICK_CPU_SHAPES = CPU_SHAPES[:2]
+
+
+@dataclass
+class Row:
+    shape: str
+    column: str
+    nq: int
+    nk: int
+    d: int
+    ms: float
+    ratio: float
+    tflops: float
+    extra_mib: float
+
+
+def default_probes(nq, nref, device):
+    """The SPEC section 6 default maps: uniform and masked query probes plus 4 points."""
+    g = torch.Generator().manual_seed(0)
+    qp = torch.zeros(6, nq)
+    qp[0] = 1 / nq
+    qp[1, : nq // 2] = 2 / nq  # a mask over half the image
+    qp[torch.arange(2, 6), torch.randint(nq, (4,), generator=g)] = 1
+    return torch.full((1, nref), 1 / nref, device=device), qp.to(device)
+
+
+def naive(q, k, v, scale, ref_idx, rec, kp, qp):
+    """Materialise the (Br,H,Nq,Nk) scores in fp32 and softmax them over both axes."""
+    s = scale * q[rec].float() @ k[rec].float().transpose(-1, -2)
+    P, C = s.softmax(-1), s.softmax(-2)
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    P, C = P[..., ref_idx], C[..., ref_idx]
+    return out, kp @ C.transpose(-1, -2), qp @ P
+
+
+def chunked_capture(q, k, v, scale, ref_idx, rec, kp, qp, chunk=1024):
+    """Capture-tool style: per chunk of queries, fp32 probabilities over keys, reduced at once."""
+    out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+    gen = torch.empty(len(rec), q.shape[1], kp.shape[0], q.shape[2], device=q.device)
+    ref = 0
+    for a in range(0, q.shape[2], chunk):
+        p = (scale * q[:, :, a:a + chunk].float() @ k.float().transpose(-1, -2)).softmax(-1)
+        out[:, :, a:a + chunk] = (p @ v.float()).to(q.dtype)
+        p = p[rec][..., ref_idx]
+        gen[..., a:a + chunk] = kp @ p.transpose(-1, -2)
+        ref = ref + qp[:, a:a + chunk] @ p
+    return out, gen, ref
+
+
+def columns(device):
+    """{name: fn(q, k, v, scale, ref_idx, rec, kp, qp)} for everything that runs on device."""
+    cols = {"sdpa": lambda q, k, v, s, *_: F.scaled_dot_product_attention(q, k, v, scale=s)}
+    backends = ["torch"]
+    if triton_available(torch.device(device)) and device == "cuda":
+        backends.insert(0, "triton")
+    if device == "cuda" and _cuda_backend_loads():
+        backends.insert(1, "cuda")
+    for be in backends:
+        cols[f"i2am-{be} off"] = lambda q, k, v, s, ri, rec, kp, qp, be=be: attention_with_maps(
+            q, k, v, scale=s, record=[], backend=be)
+        cols[f"i2am-{be} maps"] = lambda q, k, v, s, ri, rec, kp, qp, be=be: attention_with_maps(
+            q, k, v, scale=s, ref_keys=ri, record=rec, key_probes=kp, query_probes=qp, backend=be)
+    cols["naive"] = naive
+    cols["chunked capture"] = chunked_capture
+    return cols
+
+
+def _cuda_backend_loads():
+    try:
+        backend_module("cuda").library()
+        return True
+    except Exception:
+        return False
+
+
+def measure(fn, device, reps):
+    """Median wall time (ms) over reps after a warm-up, and peak extra memory (MiB)."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), _peak_extra_mib(fn, device)
+
+
+def _peak_extra_mib(fn, device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return _rss_peak_during(fn) / 2**20
+
+
+def _rss_peak_during(fn):
+    """Peak resident memory above the starting level while fn runs (sampled every ms)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    base, peak, done = rss(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.001)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        t.join()
+    return max(0, max(peak[0], rss()) - base)
+
+
+def run(shapes, device="cpu", dtype=torch.float16, reps=5, B=2, naive_limit=2**31, progress=None):
+    """Measure every column on every shape; B=2 with one recorded entry (the CFG cond half)."""
+    rows = []
+    cols = columns(device)
+    for label, nq, nk, d, h in shapes:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        q, k, v = (torch.randn(B, h, n, d, generator=g).to(device, dtype) for n in (nq, nk, nk))
+        scale, rec = d ** -0.5, [1]
+        ref_idx = torch.arange(1 if nk > 1 else 0, nk, device=device)  # a CLS token first
+        kp, qp = default_probes(nq, ref_idx.numel(), device)
+        flops = 4 * B * h * nq * nk * d
+        base_ms = None
+        for name, fn in cols.items():
+            if name == "naive" and B * h * nq * nk * 4 * 3 > naive_limit:
+                continue  # the naive path would not fit: that is the point of i2am
+            ms, mib = measure(lambda: fn(q, k, v, scale, ref_idx, rec, kp, qp), device, reps)
+            base_ms = base_ms or ms
+            rows.append(Row(label, name, nq, nk, d, ms, ms / base_ms, flops / ms / 1e9, mib))
+            if progress:
+                progress(rows[-1])
+    return rows
+
+
+def markdown(rows):
+    lines = ["| shape | column | ms | x SDPA | TFLOP/s | extra MiB |", "|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {r.shape} | {r.column} | {r.ms:.3f} | {r.ratio:.2f} | {r.tflops:.2f} | {r.extra_mib:.1f} |"
+              for r in rows]
+    return "\n".join(lines)
+
+
+def environment(device):
+    def commit():
+        try:
+            return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                  cwd=os.path.dirname(__file__)).stdout.strip() or None
+        except OSError:
+            return None
+
+    env = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "python": platform.python_version(),
+           "torch": torch.__version__, "device": device, "commit": commit(), "cpu_threads": torch.get_num_threads()}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def plot(rows, path):
+    """Ratio to SDPA against Nq, one panel per head dim, one line per i2am column."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dims = sorted({r.d for r in rows})
+    fig, axes = plt.subplots(1, len(dims), figsize=(4 * len(dims), 3.2), squeeze=False)
+    for ax, d in zip(axes[0], dims):
+        for col in sorted({r.column for r in rows if r.column != "sdpa"}):
+            pts = sorted((r.nq, r.ratio) for r in rows if r.d == d and r.column == col)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=col)
+        ax.set(xscale="log", yscale="log", xlabel="Nq", ylabel="time / SDPA", title=f"d = {d}")
+        ax.axhline(2.0, color="grey", lw=0.8, ls="--")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(quick=False, device=None, json_path=None, plot_path=None, dtype=None):
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    shapes = GPU_SHAPES if device == "cuda" else (QUICK_CPU_SHAPES if quick else CPU_SHAPES)
+    if device == "cuda" and quick:
+        shapes = [s for s in GPU_SHAPES if s[1] in (4096, 16384) and s[3] in (40, 64)]
+    dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
+    reps = 3 if quick else (20 if device == "cuda" else 5)
+    rows = run(shapes, device, dtype, reps, progress=lambda r: print(
+        f"  {r.shape:<22} {r.column:<20} {r.ms:9.3f} ms  x{r.ratio:6.2f}", flush=True))
+    env = environment(device)
+    print(f"\n{json.dumps(env)}\n\n{markdown(rows)}")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"environment": env, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    if plot_path:
+        plot(rows, plot_path)
+    return rows
+
