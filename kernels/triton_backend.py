@@ -1,0 +1,102 @@
+"""Fused Triton backend: attention plus streamed I2AM maps, never an (Nq x Nk) tensor.
+
+Passes (kernels and their derivation in triton_kernels.py), per recorded entry and head:
+  1. statistics over query blocks: the row log-sum-exp (softmax over keys) and, only when
+     gen_query/ref_query are requested, per-program partial column (max, sum-exp) statistics;
+  2. only then, a fixed-order reduction of the partials to the column log-sum-exp;
+  3. the main pass: out = P V, gen maps added straight into their buffers, ref maps into
+     per-program partials;
+  4. a fixed-order reduction of the ref partials, gathered at the reference keys and added.
+A grid row holds `splits` programs per (entry, head); extra memory is the row lse plus
+O(splits * Nk * (2 + Rw)) floats per (entry, head), independent of Nq * Nk.
+"""
+import math
+
+import torch
+import triton
+
+from . import torch_backend
+from .triton_kernels import MAX_BLOCK_M, col_lse_kernel, main_kernel, ref_reduce_kernel, stats_kernel
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_PROBES = 64  # probes one launch reduces: gen maps keep (BLOCK_M, probes) accumulators
+REDUCE_BLOCK = 128
+PROGRAMS_PER_SM = 2
+
+
+def run(q, k, v, out, maps, *, scale, ref_idx, record_idx, key_probes, query_probes, splits=None):
+    """The backend contract of kernels/api.py; `splits` programs share one head's query blocks."""
+    if q.dtype not in DTYPES:  # float64: the streaming torch backend (it computes in float32 too)
+        return torch_backend.run(q, k, v, out, maps, scale=scale, ref_idx=ref_idx, record_idx=record_idx,
+                                 key_probes=key_probes, query_probes=query_probes)
+    H, Nq, d = q.shape[1:]
+    Nk, dv = k.shape[2], v.shape[3]
+    Rw = query_probes.shape[0]
+    BH = record_idx.numel() * H
+    splits = min(splits or _default_splits(BH, q.device), triton.cdiv(Nq, MAX_BLOCK_M))
+    need_col = "gen_query" in maps or "ref_query" in maps
+    f32 = {"device": q.device, "dtype": torch.float32}
+    fp32_dots = "ieee" if q.dtype == torch.float32 else "tf32"
+    shared = {"H": H, "Nq": Nq, "Nk": Nk, "D": d, "qk_scale": scale * math.log2(math.e),
+              "BLOCK_D": _pow2(d), "DOT_PRECISION": fp32_dots}
+    grid = (splits, BH)
+
+    lse_row = torch.empty(BH, Nq, **f32)
+    col_max = col_sum = lse_col = lse_row  # placeholders: only read when need_col
+    if need_col:
+        col_max, col_sum = torch.empty(2, BH, splits, Nk, **f32)
+        lse_col = torch.empty(BH, Nk, **f32)
+    stats_kernel[grid](q, k, record_idx, lse_row, col_max, col_sum, *q.stride(), *k.stride(),
+                       NEED_COL=need_col, **shared)
+    if need_col:
+        col_lse_kernel[(triton.cdiv(Nk, REDUCE_BLOCK), BH)](col_max, col_sum, lse_col, Nk, splits,
+                                                           BLOCK=REDUCE_BLOCK)
+
+    partials = {n: torch.empty(BH, splits, Rw, Nk, **f32) for n in ("ref_key", "ref_query") if n in maps}
+    gens = [n for n in ("gen_key", "gen_query") if n in maps]
+    U = _probes_on_keys(key_probes, ref_idx, Nk) if gens else lse_row
+    Ru = key_probes.shape[0] if gens else 1
+    for a in range(0, Ru, MAX_PROBES):  # one launch unless more than MAX_PROBES key probes
+        chunk = {n: maps[n][:, :, a:a + MAX_PROBES] for n in gens}
+        first = a == 0
+        gk, gq = (chunk.get(n, lse_row) for n in ("gen_key", "gen_query"))
+        main_kernel[grid](
+            q, k, v, out, record_idx, lse_row, lse_col, U[:, a:] if gens else U, query_probes, gk, gq,
+            partials.get("ref_key", lse_row), partials.get("ref_query", lse_row),
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), U.stride(0),
+            *_strides(chunk.get("gen_key")), *_strides(chunk.get("gen_query")),
+            DV=dv, Ru=min(Ru - a, MAX_PROBES), Rw=Rw,
+            GEN_KEY="gen_key" in gens, GEN_QUERY="gen_query" in gens,
+            REF_KEY=first and "ref_key" in partials, REF_QUERY=first and "ref_query" in partials,
+            BLOCK_DV=_pow2(dv), BLOCK_U=_pow2(min(Ru - a, MAX_PROBES)), BLOCK_R=_pow2(min(Rw, MAX_PROBES)),
+            MAP_PRECISION=fp32_dots, **shared)
+
+    for name, part in partials.items():
+        buf = maps[name]
+        Kr = ref_idx.numel()
+        ref_reduce_kernel[(triton.cdiv(Kr, REDUCE_BLOCK), Rw, BH)](
+            part, ref_idx, buf, *buf.stride(), H, Rw, Kr, Nk, splits, BLOCK=REDUCE_BLOCK)
+
+
+def _probes_on_keys(key_probes, ref_idx, Nk):
+    """(Nk, Ru): key probe weights placed on their keys, zero elsewhere, so that gen maps reduce
+    whole key tiles. index_put_ with accumulate sums repeated keys in a fixed (sorted) order."""
+    U = key_probes.new_zeros(Nk, key_probes.shape[0])
+    return U.index_put_((ref_idx,), key_probes.T, accumulate=True)
+
+
+def _default_splits(BH, device):
+    """Enough programs to fill the GPU about PROGRAMS_PER_SM deep; one per head elsewhere."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, triton.cdiv(PROGRAMS_PER_SM * sms, BH))
+
+
+def _strides(buf):
+    return buf.stride() if buf is not None else (0, 0, 0, 0)
+
+
+def _pow2(n):
+    """Tile width for a dimension of n: a power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(n))

@@ -1,0 +1,247 @@
+"""Triton kernels of the fused I2AM attention; kernels/triton_backend.py launches them.
+
+Notation, for one program row bh = (recorded entry i, head h); scores in base 2 so that every
+exponential is one exp2 (the log2(e) factor is folded into the scale, as in Triton's
+fused-attention tutorial):
+
+    t[x, k]    = log2(e) * scale * <q[x], k[k]>
+    lse_row[x] = log2 sum_k 2^t[x, k]        P[x, k] = 2^(t[x, k] - lse_row[x])   softmax over keys
+    lse_col[k] = log2 sum_x 2^t[x, k]        C[x, k] = 2^(t[x, k] - lse_col[k])   softmax over queries
+
+Queries come in blocks of BLOCK_M rows and keys in tiles of BLOCK_N. A grid row of
+`n_splits` programs shares the query blocks of one bh (program s takes blocks s, s+n_splits,
+...), so scratch that is kept per program is O(n_splits * Nk), never O(Nq * Nk).
+
+1. stats_kernel: per query block, an online pass over the key tiles gives lse_row; per key
+   tile it also merges the block's column (max, sum 2^(t - max)) into the program's partial
+   column statistics (only when C is needed).
+2. col_lse_kernel: merges the n_splits partial column statistics into lse_col, in a fixed order.
+3. main_kernel: recomputes t, now with exact P (and C): out = P V; gen maps as P U^T, C U^T
+   (U: key probes placed on their keys), kept in registers over the key tiles and added into
+   the caller's buffer (every element belongs to one program); ref maps as M P, M C (M: query
+   probes), added into the program's partial (one row of the scratch per program).
+4. ref_reduce_kernel: sums the partials of the n_splits programs in a fixed order, gathers the
+   reference keys and adds into the caller's buffer.
+
+No float atomics: every buffer element is written by exactly one program, and every cross-program
+sum runs in a fixed order, so maps are bit-identical run after run (for a given autotune choice).
+Every kernel pass is also idempotent for autotuning: the partial scratch of a program starts at its
+first query block, and the autotuner restores the gen buffers that main_kernel adds into.
+"""
+import os
+
+import triton
+import triton.language as tl
+
+NEG = tl.constexpr(-1.0e30)  # the score of masked entries: 2^(NEG - finite) == 0 without inf - inf
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+if INTERPRET:  # the CPU interpreter: one small config, no benchmarking
+    CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
+else:
+    CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+               for bm, bn, w, st in [(128, 64, 8, 2), (128, 64, 4, 3), (128, 32, 4, 3),
+                                     (64, 64, 4, 3), (64, 32, 4, 2), (64, 32, 4, 1)]]
+MAX_BLOCK_M = max(c.kwargs["BLOCK_M"] for c in CONFIGS)
+
+
+def _prune(configs, named_args, **kwargs):
+    """Head dims of 256 only fit the smallest tiles (registers and shared memory)."""
+    args = {**named_args, **kwargs}
+    if max(args["BLOCK_D"], args.get("BLOCK_DV", 0)) < 256:
+        return configs
+    small = [c for c in configs if c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 32]
+    return small or configs
+
+
+@triton.jit
+def _head(X, REC, bh, H, s_b, s_h):
+    """Base pointer of head bh % H of the recorded batch entry REC[bh // H]."""
+    b = tl.load(REC + bh // H)
+    return X + b * s_b + (bh % H).to(tl.int64) * s_h
+
+
+@triton.jit
+def _load_queries(q_base, rows, dims, sq_n, sq_d, Nq, D):
+    """(BLOCK_M, BLOCK_D) query tile; masked rows and head-dim padding read as 0."""
+    mask = (rows[:, None] < Nq) & (dims[None, :] < D)
+    return tl.load(q_base + rows[:, None] * sq_n + dims[None, :] * sq_d, mask=mask, other=0.0)
+
+
+@triton.jit
+def _scores(q, k_base, cols, dims, sk_n, sk_d, Nk, D, qk_scale, DOT_PRECISION: tl.constexpr):
+    """t = log2(e) * scale * q k^T for one key tile; keys past Nk score NEG."""
+    col_ok = cols < Nk
+    kt = tl.load(k_base + cols[None, :] * sk_n + dims[:, None] * sk_d,
+                 mask=col_ok[None, :] & (dims[:, None] < D), other=0.0)
+    t = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+    return tl.where(col_ok[None, :], t, NEG)
+
+
+@triton.autotune(configs=CONFIGS, key=["Nq", "Nk", "BLOCK_D", "NEED_COL"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def stats_kernel(Q, K, REC, LSE_ROW, COL_MAX, COL_SUM,
+                 sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d,
+                 H, Nq, Nk, D, qk_scale,
+                 NEED_COL: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    split, bh = tl.program_id(0), tl.program_id(1)
+    n_splits = tl.num_programs(0)
+    q_base = _head(Q, REC, bh, H, sq_b, sq_h)
+    k_base = _head(K, REC, bh, H, sk_b, sk_h)
+    dims = tl.arange(0, BLOCK_D)
+    for qb in range(split, tl.cdiv(Nq, BLOCK_M), n_splits):
+        rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < Nq
+        q = _load_queries(q_base, rows, dims, sq_n, sq_d, Nq, D)
+        # Online row log-sum-exp: with running max m and sum l = sum 2^(t - m), a new tile
+        # with max m' = max(m, max t) gives l' = l 2^(m - m') + sum 2^(t - m').
+        m_i = tl.full([BLOCK_M], NEG, tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        for n0 in range(0, Nk, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            t = _scores(q, k_base, cols, dims, sk_n, sk_d, Nk, D, qk_scale, DOT_PRECISION)
+            m_new = tl.maximum(m_i, tl.max(t, 1))
+            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(t - m_new[:, None]), 1)
+            m_i = m_new
+            if NEED_COL:
+                # The same merge down the columns: this block holds every row of (block, tile),
+                # so its column max/sum are final for the block and merge into the program's
+                # running (max, sum) of these keys. (Summing 2^(t - m_i) over tiles instead
+                # would mix different row shifts.)
+                tc = tl.where(row_ok[:, None], t, NEG)
+                col_ok = cols < Nk
+                at = (bh * n_splits + split) * Nk + cols
+                seen = qb > split  # the program's first block starts afresh
+                c_max = tl.where(seen, tl.load(COL_MAX + at, mask=col_ok, other=NEG), NEG)
+                c_sum = tl.where(seen, tl.load(COL_SUM + at, mask=col_ok, other=0.0), 0.0)
+                c_new = tl.maximum(c_max, tl.max(tc, 0))
+                c_sum = c_sum * tl.exp2(c_max - c_new) + tl.sum(tl.exp2(tc - c_new[None, :]), 0)
+                tl.store(COL_MAX + at, c_new, mask=col_ok)
+                tl.store(COL_SUM + at, c_sum, mask=col_ok)
+        tl.store(LSE_ROW + bh * Nq + rows, m_i + tl.log2(l_i), mask=row_ok)
+        tl.debug_barrier()  # the next block re-reads the column partials stored by other threads
+
+
+@triton.jit
+def col_lse_kernel(COL_MAX, COL_SUM, LSE_COL, Nk, n_splits, BLOCK: tl.constexpr):
+    """lse_col[k] = m + log2 sum_s sum_s[k] 2^(max_s[k] - m), m = max_s max_s[k]; splits in order."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    col_ok = cols < Nk
+    at = tl.program_id(1) * n_splits * Nk + cols
+    m = tl.full([BLOCK], NEG, tl.float32)
+    for s in range(n_splits):
+        m = tl.maximum(m, tl.load(COL_MAX + at + s * Nk, mask=col_ok, other=NEG))
+    total = tl.zeros([BLOCK], tl.float32)
+    for s in range(n_splits):
+        c_max = tl.load(COL_MAX + at + s * Nk, mask=col_ok, other=NEG)
+        total += tl.load(COL_SUM + at + s * Nk, mask=col_ok, other=1.0) * tl.exp2(c_max - m)
+    tl.store(LSE_COL + tl.program_id(1) * Nk + cols, m + tl.log2(total), mask=col_ok)
+
+
+@triton.jit
+def _add_gen(g_base, acc, rows, probes, sg_r, sg_n, Nq, Ru):
+    """g[r, x] += acc[x, r] for this block's rows: only this program touches them."""
+    ptrs = g_base + rows[:, None] * sg_n + probes[None, :] * sg_r
+    mask = (rows[:, None] < Nq) & (probes[None, :] < Ru)
+    tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + acc, mask=mask)
+
+
+@triton.jit
+def _add_ref_partial(PART, M, w, rows, cols, part_row, seen, Nq, Nk, Rw,
+                     BLOCK_R: tl.constexpr, MAP_PRECISION: tl.constexpr):
+    """PART[r, k] += sum_x M[r, x] w[x, k] over this block's rows, probes BLOCK_R at a time."""
+    for r0 in range(0, Rw, BLOCK_R):
+        probes = r0 + tl.arange(0, BLOCK_R)
+        m = tl.load(M + probes[:, None] * Nq + rows[None, :],
+                    mask=(probes[:, None] < Rw) & (rows[None, :] < Nq), other=0.0)
+        ptrs = PART + (part_row + probes[:, None]) * Nk + cols[None, :]
+        mask = (probes[:, None] < Rw) & (cols[None, :] < Nk)
+        acc = tl.where(seen, tl.load(ptrs, mask=mask, other=0.0), 0.0)
+        tl.store(ptrs, tl.dot(m, w, acc, input_precision=MAP_PRECISION), mask=mask)
+
+
+@triton.autotune(configs=CONFIGS,
+                 key=["Nq", "Nk", "Ru", "Rw", "BLOCK_D", "BLOCK_DV", "GEN_KEY", "GEN_QUERY",
+                      "REF_KEY", "REF_QUERY"],
+                 prune_configs_by={"early_config_prune": _prune}, restore_value=["GK", "GQ"])
+@triton.jit
+def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, U, M, GK, GQ, RK, RQ,
+                sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+                so_b, so_h, so_n, so_d, su_k, sgk_i, sgk_h, sgk_r, sgk_n, sgq_i, sgq_h, sgq_r, sgq_n,
+                H, Nq, Nk, D, DV, Ru, Rw, qk_scale,
+                GEN_KEY: tl.constexpr, GEN_QUERY: tl.constexpr, REF_KEY: tl.constexpr,
+                REF_QUERY: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                BLOCK_U: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                MAP_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    split, bh = tl.program_id(0), tl.program_id(1)
+    n_splits = tl.num_programs(0)
+    q_base = _head(Q, REC, bh, H, sq_b, sq_h)
+    k_base = _head(K, REC, bh, H, sk_b, sk_h)
+    v_base = _head(V, REC, bh, H, sv_b, sv_h)
+    o_base = _head(OUT, REC, bh, H, so_b, so_h)
+    i, h = bh // H, bh % H
+    gk_base = GK + i * sgk_i + h * sgk_h
+    gq_base = GQ + i * sgq_i + h * sgq_h
+    part_row = (bh * n_splits + split) * Rw
+    dims = tl.arange(0, BLOCK_D)
+    vdims = tl.arange(0, BLOCK_DV)
+    probes = tl.arange(0, BLOCK_U)
+    for qb in range(split, tl.cdiv(Nq, BLOCK_M), n_splits):
+        rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < Nq
+        seen = qb > split  # the program's partials start afresh at its first block
+        q = _load_queries(q_base, rows, dims, sq_n, sq_d, Nq, D)
+        lse_row = tl.load(LSE_ROW + bh * Nq + rows, mask=row_ok, other=0.0)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+        gen_key = tl.zeros([BLOCK_M, BLOCK_U], tl.float32)
+        gen_query = tl.zeros([BLOCK_M, BLOCK_U], tl.float32)
+        for n0 in range(0, Nk, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < Nk
+            t = _scores(q, k_base, cols, dims, sk_n, sk_d, Nk, D, qk_scale, DOT_PRECISION)
+            # lse_row is final, so P needs no rescaling: out = sum over tiles of P V.
+            p = tl.exp2(t - lse_row[:, None])
+            v = tl.load(v_base + cols[:, None] * sv_n + vdims[None, :] * sv_d,
+                        mask=col_ok[:, None] & (vdims[None, :] < DV), other=0.0)
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+            if GEN_KEY or GEN_QUERY:
+                # U^T tile: key probes on their keys, zero on the other keys
+                ut = tl.load(U + cols[:, None] * su_k + probes[None, :],
+                             mask=col_ok[:, None] & (probes[None, :] < Ru), other=0.0)
+            if GEN_KEY:  # gen_key[r, x] = sum_k U[r, k] P[x, k]
+                gen_key = tl.dot(p, ut, gen_key, input_precision=MAP_PRECISION)
+            if REF_KEY:  # ref_key[r, k] = sum_x M[r, x] P[x, k]
+                _add_ref_partial(RK, M, p, rows, cols, part_row, seen, Nq, Nk, Rw, BLOCK_R, MAP_PRECISION)
+            if GEN_QUERY or REF_QUERY:
+                # C = 2^(t - lse_col); rows past Nq are zeroed (their t is not a real score)
+                lse_col = tl.load(LSE_COL + bh * Nk + cols, mask=col_ok, other=0.0)
+                c = tl.where(row_ok[:, None], tl.exp2(t - lse_col[None, :]), 0.0)
+                if GEN_QUERY:
+                    gen_query = tl.dot(c, ut, gen_query, input_precision=MAP_PRECISION)
+                if REF_QUERY:
+                    _add_ref_partial(RQ, M, c, rows, cols, part_row, seen, Nq, Nk, Rw, BLOCK_R,
+                                     MAP_PRECISION)
+        tl.store(o_base + rows[:, None] * so_n + vdims[None, :] * so_d, acc.to(OUT.dtype.element_ty),
+                 mask=row_ok[:, None] & (vdims[None, :] < DV))
+        if GEN_KEY:
+            _add_gen(gk_base, gen_key, rows, probes, sgk_r, sgk_n, Nq, Ru)
+        if GEN_QUERY:
+            _add_gen(gq_base, gen_query, rows, probes, sgq_r, sgq_n, Nq, Ru)
+        tl.debug_barrier()  # the next block re-reads the ref partials stored by other threads
+
+
+@triton.jit
+def ref_reduce_kernel(PART, REF_IDX, BUF, sb_i, sb_h, sb_r, sb_k, H, Rw, Kr, Nk, n_splits,
+                      BLOCK: tl.constexpr):
+    """buf[i, h, r, j] += sum_s PART[bh, s, r, ref_idx[j]], splits summed in order."""
+    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    r, bh = tl.program_id(1), tl.program_id(2)
+    j_ok = j < Kr
+    key = tl.load(REF_IDX + j, mask=j_ok, other=0)
+    total = tl.zeros([BLOCK], tl.float32)
+    for s in range(n_splits):
+        total += tl.load(PART + ((bh * n_splits + s) * Rw + r) * Nk + key, mask=j_ok, other=0.0)
+    ptrs = BUF + (bh // H) * sb_i + (bh % H) * sb_h + r * sb_r + j * sb_k
+    tl.store(ptrs, tl.load(ptrs, mask=j_ok, other=0.0) + total, mask=j_ok)

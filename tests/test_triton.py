@@ -1,0 +1,83 @@
+"""The fused Triton backend against the materialised reference (SPEC sections 2 and 5).
+
+Without CUDA these run in Triton's CPU interpreter (TRITON_INTERPRET=1, set here before triton
+is imported; small shapes, one autotune config); with CUDA the same cases compile for the GPU.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+from cases import check_backend, make_case  # noqa: E402
+from i2am.kernels import attention_with_maps, backend_module  # noqa: E402
+
+ALL = ("gen_query", "gen_key", "ref_key", "ref_query")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("d", [40, 80, 160])
+@pytest.mark.parametrize("Nk", [1, 7, 77, 257])
+def test_matches_reference(d, Nk):
+    case = make_case(Nq=45, Nk=Nk, d=d, names=ALL, seed=d + Nk, device=DEVICE)
+    check_backend("triton", case, splits=2)  # 3 query blocks of 16 in the interpreter: 2 + 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("ref", ["tail", "index", "all"])
+def test_strided_dtypes_ref_keys_record_subset(dtype, ref):
+    case = make_case(B=3, H=3, Nq=6 * 5, Nk=1 + 4 * 3, d=80, dv=40, dtype=dtype, ref=ref, record=[2, 0],
+                     strided=True, names=ALL, device=DEVICE)
+    check_backend("triton", case)
+
+
+@pytest.mark.parametrize("names", [("gen_query",), ("ref_key",), ("gen_key", "ref_query")])
+def test_map_subsets_accumulate_over_calls(names):
+    case = make_case(Nq=20, Nk=17, names=names, device=DEVICE)
+    check_backend("triton", case, calls=3, splits=3)
+
+
+def test_more_probes_than_one_launch_holds():
+    case = make_case(Nq=17, Nk=9, Ru=70, Rw=70, names=ALL, device=DEVICE)
+    check_backend("triton", case)
+
+
+def test_attention_with_maps_end_to_end():
+    case = make_case(B=2, H=2, Nq=33, Nk=12, d=40, strided=True, device=DEVICE)
+    kw = dict(scale=0.3, ref_keys=torch.tensor([5, 1, 5, 11]), record=[1], gen=("query", "key"),
+              ref=("key", "query"))
+    bufs = {n: torch.rand(1, 2, 1, 33 if n.startswith("gen") else 4, device=DEVICE) for n in ALL}
+    want_out, want = attention_with_maps(case.q, case.k, case.v, backend="reference", **kw)
+    prefill = {n: b.clone() for n, b in bufs.items()}
+    out, maps = attention_with_maps(case.q, case.k, case.v, backend="triton", accumulate=bufs, **kw)
+    assert maps is bufs
+    torch.testing.assert_close(out, want_out, rtol=2e-4, atol=2e-5)
+    for n in ALL:
+        torch.testing.assert_close(maps[n], prefill[n] + want[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_deterministic():
+    case = make_case(Nq=45, Nk=40, names=ALL, device=DEVICE)
+    runs = []
+    for _ in range(2):
+        maps = {n: torch.zeros(2, 2, 2 if n.startswith("gen") else 3, 45 if n.startswith("gen") else 39,
+                               device=DEVICE) for n in ALL}
+        out = torch.empty_like(case.q)
+        backend_module("triton").run(case.q, case.k, case.v, out, maps, scale=case.scale, ref_idx=case.ref_idx,
+                                     record_idx=case.record_idx, key_probes=case.key_probes,
+                                     query_probes=case.query_probes, splits=2)
+        runs.append((out, maps))
+    assert torch.equal(runs[0][0], runs[1][0])
+    for n in ALL:
+        assert torch.equal(runs[0][1][n], runs[1][1][n]), n
+
+
+def test_float64_runs_on_the_torch_backend():
+    case = make_case(Nq=10, Nk=6, dtype=torch.float64, device=DEVICE)
+    want_out, want = attention_with_maps(case.q, case.k, case.v, backend="reference")
+    out, maps = attention_with_maps(case.q, case.k, case.v, backend="triton")
+    torch.testing.assert_close(out, want_out, rtol=2e-4, atol=2e-5)
+    torch.testing.assert_close(maps["ref_key"], want["ref_key"], rtol=1e-4, atol=1e-6)
