@@ -63,34 +63,34 @@ def render_figures(out_dir, maps, *, image=None, reference=None, threshold=0.4, 
         fig.save(out / f"{name}.png")
         figures.append((f"{name}.png", caption))
 
-    def per_sample(tensor):
-        return [tensor] if samples == 1 else list(tensor)
-
     masked = maps.reference(masked=True) if maps.mask is not None else None
+    overview = (maps.generated(), maps.reference(), masked)
+    splits = [(name, caption, labels, maps.generated(by=by, layers=layers), maps.reference(by=by, layers=layers))
+              for name, caption, by, layers, labels in _splits(maps)]
+    specific_refs = [(lab[1], maps.specific_reference(lab[1])) for lab in maps.query_labels
+                     if lab[0] in ("point", "box")]
+    specific_gens = [(lab[1], maps.specific_generated(lab[1])) for lab in maps.key_labels if lab[0] == "patch"]
     images, refs = _per_sample(image, samples), _per_sample(reference, samples)
-    probes = [lab[1] for lab in maps.query_labels if lab[0] in ("point", "box")]
-    patches = [lab[1] for lab in maps.key_labels if lab[0] == "patch"]
-    splits = _splits(maps)
     for b in range(samples):
         sfx, img, ref = _suffix(b, samples), images[b], refs[b]
-        save(viz.overview_figure(img, ref, per_sample(maps.generated())[b], per_sample(maps.reference())[b],
-                                 None if masked is None else per_sample(masked)[b], **shown),
-             "overview" + sfx, "Generated map M_g and reference map M_r" + (
+
+        def pick(tensor):  # this image's maps: they carry a batch axis when several were recorded
+            return tensor if samples == 1 or tensor is None else tensor[b]
+
+        save(viz.overview_figure(img, ref, *map(pick, overview), **shown), "overview" + sfx,
+             "Generated map M_g and reference map M_r" + (
                  " (M_r, masked: inpainting-mask query probe, eq. 17)" if masked is not None else ""))
-        for name, caption, by, layers, labels in splits:
-            fig = viz.split_figure(per_sample(maps.generated(by=by, layers=layers))[b],
-                                   per_sample(maps.reference(by=by, layers=layers))[b], image=img,
-                                   reference_image=ref, column_labels=labels, title=caption, **shown)
+        for name, caption, labels, gen, ref_maps in splits:
+            fig = viz.split_figure(pick(gen), pick(ref_maps), image=img, reference_image=ref, column_labels=labels,
+                                   title=caption, **shown)
             save(fig, name + sfx, caption)
-        for probe in probes:
+        for probe, M_sr in specific_refs:
             kind = "point" if len(probe) == 2 else "box"
-            fig = viz.specific_reference_figure(img, ref, per_sample(maps.specific_reference(probe))[b], probe,
-                                                maps.latent_size, **shown)
+            fig = viz.specific_reference_figure(img, ref, pick(M_sr), probe, maps.latent_size, **shown)
             save(fig, f"specific_reference_{kind}_{_join(probe)}{sfx}",
                  f"Specific-reference map M_sr of latent {kind} {tuple(probe)}")
-        for patch in patches:
-            fig = viz.specific_generated_figure(ref, img, per_sample(maps.specific_generated(patch))[b], patch,
-                                                maps.ref_grid, **shown)
+        for patch, M_sg in specific_gens:
+            fig = viz.specific_generated_figure(ref, img, pick(M_sg), patch, maps.ref_grid, **shown)
             save(fig, f"specific_generated_patch_{_join(patch)}{sfx}",
                  f"Where reference patch {tuple(patch)} is used in the generated image")
     return figures
