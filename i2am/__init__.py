@@ -7,5 +7,7 @@
 """
 from .maps import AttributionMaps
 from .recorder import Recorder
+from .recording import attention, recording
+from .trace import trace
 
-__all__ = ["AttributionMaps", "Recorder"]
+__all__ = ["AttributionMaps", "Recorder", "attention", "recording", "trace"]
