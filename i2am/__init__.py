@@ -8,6 +8,15 @@
 from .maps import AttributionMaps
 from .recorder import Recorder
 from .recording import attention, recording
-from .trace import trace
 
 __all__ = ["AttributionMaps", "Recorder", "attention", "recording", "trace"]
+
+
+def __getattr__(name):
+    # i2am.trace needs diffusers: imported on first use, so the kernels and the analysis layer
+    # import without it (the GPU machines have no diffusers).
+    if name == "trace":
+        from .tracing import trace
+
+        return trace
+    raise AttributeError(f"module 'i2am' has no attribute {name!r}")

@@ -41,9 +41,11 @@ def pullback(m, grid, mode="bicubic"):
     """Resize_l^T m: latent-grid probes m (R, h, w) as weights (R, h_l*w_l) on a layer's grid.
 
     ref[m] = sum_X m[X] Resize_l(P)[X] = sum_x (Resize_l^T m)[x] P[x] (SPEC eq. 14): the resize
-    is linear, so its adjoint is the vector-Jacobian product, exact for every mode.
+    is linear, so its adjoint is the vector-Jacobian product, exact for every mode. Grad is
+    enabled here because pipelines call the denoiser under no_grad or inference_mode.
     """
-    x = torch.zeros(m.shape[0], *grid, dtype=torch.float64, requires_grad=True)
-    y = resize(x, m.shape[-2:], mode)
-    (g,) = torch.autograd.grad(y, x, m.to(torch.float64))
+    with torch.inference_mode(False), torch.enable_grad():
+        x = torch.zeros(m.shape[0], *grid, dtype=torch.float64, requires_grad=True)
+        y = resize(x, m.shape[-2:], mode)
+        (g,) = torch.autograd.grad(y, x, m.to(torch.float64))
     return g.reshape(m.shape[0], -1).float()

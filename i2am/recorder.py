@@ -173,8 +173,7 @@ class Recorder:
                                  f"{self.ref_grid} has {nref} patches")
         G, Br = self.time_groups, self.record_idx.numel()
         Ru, Rw = len(self.keys.labels), len(self.queries.labels)
-        with torch.inference_mode(False), torch.enable_grad():  # the pull-back is a VJP; pipelines run under no_grad
-            queries = pullback(self.queries.weights, grid, self.resize)
+        queries = pullback(self.queries.weights, grid, self.resize)
         buf = LayerBuffers(
             grid, heads, nk, ref_idx.to(device), self.keys.weights.reshape(Ru, -1).to(device), queries.to(device),
             torch.zeros(Br, G, heads, Ru, grid[0] * grid[1], device=device),

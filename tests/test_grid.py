@@ -78,3 +78,12 @@ def test_key_probes():
     assert p.weights[1, 2, 3] == 1 and p.weights[1].sum() == 1
     with pytest.raises(ValueError, match=r"patch \(3, 0\) is off the reference grid 3x4"):
         key_probes((3, 4), patches=[(3, 0)])
+
+
+def test_pullback_under_no_grad_and_inference_mode():
+    m = torch.rand(2, 6, 8)
+    with torch.no_grad():
+        a = pullback(m, (3, 4))
+    with torch.inference_mode():
+        b = pullback(m, (3, 4))
+    assert torch.equal(a, b) and torch.equal(a, pullback(m, (3, 4)))

@@ -1,4 +1,4 @@
-"""i2am.trace: record I2AM maps while a diffusers pipeline runs as usual (SPEC section 4).
+"""i2am.trace (this module: i2am.tracing): record I2AM maps while a diffusers pipeline runs as usual (SPEC section 4).
 
     with i2am.trace(pipe, ref_grid=(16, 16), mask=mask, points=[(20, 30)]) as tc:
         image = pipe(...).images[0]
