@@ -10,6 +10,7 @@ Passes (kernels and their derivation in triton_kernels.py), per recorded entry a
 A grid row holds `splits` programs per (entry, head); extra memory is the row lse plus
 O(splits * Nk * (2 + Rw)) floats per (entry, head), independent of Nq * Nk.
 """
+import contextlib
 import math
 
 import torch
@@ -22,6 +23,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_PROBES = 64  # probes one launch reduces: gen maps keep (BLOCK_M, probes) accumulators
 REDUCE_BLOCK = 128
 PROGRAMS_PER_SM = 2
+SCRATCH_BYTES = 32 * 2**20  # cap on the per-program partials: fewer splits beyond it
 
 
 def run(q, k, v, out, maps, *, scale, ref_idx, record_idx, key_probes, query_probes, splits=None):
@@ -29,12 +31,19 @@ def run(q, k, v, out, maps, *, scale, ref_idx, record_idx, key_probes, query_pro
     if q.dtype not in DTYPES:  # float64: the streaming torch backend (it computes in float32 too)
         return torch_backend.run(q, k, v, out, maps, scale=scale, ref_idx=ref_idx, record_idx=record_idx,
                                  key_probes=key_probes, query_probes=query_probes)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():  # launch on q's GPU
+        _launch(q, k, v, out, maps, scale, ref_idx, record_idx, key_probes, query_probes, splits)
+
+
+def _launch(q, k, v, out, maps, scale, ref_idx, record_idx, key_probes, query_probes, splits):
     H, Nq, d = q.shape[1:]
     Nk, dv = k.shape[2], v.shape[3]
-    Rw = query_probes.shape[0]
+    Ru, Rw = key_probes.shape[0], query_probes.shape[0]
     BH = record_idx.numel() * H
-    splits = min(splits or _default_splits(BH, q.device), triton.cdiv(Nq, MAX_BLOCK_M))
     need_col = "gen_query" in maps or "ref_query" in maps
+    refs = [n for n in ("ref_key", "ref_query") if n in maps]
+    gens = [n for n in ("gen_key", "gen_query") if n in maps]
+    splits = _splits(splits, Nq, Nk, BH, Rw * len(refs) + 2 * need_col, q.device)
     f32 = {"device": q.device, "dtype": torch.float32}
     fp32_dots = "ieee" if q.dtype == torch.float32 else "tf32"
     shared = {"H": H, "Nq": Nq, "Nk": Nk, "D": d, "qk_scale": scale * math.log2(math.e),
@@ -42,7 +51,8 @@ def run(q, k, v, out, maps, *, scale, ref_idx, record_idx, key_probes, query_pro
     grid = (splits, BH)
 
     lse_row = torch.empty(BH, Nq, **f32)
-    col_max = col_sum = lse_col = lse_row  # placeholders: only read when need_col
+    unused = lse_row  # the pointer passed for disabled inputs and outputs, never touched
+    col_max = col_sum = lse_col = unused
     if need_col:
         col_max, col_sum = torch.empty(2, BH, splits, Nk, **f32)
         lse_col = torch.empty(BH, Nk, **f32)
@@ -52,28 +62,24 @@ def run(q, k, v, out, maps, *, scale, ref_idx, record_idx, key_probes, query_pro
         col_lse_kernel[(triton.cdiv(Nk, REDUCE_BLOCK), BH)](col_max, col_sum, lse_col, Nk, splits,
                                                            BLOCK=REDUCE_BLOCK)
 
-    partials = {n: torch.empty(BH, splits, Rw, Nk, **f32) for n in ("ref_key", "ref_query") if n in maps}
-    gens = [n for n in ("gen_key", "gen_query") if n in maps]
-    U = _probes_on_keys(key_probes, ref_idx, Nk) if gens else lse_row
-    Ru = key_probes.shape[0] if gens else 1
-    for a in range(0, Ru, MAX_PROBES):  # one launch unless more than MAX_PROBES key probes
-        chunk = {n: maps[n][:, :, a:a + MAX_PROBES] for n in gens}
-        first = a == 0
-        gk, gq = (chunk.get(n, lse_row) for n in ("gen_key", "gen_query"))
+    partials = {n: torch.empty(BH, splits, Rw, Nk, **f32) for n in refs}
+    U = _probes_on_keys(key_probes, ref_idx, Nk) if gens else unused
+    for a in range(0, Ru if gens else 1, MAX_PROBES):  # one launch unless over MAX_PROBES key probes
+        n_u = min(Ru - a, MAX_PROBES)
+        gk, gq = (maps[n][:, :, a:a + n_u] if n in maps else None for n in ("gen_key", "gen_query"))
+        rk, rq = (partials.get(n) if a == 0 else None for n in ("ref_key", "ref_query"))
         main_kernel[grid](
-            q, k, v, out, record_idx, lse_row, lse_col, U[:, a:] if gens else U, query_probes, gk, gq,
-            partials.get("ref_key", lse_row), partials.get("ref_query", lse_row),
+            q, k, v, out, record_idx, lse_row, lse_col, U[:, a:] if gens else U, query_probes,
+            *(unused if t is None else t for t in (gk, gq, rk, rq)),
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), U.stride(0),
-            *_strides(chunk.get("gen_key")), *_strides(chunk.get("gen_query")),
-            DV=dv, Ru=min(Ru - a, MAX_PROBES), Rw=Rw,
-            GEN_KEY="gen_key" in gens, GEN_QUERY="gen_query" in gens,
-            REF_KEY=first and "ref_key" in partials, REF_QUERY=first and "ref_query" in partials,
-            BLOCK_DV=_pow2(dv), BLOCK_U=_pow2(min(Ru - a, MAX_PROBES)), BLOCK_R=_pow2(min(Rw, MAX_PROBES)),
+            *_strides(gk), *_strides(gq), DV=dv, Ru=n_u, Rw=Rw,
+            GEN_KEY=gk is not None, GEN_QUERY=gq is not None, REF_KEY=rk is not None, REF_QUERY=rq is not None,
+            BLOCK_DV=_pow2(dv), BLOCK_U=_pow2(n_u), BLOCK_R=_pow2(min(Rw, MAX_PROBES)),
             MAP_PRECISION=fp32_dots, **shared)
 
+    Kr = ref_idx.numel()
     for name, part in partials.items():
         buf = maps[name]
-        Kr = ref_idx.numel()
         ref_reduce_kernel[(triton.cdiv(Kr, REDUCE_BLOCK), Rw, BH)](
             part, ref_idx, buf, *buf.stride(), H, Rw, Kr, Nk, splits, BLOCK=REDUCE_BLOCK)
 
@@ -85,16 +91,18 @@ def _probes_on_keys(key_probes, ref_idx, Nk):
     return U.index_put_((ref_idx,), key_probes.T, accumulate=True)
 
 
-def _default_splits(BH, device):
-    """Enough programs to fill the GPU about PROGRAMS_PER_SM deep; one per head elsewhere."""
-    if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, triton.cdiv(PROGRAMS_PER_SM * sms, BH))
+def _splits(splits, Nq, Nk, BH, partial_rows, device):
+    """Programs per head: by default enough to fill the GPU about PROGRAMS_PER_SM deep (one per
+    head elsewhere); never more than the query blocks, nor more than SCRATCH_BYTES of partials."""
+    if splits is None:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+        splits = max(1, triton.cdiv(PROGRAMS_PER_SM * sms, BH))
+    splits = min(splits, SCRATCH_BYTES // max(1, 4 * BH * Nk * partial_rows))
+    return max(1, min(splits, triton.cdiv(Nq, MAX_BLOCK_M)))
 
 
 def _strides(buf):
-    return buf.stride() if buf is not None else (0, 0, 0, 0)
+    return (0, 0, 0, 0) if buf is None else buf.stride()
 
 
 def _pow2(n):

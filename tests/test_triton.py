@@ -81,3 +81,12 @@ def test_float64_runs_on_the_torch_backend():
     out, maps = attention_with_maps(case.q, case.k, case.v, backend="triton")
     torch.testing.assert_close(out, want_out, rtol=2e-4, atol=2e-5)
     torch.testing.assert_close(maps["ref_key"], want["ref_key"], rtol=1e-4, atol=1e-6)
+
+
+def test_splits_stay_within_query_blocks_and_scratch_cap():
+    triton_backend = backend_module("triton")
+    cpu = torch.device("cpu")
+    splits = triton_backend._splits(1000, 65536, 1025, 8, 14, cpu)  # Nq, Nk, BH, partial rows
+    assert 1 <= splits and splits * 4 * 8 * 1025 * 14 <= triton_backend.SCRATCH_BYTES
+    blocks = -(-40 // triton_backend.MAX_BLOCK_M)
+    assert triton_backend._splits(1000, 40, 7, 2, 3, cpu) == blocks
