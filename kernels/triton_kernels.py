@@ -124,7 +124,8 @@ def stats_kernel(Q, K, REC, LSE_ROW, COL_MAX, COL_SUM,
 
 @triton.jit
 def col_lse_kernel(COL_MAX, COL_SUM, LSE_COL, Nk, n_splits, BLOCK: tl.constexpr):
-    """lse_col[k] = m + log2 sum_s sum_s[k] 2^(max_s[k] - m), m = max_s max_s[k]; splits in order."""
+    """lse_col[k] = m + log2 sum_s l_s[k] 2^(m_s[k] - m), m = max_s m_s[k], where (m_s, l_s) are
+    the partial (max, sum) of split s; the splits are summed in order."""
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     col_ok = cols < Nk
     at = tl.program_id(1) * n_splits * Nk + cols
