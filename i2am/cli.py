@@ -9,6 +9,7 @@ import json
 import sys
 import traceback
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 PIPELINES = ("paint-by-example", "sd-inpaint-patch", "ip-adapter")
@@ -164,7 +165,7 @@ def _run(args):
     import torch
 
     from .report import write_report
-    from .trace import trace
+    from .tracing import trace
 
     image = _open_image(args.image, "--image")
     reference = _open_image(args.reference, "--reference")
@@ -196,8 +197,7 @@ def _run(args):
 
     generator = torch.Generator("cpu").manual_seed(args.seed)
     with trace(pipe, ref_grid=ref_grid, time_groups=args.time_groups, mask=mask, points=args.points,
-               boxes=args.boxes, patches=args.patches, convention=args.convention,
-               backend=args.backend) as traced:
+               boxes=args.boxes, patches=args.patches, convention=args.convention, backend=args.backend) as traced:
         generated = pipe(image=image, mask_image=mask_image, height=image.height, width=image.width,
                          num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator,
                          **inputs).images[0]
@@ -218,10 +218,23 @@ def _run(args):
 
 # ---- pipelines: each returns (pipe on device, ref_grid, the pipeline call's reference inputs) ----
 def _paint_by_example(args, reference, device, dtype):
-    from diffusers import PaintByExamplePipeline
+    import diffusers
+    from diffusers import AutoencoderKL, PaintByExamplePipeline, UNet2DConditionModel
+    from diffusers.pipelines.deprecated.paint_by_example import PaintByExampleImageEncoder
+    from transformers import CLIPImageProcessor
 
-    pipe = _from_pretrained(PaintByExamplePipeline, args.model, dtype).to(device)
-    return pipe, (1, 1), {"example_image": reference}
+    # diffusers no longer resolves the deprecated PaintByExampleImageEncoder that model_index.json
+    # names, so the pipeline is assembled from its components (without a safety checker)
+    _locate(args.model, unused=("safety_checker",))
+    with _local_only(PaintByExamplePipeline, args.model):
+        parts = {name: cls.from_pretrained(args.model, subfolder=name, local_files_only=True) for name, cls in (
+            ("vae", AutoencoderKL), ("unet", UNet2DConditionModel), ("image_encoder", PaintByExampleImageEncoder),
+            ("feature_extractor", CLIPImageProcessor))}
+        # any scheduler class reads scheduler_config.json; the one it names is built from it
+        config = diffusers.DDIMScheduler.load_config(args.model, subfolder="scheduler", local_files_only=True)
+    scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
+    pipe = PaintByExamplePipeline(**parts, scheduler=scheduler, safety_checker=None, requires_safety_checker=False)
+    return pipe.to(device, dtype), (1, 1), {"example_image": reference}
 
 
 def _sd_inpaint_patch(args, reference, device, dtype):
@@ -229,8 +242,10 @@ def _sd_inpaint_patch(args, reference, device, dtype):
     from diffusers import StableDiffusionInpaintPipeline
 
     # the reference tokens replace the prompt: a text encoder is neither needed nor loaded
-    pipe = _from_pretrained(StableDiffusionInpaintPipeline, args.model, dtype, text_encoder=None,
-                            tokenizer=None).to(device)
+    _locate(args.model, unused=("text_encoder", "tokenizer"))
+    with _local_only(StableDiffusionInpaintPipeline, args.model):
+        pipe = StableDiffusionInpaintPipeline.from_pretrained(args.model, torch_dtype=dtype, text_encoder=None,
+                                                              tokenizer=None, local_files_only=True).to(device)
     encoder, processor = pipe.image_encoder, pipe.feature_extractor
     for name, part in (("image_encoder", encoder), ("feature_extractor", processor)):
         if part is None:
@@ -255,11 +270,10 @@ def _ip_adapter(args, reference, device, dtype):
     weights = Path(args.ip_adapter)
     if not weights.is_file():
         raise UsageError(f"--ip-adapter file not found: {weights}")
-    pipe = _from_pretrained(StableDiffusionInpaintPipeline, args.model, dtype)
-    try:
+    _locate(args.model)
+    with _local_only(StableDiffusionInpaintPipeline, args.model):
+        pipe = StableDiffusionInpaintPipeline.from_pretrained(args.model, torch_dtype=dtype, local_files_only=True)
         pipe.load_ip_adapter(str(weights.parent), subfolder="", weight_name=weights.name, local_files_only=True)
-    except OSError as err:
-        raise UsageError(f"cannot load the IP-Adapter {weights} without network: {err}") from err
     pipe.set_ip_adapter_scale(args.ip_adapter_scale)
     tokens = {p.num_tokens[0] for p in pipe.unet.attn_processors.values() if isinstance(p, IPAdapterAttnProcessor2_0)}
     return pipe.to(device), (1, tokens.pop()), {"prompt": args.prompt, "ip_adapter_image": reference}
@@ -268,36 +282,37 @@ def _ip_adapter(args, reference, device, dtype):
 _LOADERS = {"paint-by-example": _paint_by_example, "sd-inpaint-patch": _sd_inpaint_patch, "ip-adapter": _ip_adapter}
 
 
-def _from_pretrained(cls, model, dtype, **components):
-    """cls.from_pretrained(model, **components) from a local folder or the local Hugging Face
-    cache only."""
-    looks_like_path = Path(model).is_absolute() or model.startswith(".") or model.count("/") > 1
-    if looks_like_path and not Path(model).is_dir():
-        raise UsageError(f"model folder not found: {model}")
-    if Path(model).is_dir():
-        _check_model_folder(Path(model), skipped=components)
-    try:
-        with warnings.catch_warnings():  # torch_dtype works in every supported diffusers; newer ones call it dtype
-            warnings.filterwarnings("ignore", "`torch_dtype` is deprecated", FutureWarning)
-            return cls.from_pretrained(model, torch_dtype=dtype, local_files_only=True, **components)
-    except (OSError, ValueError) as err:
-        where = "the folder" if Path(model).is_dir() else "the local Hugging Face cache (no download is tried)"
-        raise UsageError(f"cannot load {cls.__name__} {model!r} from {where}: {err}") from err
-
-
-def _check_model_folder(folder, skipped):
-    """Name the components that model_index.json lists but the folder lacks (diffusers' own error
-    names only a file)."""
+def _locate(model, unused=()):
+    """Fail early, naming what is missing, when `model` is a folder that is not there or lacks a
+    component its model_index.json lists (diffusers' own error names only a file); `unused`
+    components may be missing. A model id is looked up in the local Hugging Face cache later."""
+    folder = Path(model)
+    if not folder.is_dir():
+        if folder.is_absolute() or model.startswith(".") or model.count("/") > 1:
+            raise UsageError(f"model folder not found: {model}")
+        return
     index = folder / "model_index.json"
     if not index.is_file():
         raise UsageError(f"{folder} is not a diffusers pipeline folder (save_pretrained): no model_index.json")
     entries = json.loads(index.read_text())
     missing = [name for name, entry in entries.items()
                if not name.startswith("_") and isinstance(entry, list) and entry[0] is not None
-               and name not in skipped and not (folder / name).is_dir()]
+               and name not in unused and not (folder / name).is_dir()]
     if missing:
         raise UsageError(f"model folder {folder} lacks {', '.join(missing)}: listed in its model_index.json "
                          "but not there")
+
+
+@contextmanager
+def _local_only(cls, model):
+    """Loading errors (nothing local: no download is ever tried) as a UsageError naming the model."""
+    try:
+        with warnings.catch_warnings():  # torch_dtype works in every supported diffusers; newer ones call it dtype
+            warnings.filterwarnings("ignore", "`torch_dtype` is deprecated", FutureWarning)
+            yield
+    except (OSError, ValueError) as err:
+        where = "the folder" if Path(model).is_dir() else "the local Hugging Face cache (no download is tried)"
+        raise UsageError(f"cannot load {cls.__name__} {model!r} from {where}: {err}") from err
 
 
 # ---- argument checks --------------------------------------------------------------------------

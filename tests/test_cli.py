@@ -13,7 +13,11 @@ from i2am import AttributionMaps, report
 from i2am.cli import main
 from test_viz import gradient_image, tiny_maps
 
-IMAGE_SIZE, LATENT, REF_GRID = 16, 8, 4  # the tiny pipeline: VAE scale factor 2, 16 px reference patches of 4
+import tiny_models
+from tiny_models import HEIGHT, WIDTH
+
+LATENT, PATCH_GRID = tiny_models.LATENT, (4, 4)  # the sd-inpaint-patch encoder: 16 px inputs, 4 px patches
+IP_TOKENS = 4
 
 
 def cli(capsys, *argv):
@@ -29,49 +33,87 @@ def save_png(path, array):
 
 @pytest.fixture
 def inputs(tmp_path):
-    """Image, inpainting mask, reference and reference mask files for the tiny pipeline."""
-    rng = np.random.default_rng(0)
-    mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE))
-    mask[4:12, 6:14] = 255
+    """Image (24x16), inpainting mask, reference (12x20) and reference mask files."""
     ref_mask = np.zeros((20, 12))
     ref_mask[5:15, 2:9] = 255
-    return {"image": save_png(tmp_path / "image.png", rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3))),
-            "mask": save_png(tmp_path / "mask.png", mask),
-            "reference": save_png(tmp_path / "reference.png", rng.integers(0, 256, (20, 12, 3))),
+    tiny_models.image(0).save(tmp_path / "image.png")
+    tiny_models.image(1, (12, 20)).save(tmp_path / "reference.png")
+    return {"image": tmp_path / "image.png", "reference": tmp_path / "reference.png",
+            "mask": save_png(tmp_path / "mask.png", tiny_models.inpainting_mask() * 255),
             "ref_mask": save_png(tmp_path / "ref_mask.png", ref_mask)}
 
 
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory):
-    """An sd-inpaint-patch model: StableDiffusionInpaintPipeline (9-channel UNet, DDIM) whose
-    image_encoder is a tiny CLIPVisionModel (CLS + 4x4 patch tokens), saved with save_pretrained."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+    """An sd-inpaint-patch model saved with save_pretrained: the tiny SD inpainting pipeline whose
+    image_encoder is a CLIPVisionModel (CLS + 4x4 patch tokens) with its feature_extractor."""
+    from diffusers import StableDiffusionInpaintPipeline
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=LATENT, in_channels=9, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4)
-    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4)
-    encoder = CLIPVisionModel(CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=IMAGE_SIZE // REF_GRID,
-                                               hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                               num_attention_heads=2))
-    processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
-                                   crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-    pipe = StableDiffusionInpaintPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet,
-                                          scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=processor,
-                                          image_encoder=encoder, requires_safety_checker=False)
+    encoder = CLIPVisionModel(CLIPVisionConfig(image_size=16, patch_size=16 // PATCH_GRID[0],
+                                               hidden_size=tiny_models.CROSS_DIM, intermediate_size=32,
+                                               num_hidden_layers=1, num_attention_heads=2))
+    pipe = StableDiffusionInpaintPipeline(
+        vae=tiny_models.vae(), text_encoder=None, tokenizer=None, unet=tiny_models.unet(9),
+        scheduler=tiny_models.scheduler(), safety_checker=None, image_encoder=encoder,
+        feature_extractor=CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size=16),
+        requires_safety_checker=False)
     folder = tmp_path_factory.mktemp("tiny-sd-inpaint-patch")
     pipe.save_pretrained(folder)
     return folder
 
 
-def run_args(inputs, model, out, *extra):
-    return ["run", "--pipeline", "sd-inpaint-patch", "--model", model, "--image", inputs["image"],
-            "--mask", inputs["mask"], "--reference", inputs["reference"], "--steps", 4, "--time-groups", 2,
-            "--out", out, *extra]
+@pytest.fixture(scope="module")
+def tiny_paint_by_example(tmp_path_factory):
+    """The tiny PaintByExamplePipeline of the trace tests, saved with save_pretrained."""
+    folder = tmp_path_factory.mktemp("tiny-paint-by-example")
+    tiny_models.paint_by_example().pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_ip_adapter(tmp_path_factory):
+    """A tiny SD inpainting model (CLIP text encoder with a 28-token vocabulary, CLIP vision
+    image_encoder) and IP-Adapter weights (4 image tokens) in a safetensors file."""
+    from diffusers import StableDiffusionInpaintPipeline
+    from safetensors.torch import save_file
+    from transformers import (CLIPImageProcessorPil, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig,
+                              CLIPVisionModelWithProjection)
+
+    folder = tmp_path_factory.mktemp("tiny-ip-adapter")
+    letters = {c + "</w>": i + 2 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")}
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **letters}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    torch.manual_seed(0)
+    dim, image_dim, tokens = tiny_models.CROSS_DIM, 12, IP_TOKENS
+    small = dict(intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=dim, max_position_embeddings=8,
+                                        bos_token_id=0, eos_token_id=1, pad_token_id=1, **small))
+    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(image_size=16, patch_size=4, hidden_size=16,
+                                                            projection_dim=image_dim, **small))
+    unet = tiny_models.unet(9)
+    pipe = StableDiffusionInpaintPipeline(
+        vae=tiny_models.vae(), text_encoder=text, unet=unet, scheduler=tiny_models.scheduler(), safety_checker=None,
+        tokenizer=CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=8),
+        feature_extractor=CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size=16), image_encoder=vision,
+        requires_safety_checker=False)
+    pipe.save_pretrained(folder / "model")
+    weights = {"image_proj.proj.weight": torch.randn(dim * tokens, image_dim) / 4,
+               "image_proj.proj.bias": torch.zeros(dim * tokens),
+               "image_proj.norm.weight": torch.ones(dim), "image_proj.norm.bias": torch.zeros(dim)}
+    cross = [name[: -len(".processor")] for name in unet.attn_processors if name.endswith("attn2.processor")]
+    for j, name in enumerate(cross):  # diffusers numbers the attention processors, attn1 and attn2 alternating
+        for proj in ("to_k_ip", "to_v_ip"):
+            weights[f"ip_adapter.{2 * j + 1}.{proj}.weight"] = torch.randn_like(unet.get_submodule(name).to_k.weight)
+    save_file(weights, folder / "ip-adapter.safetensors")
+    return folder
+
+
+def run_args(inputs, model, out, *extra, pipeline="sd-inpaint-patch"):
+    return ["run", "--pipeline", pipeline, "--model", model, "--image", inputs["image"], "--mask", inputs["mask"],
+            "--reference", inputs["reference"], "--steps", 2, "--time-groups", 2, "--out", out, *extra]
 
 
 # ---- help, placeholders, entry point ----------------------------------------------------------
@@ -155,25 +197,25 @@ def test_run_argparse_errors_exit_2(capsys, inputs, tmp_path, bad):
 
 def test_run_usage_errors_exit_2(capsys, inputs, tmp_path):
     wrong_size = save_png(tmp_path / "small_mask.png", np.full((8, 8), 255))
-    empty = save_png(tmp_path / "empty_mask.png", np.zeros((IMAGE_SIZE, IMAGE_SIZE)))
+    empty = save_png(tmp_path / "empty_mask.png", np.zeros((HEIGHT, WIDTH)))
     cases = [
         (dict(image=tmp_path / "missing.png"), [], "--image file not found"),
-        (dict(mask=wrong_size), [], "--mask is 8x8 but --image is 16x16"),
+        (dict(mask=wrong_size), [], "--mask is 8x8 but --image is 24x16"),
         (dict(mask=empty), [], "--mask is empty"),
         (dict(), ["--ref-mask", wrong_size], "--ref-mask is 8x8 but --reference is 12x20"),
-        (dict(), ["--time-groups", 5], "--time-groups 5 is more than the 4 --steps"),
+        (dict(), ["--time-groups", 5], "--time-groups 5 is more than the 2 --steps"),
         (dict(), ["--model", tmp_path / "no" / "such" / "folder"], "model folder not found"),
         (dict(), ["--model", "i2am-tests/no-such-model"], "local Hugging Face cache"),
     ]
     for files, extra, message in cases:
         code, _, err = cli(capsys, *run_args({**inputs, **files}, tmp_path, tmp_path / "out"), *extra)
         assert code == 2 and message in err, (message, err)
-    code, _, err = cli(capsys, *[a if a != "sd-inpaint-patch" else "ip-adapter" for a in run_args(inputs, tmp_path, tmp_path)])
+    code, _, err = cli(capsys, *run_args(inputs, tmp_path, tmp_path / "out", pipeline="ip-adapter"))
     assert code == 2 and "needs --ip-adapter FILE" in err
 
 
 @pytest.mark.parametrize("probe, message", [
-    (["--points", "8,0"], "point 8,0 is off the latent grid 8x8"),
+    (["--points", "8,0"], "point 8,0 is off the latent grid 8x12"),
     (["--boxes", "2,2,2,5"], "box 2,2,2,5 must satisfy"),
     (["--patches", "0,4"], "patch 0,4 is off the reference grid 4x4"),
 ])
@@ -199,27 +241,40 @@ def test_run_incomplete_model_exits_2(capsys, inputs, tiny_pipeline, tmp_path, c
 
 
 # ---- run: end to end --------------------------------------------------------------------------
-def test_run_end_to_end_writes_the_report(capsys, inputs, tiny_pipeline, tmp_path):
-    pytest.importorskip("i2am.trace", reason="i2am.trace (issue 4) has not landed yet")
+@pytest.mark.parametrize("pipeline, ref_grid, patch", [
+    ("sd-inpaint-patch", PATCH_GRID, (1, 2)),
+    ("paint-by-example", (1, 1), (0, 0)),  # one reference token
+    ("ip-adapter", (1, IP_TOKENS), (0, 3)),  # the adapter's image tokens, in a row
+])
+def test_run_end_to_end_writes_the_report(capsys, request, inputs, tmp_path, pipeline, ref_grid, patch):
+    model = request.getfixturevalue({"sd-inpaint-patch": "tiny_pipeline", "paint-by-example": "tiny_paint_by_example",
+                                     "ip-adapter": "tiny_ip_adapter"}[pipeline])
+    extra = []
+    if pipeline == "ip-adapter":
+        model, extra = model / "model", ["--ip-adapter", model / "ip-adapter.safetensors", "--prompt", "a shirt"]
     out = tmp_path / "report"
-    code, stdout, err = cli(capsys, *run_args(inputs, tiny_pipeline, out), "--ref-mask", inputs["ref_mask"],
-                            "--seed", 3, "--points", "3,4", "--boxes", "2,2,6,5", "--patches", "1,2")
+    code, stdout, err = cli(capsys, *run_args(inputs, model, out, pipeline=pipeline), *extra,
+                            "--ref-mask", inputs["ref_mask"], "--seed", 3, "--points", "3,4", "--boxes", "2,2,6,5",
+                            "--patches", ",".join(map(str, patch)))
     assert code == 0, err
+    patch_figure = f"specific_generated_patch_{patch[0]}_{patch[1]}.png"
     assert {p.name for p in out.iterdir()} == {
         "maps.safetensors", "scores.json", "report.md", "generated.png", "reference.png", "input.png", "mask.png",
         "ref_mask.png", "overview.png", "by_time.png", "by_head.png", "specific_reference_point_3_4.png",
-        "specific_reference_box_2_2_6_5.png", "specific_generated_patch_1_2.png"}
+        "specific_reference_box_2_2_6_5.png", patch_figure}
     scores = json.loads((out / "scores.json").read_text())
     maps = AttributionMaps.load(out / "maps.safetensors")
-    # the reference as the image encoder saw it: its processor's resize of the 12x20 reference and centre crop
-    assert Image.open(out / "reference.png").size == (IMAGE_SIZE, IMAGE_SIZE)
+    # reference.png and ref_mask.png are as the image encoder saw them: its processor's resize and
+    # centre crop of the 12x20 reference to 16x16
+    assert Image.open(out / "reference.png").size == (16, 16)
     ref_mask = torch.from_numpy(np.asarray(Image.open(out / "ref_mask.png").convert("L")) > 127).float()
-    assert ref_mask.shape == (IMAGE_SIZE, IMAGE_SIZE)
     expect = maps.imacs(ref_mask=ref_mask)
     assert scores["IMACS_g"] == pytest.approx(expect["gen"]) and scores["IMACS_r"] == pytest.approx(expect["ref"])
     assert f"IMACS_g: {scores['IMACS_g']}" in stdout
     settings = scores["settings"]
-    assert settings["pipeline"] == "sd-inpaint-patch" and settings["steps"] == 4 and settings["seed"] == 3
-    assert settings["latent_size"] == [LATENT, LATENT] and settings["ref_grid"] == [REF_GRID, REF_GRID]
-    assert settings["num_steps"] == 4 and settings["time_groups"] == 2 and settings["points"] == [[3, 4]]
-    assert Image.open(out / "generated.png").size == (IMAGE_SIZE, IMAGE_SIZE)
+    assert settings["pipeline"] == pipeline and settings["steps"] == 2 and settings["seed"] == 3
+    assert settings["latent_size"] == list(LATENT) and settings["ref_grid"] == list(ref_grid)
+    assert settings["num_steps"] == 2 and settings["time_groups"] == 2 and settings["points"] == [[3, 4]]
+    assert Image.open(out / "generated.png").size == (WIDTH, HEIGHT)
+    assert "![Specific-reference map M_sr of latent point (3, 4)](specific_reference_point_3_4.png)" in (
+        out / "report.md").read_text()
