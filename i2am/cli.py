@@ -53,17 +53,21 @@ examples:
 The model is loaded from a local folder (save_pretrained) or from the local Hugging Face cache;
 nothing is downloaded. Points and boxes are latent (row, col) coordinates (image size divided
 by the VAE's scale factor, 8 for Stable Diffusion); boxes are end-exclusive; patches are
-reference-grid (row, col) cells. The mask is white (1) where the image is to be filled.
+reference-grid (row, col) cells. The mask is white (1) where the image is to be filled. The
+report shows the reference, and applies --ref-mask, as the model's feature_extractor resizes
+and crops it, so that each reference patch covers the pixels its token saw.
 
 pipelines:
-  paint-by-example  diffusers PaintByExamplePipeline: one reference token, so the reference
-                    grid is 1x1 and M_r is a single value; M_g and M_sr are still meaningful
+  paint-by-example  diffusers PaintByExamplePipeline (run without its safety checker): one
+                    reference token, so the reference grid is 1x1 and M_r is a single value;
+                    M_g is still meaningful
   sd-inpaint-patch  StableDiffusionInpaintPipeline whose cross-attention keys are the CLS and
                     patch tokens (last_hidden_state) of its image_encoder component (e.g. a
                     CLIPVisionModel) on the reference, preprocessed by its feature_extractor;
                     zero tokens are the null reference of classifier-free guidance
   ip-adapter        StableDiffusionInpaintPipeline with an IP-Adapter (--ip-adapter FILE);
-                    the maps come from the attention over the adapter's image tokens
+                    the maps come from the attention over the adapter's N image tokens,
+                    which are not spatial: the reference grid is 1xN
 
 examples:
   i2am run --pipeline paint-by-example --model Fantasy-Studio/Paint-by-Example \\
@@ -121,6 +125,8 @@ examples:
 
 # ---- commands -------------------------------------------------------------------------------
 def _demo(args):
+    """Hands over to i2am.demo.run_demo(out=, device=, backend=) -> exit code (None: 0) once the
+    demo package provides it."""
     try:
         demo = importlib.import_module("i2am.demo")
     except ModuleNotFoundError as err:
@@ -152,8 +158,8 @@ def _show(args):
         raise UsageError(f"cannot read maps from {path}: {err}") from err
     image = _open_image(args.image, "--image") if args.image else None
     reference = _open_image(args.reference, "--reference") if args.reference else None
-    ref_mask = _ref_mask_image(args, reference)
-    ref_mask = None if ref_mask is None else _binary(ref_mask, "--ref-mask")
+    ref_mask_image = _ref_mask_image(args, reference)
+    ref_mask = None if ref_mask_image is None else _binary(ref_mask_image, "--ref-mask")
     if ref_mask is not None and maps.mask is None:
         raise UsageError("--ref-mask gives IMACS_r, which needs maps traced with an inpainting mask; these have none")
     scores = write_report(args.out, maps, image=image, reference=reference, ref_mask=ref_mask,
