@@ -44,8 +44,12 @@ def to_pil(image):
 def overlay(image, M, *, threshold=0.4, alpha=0.5, cmap="jet"):
     """Map M (h, w) over image at pixel level (eq. 9); pixels where the thresholded map is zero
     keep the image's values exactly."""
+    M = torch.as_tensor(M)
+    if M.dim() != 2:
+        raise ValueError(f"overlay takes one 2-D map, got shape {tuple(M.shape)} (maps of several recorded "
+                         "images carry a batch axis first: pick one)")
     base = to_pil(image)
-    heat = display.pixel_level(torch.as_tensor(M).double(), (base.height, base.width), threshold).numpy()
+    heat = display.pixel_level(M.double(), (base.height, base.width), threshold).numpy()
     colour = colormaps[cmap](heat)[..., :3] * 255
     out = np.asarray(base).copy()
     on = heat > 0

@@ -79,6 +79,11 @@ def test_overlay_changes_exactly_the_pixels_of_the_thresholded_map(maps, thresho
     np.testing.assert_array_equal(changed, heat > 0)
 
 
+def test_overlay_takes_one_2d_map():
+    with pytest.raises(ValueError, match="one 2-D map, got shape \\(2, 8, 8\\)"):
+        viz.overlay(Image.new("RGB", (8, 8)), torch.rand(2, 8, 8))
+
+
 def test_overlay_blends_jet_with_alpha(maps):
     image = Image.new("RGB", (16, 16), (0, 0, 0))
     heat = display.pixel_level(maps.generated().double(), (16, 16)).numpy()
