@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 import torch
+import torch.nn.functional as F
 
 from .grid import RESIZE_MODES, layer_grid, pullback
-from .kernels import attention_with_maps
+from .kernels import prepare
 from .probes import key_probes, mask_2d, query_probes
 
 CONVENTIONS = {"official": ("query", "key"), "paper": ("key", "query")}  # (gen softmax, ref softmax)
@@ -32,6 +33,7 @@ class LayerBuffers:
     query_probes: torch.Tensor  # (Rw, Nq): latent probes pulled back to this layer's grid
     gen: torch.Tensor
     ref: torch.Tensor
+    call: object = None  # the checked kernel arguments (kernels.MapsCall), reused step after step
 
 
 class Recorder:
@@ -97,15 +99,15 @@ class Recorder:
         if grid[0] * grid[1] != Nq:
             raise ValueError(f"layer {layer!r}: grid {grid} does not hold its Nq={Nq} queries")
         if not self.selected(layer, grid):
-            return attention_with_maps(q, k, v, scale=scale, record=[], backend=self.backend)[0]
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
         tau = self._group(step)
         rec = self._entries(B, cfg)
         buf = self._layer(layer, grid, H, k.shape[2], q.device)
         gen, ref = CONVENTIONS[self.convention]
-        out, _ = attention_with_maps(
-            q, k, v, scale=scale, ref_keys=buf.ref_idx, record=rec, key_probes=buf.key_probes,
-            query_probes=buf.query_probes, gen=(gen,), ref=(ref,), backend=self.backend,
-            accumulate={f"gen_{gen}": buf.gen[:, tau], f"ref_{ref}": buf.ref[:, tau]})
+        if buf.call is None or not buf.call.matches(q, k, v, scale):
+            buf.call = prepare(q, k, v, scale=scale, ref_keys=buf.ref_idx, record=rec, key_probes=buf.key_probes,
+                               query_probes=buf.query_probes, gen=(gen,), ref=(ref,), backend=self.backend)
+        out = buf.call(q, k, v, {f"gen_{gen}": buf.gen[:, tau], f"ref_{ref}": buf.ref[:, tau]})
         self.steps_seen.add(step)
         return out
 

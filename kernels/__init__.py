@@ -3,6 +3,7 @@
 The kernel layer: one op, :func:`attention_with_maps`, with interchangeable backends
 ("triton", "cuda", "torch", "reference"). The analysis layer (``i2am``) builds on it.
 """
-from .api import BACKENDS, MAP_NAMES, attention_with_maps, backend_module, triton_available
+from .api import BACKENDS, MAP_NAMES, MapsCall, attention_with_maps, backend_module, prepare, triton_available
 
-__all__ = ["attention_with_maps", "BACKENDS", "MAP_NAMES", "backend_module", "triton_available"]
+__all__ = ["attention_with_maps", "prepare", "MapsCall", "BACKENDS", "MAP_NAMES", "backend_module",
+           "triton_available"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,52 @@ def attention_with_maps(q, k, v, *, scale=None, ref_keys=None, record=None, key_
         "gen_key": ..., "ref_key": (Br,H,Rw,Kr), "ref_query": ...}, float32, exactly the
         requested entries (the accumulate dict itself when given).
     """
+    call = prepare(q, k, v, scale=scale, ref_keys=ref_keys, record=record, key_probes=key_probes,
+                   query_probes=query_probes, gen=gen, ref=ref, backend=backend)
+    maps = _buffers(accumulate, call.shapes, q.device)
+    return call(q, k, v, maps), maps
+
+
+@dataclass(frozen=True)
+class MapsCall:
+    """The checked arguments of attention_with_maps for calls of one signature (shapes, dtype,
+    device, scale). Calling it runs the attention and adds the maps into `maps`; it can be kept
+    and reused, so repeated calls (a recorder's layer, step after step) skip the argument checks
+    and, on CUDA, their host-device synchronisations."""
+    signature: tuple
+    scale: float
+    ref_idx: torch.Tensor
+    record_idx: torch.Tensor
+    unrecorded_idx: torch.Tensor
+    key_probes: torch.Tensor
+    query_probes: torch.Tensor
+    shapes: dict  # {map name: buffer shape}
+    backend: str
+
+    def matches(self, q, k, v, scale=None):
+        """Whether q, k, v (and scale) have the signature these arguments were checked for."""
+        return _signature(q, k, v, scale) == self.signature
+
+    def __call__(self, q, k, v, maps):
+        if not self.matches(q, k, v, self.scale):
+            raise ValueError(f"q, k, v {_signature(q, k, v, self.scale)} do not match the call these maps "
+                             f"were prepared for: {self.signature}")
+        if not self.shapes or self.record_idx.numel() == 0:
+            return _sdpa(q, k, v, self.scale)
+        B, H, Nq = q.shape[:3]
+        out = torch.empty(B, H, Nq, v.shape[-1], dtype=q.dtype, device=q.device)
+        u = self.unrecorded_idx
+        if u.numel():
+            out[u] = _sdpa(q[u], k[u], v[u], self.scale)
+        backend_module(self.backend).run(q, k, v, out, maps, scale=self.scale, ref_idx=self.ref_idx,
+                                         record_idx=self.record_idx, key_probes=self.key_probes,
+                                         query_probes=self.query_probes)
+        return out
+
+
+def prepare(q, k, v, *, scale=None, ref_keys=None, record=None, key_probes=None, query_probes=None,
+            gen=("query",), ref=("key",), backend="auto"):
+    """Check and normalise the arguments of attention_with_maps (same meaning) into a MapsCall."""
     B, H, Nq, Nk, d = _check_qkv(q, k, v)
     scale = d ** -0.5 if scale is None else _check_scale(scale)
     dev = q.device
@@ -68,18 +115,13 @@ def attention_with_maps(q, k, v, *, scale=None, ref_keys=None, record=None, key_
     names += [f"ref_{c}" for c in _conventions(ref, "ref")]
     shapes = {n: (record_idx.numel(), H, (key_probes if n.startswith("gen") else query_probes).shape[0],
                   Nq if n.startswith("gen") else ref_idx.numel()) for n in names}
-    maps = _buffers(accumulate, shapes, dev)
-    name = _resolve_backend(backend, q)
+    return MapsCall(_signature(q, k, v, scale), scale, ref_idx, record_idx, _complement(record_idx, B),
+                    key_probes, query_probes, shapes, _resolve_backend(backend, q))
 
-    if not names or record_idx.numel() == 0:
-        return _sdpa(q, k, v, scale), maps
-    out = torch.empty(B, H, Nq, v.shape[-1], dtype=q.dtype, device=dev)
-    unrecorded = _complement(record_idx, B)
-    if unrecorded.numel():
-        out[unrecorded] = _sdpa(q[unrecorded], k[unrecorded], v[unrecorded], scale)
-    backend_module(name).run(q, k, v, out, maps, scale=scale, ref_idx=ref_idx, record_idx=record_idx,
-                             key_probes=key_probes, query_probes=query_probes)
-    return out, maps
+
+def _signature(q, k, v, scale):
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return tuple(x for t in (q, k, v) for x in (tuple(t.shape), t.dtype, t.device)) + (scale,)
 
 
 def backend_module(name):

@@ -116,3 +116,19 @@ def test_triton_backend_needs_cuda_or_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
         attention_with_maps(*_qkv(), backend="triton")
+
+
+def test_prepared_call_is_reusable_and_checks_its_signature():
+    from i2am.kernels import prepare
+
+    c = make_case(B=2, H=2, Nq=12, Nk=9)
+    call = prepare(c.q, c.k, c.v, record=[1], backend="torch")
+    acc = {n: torch.zeros(s) for n, s in call.shapes.items()}
+    for _ in range(2):
+        call(c.q, c.k, c.v, acc)
+    _, want = attention_with_maps(c.q, c.k, c.v, record=[1], backend="reference")
+    for n in acc:
+        torch.testing.assert_close(acc[n], 2 * want[n])
+    assert call.matches(c.q, c.k, c.v) and not call.matches(c.q, c.k, c.v, scale=0.1)
+    with pytest.raises(ValueError, match="do not match the call these maps were prepared for"):
+        call(c.q[:, :, :5], c.k, c.v, acc)
