@@ -206,6 +206,7 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if r.d]  # the pipeline rows have no head dim
     dims = sorted({r.d for r in rows})
     fig, axes = plt.subplots(1, len(dims), figsize=(4 * len(dims), 3.2), squeeze=False)
     for ax, d in zip(axes[0], dims):
@@ -221,15 +222,65 @@ def plot(rows, path):
     plt.close(fig)
 
 
-def main(quick=False, device=None, json_path=None, plot_path=None, dtype=None):
+def pipeline_row(device, dtype, steps=10, reps=3):
+    """A small SD-like UNet denoising loop with CFG, traced (default maps) vs untraced; None
+    without diffusers. Random weights: the timing does not depend on them."""
+    try:
+        from diffusers import DDIMScheduler, UNet2DConditionModel
+    except ImportError:
+        return None
+    from .tracing import trace
+
+    big = device == "cuda"
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=64 if big else 16, block_out_channels=(320, 640) if big else (32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=768 if big else 64,
+        attention_head_dim=8, norm_num_groups=32 if big else 8).to(device, dtype).eval()
+    size, ref_grid = (64, 64) if big else (16, 16), (16, 16)
+    ctx = torch.randn(2, 1 + ref_grid[0] * ref_grid[1], unet.config.cross_attention_dim, device=device, dtype=dtype)
+    sched = DDIMScheduler()
+    mask = torch.zeros(size)
+    mask[size[0] // 4: 3 * size[0] // 4, size[1] // 4: 3 * size[1] // 4] = 1
+    points = [(size[0] // 2, size[1] // 2 + i) for i in range(4)]
+
+    @torch.no_grad()
+    def denoise():
+        sched.set_timesteps(steps)
+        x = torch.randn(1, 4, *size, device=device, dtype=dtype)
+        for t in sched.timesteps:
+            uncond, cond = unet(torch.cat([x, x]), t, encoder_hidden_states=ctx).sample.chunk(2)
+            x = sched.step(uncond + 5.0 * (cond - uncond), t, x).prev_sample
+
+    def traced():
+        with trace(unet, ref_grid=ref_grid, num_steps=steps, mask=mask, points=points):
+            denoise()
+
+    plain_ms, plain_mib = measure(denoise, device, reps)
+    traced_ms, traced_mib = measure(traced, device, reps)
+    label = f"UNet {size[0]}x{size[1]} {steps} steps"
+    return [Row(label, "pipeline untraced", size[0] * size[1], ctx.shape[1], 0, plain_ms, 1.0, 0.0, plain_mib),
+            Row(label, "pipeline traced", size[0] * size[1], ctx.shape[1], 0, traced_ms, traced_ms / plain_ms,
+                0.0, traced_mib)]
+
+
+def main(quick=False, device=None, json_path=None, plot_path=None, dtype=None, pipeline=True):
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     shapes = GPU_SHAPES if device == "cuda" else (QUICK_CPU_SHAPES if quick else CPU_SHAPES)
     if device == "cuda" and quick:
         shapes = [s for s in GPU_SHAPES if s[1] in (4096, 16384) and s[3] in (40, 64)]
     dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
     reps = 3 if quick else (20 if device == "cuda" else 5)
-    rows = run(shapes, device, dtype, reps, progress=lambda r: print(
-        f"  {r.shape:<22} {r.column:<20} {r.ms:9.3f} ms  x{r.ratio:6.2f}", flush=True))
+    progress = lambda r: print(f"  {r.shape:<22} {r.column:<20} {r.ms:9.3f} ms  x{r.ratio:6.2f}", flush=True)
+    rows = run(shapes, device, dtype, reps, progress=progress)
+    if pipeline:
+        e2e = pipeline_row(device, dtype, steps=5 if quick else 10, reps=reps)
+        for r in e2e or ():
+            progress(r)
+        rows += e2e or []
+        if e2e is None:
+            print("pipeline row skipped: diffusers is not installed")
     env = environment(device)
     print(f"\n{json.dumps(env)}\n\n{markdown(rows)}")
     if json_path:

@@ -118,8 +118,15 @@ examples:
     _display_options(show)
     show.add_argument("--out", required=True, help="report folder")
 
-    _command(sub, "bench", _bench, "benchmarks against SDPA and the naive path (not yet available)",
-             "examples:\n  i2am bench")
+    bench = _command(sub, "bench", _bench, "time i2am against SDPA, the naive path and a chunked capture", """\
+examples:
+  i2am bench --quick
+  i2am bench --device cuda --json bench.json --plot bench.png""")
+    bench.add_argument("--quick", action="store_true", help="a few small shapes (CPU: under 2 minutes)")
+    bench.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    bench.add_argument("--json", help="write the rows, machine, versions and commit to this JSON file")
+    bench.add_argument("--plot", help="write the ratio-to-SDPA plot (PNG) to this file")
+    bench.add_argument("--no-pipeline", action="store_true", help="skip the traced-vs-untraced pipeline row")
     return parser
 
 
@@ -141,8 +148,15 @@ def _demo(args):
 
 
 def _bench(args):
-    print("i2am bench: the benchmarks are not yet available (issue 8); nothing to do.")
-    return 0
+    from . import benchmark
+
+    if args.device and args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: no CUDA device is available")
+    benchmark.main(quick=args.quick, device=args.device, json_path=args.json, plot_path=args.plot,
+                   pipeline=not args.no_pipeline)
 
 
 def _show(args):

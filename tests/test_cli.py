@@ -126,8 +126,9 @@ def test_help_of_each_command_has_examples(capsys, command):
 
 
 def test_entry_point_module():
-    done = subprocess.run([sys.executable, "-m", "i2am.cli", "bench"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and "not yet available (issue 8)" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "i2am.cli", "show", "missing.safetensors", "--out", "x"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "missing.safetensors" in done.stderr
 
 
 def test_demo_placeholder_until_the_demo_provides_run_demo(capsys, monkeypatch):
