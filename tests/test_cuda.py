@@ -169,6 +169,16 @@ def test_emulated_repeated_ref_keys_and_single_maps(emulated):
     check_backend("cuda", dataclasses.replace(case, names=("ref_query",)), library=emulated)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_emulated_transposed_and_misaligned_inputs(emulated, dtype):
+    """Column strides != 1 and rows off 16-byte alignment take the element-wise tile loads."""
+    case = make_case(B=2, H=2, Nq=37, Nk=21, d=40, dtype=dtype, names=ALL)
+    q = case.q.transpose(-1, -2).contiguous().transpose(-1, -2)  # (B,H,Nq,d) with unit stride along Nq
+    k = torch.cat([case.k, case.k[..., :1]], -1)[..., 1:]  # rows of d + 1 elements, one element in
+    k.copy_(case.k)
+    check_backend("cuda", dataclasses.replace(case, q=q, k=k), library=emulated)
+
+
 def test_emulated_float64_computes_in_float32(emulated):
     case = make_case(Nq=20, Nk=9, d=40, dtype=torch.float64, names=ALL)
     out, maps = _run(emulated, case)

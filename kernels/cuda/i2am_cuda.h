@@ -57,7 +57,7 @@ I2AM_API int i2am_workspace_bytes(const i2am_problem *p, size_t *bytes);
  * anything else until the stream has run the call. */
 I2AM_API int i2am_run(const i2am_problem *p, void *workspace, size_t workspace_bytes, void *stream);
 
-/* Message of the last failure on this thread ("" if none). */
+/* Message of this thread's last call into the library if it failed, else "". */
 I2AM_API const char *i2am_last_error(void);
 
 #ifdef __cplusplus

@@ -37,120 +37,129 @@ struct MainSmem {
     }
 };
 
+// One block's work: its (entry, head), its probe rows and the steps of a key block.
 template <class T, int D>
-__global__ void __launch_bounds__(kThreads) main_pass(Params p) {
+struct MainBlock {
     using Mma = WarpMma<T>;
     using Cfg = Tiles<T, D>;
-    constexpr int kBlockK = Cfg::kBlockK, kTiles = kBlockK / 8, kOutTiles = D / 8;
-    constexpr int kGenTiles = kProbeTile / 8;
-    const MainSmem<T, D> sm(dynamic_smem());
+    static constexpr int kBlockK = Cfg::kBlockK, kTiles = kBlockK / 8, kOutTiles = D / 8;
+    static constexpr int kGenTiles = kProbeTile / 8;
 
-    const BlockHead bh(p);
+    const Params& p;
+    const MainSmem<T, D> sm;
+    const BlockHead bh;
     const LaneCoords ln;
-    const T* q = bh.at<T>(p.q, p.qs);
-    const T* k = bh.at<T>(p.k, p.ks);
-    const T* v = bh.at<T>(p.v, p.vs);
-    const int d16 = round_up(p.d, 16), dv16 = round_up(p.dv, 16);
-    const int gen_rows = max(0, min(kProbeTile, p.n_u - p.r0)), ref_rows = max(0, min(kProbeTile, p.n_m - p.r0));
-    const bool gen[2] = {gen_rows > 0 && p.gen[0], gen_rows > 0 && p.gen[1]};
-    const bool ref[2] = {ref_rows > 0 && p.ref_part[0], ref_rows > 0 && p.ref_part[1]};
-    const T* pc_rows[2] = {sm.pc[0] + 16 * ln.warp * Cfg::kLdK, sm.pc[1] + 16 * ln.warp * Cfg::kLdK};
+    const int gen_rows, ref_rows;  // probe rows of this launch: [p.r0, p.r0 + rows)
+    bool gen[2], ref[2];           // per softmax: this launch adds to that map
 
-    for (int qb = bh.first_block(p); qb < bh.end_block(p); ++qb) {
-        const int x0 = qb * kBlockQ, xw = x0 + 16 * ln.warp + ln.g;  // xw: the lane's first row
-        const bool row_ok[2] = {xw < p.nq, xw + 8 < p.nq};
-        __syncthreads();  // the previous run's readers of the Q and M tiles are done
-        load_tile<T, kBlockQ>(sm.q, Cfg::kLdD, q + x0 * p.qs.n, p.qs.n, p.qs.c, p.q_vec, p.nq - x0, p.d, d16);
+    __device__ explicit MainBlock(const Params& params)
+        : p(params), sm(dynamic_smem()), bh(params), gen_rows(max(0, min(kProbeTile, p.n_u - p.r0))),
+          ref_rows(max(0, min(kProbeTile, p.n_m - p.r0))) {
+        for (int sx = 0; sx < 2; ++sx) {
+            gen[sx] = gen_rows > 0 && p.gen[sx];
+            ref[sx] = ref_rows > 0 && p.ref_part[sx];
+        }
+    }
+
+    // The block's 64 query rows of Q and of this launch's query probes.
+    __device__ void load_query_block(int x0) {
+        load_tile<T, kBlockQ>(sm.q, Cfg::kLdD, bh.at<T>(p.q, p.qs) + x0 * p.qs.n, p.qs.n, p.qs.c, p.q_vec,
+                              p.nq - x0, p.d, round_up(p.d, 16));
         if (ref[0] || ref[1])
             load_probe_tile<T, kProbeTile, kBlockQ>(sm.m, Cfg::kLdQ, p.m + int64_t(p.r0) * p.nq + x0, p.nq,
                                                      ref_rows, p.nq - x0);
-        float lse_row[2];
-#pragma unroll
-        for (int j = 0; j < 2; ++j) lse_row[j] = row_ok[j] ? p.lse_row[bh.ih * p.nq + xw + 8 * j] : 0.f;
+    }
 
-        float out[kOutTiles][4] = {};
-        float gen_acc[2][kGenTiles][4] = {};  // [softmax][probe tile]
+    // Keys k0 .. k0 + kBlockK of K, V, the key probes and lse_col.
+    __device__ void load_key_block(int k0) {
+        load_tile<T, kBlockK>(sm.k, Cfg::kLdD, bh.at<T>(p.k, p.ks) + k0 * p.ks.n, p.ks.n, p.ks.c, p.k_vec,
+                              p.nk - k0, p.d, round_up(p.d, 16));
+        if (p.write_out)
+            load_tile<T, kBlockK>(sm.v, Cfg::kLdD, bh.at<T>(p.v, p.vs) + k0 * p.vs.n, p.vs.n, p.vs.c, p.v_vec,
+                                  p.nk - k0, p.dv, round_up(p.dv, 16));
+        if (gen[0] || gen[1])
+            load_probe_tile<T, kProbeTile, kBlockK>(sm.u, Cfg::kLdK, p.u + int64_t(p.r0) * p.nk + k0, p.nk,
+                                                     gen_rows, p.nk - k0);
+        const int key = k0 + int(threadIdx.x);  // one key of the block per thread
+        if (p.need_c && threadIdx.x < kBlockK)
+            sm.lse_col[threadIdx.x] = key < p.nk ? p.lse_col[bh.ih * p.nk + key] : 0.f;
+    }
 
-        for (int k0 = 0; k0 < p.nk; k0 += kBlockK) {
-            // Readers of the K, V, U and lse_col tiles finished before the last block barrier.
-            load_tile<T, kBlockK>(sm.k, Cfg::kLdD, k + k0 * p.ks.n, p.ks.n, p.ks.c, p.k_vec, p.nk - k0, p.d, d16);
-            if (p.write_out)
-                load_tile<T, kBlockK>(sm.v, Cfg::kLdD, v + k0 * p.vs.n, p.vs.n, p.vs.c, p.v_vec, p.nk - k0, p.dv,
-                                      dv16);
-            if (gen[0] || gen[1])
-                load_probe_tile<T, kProbeTile, kBlockK>(sm.u, Cfg::kLdK, p.u + int64_t(p.r0) * p.nk + k0, p.nk,
-                                                         gen_rows, p.nk - k0);
-            const int key = k0 + int(threadIdx.x);  // one key of the block per thread
-            if (p.need_c && threadIdx.x < kBlockK) sm.lse_col[threadIdx.x] = key < p.nk ? p.lse_col[bh.ih * p.nk + key] : 0.f;
-            __syncthreads();  // tiles loaded; also: last key block's readers of P, C are done
+    // The warp's rows of P and C; zero outside the valid rows and keys.
+    __device__ void write_softmaxes(const float (&s)[kTiles][4], const bool (&row_ok)[2], const float (&lse_row)[2]) {
+#pragma unroll
+        for (int nt = 0; nt < kTiles; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int j = e / 2, col = nt * 8 + 2 * ln.t + e % 2;
+                const bool ok = row_ok[j] && s[nt][e] != -INFINITY;  // -inf: key >= nk
+                const int at = (16 * ln.warp + ln.g + 8 * j) * Cfg::kLdK + col;
+                sm.pc[kOverKeys][at] = from_float<T>(ok ? exp2f(s[nt][e] - lse_row[j]) : 0.f);
+                if (p.need_c) sm.pc[kOverQueries][at] = from_float<T>(ok ? exp2f(s[nt][e] - sm.lse_col[col]) : 0.f);
+            }
+        }
+    }
 
-            float s[kTiles][4];
-            warp_scores<T, D>(s, sm.q + 16 * ln.warp * Cfg::kLdD, sm.k, k0, p);
+    // out += P V and gen += P U^T, C U^T over the warp's 16 rows.
+    __device__ void add_row_products(float (&out)[kOutTiles][4], float (&gen_acc)[2][kGenTiles][4]) {
+        const int rows = 16 * ln.warp * Cfg::kLdK;
+        for (int ks = 0; ks < kBlockK / 16; ++ks) {
+            typename Mma::FragA a;
+            if (p.write_out) {
+                Mma::load_a(a, sm.pc[kOverKeys] + rows + ks * 16, Cfg::kLdK);
 #pragma unroll
-            for (int nt = 0; nt < kTiles; ++nt) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int j = e / 2, col = nt * 8 + 2 * ln.t + e % 2;
-                    const bool ok = row_ok[j] && s[nt][e] != -INFINITY;  // -inf: key >= nk
-                    const int at = (16 * ln.warp + ln.g + 8 * j) * Cfg::kLdK + col;
-                    sm.pc[kOverKeys][at] = from_float<T>(ok ? exp2f(s[nt][e] - lse_row[j]) : 0.f);
-                    if (p.need_c)
-                        sm.pc[kOverQueries][at] = from_float<T>(ok ? exp2f(s[nt][e] - sm.lse_col[col]) : 0.f);
+                for (int nt = 0; nt < kOutTiles; ++nt) {
+                    if (nt * 8 >= p.dv) continue;
+                    typename Mma::FragB b;
+                    Mma::load_b_kn(b, sm.v + ks * 16 * Cfg::kLdD + nt * 8, Cfg::kLdD);
+                    Mma::mma(out[nt], a, b);
                 }
             }
-            __syncwarp();  // a warp reads back only its own rows of P and C
-
-            for (int ks = 0; ks < kBlockK / 16; ++ks) {
-                typename Mma::FragA a;
-                if (p.write_out) {
-                    Mma::load_a(a, pc_rows[kOverKeys] + ks * 16, Cfg::kLdK);
 #pragma unroll
-                    for (int nt = 0; nt < kOutTiles; ++nt) {
-                        if (nt * 8 >= p.dv) continue;
-                        typename Mma::FragB b;
-                        Mma::load_b_kn(b, sm.v + ks * 16 * Cfg::kLdD + nt * 8, Cfg::kLdD);
-                        Mma::mma(out[nt], a, b);
-                    }
-                }
+            for (int sx = 0; sx < 2; ++sx) {
+                if (!gen[sx]) continue;
+                Mma::load_a(a, sm.pc[sx] + rows + ks * 16, Cfg::kLdK);
 #pragma unroll
-                for (int sx = 0; sx < 2; ++sx) {
-                    if (!gen[sx]) continue;
-                    Mma::load_a(a, pc_rows[sx] + ks * 16, Cfg::kLdK);
-#pragma unroll
-                    for (int pt = 0; pt < kGenTiles; ++pt) {
-                        if (pt * 8 >= gen_rows) continue;
-                        typename Mma::FragB b;
-                        Mma::load_b_nk(b, sm.u + pt * 8 * Cfg::kLdK + ks * 16, Cfg::kLdK);
-                        Mma::mma(gen_acc[sx][pt], a, b);
-                    }
-                }
-            }
-            __syncthreads();  // every warp's rows of P and C are in place; K, V, U readers are done
-
-            for (int nt = ln.warp; nt < kTiles; nt += kWarps) {
-#pragma unroll
-                for (int sx = 0; sx < 2; ++sx) {
-                    if (!ref[sx]) continue;
-                    float acc[4] = {};
-                    for (int ks = 0; ks < kBlockQ / 16; ++ks) {
-                        typename Mma::FragA a;
-                        typename Mma::FragB b;
-                        Mma::load_a(a, sm.m + ks * 16, Cfg::kLdQ);
-                        Mma::load_b_kn(b, sm.pc[sx] + ks * 16 * Cfg::kLdK + nt * 8, Cfg::kLdK);
-                        Mma::mma(acc, a, b);
-                    }
-                    float* part = p.ref_part[sx] + (bh.ih * p.slots + bh.slot) * p.n_m * p.nk;
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int r = ln.g + 8 * (e / 2), key = k0 + nt * 8 + 2 * ln.t + e % 2;
-                        if (r >= ref_rows || key >= p.nk) continue;
-                        float& dst = part[int64_t(p.r0 + r) * p.nk + key];
-                        dst = qb == bh.first_block(p) ? acc[e] : dst + acc[e];
-                    }
+                for (int pt = 0; pt < kGenTiles; ++pt) {
+                    if (pt * 8 >= gen_rows) continue;
+                    typename Mma::FragB b;
+                    Mma::load_b_nk(b, sm.u + pt * 8 * Cfg::kLdK + ks * 16, Cfg::kLdK);
+                    Mma::mma(gen_acc[sx][pt], a, b);
                 }
             }
         }
+    }
 
+    // ref partial (probes x keys) += M P and M C over all 64 rows of the block, one key tile per
+    // warp, into the slot's partial: assigned by the slot's first query block, then added.
+    __device__ void add_ref_products(int k0, bool first_block) {
+        for (int nt = ln.warp; nt < kTiles; nt += kWarps) {
+#pragma unroll
+            for (int sx = 0; sx < 2; ++sx) {
+                if (!ref[sx]) continue;
+                float acc[4] = {};
+                for (int ks = 0; ks < kBlockQ / 16; ++ks) {
+                    typename Mma::FragA a;
+                    typename Mma::FragB b;
+                    Mma::load_a(a, sm.m + ks * 16, Cfg::kLdQ);
+                    Mma::load_b_kn(b, sm.pc[sx] + ks * 16 * Cfg::kLdK + nt * 8, Cfg::kLdK);
+                    Mma::mma(acc, a, b);
+                }
+                float* part = p.ref_part[sx] + (bh.ih * p.slots + bh.slot) * p.n_m * p.nk;
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int r = ln.g + 8 * (e / 2), key = k0 + nt * 8 + 2 * ln.t + e % 2;
+                    if (r >= ref_rows || key >= p.nk) continue;
+                    float& dst = part[int64_t(p.r0 + r) * p.nk + key];
+                    dst = first_block ? acc[e] : dst + acc[e];
+                }
+            }
+        }
+    }
+
+    // The warp's rows of out, and its gen values added to the caller's buffers.
+    __device__ void store_rows(int xw, const bool (&row_ok)[2], const float (&out)[kOutTiles][4],
+                               const float (&gen_acc)[2][kGenTiles][4]) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int j = e / 2, x = xw + 8 * j;
@@ -175,6 +184,36 @@ __global__ void __launch_bounds__(kThreads) main_pass(Params p) {
                 }
             }
         }
+    }
+};
+
+template <class T, int D>
+__global__ void __launch_bounds__(kThreads) main_pass(Params p) {
+    MainBlock<T, D> blk(p);
+    const LaneCoords& ln = blk.ln;
+    for (int qb = blk.bh.first_block(p); qb < blk.bh.end_block(p); ++qb) {
+        const int x0 = qb * kBlockQ, xw = x0 + 16 * ln.warp + ln.g;  // xw: the lane's first row
+        const bool row_ok[2] = {xw < p.nq, xw + 8 < p.nq};
+        __syncthreads();  // the previous run's readers of the Q and M tiles are done
+        blk.load_query_block(x0);
+        float lse_row[2];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) lse_row[j] = row_ok[j] ? p.lse_row[blk.bh.ih * p.nq + xw + 8 * j] : 0.f;
+        float out[MainBlock<T, D>::kOutTiles][4] = {};
+        float gen_acc[2][MainBlock<T, D>::kGenTiles][4] = {};  // [softmax][probe tile]
+
+        for (int k0 = 0; k0 < p.nk; k0 += MainBlock<T, D>::kBlockK) {
+            blk.load_key_block(k0);  // its previous readers finished before the last block barrier
+            __syncthreads();         // tiles loaded; also: the last key block's readers of P, C are done
+            float s[MainBlock<T, D>::kTiles][4];
+            warp_scores<T, D>(s, blk.sm.q + 16 * ln.warp * Tiles<T, D>::kLdD, blk.sm.k, k0, p);
+            blk.write_softmaxes(s, row_ok, lse_row);
+            __syncwarp();  // a warp reads back only its own rows of P and C here
+            blk.add_row_products(out, gen_acc);
+            __syncthreads();  // every warp's rows of P and C are in place; K, V, U readers are done
+            blk.add_ref_products(k0, qb == blk.bh.first_block(p));
+        }
+        blk.store_rows(xw, row_ok, out, gen_acc);
     }
 }
 
