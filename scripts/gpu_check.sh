@@ -17,7 +17,7 @@ PY=${PY:-python3}
   cat COMMIT 2>/dev/null; } > "$OUT/env.txt" 2>&1
 
 start=$SECONDS
-{ cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
+{ cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 -DI2AM_LIB_DIR=$PWD/build \
   && cmake --build build -j 16; } > "$OUT/cuda_build.log" 2>&1
 echo "cuda build rc=$? in $((SECONDS - start)) s" >> "$OUT/env.txt"
 export I2AM_CUDA_LIB=$(ls "$PWD"/build/libi2am_cuda.so 2>/dev/null)
