@@ -42,14 +42,16 @@ else:  # 8 warps keep the extra map accumulators out of local memory (sm_90 comp
     CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=2)
                for bm, bn, w in [(128, 64, 8), (128, 32, 8), (64, 64, 8), (64, 32, 8), (64, 64, 4), (64, 32, 4)]]
 MAX_BLOCK_M = max(c.kwargs["BLOCK_M"] for c in CONFIGS)
+TUNE_MIN_NQ = 4096
 
 
 def _prune(configs, named_args, **kwargs):
-    """Head dims of 256 (160 padded) only fit narrow key tiles (registers and shared memory)."""
+    """Head dims of 256 (160 padded) only fit narrow key tiles (registers and shared memory);
+    below TUNE_MIN_NQ queries a call is too short to gain from tuning: the smallest tile."""
     args = {**named_args, **kwargs}
-    if max(args["BLOCK_D"], args.get("BLOCK_DV", 0)) < 256:
-        return configs
-    return [c for c in configs if c.kwargs["BLOCK_N"] <= 32] or configs
+    if max(args["BLOCK_D"], args.get("BLOCK_DV", 0)) >= 256:
+        configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 32] or configs
+    return configs if args["Nq"] >= TUNE_MIN_NQ else configs[-1:]
 
 
 @triton.jit
