@@ -74,7 +74,7 @@ class MapsCall:
     scale: float
     ref_idx: torch.Tensor
     record_idx: torch.Tensor
-    unrecorded_idx: torch.Tensor
+    unrecorded_idx: object  # a slice or an index tensor
     key_probes: torch.Tensor
     query_probes: torch.Tensor
     shapes: dict  # {map name: buffer shape}
@@ -93,7 +93,7 @@ class MapsCall:
         B, H, Nq = q.shape[:3]
         out = torch.empty(B, H, Nq, v.shape[-1], dtype=q.dtype, device=q.device)
         u = self.unrecorded_idx
-        if u.numel():
+        if isinstance(u, slice) or u.numel():
             out[u] = _sdpa(q[u], k[u], v[u], self.scale)
         backend_module(self.backend).run(q, k, v, out, maps, scale=self.scale, ref_idx=self.ref_idx,
                                          record_idx=self.record_idx, key_probes=self.key_probes,
@@ -241,7 +241,12 @@ def _buffers(accumulate, shapes, device):
 
 
 def _complement(idx, n):
-    keep = torch.ones(n, dtype=torch.bool, device=idx.device)
-    keep[idx] = False
-    return keep.nonzero().flatten()
+    """The batch entries not in idx: a slice when they are contiguous (the CFG uncond half), so
+    that q[u] is a view, not a copy of the inputs."""
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[idx.cpu()] = False
+    rest = keep.nonzero().flatten()
+    if rest.numel() and rest[-1] - rest[0] + 1 == rest.numel():
+        return slice(int(rest[0]), int(rest[-1]) + 1)
+    return rest.to(idx.device)
 

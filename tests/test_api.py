@@ -132,3 +132,12 @@ def test_prepared_call_is_reusable_and_checks_its_signature():
     assert call.matches(c.q, c.k, c.v) and not call.matches(c.q, c.k, c.v, scale=0.1)
     with pytest.raises(ValueError, match="do not match the call these maps were prepared for"):
         call(c.q[:, :, :5], c.k, c.v, acc)
+
+
+@pytest.mark.parametrize("record", [[1], [0, 2], [2]])
+def test_unrecorded_entries_contiguous_or_not_get_plain_attention(record):
+    c = make_case(B=3, H=2, Nq=10, Nk=6)
+    out, maps = attention_with_maps(c.q, c.k, c.v, record=record, backend="torch")
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(c.q, c.k, c.v), rtol=1e-5, atol=1e-5)
+    _, want = attention_with_maps(c.q, c.k, c.v, record=record, backend="reference")
+    torch.testing.assert_close(maps["ref_key"], want["ref_key"])

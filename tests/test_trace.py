@@ -6,7 +6,6 @@ to_k_ip) capture q and k per call, a pre-hook counts the steps, and the maps are
 with the materialised equations of i2am.reference and probes built here.
 """
 import functools
-import os
 import types
 from functools import partial
 
@@ -15,12 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the Triton case runs in the interpreter
-
-import i2am  # noqa: E402
-import tiny_models as tm  # noqa: E402
-from i2am import reference  # noqa: E402
+import i2am
+import tiny_models as tm
+from i2am import reference
 
 T, G = tm.STEPS, 2
 POINT, BOX = (2, 3), (1, 2, 5, 9)
