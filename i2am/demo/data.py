@@ -233,9 +233,12 @@ def examples(n=4):
     return make_batch(n, seed=EXAMPLES_SEED)
 
 
-def probe_points(mask, count, grid=None, border=1):
+def probe_points(mask, count, grid=None, border=0):
     """Up to `count` (row, col) points spread over the mask (H, W), `border` cells inside it.
 
+    Keep the border at 0 when scoring correspondence: the garment's interior is its middle, so
+    eroded probes make "the centre patch" a good guess (on 16 examples a constant patch is
+    within one patch of the truth for 61% of border-1 probes, 32% of border-0 probes).
     grid: the latent (h, w) to pick points on; the mask is resized to it with nearest, as
     i2am.trace resizes its mask. Points are taken in raster order at an even stride over the
     eroded mask, so they are deterministic and cover the whole region.
