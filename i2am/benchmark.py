@@ -271,7 +271,7 @@ def main(quick=False, device=None, json_path=None, plot_path=None, dtype=None, p
     if device == "cuda" and quick:
         shapes = [s for s in GPU_SHAPES if s[1] in (4096, 16384) and s[3] in (40, 64)]
     dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
-    reps = 3 if quick else (20 if device == "cuda" else 5)
+    reps = 3 if quick else (10 if device == "cuda" else 5)
     progress = lambda r: print(f"  {r.shape:<22} {r.column:<20} {r.ms:9.3f} ms  x{r.ratio:6.2f}", flush=True)
     rows = run(shapes, device, dtype, reps, progress=progress)
     if pipeline:
