@@ -11,8 +11,6 @@ import torch
 
 from .grid import resize
 
-MAP_NAMES = ("gen_query", "gen_key", "ref_key", "ref_query")
-
 
 def softmaxes(q, k, scale):
     """P (softmax over keys, the attention itself) and C (softmax over queries)."""

@@ -4,7 +4,7 @@ check_backend runs a backend's `run` directly with a poisoned output (NaN: an un
 fails) and map buffers pre-filled with random values (the backend must ADD into them), and
 compares both against the materialised reference of i2am.reference.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -26,7 +26,6 @@ class Case:
     key_probes: torch.Tensor
     query_probes: torch.Tensor
     names: tuple = ("gen_query", "ref_key")
-    extra: dict = field(default_factory=dict)
 
 
 def diffusers_layout(B, H, N, d, dtype, device, gen):
