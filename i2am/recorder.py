@@ -57,7 +57,6 @@ class Recorder:
         self.keys = key_probes(self.ref_grid, patches)
         self.latent_size = self.queries = self.num_steps = self.record_idx = None
         self.buffers = {}
-        self.steps_seen = set()
         if num_steps is not None:
             self.set_num_steps(num_steps)
         if latent_size is not None:
@@ -107,9 +106,7 @@ class Recorder:
         if buf.call is None or not buf.call.matches(q, k, v, scale):
             buf.call = prepare(q, k, v, scale=scale, ref_keys=buf.ref_idx, record=rec, key_probes=buf.key_probes,
                                query_probes=buf.query_probes, gen=(gen,), ref=(ref,), backend=self.backend)
-        out = buf.call(q, k, v, {f"gen_{gen}": buf.gen[:, tau], f"ref_{ref}": buf.ref[:, tau]})
-        self.steps_seen.add(step)
-        return out
+        return buf.call(q, k, v, {f"gen_{gen}": buf.gen[:, tau], f"ref_{ref}": buf.ref[:, tau]})
 
     def maps(self):
         """The accumulated maps as an i2am.AttributionMaps (buffers moved to the CPU)."""
