@@ -67,22 +67,23 @@ def attention_with_maps(q, k, v, *, scale=None, ref_keys=None, record=None, key_
 
 
 def _unrecorded(q, k, v, scale, ref_keys, key_probes, query_probes, gen, ref, backend):
-    """Nothing recorded: SDPA and empty maps, after the checks that cost no tensor work (a full
-    prepare() costs about 0.1 ms, more than SDPA itself on small GPU calls)."""
+    """Nothing recorded: SDPA and empty maps. The arguments get the same checks as in prepare(),
+    but on their own devices and without building the reference-key and probe tensors on q's
+    device (a full prepare() costs about 0.1 ms, more than SDPA itself on small GPU calls)."""
     B, H, Nq, Nk, d = _check_qkv(q, k, v)
     scale = d ** -0.5 if scale is None else _check_scale(scale)
     _resolve_backend(backend, q)
-    kr = Nk if ref_keys is None else len(range(Nk)[ref_keys]) if isinstance(ref_keys, slice) \
-        else torch.as_tensor(ref_keys).numel()
-    rows = {"gen": _rows(key_probes), "ref": _rows(query_probes)}
+    kr = _index(ref_keys, Nk, "ref_keys", torch.device("cpu")).numel()
+    rows = {"gen": _probes(key_probes, kr, "key_probes", "|ref_keys|", _device(key_probes)).shape[0],
+            "ref": _probes(query_probes, Nq, "query_probes", "Nq", _device(query_probes)).shape[0]}
     size = {"gen": Nq, "ref": kr}
     maps = {f"{kind}_{c}": q.new_zeros(0, H, rows[kind], size[kind], dtype=torch.float32)
             for kind, sel in (("gen", gen), ("ref", ref)) for c in _conventions(sel, kind)}
     return _sdpa(q, k, v, scale), maps
 
 
-def _rows(probes):
-    return 1 if probes is None or torch.as_tensor(probes).dim() < 2 else len(probes)
+def _device(t):
+    return t.device if isinstance(t, torch.Tensor) else torch.device("cpu")
 
 
 @dataclass(frozen=True)

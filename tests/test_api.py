@@ -141,3 +141,14 @@ def test_unrecorded_entries_contiguous_or_not_get_plain_attention(record):
     torch.testing.assert_close(out, F.scaled_dot_product_attention(c.q, c.k, c.v), rtol=1e-5, atol=1e-5)
     _, want = attention_with_maps(c.q, c.k, c.v, record=record, backend="reference")
     torch.testing.assert_close(maps["ref_key"], want["ref_key"])
+
+
+@pytest.mark.parametrize("kwargs,err,match", [
+    ({"ref_keys": [0, 5]}, ValueError, r"ref_keys must index range\(0, 5\)"),
+    ({"key_probes": torch.ones(2, 4)}, ValueError, r"key_probes must be \(R, \|ref_keys\|=5\)"),
+    ({"query_probes": torch.full((1, 8), float("nan"))}, ValueError, "finite"),
+    ({"gen": ("rows",)}, ValueError, "gen must be distinct entries"),
+])
+def test_calls_that_record_nothing_check_their_arguments_too(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        attention_with_maps(*_qkv(), record=[], **kwargs)
