@@ -2,7 +2,8 @@
 import json
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from . import display
 from .grid import resize
@@ -135,14 +136,12 @@ class AttributionMaps:
     @classmethod
     def load(cls, path):
         """Load maps written by save()."""
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
+        with safe_open(str(path), "pt") as f:  # one read: the metadata and the tensors
             meta = (f.metadata() or {}).get("i2am")
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
         if meta is None:
             raise ValueError(f"{path} is not an i2am maps file (no 'i2am' metadata)")
         meta = json.loads(meta)
-        tensors = load_file(str(path))
         layers = {n: {"gen": tensors[f"gen/{n}"], "ref": tensors[f"ref/{n}"]} for n in meta.pop("layers")}
         meta["key_labels"] = _labels(meta["key_labels"])
         meta["query_labels"] = _labels(meta["query_labels"])
