@@ -31,7 +31,7 @@ def compile_sm90(kernel, args, consts, num_warps, num_stages=2):
     """Compile `kernel` for sm_90a. args: name -> a pointer type ("*fp16"), a float, or an int
     (its value: 1 becomes a constant, a multiple of 16 gets the divisibility hint, as a launch
     specialises); consts: the constexpr arguments."""
-    kernel = getattr(kernel, "fn", kernel)  # an autotuned kernel wraps the JIT function
+    kernel = kernel.fn if hasattr(kernel, "configs") else kernel  # an autotuned kernel wraps the JIT function
     sig, attrs, constants = {}, {}, dict(consts)
     for i, name in enumerate(kernel.arg_names):
         value = args.get(name)
@@ -70,22 +70,23 @@ def resources(compiled):
     return regs, spills, compiled.metadata.shared, collections.Counter(SASS_OPS.findall(sass))
 
 
-def default_call(d, H=8, Nq=4096, Nk=1025, Ru=1, Rw=6):
-    """Arguments of the stats and main kernels for one recorded entry of a (2, Nq, H*d) fp16 call."""
+def call_args(d, dtype="fp16", maps=("gen_query", "ref_key"), H=8, Nq=4096, Nk=1025, Ru=1, Rw=6):
+    """(arguments, tile constants, map constants) of the stats and main kernels for one recorded
+    entry of a (2, Nq, H*d) call in `dtype`; the default maps are SPEC section 6's."""
     q = (Nq * H * d, d, H * d, 1)  # (B, H, N, d) strides of a (B, N, H*d) tensor
     k = (Nk * H * d, d, H * d, 1)
     gen = (H * Ru * Nq, Ru * Nq, Nq, 1)
-    args = dict(Q="*fp16", K="*fp16", V="*fp16", OUT="*fp16", REC="*i64", qk_scale=d ** -0.5 * math.log2(math.e),
-                H=H, Nq=Nq, Nk=Nk, D=d, DV=d, Ru=Ru, Rw=Rw, su_k=Ru)
+    args = dict(Q="*" + dtype, K="*" + dtype, V="*" + dtype, OUT="*" + dtype, REC="*i64",
+                qk_scale=d ** -0.5 * math.log2(math.e), H=H, Nq=Nq, Nk=Nk, D=d, DV=d, Ru=Ru, Rw=Rw, su_k=Ru)
     args.update({n: "*fp32" for n in ("LSE_ROW", "COL_MAX", "COL_SUM", "LSE_COL", "U", "M", "GK", "GQ", "RK", "RQ")})
     for prefix, strides in (("sq", q), ("sk", k), ("sv", k), ("so", q)):
         args.update(zip((prefix + s for s in ("_b", "_h", "_n", "_d")), strides))
     for prefix in ("sgk", "sgq"):
         args.update(zip((prefix + s for s in ("_i", "_h", "_r", "_n")), gen))
-    block = max(16, triton.next_power_of_2(d))
-    maps = dict(GEN_KEY=False, GEN_QUERY=True, REF_KEY=True, REF_QUERY=False, BLOCK_U=16, BLOCK_R=16,
-                BLOCK_DV=block, MAP_PRECISION="tf32")
-    return args, dict(BLOCK_D=block, DOT_PRECISION="tf32"), maps
+    block, precision = max(16, triton.next_power_of_2(d)), "ieee" if dtype == "fp32" else "tf32"
+    flags = {name.upper(): name in maps for name in ("gen_key", "gen_query", "ref_key", "ref_query")}
+    return (args, dict(BLOCK_D=block, DOT_PRECISION=precision),
+            dict(flags, BLOCK_U=16, BLOCK_R=16, BLOCK_DV=block, MAP_PRECISION=precision))
 
 
 def main(dims):
@@ -93,7 +94,7 @@ def main(dims):
     print("| d | BLOCK_M x BLOCK_N, warps | kernel | registers | spill bytes | shared KiB | MUFU.EX2 | MMA |")
     print("|---|---|---|---|---|---|---|---|")
     for d in dims:
-        args, shared, maps = default_call(d)
+        args, shared, maps = call_args(d)
         for cfg in tk.CONFIGS:
             tiles = dict(shared, BLOCK_M=cfg.kwargs["BLOCK_M"], BLOCK_N=cfg.kwargs["BLOCK_N"])
             for name, fn, consts in (("stats", tk.stats_kernel, dict(tiles, NEED_COL=True)),

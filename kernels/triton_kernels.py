@@ -16,12 +16,23 @@ Queries come in blocks of BLOCK_M rows and keys in tiles of BLOCK_N. A grid row 
    tile it also merges the block's column (max, sum 2^(t - max)) into the program's partial
    column statistics (only when C is needed).
 2. col_lse_kernel: merges the n_splits partial column statistics into lse_col, in a fixed order.
-3. main_kernel: recomputes t, now with exact P (and C): out = P V; gen maps as P U^T, C U^T
+3. main_kernel: recomputes t, now with exact P (C from P, below): out = P V; gen maps as P U^T, C U^T
    (U: key probes placed on their keys), kept in registers over the key tiles and added into
    the caller's buffer (every element belongs to one program); ref maps as M P, M C (M: query
    probes), added into the program's partial (one row of the scratch per program).
 4. ref_reduce_kernel: sums the partials of the n_splits programs in a fixed order, gathers the
    reference keys and adds into the caller's buffer.
+
+One exponential per score in the main pass. C and P differ by a rank-one factor,
+C[x, k] = P[x, k] 2^(lse_row[x] - lse_col[k]) = P[x, k] a[x] b[k] with a[x] = 2^(lse_row[x] - c),
+b[k] = 2^(c - lse_col[k]) for any shift c, so the C maps are P reductions with rescaled probes:
+
+    gen_query[r, x] = a[x] sum_k (U[r, k] b[k]) P[x, k]     ref_query[r, k] = b[k] sum_x (M[r, x] a[x]) P[x, k]
+
+With c the block's largest lse_row, a <= 1, and b <= 2^RANGE as long as c - min_k lse_col <= RANGE;
+then any term that a, b or P lose below float32's 2^-126 is below 2^(RANGE - 126) = 2^-46 of a map
+value. A query block whose scores spread wider takes the direct second exponential. (The stats
+pass keeps its two: sharing one there needs two block-wide reductions per key tile.)
 
 No float atomics: every buffer element is written by exactly one program, and every cross-program
 sum runs in a fixed order, so maps are bit-identical run after run (for a given autotune choice).
@@ -34,6 +45,7 @@ import triton
 import triton.language as tl
 
 NEG = tl.constexpr(-1.0e30)  # the score of masked entries: 2^(NEG - finite) == 0 without inf - inf
+RANGE = tl.constexpr(80.0)  # log2 spread up to which C is taken from P (module docstring)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 if INTERPRET:  # the CPU interpreter: one small config, no benchmarking
@@ -150,9 +162,10 @@ def _add_gen(g_base, acc, rows, probes, sg_r, sg_n, Nq, Ru):
 
 
 @triton.jit
-def _add_ref_partial(PART, M, w, rows, cols, part_row, seen, Nq, Nk, Rw,
-                     BLOCK_R: tl.constexpr, MAP_PRECISION: tl.constexpr):
-    """PART[r, k] += sum_x M[r, x] w[x, k] over this block's rows, probes BLOCK_R at a time."""
+def _add_ref_partial(PART, M, w, a, b, rows, cols, part_row, seen, Nq, Nk, Rw,
+                     BLOCK_R: tl.constexpr, MAP_PRECISION: tl.constexpr, SCALED: tl.constexpr):
+    """PART[r, k] += b[k] sum_x M[r, x] a[x] w[x, k] over this block's rows (a, b only if SCALED),
+    probes BLOCK_R at a time."""
     for r0 in range(0, Rw, BLOCK_R):
         probes = r0 + tl.arange(0, BLOCK_R)
         m = tl.load(M + probes[:, None] * Nq + rows[None, :],
@@ -160,7 +173,11 @@ def _add_ref_partial(PART, M, w, rows, cols, part_row, seen, Nq, Nk, Rw,
         ptrs = PART + (part_row + probes[:, None]) * Nk + cols[None, :]
         mask = (probes[:, None] < Rw) & (cols[None, :] < Nk)
         acc = tl.where(seen, tl.load(ptrs, mask=mask, other=0.0), 0.0)
-        tl.store(ptrs, tl.dot(m, w, acc, input_precision=MAP_PRECISION), mask=mask)
+        if SCALED:
+            acc += tl.dot(m * a[None, :], w, input_precision=MAP_PRECISION) * b[None, :]
+        else:
+            acc = tl.dot(m, w, acc, input_precision=MAP_PRECISION)
+        tl.store(ptrs, acc, mask=mask)
 
 
 @triton.autotune(configs=CONFIGS,
@@ -189,12 +206,20 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, U, M, GK, GQ, RK, RQ,
     dims = tl.arange(0, BLOCK_D)
     vdims = tl.arange(0, BLOCK_DV)
     probes = tl.arange(0, BLOCK_U)
+    col_lo = -NEG  # min lse_col of this head: with a block's top lse_row, whether C comes from P
+    if GEN_QUERY or REF_QUERY:
+        for n0 in range(0, Nk, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_lo = tl.minimum(col_lo, tl.min(tl.load(LSE_COL + bh * Nk + cols, mask=cols < Nk, other=-NEG)))
     for qb in range(split, tl.cdiv(Nq, BLOCK_M), n_splits):
         rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < Nq
         seen = qb > split  # the program's partials start afresh at its first block
         q = _load_queries(q_base, rows, dims, sq_n, sq_d, Nq, D)
         lse_row = tl.load(LSE_ROW + bh * Nq + rows, mask=row_ok, other=0.0)
+        row_hi = tl.max(tl.where(row_ok, lse_row, NEG))  # the shift c of the module docstring
+        from_p = row_hi - col_lo <= RANGE
+        a = tl.exp2(tl.where(from_p, tl.where(row_ok, lse_row - row_hi, NEG), 0.0))
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         gen_key = tl.zeros([BLOCK_M, BLOCK_U], tl.float32)
         gen_query = tl.zeros([BLOCK_M, BLOCK_U], tl.float32)
@@ -214,22 +239,28 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, U, M, GK, GQ, RK, RQ,
             if GEN_KEY:  # gen_key[r, x] = sum_k U[r, k] P[x, k]
                 gen_key = tl.dot(p, ut, gen_key, input_precision=MAP_PRECISION)
             if REF_KEY:  # ref_key[r, k] = sum_x M[r, x] P[x, k]
-                _add_ref_partial(RK, M, p, rows, cols, part_row, seen, Nq, Nk, Rw, BLOCK_R, MAP_PRECISION)
+                _add_ref_partial(RK, M, p, None, None, rows, cols, part_row, seen, Nq, Nk, Rw, BLOCK_R,
+                                 MAP_PRECISION, False)
             if GEN_QUERY or REF_QUERY:
-                # C = 2^(t - lse_col); rows past Nq are zeroed (their t is not a real score)
+                # C = P a b (then w = P), else C = 2^(t - lse_col) directly (w = C, a = b = 1);
+                # rows past Nq get a = 0 or a zeroed C (their t is not a real score)
                 lse_col = tl.load(LSE_COL + bh * Nk + cols, mask=col_ok, other=0.0)
-                c = tl.where(row_ok[:, None], tl.exp2(t - lse_col[None, :]), 0.0)
-                if GEN_QUERY:
-                    gen_query = tl.dot(c, ut, gen_query, input_precision=MAP_PRECISION)
+                if from_p:
+                    w = p
+                else:
+                    w = tl.where(row_ok[:, None], tl.exp2(t - lse_col[None, :]), 0.0)
+                b = tl.exp2(tl.where(from_p, tl.where(col_ok, row_hi - lse_col, NEG), 0.0))
+                if GEN_QUERY:  # gen_query = a * (w (U b)^T), a applied once per block
+                    gen_query = tl.dot(w, ut * b[:, None], gen_query, input_precision=MAP_PRECISION)
                 if REF_QUERY:
-                    _add_ref_partial(RQ, M, c, rows, cols, part_row, seen, Nq, Nk, Rw, BLOCK_R,
-                                     MAP_PRECISION)
+                    _add_ref_partial(RQ, M, w, a, b, rows, cols, part_row, seen, Nq, Nk, Rw, BLOCK_R,
+                                     MAP_PRECISION, True)
         tl.store(o_base + rows[:, None] * so_n + vdims[None, :] * so_d, acc.to(OUT.dtype.element_ty),
                  mask=row_ok[:, None] & (vdims[None, :] < DV))
         if GEN_KEY:
             _add_gen(gk_base, gen_key, rows, probes, sgk_r, sgk_n, Nq, Ru)
         if GEN_QUERY:
-            _add_gen(gq_base, gen_query, rows, probes, sgq_r, sgq_n, Nq, Ru)
+            _add_gen(gq_base, gen_query * a[:, None], rows, probes, sgq_r, sgq_n, Nq, Ru)
         tl.debug_barrier()  # the next block re-reads the ref partials stored by other threads
 
 

@@ -36,6 +36,15 @@ def test_map_subsets_accumulate_over_calls(names):
     check_backend("triton", case, calls=3, splits=3)
 
 
+@pytest.mark.parametrize("names", [ALL, ("gen_query",)])
+def test_blocks_of_extreme_scores_take_the_direct_exponential(names):
+    """Queries 0-15 (the first interpreter block) score up to ~100 nats: their blocks and tiles are
+    past RANGE and compute C directly; the other blocks take C from P. Both must match."""
+    case = make_case(Nq=45, Nk=77, names=names, device=DEVICE)
+    case.q[:, :, :16] *= 20
+    check_backend("triton", case, splits=2)
+
+
 def test_more_probes_than_one_launch_holds():
     case = make_case(Nq=17, Nk=9, Ru=70, Rw=70, names=ALL, device=DEVICE)
     check_backend("triton", case)
