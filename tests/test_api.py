@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cases import MAP_TOL, make_case
+from cases import assert_map_close, make_case
 from i2am import reference
 from i2am.kernels import attention_with_maps
 
@@ -70,8 +70,7 @@ def test_fp16_and_unrecorded_calls_are_plain_attention():
     torch.testing.assert_close(out, F.scaled_dot_product_attention(c.q, c.k, c.v))
     out, maps = attention_with_maps(c.q, c.k, c.v, backend="torch")
     _, want = attention_with_maps(c.q, c.k, c.v, backend="reference")
-    torch.testing.assert_close(maps["ref_key"], want["ref_key"], rtol=MAP_TOL[torch.float16][0],
-                               atol=MAP_TOL[torch.float16][1])
+    assert_map_close(maps["ref_key"], want["ref_key"], torch.float16)
 
 
 def _qkv(B=2, H=2, Nq=8, Nk=5, d=4):
