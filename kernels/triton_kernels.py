@@ -44,8 +44,10 @@ import os
 import triton
 import triton.language as tl
 
+from .torch_backend import C_FROM_P_RANGE
+
 NEG = tl.constexpr(-1.0e30)  # the score of masked entries: 2^(NEG - finite) == 0 without inf - inf
-RANGE = tl.constexpr(80.0)  # log2 spread up to which C is taken from P (module docstring)
+RANGE = tl.constexpr(C_FROM_P_RANGE)  # log2 spread up to which C is taken from P (docstring above)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 if INTERPRET:  # the CPU interpreter: one small config, no benchmarking

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from cases import check_backend, make_case
+from i2am.kernels import torch_backend
 
 ALL = ("gen_query", "gen_key", "ref_key", "ref_query")
 
@@ -11,7 +12,7 @@ ALL = ("gen_query", "gen_key", "ref_key", "ref_query")
 @pytest.mark.parametrize("Nk", [1, 7, 77, 257])
 def test_matches_reference(d, Nk):
     case = make_case(Nq=45, Nk=Nk, d=d, names=ALL, seed=d + Nk)
-    check_backend("torch", case, chunk_bytes=4 * 2 * Nk * 16)  # 16 rows a chunk: 45 is no multiple
+    check_backend("torch", case, chunk_bytes=4 * 2 * Nk * 12)  # 4 chunks of 12, 12, 12 and 9 rows
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -30,3 +31,19 @@ def test_accumulates_over_calls():
 def test_one_chunk_per_query_row():
     case = make_case(Nq=9, Nk=5, names=ALL)
     check_backend("torch", case, chunk_bytes=1)
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 4 * 2 * 77 * 16])
+def test_extreme_scores_take_the_direct_exponential(chunk_bytes):
+    """Queries scoring up to ~100 nats spread the entry's lse_row far past C_FROM_P_RANGE above
+    its smallest lse_col: C is computed directly (taking it from P would lose whole columns)."""
+    case = make_case(Nq=45, Nk=77, names=ALL)
+    case.q[:, :, :16] *= 20
+    check_backend("torch", case, chunk_bytes=chunk_bytes)
+
+
+def test_chunks_are_even_and_within_the_budget():
+    chunks = torch_backend._chunks(4096, 4 * 8 * 257, 32 * 2**20)
+    assert chunks == [(0, 2048), (2048, 4096)]  # not 4080 rows and 16
+    assert torch_backend._chunks(45, 8, 8 * 12) == [(0, 12), (12, 24), (24, 36), (36, 45)]
+    assert torch_backend._chunks(3, 100, 1) == [(0, 1), (1, 2), (2, 3)]
