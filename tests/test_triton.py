@@ -45,8 +45,9 @@ def test_blocks_of_extreme_scores_take_the_direct_exponential(names):
     check_backend("triton", case, splits=2)
 
 
-def test_more_probes_than_one_launch_holds():
-    case = make_case(Nq=17, Nk=9, Ru=70, Rw=70, names=ALL, device=DEVICE)
+@pytest.mark.parametrize("Ru,Rw", [(70, 70), (2, 70), (70, 3)])
+def test_more_probes_than_one_launch_holds(Ru, Rw):
+    case = make_case(Nq=17, Nk=9, Ru=Ru, Rw=Rw, names=ALL, device=DEVICE)
     check_backend("triton", case)
 
 
