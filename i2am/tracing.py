@@ -11,6 +11,7 @@ objects and the denoiser's hooks are back.
 """
 from diffusers.models.attention_processor import (Attention, AttnProcessor, AttnProcessor2_0,
                                                   IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0)
+import torch
 from torch import nn
 
 from .processors import I2AMAttnProcessor, I2AMIPAdapterAttnProcessor
@@ -34,9 +35,10 @@ class trace(recording):
             (eq. 17) and IMACS.
         points, boxes: latent (row, col) and (top, left, bottom, right) end-exclusive, for
             specific-reference maps. patches: reference-grid (i, j), for specific-generated maps.
-        num_steps: T; default len(pipe.scheduler.timesteps) at the first denoiser call (pass it
-            for a bare UNet, or for img2img/inpainting runs with strength < 1, whose loop skips
-            the first timesteps).
+        num_steps: T, the denoiser calls of the run; default read from pipe.scheduler at the
+            first call: the timesteps from the scheduler's begin_index, else from the first
+            call's timestep, to the end (so img2img/inpainting runs with strength < 1, which
+            start partway down the schedule, count only their own steps). Needed for a bare UNet.
         layers: record only these attn2 layers: fnmatch name patterns (e.g. "up_blocks.*") and/or
             (h_l, w_l) resolutions; the others run as plain attention.
         convention: "official" (default) or "paper" (SPEC section 2).
@@ -82,13 +84,29 @@ class trace(recording):
 
     def _on_denoiser_call(self, module, args, kwargs):
         if self.current_step is None and self.recorder.num_steps is None:
-            timesteps = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
-            if timesteps is None:
+            scheduler = getattr(self.pipe, "scheduler", None)
+            if getattr(scheduler, "timesteps", None) is None:
                 raise ValueError("cannot read the number of steps from pipe.scheduler.timesteps; pass num_steps")
-            self.recorder.set_num_steps(len(timesteps))
+            timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+            self.recorder.set_num_steps(_steps_from(scheduler, timestep))
         if self._cfg_from_pipe:  # a property valid during the pipeline call; None: the even-batch rule
             self.cfg = getattr(self.pipe, "do_classifier_free_guidance", None)
         super()._on_denoiser_call(module, args, kwargs)
+
+
+def _steps_from(scheduler, timestep):
+    """Denoiser calls from the first one (at `timestep`) to the end of scheduler.timesteps. A run
+    with strength < 1 starts at index t_start: the pipeline sets it as begin_index on schedulers
+    that keep one; on the others (DDIM, PNDM) it is where the first timestep sits in the list
+    (its first occurrence: only schedulers with begin_index repeat timesteps). A timestep not in
+    the list (a pipeline that rescales it) counts the whole list."""
+    timesteps = scheduler.timesteps
+    begin = getattr(scheduler, "begin_index", None)
+    if begin is None and timestep is not None:
+        t = torch.as_tensor(timestep).flatten()[:1].to(device=timesteps.device, dtype=torch.float64)
+        hits = (timesteps.double() == t).nonzero().flatten()  # in float64: 0.999 is not step 0
+        begin = int(hits[0]) if hits.numel() else 0
+    return len(timesteps) - (begin or 0)
 
 
 def cross_attention_layers(unet):

@@ -373,6 +373,30 @@ def test_bare_denoiser_latent_size_change_and_step_count():
     assert_restored(unet, processors, hook_state)
 
 
+@pytest.mark.parametrize("strength,steps", [(1.0, 4), (0.5, 2)])
+def test_steps_of_a_run_that_starts_partway_down_the_schedule(strength, steps):
+    """Inpainting with strength 0.5 over 4 DDIM timesteps makes 2 denoiser calls: T = 2, so the 2
+    time groups get one step each (T = 4 would put both in the first group)."""
+    model, _ = built("patch_inpainting")
+    with i2am.trace(model.pipe, ref_grid=model.ref_grid, time_groups=2) as tc:
+        model.run(num_inference_steps=4, strength=strength)
+    maps = tc.maps()
+    assert maps.num_steps == steps
+    by_time = maps.generated(by="time", normalize=False)
+    assert by_time.shape[0] == 2 and (by_time.flatten(1).abs().sum(1) > 0).all()
+
+
+def test_steps_from_begin_index_or_the_first_timestep():
+    from types import SimpleNamespace
+
+    from i2am.tracing import _steps_from
+    heun = SimpleNamespace(timesteps=torch.tensor([9., 7., 7., 5., 5.]), begin_index=3)  # repeats: keeps begin_index
+    assert _steps_from(heun, torch.tensor(5.)) == 2
+    ddim = SimpleNamespace(timesteps=torch.tensor([9, 7, 5, 0]))
+    assert _steps_from(ddim, torch.tensor([5, 5])) == 2  # a batch of timesteps
+    assert _steps_from(ddim, 9) == 4 and _steps_from(ddim, 0.009) == 4  # rescaled: the whole list
+
+
 def test_nested_and_reused_traces_are_errors():
     model, _ = built("patch_inpainting")
     unet = model.pipe.unet
