@@ -208,8 +208,8 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, U, M, GK, GQ, RK, RQ,
     dims = tl.arange(0, BLOCK_D)
     vdims = tl.arange(0, BLOCK_DV)
     probes = tl.arange(0, BLOCK_U)
-    col_lo = -NEG  # min lse_col of this head: with a block's top lse_row, whether C comes from P
     if GEN_QUERY or REF_QUERY:
+        col_lo = -NEG  # min lse_col of this head: with a block's top lse_row, whether C comes from P
         for n0 in range(0, Nk, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_lo = tl.minimum(col_lo, tl.min(tl.load(LSE_COL + bh * Nk + cols, mask=cols < Nk, other=-NEG)))
@@ -219,9 +219,10 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, U, M, GK, GQ, RK, RQ,
         seen = qb > split  # the program's partials start afresh at its first block
         q = _load_queries(q_base, rows, dims, sq_n, sq_d, Nq, D)
         lse_row = tl.load(LSE_ROW + bh * Nq + rows, mask=row_ok, other=0.0)
-        row_hi = tl.max(tl.where(row_ok, lse_row, NEG))  # the shift c of the module docstring
-        from_p = row_hi - col_lo <= RANGE
-        a = tl.exp2(tl.where(from_p, tl.where(row_ok, lse_row - row_hi, NEG), 0.0))
+        if GEN_QUERY or REF_QUERY:
+            row_hi = tl.max(tl.where(row_ok, lse_row, NEG))  # the shift c of the module docstring
+            from_p = row_hi - col_lo <= RANGE
+            a = tl.exp2(tl.where(from_p, tl.where(row_ok, lse_row - row_hi, NEG), 0.0))
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         gen_key = tl.zeros([BLOCK_M, BLOCK_U], tl.float32)
         gen_query = tl.zeros([BLOCK_M, BLOCK_U], tl.float32)
