@@ -63,13 +63,14 @@ def _launch(q, k, v, out, maps, scale, ref_idx, record_idx, key_probes, query_pr
                                                            BLOCK=REDUCE_BLOCK)
 
     partials = {n: torch.empty(BH, splits, Rw, Nk, **f32) for n in refs}
+    M, m_scale = _query_probes(query_probes, q.dtype)
     U = _probes_on_keys(key_probes, ref_idx, Nk) if gens else unused
     for a in range(0, Ru if gens else 1, MAX_PROBES):  # one launch unless over MAX_PROBES key probes
         n_u = min(Ru - a, MAX_PROBES)
         gk, gq = (maps[n][:, :, a:a + n_u] if n in maps else None for n in ("gen_key", "gen_query"))
         rk, rq = (partials.get(n) if a == 0 else None for n in ("ref_key", "ref_query"))
         main_kernel[grid](
-            q, k, v, out, record_idx, lse_row, lse_col, U[:, a:] if gens else U, query_probes,
+            q, k, v, out, record_idx, lse_row, lse_col, U[:, a:] if gens else U, M,
             *(unused if t is None else t for t in (gk, gq, rk, rq)),
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), U.stride(0),
             *_strides(gk), *_strides(gq), DV=dv, Ru=n_u, Rw=Rw,
@@ -81,7 +82,18 @@ def _launch(q, k, v, out, maps, scale, ref_idx, record_idx, key_probes, query_pr
     for name, part in partials.items():
         buf = maps[name]
         ref_reduce_kernel[(triton.cdiv(Kr, REDUCE_BLOCK), Rw, BH)](
-            part, ref_idx, buf, *buf.stride(), H, Rw, Kr, Nk, splits, BLOCK=REDUCE_BLOCK)
+            part, ref_idx, m_scale, buf, *buf.stride(), H, Rw, Kr, Nk, splits, BLOCK=REDUCE_BLOCK)
+
+
+def _query_probes(query_probes, dtype):
+    """(M, m_scale) with query_probes = m_scale[:, None] * M. For fp16/bf16 calls M holds fp16
+    rows scaled to [-1, 1]: the ref_key product M P then runs in fp16 (P in [0, 1] converted
+    like the P V operand), at the fp16 tensor-core rate and with half the shared-memory traffic
+    of TF32. fp32 calls keep M exact."""
+    if dtype == torch.float32:
+        return query_probes, torch.ones_like(query_probes[:, 0])
+    m_scale = query_probes.abs().amax(1)
+    return (query_probes / torch.where(m_scale > 0, m_scale, 1.0)[:, None]).half(), m_scale
 
 
 def _probes_on_keys(key_probes, ref_idx, Nk):

@@ -176,7 +176,9 @@ def _add_ref_partial(PART, M, w, a, b, rows, cols, part_row, seen, Nq, Nk, Rw,
         mask = (probes[:, None] < Rw) & (cols[None, :] < Nk)
         acc = tl.where(seen, tl.load(ptrs, mask=mask, other=0.0), 0.0)
         if SCALED:
-            acc += tl.dot(m * a[None, :], w, input_precision=MAP_PRECISION) * b[None, :]
+            acc += tl.dot(m.to(tl.float32) * a[None, :], w, input_precision=MAP_PRECISION) * b[None, :]
+        elif M.dtype.element_ty == tl.float16:  # P in [0, 1] and the probe rows scaled to [0, 1]
+            acc = tl.dot(m, w.to(tl.float16), acc)
         else:
             acc = tl.dot(m, w, acc, input_precision=MAP_PRECISION)
         tl.store(ptrs, acc, mask=mask)
@@ -268,9 +270,9 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, U, M, GK, GQ, RK, RQ,
 
 
 @triton.jit
-def ref_reduce_kernel(PART, REF_IDX, BUF, sb_i, sb_h, sb_r, sb_k, H, Rw, Kr, Nk, n_splits,
+def ref_reduce_kernel(PART, REF_IDX, M_SCALE, BUF, sb_i, sb_h, sb_r, sb_k, H, Rw, Kr, Nk, n_splits,
                       BLOCK: tl.constexpr):
-    """buf[i, h, r, j] += sum_s PART[bh, s, r, ref_idx[j]], splits summed in order."""
+    """buf[i, h, r, j] += m_scale[r] sum_s PART[bh, s, r, ref_idx[j]], splits summed in order."""
     j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     r, bh = tl.program_id(1), tl.program_id(2)
     j_ok = j < Kr
@@ -279,4 +281,4 @@ def ref_reduce_kernel(PART, REF_IDX, BUF, sb_i, sb_h, sb_r, sb_k, H, Rw, Kr, Nk,
     for s in range(n_splits):
         total += tl.load(PART + ((bh * n_splits + s) * Rw + r) * Nk + key, mask=j_ok, other=0.0)
     ptrs = BUF + (bh // H) * sb_i + (bh % H) * sb_h + r * sb_r + j * sb_k
-    tl.store(ptrs, tl.load(ptrs, mask=j_ok, other=0.0) + total, mask=j_ok)
+    tl.store(ptrs, tl.load(ptrs, mask=j_ok, other=0.0) + total * tl.load(M_SCALE + r), mask=j_ok)

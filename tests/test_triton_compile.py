@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent("""
             assert shared <= 227 * 1024, (fn.fn.__name__, dtype, d, shared)
     ts.compile_sm90(tk.col_lse_kernel, dict(COL_MAX="*fp32", COL_SUM="*fp32", LSE_COL="*fp32", Nk=1025,
                                             n_splits=3), dict(BLOCK=128), 4)
-    ts.compile_sm90(tk.ref_reduce_kernel, dict(PART="*fp32", REF_IDX="*i64", BUF="*fp32", sb_i=8 * 6 * 1024,
+    ts.compile_sm90(tk.ref_reduce_kernel, dict(PART="*fp32", REF_IDX="*i64", M_SCALE="*fp32", BUF="*fp32", sb_i=8 * 6 * 1024,
                                                sb_h=6 * 1024, sb_r=1024, sb_k=1, H=8, Rw=6, Kr=1024, Nk=1025,
                                                n_splits=3), dict(BLOCK=128), 4)
     print("compiled")
