@@ -109,31 +109,43 @@ def stats_kernel(Q, K, REC, LSE_ROW, COL_MAX, COL_SUM,
         rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < Nq
         q = _load_queries(q_base, rows, dims, sq_n, sq_d, Nq, D)
-        # Online row log-sum-exp: with running max m and sum l = sum 2^(t - m), a new tile
-        # with max m' = max(m, max t) gives l' = l 2^(m - m') + sum 2^(t - m').
+        # Online row log-sum-exp: with running max m and sum l = sum 2^(t - m), a tile whose
+        # row sums are r_sum = sum 2^(t - r_shift) gives m' = max(m, r_shift) and
+        # l' = l 2^(m - m') + r_sum 2^(r_shift - m'). The keys' (max, sum) merge the same way.
         m_i = tl.full([BLOCK_M], NEG, tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         for n0 in range(0, Nk, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             t = _scores(q, k_base, cols, dims, sk_n, sk_d, Nk, D, qk_scale, DOT_PRECISION)
-            m_new = tl.maximum(m_i, tl.max(t, 1))
-            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(t - m_new[:, None]), 1)
-            m_i = m_new
+            r_shift = tl.max(t, 1)
+            p = tl.exp2(t - r_shift[:, None])
+            r_sum = tl.sum(p, 1)
             if NEED_COL:
-                # The same merge down the columns: this block holds every row of (block, tile),
-                # so its column max/sum are final for the block and merge into the program's
-                # running (max, sum) of these keys. (Summing 2^(t - m_i) over tiles instead
-                # would mix different row shifts.)
-                tc = tl.where(row_ok[:, None], t, NEG)
+                # This block holds every row of (block, tile), so the tile's column sums are final
+                # for the block. They come from the row exponentials: 2^(t - g) = p 2^(r_shift - g)
+                # with g the tile's largest score. A term this loses below float32's 2^-126 is
+                # below 2^(RANGE - 126) of its column's sum when every column's largest score is
+                # within RANGE of g; otherwise the columns take their own exponential.
                 col_ok = cols < Nk
+                tc = tl.where(row_ok[:, None], t, NEG)
+                c_shift = tl.max(tc, 0)
+                g = tl.max(c_shift)
+                if g - tl.min(tl.where(col_ok, c_shift, -NEG)) <= RANGE:
+                    c_sum_t = tl.sum(p * tl.exp2(tl.where(row_ok, r_shift - g, NEG))[:, None], 0)
+                    c_shift = tl.zeros([BLOCK_N], tl.float32) + g
+                else:
+                    c_sum_t = tl.sum(tl.exp2(tc - c_shift[None, :]), 0)
                 at = (bh * n_splits + split) * Nk + cols
                 seen = qb > split  # the program's first block starts afresh
                 c_max = tl.where(seen, tl.load(COL_MAX + at, mask=col_ok, other=NEG), NEG)
                 c_sum = tl.where(seen, tl.load(COL_SUM + at, mask=col_ok, other=0.0), 0.0)
-                c_new = tl.maximum(c_max, tl.max(tc, 0))
-                c_sum = c_sum * tl.exp2(c_max - c_new) + tl.sum(tl.exp2(tc - c_new[None, :]), 0)
+                c_new = tl.maximum(c_max, c_shift)
+                c_sum = c_sum * tl.exp2(c_max - c_new) + c_sum_t * tl.exp2(c_shift - c_new)
                 tl.store(COL_MAX + at, c_new, mask=col_ok)
                 tl.store(COL_SUM + at, c_sum, mask=col_ok)
+            m_new = tl.maximum(m_i, r_shift)
+            l_i = l_i * tl.exp2(m_i - m_new) + r_sum * tl.exp2(r_shift - m_new)
+            m_i = m_new
         tl.store(LSE_ROW + bh * Nq + rows, m_i + tl.log2(l_i), mask=row_ok)
         tl.debug_barrier()  # the next block re-reads the column partials stored by other threads
 
