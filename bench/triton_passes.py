@@ -7,6 +7,8 @@ For a few SPEC section 6 shapes (fp16, B=2, second entry recorded, default maps)
 prints one markdown table: device time per call of every kernel (stats, col_lse, main,
 ref_reduce, the unrecorded entry's SDPA, small torch ops) against the whole SDPA call, and the
 configs the autotuner chose. It answers "which pass" when a bound of issue #3 is missed.
+With I2AM_C_FROM_P_RANGE=-1 every pass takes two exponentials (no C from P): run it both ways
+to see what the one-exponential paths gain.
 """
 import argparse
 
@@ -17,6 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from i2am.benchmark import default_probes
 from i2am.kernels import attention_with_maps, triton_kernels
+from i2am.kernels.torch_backend import C_FROM_P_RANGE
 
 SHAPES = [(4096, 77, 40), (4096, 1025, 64), (16384, 257, 64), (16384, 1025, 128), (65536, 77, 40)]  # Nq, Nk, d
 H = 8
@@ -45,6 +48,7 @@ def main(reps):
     if not torch.cuda.is_available():
         raise SystemExit("bench/triton_passes.py profiles CUDA kernels: it needs a GPU")
     device = torch.device("cuda")
+    print(f"C from P while scores spread under {C_FROM_P_RANGE} (log2; -1: two exponentials everywhere)\n")
     print("| Nq, Nk, d | kernel | us per call | x SDPA call |")
     print("|---|---|---:|---:|")
     for nq, nk, d in SHAPES:

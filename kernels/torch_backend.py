@@ -14,6 +14,7 @@ score plus log Nk), and an entry whose c is more than C_FROM_P_RANGE above its s
 computes C directly.
 """
 import math
+import os
 
 import torch
 
@@ -22,7 +23,10 @@ import torch
 # reused instead of faulted in); on a GPU large chunks mean fewer launches.
 CHUNK_BYTES = {"cpu": 4 * 2**20}
 DEFAULT_CHUNK_BYTES = 32 * 2**20
-C_FROM_P_RANGE = 80.0  # log2 units, both backends: C from P loses at most 2^(80 - 126) of a map value
+# log2 units, for this and the Triton backend: one exponential serves both softmaxes while scores
+# spread less than this (then a term lost below 2^-126 is below 2^(80 - 126) of its sum).
+# I2AM_C_FROM_P_RANGE=-1 forces two exponentials everywhere: bench/triton_passes.py times both.
+C_FROM_P_RANGE = float(os.environ.get("I2AM_C_FROM_P_RANGE", "80"))
 
 
 def run(q, k, v, out, maps, *, scale, ref_idx, record_idx, key_probes, query_probes, chunk_bytes=None):

@@ -33,11 +33,13 @@ echo "gpu tests rc=$?" >> "$OUT/env.txt"
 
 timeout "$(cap 60)" $PY bench/triton_passes.py > "$OUT/triton_passes.md" 2>&1
 echo "triton passes rc=$?" >> "$OUT/env.txt"
+I2AM_C_FROM_P_RANGE=-1 timeout "$(cap 60)" $PY bench/triton_passes.py > "$OUT/triton_passes_two_exp.md" 2>&1
+echo "triton passes, two exponentials rc=$?" >> "$OUT/env.txt"
 
 timeout "$(cap 600)" $PY -m i2am.cli bench --json "$OUT/bench.json" --plot "$OUT/bench.png" \
     > "$OUT/bench.log" 2>&1
 echo "bench rc=$?" >> "$OUT/env.txt"
 cat "$OUT/env.txt"
 tail -5 "$OUT/gpu_tests.log"
-cat "$OUT/triton_passes.md"
+cat "$OUT/triton_passes.md" "$OUT/triton_passes_two_exp.md"
 tail -70 "$OUT/bench.log"

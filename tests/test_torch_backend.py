@@ -1,4 +1,8 @@
 """The streaming torch backend against the materialised reference (SPEC sections 2 and 5)."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -47,3 +51,16 @@ def test_chunks_are_even_and_within_the_budget():
     assert chunks == [(0, 2048), (2048, 4096)]  # not 4080 rows and 16
     assert torch_backend._chunks(45, 8, 8 * 12) == [(0, 12), (12, 24), (24, 36), (36, 45)]
     assert torch_backend._chunks(3, 100, 1) == [(0, 1), (1, 2), (2, 3)]
+
+
+def test_two_exponentials_forced_by_the_environment():
+    """I2AM_C_FROM_P_RANGE=-1 (bench/triton_passes.py's comparison) takes C directly everywhere."""
+    script = ("import sys; sys.path.insert(0, 'tests'); from cases import check_backend, make_case\n"
+              "from i2am.kernels import torch_backend\n"
+              "assert torch_backend.C_FROM_P_RANGE == -1\n"
+              "check_backend('torch', make_case(Nq=45, Nk=77, names=('gen_query', 'ref_query')))\n"
+              "print('ok')")
+    env = dict(os.environ, I2AM_C_FROM_P_RANGE="-1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=root)
+    assert res.stdout.strip() == "ok", res.stderr[-2000:]
