@@ -13,8 +13,8 @@ Queries come in blocks of BLOCK_M rows and keys in tiles of BLOCK_N. A grid row 
 ...), so scratch that is kept per program is O(n_splits * Nk), never O(Nq * Nk).
 
 1. stats_kernel: per query block, an online pass over the key tiles gives lse_row; per key
-   tile it also merges the block's column (max, sum 2^(t - max)) into the program's partial
-   column statistics (only when C is needed).
+   tile it also merges the block's column (max, sum) into the program's partial column
+   statistics (only when C is needed), taking the column sums from the row exponentials.
 2. col_lse_kernel: merges the n_splits partial column statistics into lse_col, in a fixed order.
 3. main_kernel: recomputes t, now with exact P (C from P, below): out = P V; gen maps as P U^T, C U^T
    (U: key probes placed on their keys), kept in registers over the key tiles and added into
@@ -23,7 +23,7 @@ Queries come in blocks of BLOCK_M rows and keys in tiles of BLOCK_N. A grid row 
 4. ref_reduce_kernel: sums the partials of the n_splits programs in a fixed order, gathers the
    reference keys and adds into the caller's buffer.
 
-One exponential per score in the main pass. C and P differ by a rank-one factor,
+One exponential per score in each pass. C and P differ by a rank-one factor,
 C[x, k] = P[x, k] 2^(lse_row[x] - lse_col[k]) = P[x, k] a[x] b[k] with a[x] = 2^(lse_row[x] - c),
 b[k] = 2^(c - lse_col[k]) for any shift c, so the C maps are P reductions with rescaled probes:
 
@@ -31,8 +31,8 @@ b[k] = 2^(c - lse_col[k]) for any shift c, so the C maps are P reductions with r
 
 With c the block's largest lse_row, a <= 1, and b <= 2^RANGE as long as c - min_k lse_col <= RANGE;
 then any term that a, b or P lose below float32's 2^-126 is below 2^(RANGE - 126) = 2^-46 of a map
-value. A query block whose scores spread wider takes the direct second exponential. (The stats
-pass keeps its two: sharing one there needs two block-wide reductions per key tile.)
+value. A query block whose scores spread wider takes the direct second exponential. The stats
+pass shares its exponential the same way within a key tile (derivation at its column sums).
 
 No float atomics: every buffer element is written by exactly one program, and every cross-program
 sum runs in a fixed order, so maps are bit-identical run after run (for a given autotune choice).
