@@ -63,7 +63,7 @@ def _launch(q, k, v, out, maps, scale, ref_idx, record_idx, key_probes, query_pr
                                                            BLOCK=REDUCE_BLOCK)
 
     partials = {n: torch.empty(BH, splits, Rw, Nk, **f32) for n in refs}
-    M, m_scale = _query_probes(query_probes, q.dtype)
+    M, m_scale = _query_probes(query_probes, q.dtype) if refs else (unused, unused)
     U = _probes_on_keys(key_probes, ref_idx, Nk) if gens else unused
     for a in range(0, Ru if gens else 1, MAX_PROBES):  # one launch unless over MAX_PROBES key probes
         n_u = min(Ru - a, MAX_PROBES)

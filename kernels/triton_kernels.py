@@ -189,7 +189,7 @@ def _add_ref_partial(PART, M, w, a, b, rows, cols, part_row, seen, Nq, Nk, Rw,
         acc = tl.where(seen, tl.load(ptrs, mask=mask, other=0.0), 0.0)
         if SCALED:
             acc += tl.dot(m.to(tl.float32) * a[None, :], w, input_precision=MAP_PRECISION) * b[None, :]
-        elif M.dtype.element_ty == tl.float16:  # P in [0, 1] and the probe rows scaled to [0, 1]
+        elif M.dtype.element_ty == tl.float16:  # P in [0, 1] and the probe rows scaled to [-1, 1]
             acc = tl.dot(m, w.to(tl.float16), acc)
         else:
             acc = tl.dot(m, w, acc, input_precision=MAP_PRECISION)
