@@ -54,6 +54,11 @@ def attention(q, k, v, *, scale=None, layer=None, attn_mask=None, heads=None, gr
     if q.dim() != 3 or heads is None:
         raise ValueError(f"a recorded call needs q, k, v as (B, H, N, d), or (B*H, N, d) with heads=H; got "
                          f"q {tuple(q.shape)} and heads={heads}")
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        raise TypeError(f"heads must be a positive integer (the H of q's (B*H, N, d) rows), got {heads!r}")
+    if q.shape[0] % heads or k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
+        raise ValueError(f"heads={heads} does not divide the {q.shape[0]} rows of q (B*H, N, d), or k, v have "
+                         f"other row counts ({k.shape[0]}, {v.shape[0]}): pass heads=H of this call")
     q, k, v = (t.unflatten(0, (-1, heads)) for t in (q, k, v))
     if attn_mask is not None and attn_mask.dim() == 3:
         attn_mask = attn_mask.unflatten(0, (-1, heads))

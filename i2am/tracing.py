@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .processors import I2AMAttnProcessor, I2AMIPAdapterAttnProcessor
+from .recorder import could_select
 from .recording import recording
 
 PLAIN = (AttnProcessor, AttnProcessor2_0)            # same math: scaled dot-product attention
@@ -69,6 +70,9 @@ class trace(recording):
         self._cfg_from_pipe = cfg is None
 
     def _install(self):
+        if not could_select(self.cross_layers, self.recorder.layers):
+            raise ValueError(f"layers={self.recorder.layers!r} matches none of the {len(self.cross_layers)} "
+                             f"cross-attention layers: {', '.join(self.cross_layers)}")
         for name, module in self.cross_layers.items():  # check them all before changing any
             if type(module.processor) not in PLAIN + IP_ADAPTER:  # exact: a subclass may change the math
                 raise ValueError(f"layer {name!r} runs {type(module.processor).__name__}; i2am.trace stands in "

@@ -1,4 +1,5 @@
 """Autograd, non-finite values and misuse (SPEC section 7): the op, the recorder, the trace, the maps."""
+import re
 import subprocess
 import sys
 import textwrap
@@ -166,7 +167,7 @@ def test_trace_arguments_checked_on_entry():
     with pytest.raises(ValueError, match=r"backend must be one of .*got 'nope'"):
         i2am.trace(unet, ref_grid=REF_GRID, num_steps=1, backend="nope")
     for name, bare in (("points", (2, 3)), ("boxes", (1, 2, 3, 4)), ("patches", (0, 1))):
-        with pytest.raises(TypeError, match=rf"{name} must be a list of .*\[{bare}\]"):
+        with pytest.raises(TypeError, match=rf"{name} must be a list of .*" + re.escape(f"[{bare}]")):
             i2am.trace(unet, ref_grid=REF_GRID, num_steps=1, **{name: bare})
     with pytest.raises(ValueError, match=r"patch \(4, 0\) is off the reference grid"):
         i2am.trace(unet, ref_grid=REF_GRID, num_steps=1, patches=[(4, 0)])
@@ -279,7 +280,7 @@ def test_load_of_a_corrupt_file_names_the_path(tmp_path):
     bad_json, missing_key = tmp_path / "bad_json.safetensors", tmp_path / "missing.safetensors"
     save_file(tensors, bad_json, metadata={"i2am": "{not json"})
     save_file({n: t for n, t in tensors.items() if not n.startswith("ref/")}, missing_key,
-              metadata={"i2am": AttributionMaps.load(good) and _meta(good)})
+              metadata={"i2am": _meta(good)})
     for path in (garbage, truncated, bad_json, missing_key):
         with pytest.raises(ValueError, match=rf"cannot read i2am maps from {path}"):
             AttributionMaps.load(path)
