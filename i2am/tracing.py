@@ -41,7 +41,9 @@ class trace(recording):
             call's timestep, to the end (so img2img/inpainting runs with strength < 1, which
             start partway down the schedule, count only their own steps). Needed for a bare UNet.
         layers: record only these attn2 layers: fnmatch name patterns (e.g. "up_blocks.*") and/or
-            (h_l, w_l) resolutions; the others run as plain attention.
+            (h_l, w_l) resolutions; the others run as plain attention. Patterns that match no
+            layer are an error on entering the block; resolutions are known only once the
+            layers run.
         convention: "official" (default) or "paper" (SPEC section 2).
         backend: "auto", "triton", "cuda", "torch" or "reference".
         cfg: whether batches are [uncond, cond]; default ``pipe.do_classifier_free_guidance``

@@ -54,9 +54,10 @@ def attention_with_maps(q, k, v, *, scale=None, ref_keys=None, record=None, key_
             shapes (strided views allowed); this call's maps are added into them in place.
 
     Returns:
-        (out, maps): out == SDPA(q, k, v) in q.dtype; maps {"gen_query": (Br,H,Ru,Nq),
-        "gen_key": ..., "ref_key": (Br,H,Rw,Kr), "ref_query": ...}, float32, exactly the
-        requested entries (the accumulate dict itself when given).
+        (out, maps): out == SDPA(q, k, v) in q.dtype, with SDPA's gradients when grad is
+        enabled; maps {"gen_query": (Br,H,Ru,Nq), "gen_key": ..., "ref_key": (Br,H,Rw,Kr),
+        "ref_query": ...}, float32, exactly the requested entries (the accumulate dict itself
+        when given), never carrying autograd history.
     """
     if accumulate is None and _selects_nothing(record):
         return _unrecorded(q, k, v, scale, ref_keys, key_probes, query_probes, gen, ref, backend)
@@ -132,9 +133,11 @@ class MapsCall:
         backend_module(self.backend).run(q, k, v, out, maps, scale=self.scale, ref_idx=self.ref_idx,
                                          record_idx=self.record_idx, key_probes=self.key_probes,
                                          query_probes=self.query_probes)
-        # a query row holding NaN has only NaN scores: SDPA treats it as fully masked and returns
-        # zeros (its maps keep the NaN, to be reported); one device op, no host synchronisation
-        return out.masked_fill_(q.isnan().any(-1, keepdim=True), 0)
+        if q.device.type == "cpu":
+            # a query row holding NaN has only NaN scores: CPU SDPA treats it as fully masked and
+            # returns zeros (its maps keep the NaN, to be reported)
+            out.masked_fill_(q.isnan().any(-1, keepdim=True), 0)
+        return out
 
 
 class _SDPAGradient(torch.autograd.Function):

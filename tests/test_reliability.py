@@ -262,8 +262,10 @@ def test_attention_heads_must_divide_the_batch():
         rec.step()
         with pytest.raises(ValueError, match=r"heads=2 does not divide the 3 rows of q \(B\*H, N, d\)"):
             i2am.attention(q, k, v, heads=2, layer="l")
-        with pytest.raises(TypeError, match="heads must be a positive integer"):
+        with pytest.raises(TypeError, match="heads must be an integer, got 1.5"):
             i2am.attention(q, k, v, heads=1.5, layer="l")
+        with pytest.raises(ValueError, match=r"heads must be a positive integer .*, got 0"):
+            i2am.attention(q, k, v, heads=0, layer="l")
         assert i2am.attention(q, k, v, heads=3, layer="l").shape == (3, 24, 40)
 
 
