@@ -155,11 +155,8 @@ def _demo(args):
 def _bench(args):
     from . import benchmark
 
-    if args.device and args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {args.device}: no CUDA device is available")
+    if args.device:
+        _check_device(args.device, "auto")
     benchmark.main(quick=args.quick, device=args.device, json_path=args.json, plot_path=args.plot,
                    pipeline=not args.no_pipeline)
 
@@ -369,11 +366,9 @@ def _check_device(device, backend):
         raise UsageError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
     if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
         raise UsageError(f"--device {name}: no CUDA device {'is available' if dev.index is None else 'with that index'}")
-    if backend in ("triton", "cuda") and dev.type != "cuda" and not (backend == "triton" and triton_available(dev)):
-        raise UsageError(f"--backend {backend} needs a CUDA device (this run's device is {name}); "
-                         "use --backend auto or torch")
-    if backend == "triton" and not triton_available(dev):
-        raise UsageError("--backend triton needs triton installed (pip install triton)")
+    if (backend == "triton" and not triton_available(dev)) or (backend == "cuda" and dev.type != "cuda"):
+        raise UsageError(f"--backend {backend} needs a CUDA device{' and triton installed' * (backend == 'triton')} "
+                         f"(this run's device is {name}); use --backend auto or torch")
     if backend == "cuda":
         from .kernels.cuda_backend import CudaBackendError, load_library
 

@@ -3,7 +3,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import display
@@ -157,7 +157,7 @@ class AttributionMaps:
             meta["key_labels"] = _labels(meta["key_labels"])
             meta["query_labels"] = _labels(meta["query_labels"])
             return cls(layers, mask=tensors.get("mask"), **meta)
-        except Exception as err:  # safetensors, JSON and missing-entry errors alike
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError, IndexError) as err:
             detail = f"missing entry {err}" if isinstance(err, KeyError) else str(err)
             raise ValueError(f"cannot read i2am maps from {path}: {detail} (write maps files with "
                              "AttributionMaps.save)") from err

@@ -64,7 +64,7 @@ class Recorder:
                                 "box (top, left, bottom, right)")
         self.keys = key_probes(self.ref_grid, int_tuples(patches, 2, "patches", "(i, j) pairs", "patch (i, j)"))
         self.latent_size = self.queries = self.num_steps = self.record_idx = None
-        self.steps_run = 0  # 1 + the last step called: fewer than num_steps leaves groups empty
+        self.steps_run = 0  # 1 + the last step recorded: fewer than num_steps leaves groups empty
         self.buffers = {}
         if num_steps is not None:
             self.set_num_steps(num_steps)
@@ -102,7 +102,6 @@ class Recorder:
         if self.latent_size is None or self.num_steps is None:
             raise ValueError("the recorder needs latent_size and num_steps before the first call")
         B, H, Nq = q.shape[:3]
-        self.steps_run = max(self.steps_run, step + 1) if isinstance(step, int) else self.steps_run
         grid = layer_grid(Nq, self.latent_size) if grid is None else _pair(grid, "grid")
         if grid[0] * grid[1] != Nq:
             raise ValueError(f"layer {layer!r}: grid {grid} does not hold its Nq={Nq} queries")
@@ -150,6 +149,7 @@ class Recorder:
         if not isinstance(step, int) or not 0 <= step < self.num_steps:
             raise ValueError(f"step {step!r} is outside the {self.num_steps} steps of this recording "
                              "(0 = first); set num_steps to the number of denoiser calls")
+        self.steps_run = max(self.steps_run, step + 1)
         return step * self.time_groups // self.num_steps  # tau(t) = floor(t G / T), eq. 10
 
     def _entries(self, B, cfg):
@@ -255,11 +255,15 @@ def _positive(x, what):
 
 
 def _is_resolution(x):
-    return isinstance(x, tuple) and len(x) == 2 and all(isinstance(i, int) for i in x)
+    return isinstance(x, tuple) and len(x) == 2 and all(_is_int(i) for i in x)
 
 
 def _is_index_list(x):
-    return isinstance(x, (list, tuple, range)) and len(x) > 0 and all(isinstance(i, int) for i in x)
+    return isinstance(x, (list, tuple, range)) and len(x) > 0 and all(_is_int(i) for i in x)
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _pair(x, what):

@@ -37,8 +37,9 @@ def test_devices_and_backends_without_support_exit_2(capsys, monkeypatch, inputs
     code, _, err = cli(capsys, *run_args(inputs, tmp_path, tmp_path / "out"), *extra)
     one_line_error(code, err, *needles)
     if extra[0] == "--device":
-        code, _, err = cli(capsys, "demo", "--out", tmp_path / "demo", *extra)
-        one_line_error(code, err, *needles)
+        for command in (["demo", "--out", tmp_path / "demo"], ["bench", "--quick"]):
+            code, _, err = cli(capsys, *command, *extra)
+            one_line_error(code, err, *needles)
 
 
 @pytest.mark.parametrize("bad, needle", [

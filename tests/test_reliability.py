@@ -205,6 +205,8 @@ def test_fewer_denoiser_calls_than_num_steps_warn():
     (dict(time_groups=2.0), "time_groups must be a positive integer, got 2.0"),
     (dict(num_steps=3.0), "num_steps must be a positive integer, got 3.0"),
     (dict(num_steps=True), "num_steps must be a positive integer, got True"),
+    (dict(branch=[True]), r"branch must be one of .* or a list of batch indices, got \[True\]"),
+    (dict(layers=(True, 2)), r"layers must be .*\(entry True\)"),
 ])
 def test_floats_and_bools_are_not_integers(options, message):
     args = {"ref_grid": (2, 2), "latent_size": (4, 6), "num_steps": 2, **options}
