@@ -365,7 +365,8 @@ def _check_device(device, backend):
     except RuntimeError:
         raise UsageError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
     if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
-        raise UsageError(f"--device {name}: no CUDA device {'is available' if dev.index is None else 'with that index'}")
+        missing = "is available" if dev.index is None else "with that index"
+        raise UsageError(f"--device {name}: no CUDA device {missing}")
     if (backend == "triton" and not triton_available(dev)) or (backend == "cuda" and dev.type != "cuda"):
         raise UsageError(f"--backend {backend} needs a CUDA device{' and triton installed' * (backend == 'triton')} "
                          f"(this run's device is {name}); use --backend auto or torch")
