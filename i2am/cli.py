@@ -6,6 +6,9 @@ of the wrong size, a probe off the grid, a model that is not available locally),
 import argparse
 import importlib
 import json
+import math
+import os
+import re
 import sys
 import traceback
 import warnings
@@ -134,6 +137,8 @@ examples:
 def _demo(args):
     """Hands over to i2am.demo.run_demo(out=, device=, backend=) -> exit code (None: 0) once the
     demo package provides it."""
+    _check_out(args.out)
+    _check_device(args.device, args.backend)
     try:
         demo = importlib.import_module("i2am.demo")
     except ModuleNotFoundError as err:
@@ -150,11 +155,8 @@ def _demo(args):
 def _bench(args):
     from . import benchmark
 
-    if args.device and args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {args.device}: no CUDA device is available")
+    if args.device:
+        _check_device(args.device, "auto")
     benchmark.main(quick=args.quick, device=args.device, json_path=args.json, plot_path=args.plot,
                    pipeline=not args.no_pipeline)
 
@@ -163,6 +165,7 @@ def _show(args):
     from .maps import AttributionMaps
     from .report import write_report
 
+    _check_out(args.out)
     path = Path(args.maps)
     if not path.is_file():
         raise UsageError(f"maps file not found: {path}")
@@ -187,6 +190,8 @@ def _run(args):
     from .report import write_report
     from .tracing import trace
 
+    _check_out(args.out)
+    device = _check_device(args.device, args.backend)
     image = _open_image(args.image, "--image")
     reference = _open_image(args.reference, "--reference")
     mask_image = _open_image(args.mask, "--mask", mode="L")
@@ -199,7 +204,6 @@ def _run(args):
     if args.pipeline == "ip-adapter" and not args.ip_adapter:
         raise UsageError("--pipeline ip-adapter needs --ip-adapter FILE (the adapter weights)")
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
         torch.float16 if torch.device(device).type == "cuda" else torch.float32)
     pipe, ref_grid, inputs = _LOADERS[args.pipeline](args, reference, device, dtype)
@@ -336,6 +340,46 @@ def _local_only(cls, model):
 
 
 # ---- argument checks --------------------------------------------------------------------------
+def _check_out(out):
+    """The report folder can be made and written, checked before any work is done."""
+    path = Path(out)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"--out {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {path}: {existing} is not writable")
+
+
+def _check_device(device, backend):
+    """The torch device of a run (default: cuda when available, else cpu), checked to exist and to
+    support the backend."""
+    import torch
+
+    from .kernels import triton_available
+
+    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+        missing = "is available" if dev.index is None else "with that index"
+        raise UsageError(f"--device {name}: no CUDA device {missing}")
+    if (backend == "triton" and not triton_available(dev)) or (backend == "cuda" and dev.type != "cuda"):
+        raise UsageError(f"--backend {backend} needs a CUDA device{' and triton installed' * (backend == 'triton')} "
+                         f"(this run's device is {name}); use --backend auto or torch")
+    if backend == "cuda":
+        from .kernels.cuda_backend import CudaBackendError, load_library
+
+        try:
+            load_library()
+        except CudaBackendError as err:
+            raise UsageError(f"--backend cuda: {err}") from None
+    return name
+
+
 def _check_probes(args, latent, ref_grid):
     h, w = latent
     for r, c in args.points:
@@ -404,12 +448,25 @@ def _command(sub, name, handler, help, examples):
     parser = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".", epilog=examples,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.set_defaults(handler=handler)
+    # "-1,2" is a value (a negative coordinate, reported as such), not an unknown option
+    parser._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$|^-\d+(,-?\d+)+$")
     return parser
 
 
 def _display_options(parser):
-    parser.add_argument("--threshold", type=float, default=0.4, help="display threshold (default: %(default)s)")
-    parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default: %(default)s)")
+    parser.add_argument("--threshold", type=_fraction, default=0.4,
+                        help="display threshold in [0, 1] (default: %(default)s)")
+    parser.add_argument("--alpha", type=_fraction, default=0.5, help="overlay opacity in [0, 1] (default: %(default)s)")
+
+
+def _fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and 0 <= value <= 1):
+        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1]")
+    return value
 
 
 def _positive(text):
@@ -430,6 +487,8 @@ def _ints(n, form):
             values = ()
         if len(values) != n:
             raise argparse.ArgumentTypeError(f"{text!r} is not {form} ({n} integers separated by commas)")
+        if min(values) < 0:
+            raise argparse.ArgumentTypeError(f"{text}: coordinates must be >= 0")
         return values
     parse.__name__ = form  # argparse names the type in its messages
     return parse

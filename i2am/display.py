@@ -24,6 +24,8 @@ def binary_mask(mask, what="mask"):
     if mask.dim() < 2:
         raise ValueError(f"{what} must be 2-D (H, W) or (B, H, W), got shape {tuple(mask.shape)}")
     if mask.dtype != torch.bool:
+        if not torch.isfinite(mask.float()).all():
+            raise ValueError(f"{what} must hold finite values (1 = inside the mask, 0 = outside), got NaN or inf")
         mask = mask.float() > 0.5
     counts = mask.flatten(-2).sum(-1)
     if (counts == 0).any():

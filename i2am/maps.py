@@ -1,12 +1,15 @@
 """AttributionMaps: integration of the recorded buffers into I2AM maps (SPEC section 3-4)."""
 import json
+from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import display
+from .finite import describe, nonfinite_groups
 from .grid import resize
+from .integers import as_int
 from .probes import probe_row
 from .recorder import layer_selected
 
@@ -48,7 +51,7 @@ class AttributionMaps:
     def specific_reference(self, point_or_box, by=None, layers=None, normalize=True):
         """M_sr (eq. 16): the reference patches one traced latent point (row, col) or box
         (top, left, bottom, right) looked at, (hI, wI)."""
-        p = tuple(int(x) for x in point_or_box)
+        p = tuple(as_int(x, "point_or_box") for x in point_or_box)
         return self._reference(("point" if len(p) == 2 else "box", p), by, layers, normalize)
 
     def imacs(self, ref_mask=None, gen_mask=None, lam=3.0, threshold=0.4):
@@ -108,6 +111,11 @@ class AttributionMaps:
         if by not in BY:
             raise ValueError(f"by must be one of {BY}, got {by!r}")
         names = self.select(layers)
+        bad = nonfinite_groups({n: self.layers[n] for n in names})
+        if bad:
+            where = describe(bad, self.num_steps, self.time_groups)
+            raise ValueError(f"cannot integrate non-finite (NaN or inf) buffers of {where}; leave those layers "
+                             "out with layers=")
         heads = {self.layers[n]["gen"].shape[2] for n in names}
         if by == "head" and len(heads) > 1:
             raise ValueError(f"by='head' needs layers with one head count; the selected layers have "
@@ -135,17 +143,24 @@ class AttributionMaps:
 
     @classmethod
     def load(cls, path):
-        """Load maps written by save()."""
-        with safe_open(str(path), "pt") as f:  # one read: the metadata and the tensors
-            meta = (f.metadata() or {}).get("i2am")
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-        if meta is None:
-            raise ValueError(f"{path} is not an i2am maps file (no 'i2am' metadata)")
-        meta = json.loads(meta)
-        layers = {n: {"gen": tensors[f"gen/{n}"], "ref": tensors[f"ref/{n}"]} for n in meta.pop("layers")}
-        meta["key_labels"] = _labels(meta["key_labels"])
-        meta["query_labels"] = _labels(meta["query_labels"])
-        return cls(layers, mask=tensors.get("mask"), **meta)
+        """Load maps written by save(); a file that is not one is a ValueError naming its path."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no i2am maps file at {path}")
+        try:
+            with safe_open(str(path), "pt") as f:  # one read: the metadata and the tensors
+                meta = (f.metadata() or {}).get("i2am")
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+            if meta is None:
+                raise ValueError("no 'i2am' metadata")
+            meta = json.loads(meta)
+            layers = {n: {"gen": tensors[f"gen/{n}"], "ref": tensors[f"ref/{n}"]} for n in meta.pop("layers")}
+            meta["key_labels"] = _labels(meta["key_labels"])
+            meta["query_labels"] = _labels(meta["query_labels"])
+            return cls(layers, mask=tensors.get("mask"), **meta)
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError, IndexError) as err:
+            detail = f"missing entry {err}" if isinstance(err, KeyError) else str(err)
+            raise ValueError(f"cannot read i2am maps from {path}: {detail} (write maps files with "
+                             "AttributionMaps.save)") from err
 
     def __repr__(self):
         h, w = self.latent_size

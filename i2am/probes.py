@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .grid import resize
+from .integers import int_tuple
 
 
 @dataclass(frozen=True)
@@ -95,13 +96,7 @@ def key_probes(ref_grid, patches=()):
 
 
 def _ints(p, n, what):
-    try:
-        vals = tuple(int(x) for x in p)
-    except (TypeError, ValueError):
-        raise TypeError(f"each {what} must be {n} integers, got {p!r}") from None
-    if len(vals) != n:
-        raise ValueError(f"each {what} must be {n} integers, got {p!r}")
-    return vals
+    return int_tuple(p, n, f"each {what}")
 
 
 def _unique(probes):

@@ -9,14 +9,17 @@ Any code can feed it (layer name, step, q, k, v) without diffusers::
 Per layer it keeps gen (Br, G, H, Ru, Nq) and ref (Br, G, H, Rw, |K_ref|) at the layer's own
 resolution (SPEC section 3); nothing is stored per step.
 """
+import warnings
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 import torch
 import torch.nn.functional as F
 
+from .finite import describe, nonfinite_groups
 from .grid import RESIZE_MODES, layer_grid, pullback
-from .kernels import prepare
+from .integers import as_int, int_tuple, int_tuples
+from .kernels import BACKENDS, prepare
 from .probes import key_probes, mask_2d, query_probes
 
 CONVENTIONS = {"official": ("query", "key"), "paper": ("key", "query")}  # (gen softmax, ref softmax)
@@ -49,13 +52,19 @@ class Recorder:
             raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
         if not (branch in BRANCHES or _is_index_list(branch)):
             raise ValueError(f"branch must be one of {BRANCHES} or a list of batch indices, got {branch!r}")
-        if not isinstance(time_groups, int) or time_groups < 1:
-            raise ValueError(f"time_groups must be a positive integer, got {time_groups!r}")
+        time_groups = _positive(time_groups, "time_groups")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_layers(layers)
         self.time_groups, self.ref_keys, self.branch = time_groups, ref_keys, branch
         self.convention, self.backend, self.layers, self.resize = convention, backend, layers, resize
-        self.mask, self.points, self.boxes = mask, tuple(map(tuple, points)), tuple(map(tuple, boxes))
-        self.keys = key_probes(self.ref_grid, patches)
+        self.mask = mask
+        self.points = int_tuples(points, 2, "points", "(row, col) pairs", "point (row, col)")
+        self.boxes = int_tuples(boxes, 4, "boxes", "(top, left, bottom, right) tuples",
+                                "box (top, left, bottom, right)")
+        self.keys = key_probes(self.ref_grid, int_tuples(patches, 2, "patches", "(i, j) pairs", "patch (i, j)"))
         self.latent_size = self.queries = self.num_steps = self.record_idx = None
+        self.steps_run = 0  # 1 + the last step recorded: fewer than num_steps leaves groups empty
         self.buffers = {}
         if num_steps is not None:
             self.set_num_steps(num_steps)
@@ -63,8 +72,7 @@ class Recorder:
             self.set_latent_size(latent_size)
 
     def set_num_steps(self, num_steps):
-        if not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+        num_steps = _positive(num_steps, "num_steps")
         if self.time_groups > num_steps:
             raise ValueError(f"time_groups={self.time_groups} is more than the {num_steps} steps")
         self.num_steps = num_steps
@@ -116,16 +124,32 @@ class Recorder:
             raise ValueError("nothing was recorded: no traced cross-attention layer was called")
         layers = {name: {"gen": b.gen.cpu().reshape(*b.gen.shape[:-1], *b.grid), "ref": b.ref.cpu()}
                   for name, b in self.buffers.items()}
+        self._warn_incomplete(layers)
         return AttributionMaps(
             layers, latent_size=self.latent_size, ref_grid=self.ref_grid, convention=self.convention,
             num_steps=self.num_steps, resize=self.resize, key_labels=self.keys.labels,
             query_labels=self.queries.labels, record=self.record_idx.tolist(),
             mask=None if self.mask is None else mask_2d(self.mask))
 
+    def _warn_incomplete(self, layers):
+        """Warnings for what the maps cannot show: steps that did not run, non-finite values."""
+        T, G = self.num_steps, self.time_groups
+        if self.steps_run < T:
+            empty = [g for g in range(G) if g > (self.steps_run - 1) * G // T]
+            warnings.warn(f"only {self.steps_run} of the num_steps={T} declared denoiser steps ran"
+                          + (f": time groups {', '.join(map(str, empty))} are empty" if empty else "")
+                          + "; set num_steps to the number of denoiser calls", stacklevel=3)
+        bad = nonfinite_groups(layers)
+        if bad:
+            warnings.warn(f"non-finite values (NaN or inf) entered the maps of {describe(bad, T, G)}; maps "
+                          "integrated over them are errors: leave those layers out with layers=",
+                          RuntimeWarning, stacklevel=3)
+
     def _group(self, step):
         if not isinstance(step, int) or not 0 <= step < self.num_steps:
             raise ValueError(f"step {step!r} is outside the {self.num_steps} steps of this recording "
                              "(0 = first); set num_steps to the number of denoiser calls")
+        self.steps_run = max(self.steps_run, step + 1)
         return step * self.time_groups // self.num_steps  # tau(t) = floor(t G / T), eq. 10
 
     def _entries(self, B, cfg):
@@ -197,17 +221,54 @@ def layer_selected(name, grid, spec):
     return False
 
 
+def check_layers(spec):
+    """A TypeError unless spec is None, a name pattern, an (h_l, w_l) resolution or a list of those."""
+    expected = "layers must be fnmatch name patterns (str) and/or (h_l, w_l) resolutions, or a list of those"
+    if spec is None or isinstance(spec, str) or _is_resolution(spec):
+        return
+    try:
+        items = list(spec)
+    except TypeError:
+        raise TypeError(f"{expected}; got {spec!r}") from None
+    bad = [it for it in items if not isinstance(it, str) and not _is_resolution(it)]
+    if bad or not items:
+        raise TypeError(f"{expected}; got {spec!r}" + (f" (entry {bad[0]!r})" if bad else ""))
+
+
+def could_select(names, spec):
+    """Whether a layers= spec may select one of `names`: a pattern matching one, or any resolution
+    (layers' resolutions are known only once they run)."""
+    if spec is None:
+        return True
+    items = [spec] if isinstance(spec, str) or _is_resolution(spec) else list(spec)
+    return any(not isinstance(it, str) or any(fnmatchcase(n, it) for n in names) for it in items)
+
+
+def _positive(x, what):
+    try:
+        n = as_int(x, what)
+    except TypeError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"{what} must be a positive integer, got {x!r}")
+    return n
+
+
 def _is_resolution(x):
-    return isinstance(x, tuple) and len(x) == 2 and all(isinstance(i, int) for i in x)
+    return isinstance(x, tuple) and len(x) == 2 and all(_is_int(i) for i in x)
 
 
 def _is_index_list(x):
-    return isinstance(x, (list, tuple, range)) and len(x) > 0 and all(isinstance(i, int) for i in x)
+    return isinstance(x, (list, tuple, range)) and len(x) > 0 and all(_is_int(i) for i in x)
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _pair(x, what):
     try:
-        a, b = (int(i) for i in x)
+        a, b = int_tuple(x, 2, what)
     except (TypeError, ValueError):
         raise TypeError(f"{what} must be two integers, got {x!r}") from None
     if a < 1 or b < 1:

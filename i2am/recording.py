@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .grid import layer_grid
+from .integers import as_int
 from .recorder import Recorder
 
 _CURRENT = contextvars.ContextVar("i2am_recording", default=None)
@@ -54,6 +55,11 @@ def attention(q, k, v, *, scale=None, layer=None, attn_mask=None, heads=None, gr
     if q.dim() != 3 or heads is None:
         raise ValueError(f"a recorded call needs q, k, v as (B, H, N, d), or (B*H, N, d) with heads=H; got "
                          f"q {tuple(q.shape)} and heads={heads}")
+    if as_int(heads, "heads") < 1:
+        raise ValueError(f"heads must be a positive integer (the H of q's (B*H, N, d) rows), got {heads!r}")
+    if q.shape[0] % heads or k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
+        raise ValueError(f"heads={heads} does not divide the {q.shape[0]} rows of q (B*H, N, d), or k, v have "
+                         f"other row counts ({k.shape[0]}, {v.shape[0]}): pass heads=H of this call")
     q, k, v = (t.unflatten(0, (-1, heads)) for t in (q, k, v))
     if attn_mask is not None and attn_mask.dim() == 3:
         attn_mask = attn_mask.unflatten(0, (-1, heads))

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .processors import I2AMAttnProcessor, I2AMIPAdapterAttnProcessor
+from .recorder import could_select
 from .recording import recording
 
 PLAIN = (AttnProcessor, AttnProcessor2_0)            # same math: scaled dot-product attention
@@ -40,7 +41,9 @@ class trace(recording):
             call's timestep, to the end (so img2img/inpainting runs with strength < 1, which
             start partway down the schedule, count only their own steps). Needed for a bare UNet.
         layers: record only these attn2 layers: fnmatch name patterns (e.g. "up_blocks.*") and/or
-            (h_l, w_l) resolutions; the others run as plain attention.
+            (h_l, w_l) resolutions; the others run as plain attention. Patterns that match no
+            layer are an error on entering the block; resolutions are known only once the
+            layers run.
         convention: "official" (default) or "paper" (SPEC section 2).
         backend: "auto", "triton", "cuda", "torch" or "reference".
         cfg: whether batches are [uncond, cond]; default ``pipe.do_classifier_free_guidance``
@@ -69,6 +72,9 @@ class trace(recording):
         self._cfg_from_pipe = cfg is None
 
     def _install(self):
+        if not could_select(self.cross_layers, self.recorder.layers):
+            raise ValueError(f"layers={self.recorder.layers!r} matches none of the {len(self.cross_layers)} "
+                             f"cross-attention layers: {', '.join(self.cross_layers)}")
         for name, module in self.cross_layers.items():  # check them all before changing any
             if type(module.processor) not in PLAIN + IP_ADAPTER:  # exact: a subclass may change the math
                 raise ValueError(f"layer {name!r} runs {type(module.processor).__name__}; i2am.trace stands in "

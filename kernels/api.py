@@ -54,11 +54,12 @@ def attention_with_maps(q, k, v, *, scale=None, ref_keys=None, record=None, key_
             shapes (strided views allowed); this call's maps are added into them in place.
 
     Returns:
-        (out, maps): out == SDPA(q, k, v) in q.dtype; maps {"gen_query": (Br,H,Ru,Nq),
-        "gen_key": ..., "ref_key": (Br,H,Rw,Kr), "ref_query": ...}, float32, exactly the
-        requested entries (the accumulate dict itself when given).
+        (out, maps): out == SDPA(q, k, v) in q.dtype, with SDPA's gradients when grad is
+        enabled; maps {"gen_query": (Br,H,Ru,Nq), "gen_key": ..., "ref_key": (Br,H,Rw,Kr),
+        "ref_query": ...}, float32, exactly the requested entries (the accumulate dict itself
+        when given), never carrying autograd history.
     """
-    if accumulate is None and record is not None and len(record) == 0:
+    if accumulate is None and _selects_nothing(record):
         return _unrecorded(q, k, v, scale, ref_keys, key_probes, query_probes, gen, ref, backend)
     call = prepare(q, k, v, scale=scale, ref_keys=ref_keys, record=record, key_probes=key_probes,
                    query_probes=query_probes, gen=gen, ref=ref, backend=backend)
@@ -80,6 +81,11 @@ def _unrecorded(q, k, v, scale, ref_keys, key_probes, query_probes, gen, ref, ba
     maps = {f"{kind}_{c}": q.new_zeros(0, H, rows[kind], size[kind], dtype=torch.float32)
             for kind, sel in (("gen", gen), ("ref", ref)) for c in _conventions(sel, kind)}
     return _sdpa(q, k, v, scale), maps
+
+
+def _selects_nothing(record):
+    """Whether `record` is an empty index list (a slice is resolved against B in prepare())."""
+    return record is not None and not isinstance(record, slice) and torch.as_tensor(record).numel() == 0
 
 
 def _device(t):
@@ -110,8 +116,15 @@ class MapsCall:
         if not self.matches(q, k, v, self.scale):
             raise ValueError(f"q, k, v {_signature(q, k, v, self.scale)} do not match the call these maps "
                              f"were prepared for: {self.signature}")
+        if maps.keys() != self.shapes.keys():
+            raise ValueError(f"maps must hold exactly the prepared maps {sorted(self.shapes)}, got {sorted(maps)}")
         if not self.shapes or self.record_idx.numel() == 0:
             return _sdpa(q, k, v, self.scale)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return _SDPAGradient.apply(q, k, v, self, maps)
+        return self._run(q, k, v, maps)
+
+    def _run(self, q, k, v, maps):
         B, H, Nq = q.shape[:3]
         out = torch.empty(B, H, Nq, v.shape[-1], dtype=q.dtype, device=q.device)
         u = self.unrecorded_idx
@@ -120,7 +133,33 @@ class MapsCall:
         backend_module(self.backend).run(q, k, v, out, maps, scale=self.scale, ref_idx=self.ref_idx,
                                          record_idx=self.record_idx, key_probes=self.key_probes,
                                          query_probes=self.query_probes)
+        if q.device.type == "cpu":
+            # a query row holding NaN has only NaN scores: CPU SDPA treats it as fully masked and
+            # returns zeros (its maps keep the NaN, to be reported)
+            out.masked_fill_(q.isnan().any(-1, keepdim=True), 0)
         return out
+
+
+class _SDPAGradient(torch.autograd.Function):
+    """out of a MapsCall with SDPA's gradients: the forward runs the backend with grad disabled
+    (so neither out nor the map buffers record history), the backward recomputes SDPA and takes
+    its gradients. Only q, k, v are saved, as SDPA's own backward saves them."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, call, maps):
+        ctx.save_for_backward(q, k, v)
+        ctx.scale = call.scale
+        return call._run(q, k, v, maps)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad)]
+        with torch.enable_grad():
+            out = _sdpa(*inputs, ctx.scale)
+            wanted = [t for t in inputs if t.requires_grad]
+            grads = iter(torch.autograd.grad(out, wanted, grad_out))
+        return tuple(next(grads) if t.requires_grad else None for t in inputs) + (None, None)
 
 
 def prepare(q, k, v, *, scale=None, ref_keys=None, record=None, key_probes=None, query_probes=None,
@@ -168,6 +207,9 @@ def _resolve_backend(backend, q):
     if backend == "triton" and not triton_available(q.device):
         raise ValueError("backend='triton' needs CUDA tensors and an importable triton "
                          f"(or TRITON_INTERPRET=1 for CPU tensors); got a {q.device} tensor")
+    if backend == "triton" and not q.is_cuda and q.dtype == torch.bfloat16:
+        raise TypeError("backend='triton' cannot compute bfloat16 in Triton's CPU interpreter (TRITON_INTERPRET=1: "
+                        "it has no bfloat16 dot products); use float16/float32, or backend='torch'")
     return backend
 
 
@@ -256,6 +298,8 @@ def _buffers(accumulate, shapes, device):
         raise ValueError(f"accumulate must be a dict with exactly the keys {sorted(shapes)}, got {got}")
     for n, s in shapes.items():
         t = accumulate[n]
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"accumulate[{n!r}] must be a float32 tensor {s} on {device}, got {type(t).__name__}")
         if tuple(t.shape) != s or t.dtype != torch.float32 or t.device != device:
             raise ValueError(f"accumulate[{n!r}] must be float32 {s} on {device}, "
                              f"got {t.dtype} {tuple(t.shape)} on {t.device}")
