@@ -98,9 +98,9 @@ class SetMetrics:
 
         # torchmetrics keeps a module it is given; both metrics share the one extractor
         self.fid = FrechetInceptionDistance(feature=features, normalize=False).to(device)
-        self.kid = KernelInceptionDistance(feature=features, subset_size=min(KID_SUBSET, samples),
-                                           normalize=False).to(device)
-        self.device = device
+        self.subset = min(KID_SUBSET, samples)
+        self.kid = KernelInceptionDistance(feature=features, subset_size=self.subset, normalize=False).to(device)
+        self.device, self.samples = device, samples
 
     def update(self, generated, real):
         for metric in (self.fid, self.kid):
@@ -108,12 +108,16 @@ class SetMetrics:
             metric.update(generated[None].to(self.device), real=False)
 
     def compute(self, seed=0):
-        """{"FID", "KID", "KID_std"}; KID's random subsets are drawn from `seed`, so that a run
-        and its repetition agree."""
+        """{"FID", "KID"}, and "KID_std" over KID's random subsets when they are smaller than the
+        set (a subset of the whole set has no spread but rounding). The subsets are drawn from
+        `seed`, so that a run and its repetition agree."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             kid_mean, kid_std = self.kid.compute()
-        return {"FID": self.fid.compute().item(), "KID": kid_mean.item(), "KID_std": kid_std.item()}
+        scores = {"FID": self.fid.compute().item(), "KID": kid_mean.item()}
+        if self.subset < self.samples:
+            scores["KID_std"] = kid_std.item()
+        return scores
 
 
 def _unit(image):

@@ -9,6 +9,8 @@ import warnings
 
 import numpy as np
 
+from .metrics import KID_SUBSET
+
 SUMMARY_FILE, SUMMARY_JSON = "summary.md", "summary.json"
 IMACS = ("IMACS_g", "IMACS_r")
 LOWER_IS_BETTER = ("FID", "KID", "LPIPS")
@@ -113,8 +115,11 @@ def _markdown(s, protocols, paired_names, plots):
         lines += ["| " + " | ".join(c + a for c, a in zip(cols, arrows)) + " |",
                   "|" + "---:|" * len(cols),
                   "| " + " | ".join(_num(v) for v in values) + " |", ""]
-    lines += [f"Means over the samples that have the score; KID is the mean over random subsets "
-              f"(std {_num(s['KID_std'])})." if "KID" in s else "Means over the samples that have the score.", ""]
+    kid = ""
+    if "KID" in s:
+        kid = (f" KID: the mean over random subsets of {KID_SUBSET} samples (std {_num(s['KID_std'])})." if "KID_std" in s
+               else " KID: over the whole set (fewer samples than one subset).")
+    lines += [f"Means over the samples that have the score.{kid}", ""]
     lines += [f"- {line}" for line in s["left_out"]] + ([""] if s["left_out"] else [])
     lines += ["## Correlation of IMACS with the per-sample metrics", "",
               "| protocol | IMACS | metric | n | Pearson r (p) | Spearman rho (p) |", "|---|---|---|---:|---:|---:|"]
@@ -138,7 +143,7 @@ def _mean(values):
 def _num(v):
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
-    return f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+    return f"{v:.4g}"
 
 
 def _p(p):
