@@ -193,12 +193,17 @@ def _demo(args):
 
 def _eval(args):
     import torch
-    from accelerate import PartialState
 
-    from .evaluation import DemoTask, PipelineTask, evaluate, load_dataset
+    try:
+        from accelerate import PartialState
+        from .evaluation import DemoTask, PipelineTask, evaluate, load_dataset
+    except ModuleNotFoundError as err:
+        raise UsageError(f"i2am eval needs {err.name}: pip install 'i2am[eval]'") from err
     from .evaluation.datasets import DatasetError
     from .evaluation.runner import SettingsMismatch
 
+    if len(set(args.protocol)) != len(args.protocol):
+        raise UsageError(f"--protocol {' '.join(args.protocol)}: a protocol is given twice")
     if "official" in args.protocol:
         raise UsageError("--protocol official needs protocol support in i2am.trace, which this version does "
                          "not have yet: use --protocol paper")

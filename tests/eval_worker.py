@@ -37,7 +37,7 @@ class Logged:
 
     def __init__(self, task, log, kill_at):
         self.task, self.log, self.kill_at, self.started = task, log, kill_at, 0
-        self.settings = task.settings
+        self.settings, self.correlated = task.settings, task.correlated
 
     def run(self, sample, protocol, seed):
         with open(self.log, "a") as f:

@@ -174,6 +174,20 @@ def test_eval_command_on_a_pipeline_scores_as_i2am_run(capsys, inputs, tiny_pipe
         assert read(out / "samples", f"{sample}.png") == read(report, "generated.png")
 
 
+def test_eval_help_has_examples(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--help"])
+    assert exit_.value.code == 0
+    examples = capsys.readouterr().out.split("examples:")[1]
+    assert "i2am eval --demo" in examples and "accelerate launch" in examples
+
+
+def test_python_m_i2am_is_the_command():
+    done = subprocess.run([sys.executable, "-m", "i2am", "eval", "--demo", "--protocol", "official", "--out", "x"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--protocol official needs protocol support" in done.stderr
+
+
 def test_eval_official_protocol_is_a_clear_error_for_now(capsys, tmp_path):
     code, _, err = cli(capsys, "eval", "--demo", "--protocol", "paper", "official", "--out", tmp_path)
     assert code == 2 and "needs protocol support" in err

@@ -62,16 +62,16 @@ def evaluate(task, samples, out, *, protocols=("paper",), seed=0, features=None,
         _write_atomic(results / f"{sample.id}.json", lambda p, r=record: p.write_text(json.dumps(r) + "\n"))
     state.wait_for_everyone()
 
-    records = [json.loads((results / f"{s.id}.json").read_text()) for s in samples]
     set_scores, missing = _set_metrics(samples, results, features, inception_weights, state, seed, device)
     missing = paired.missing + missing
     if not state.is_main_process:
         return None
     for line in missing:
         print(line, flush=True)
+    records = [json.loads((results / f"{s.id}.json").read_text()) for s in samples]
     with open(out / SAMPLES_FILE, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
-    return summary.write(out, records, set_scores, settings, missing, paired.names, protocols)
+    return summary.write(out, records, set_scores, settings, missing, paired.names, task.correlated, protocols)
 
 
 def _evaluate_sample(task, sample, protocols, seed, paired, maps_dir):

@@ -16,13 +16,18 @@ IMACS = ("IMACS_g", "IMACS_r")
 LOWER_IS_BETTER = ("FID", "KID", "LPIPS")
 
 
-def write(out, records, set_scores, settings, missing, paired_names, protocols):
-    """Write summary.md, summary.json and scatter_PROTOCOL.png into out; returns the summary dict."""
+def write(out, records, set_scores, settings, missing, paired_names, task_names, protocols):
+    """Write summary.md, summary.json and scatter_PROTOCOL.png into out; returns the summary dict.
+
+    IMACS is correlated with the paired image metrics (paired_names, per sample) and with the
+    task's own per-protocol scores named in task_names; its other scores (baselines) are only
+    averaged."""
     means = {name: _mean([r.get(name) for r in records]) for name in paired_names}
     per_protocol = {p: _columns(records, p) for p in protocols}
     table = {p: {k: _mean(v) for k, v in cols.items()} for p, cols in per_protocol.items()}
-    correlations = [row for p in protocols for row in _correlations(records, p, paired_names)]
-    plots = [_scatter(out, records, p, paired_names) for p in protocols]
+    names = (paired_names, task_names)
+    correlations = [row for p in protocols for row in _correlations(records, p, *names)]
+    plots = [_scatter(out, records, p, *names) for p in protocols]
     result = {"samples": len(records), **set_scores, **means, "protocols": table, "correlations": correlations,
               "left_out": missing, "settings": settings}
     (out / SUMMARY_JSON).write_text(json.dumps(result, indent=2) + "\n")
@@ -36,17 +41,18 @@ def _columns(records, protocol):
     return {k: [r["scores"][protocol].get(k) for r in records] for k in names}
 
 
-def _metrics_of(records, protocol, paired_names):
+def _metrics_of(records, protocol, paired_names, task_names):
     """The per-sample metrics IMACS is set against: the paired image metrics, then the task's own."""
+    own = _columns(records, protocol)
     cols = {name: [r.get(name) for r in records] for name in paired_names}
-    cols.update((k, v) for k, v in _columns(records, protocol).items() if k not in IMACS)
+    cols.update((k, own[k]) for k in task_names if k in own)
     return cols
 
 
-def _correlations(records, protocol, paired_names):
+def _correlations(records, protocol, paired_names, task_names):
     rows, own = [], _columns(records, protocol)
     for imacs in IMACS:
-        for metric, values in _metrics_of(records, protocol, paired_names).items():
+        for metric, values in _metrics_of(records, protocol, paired_names, task_names).items():
             x, y = _pairs(own[imacs], values)
             rows.append({"protocol": protocol, "imacs": imacs, "metric": metric, "n": len(x),
                          **_correlate(x, y)})
@@ -71,14 +77,14 @@ def _pairs(a, b):
     return np.array([u for u, _ in keep], dtype=float), np.array([v for _, v in keep], dtype=float)
 
 
-def _scatter(out, records, protocol, paired_names):
+def _scatter(out, records, protocol, paired_names, task_names):
     """scatter_PROTOCOL.png: IMACS_g and IMACS_r (rows) against each per-sample metric (columns)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    own, others = _columns(records, protocol), _metrics_of(records, protocol, paired_names)
+    own, others = _columns(records, protocol), _metrics_of(records, protocol, paired_names, task_names)
     shown = [m for m in others if any(v is not None for v in others[m])]
     if not shown:
         return None
@@ -90,7 +96,8 @@ def _scatter(out, records, protocol, paired_names):
             ax.scatter(x, y, s=14, alpha=0.75)
             ax.set_xlabel(f"{imacs} ({protocol})")
             ax.set_ylabel(metric)
-            ax.set_title(f"n = {len(x)}", fontsize=9)
+            r = _correlate(x, y)["pearson"]
+            ax.set_title(f"n = {len(x)}" + ("" if r is None else f", Pearson r = {r:+.2f}"), fontsize=9)
     fig.suptitle(f"Per-sample IMACS against the metrics, protocol {protocol}")
     fig.tight_layout()
     name = f"scatter_{protocol}.png"

@@ -81,7 +81,7 @@ class DemoTask:
     source) stands beside IMACS; the always-the-same-patch baseline is recorded with it.
     """
 
-    name = "demo"
+    correlated = ("correspondence_accuracy",)  # the per-sample scores IMACS is set against
     SEED = 4321  # its own stream: not the demo's examples, not the training stream
 
     def __init__(self, samples=32, steps=10, device="cpu", backend="auto"):
@@ -133,7 +133,7 @@ class PipelineTask:
     sees it (resized and cropped), which is where the reference mask is scored.
     """
 
-    name = "pipeline"
+    correlated = ()
 
     def __init__(self, load, seen, *, steps=50, guidance=5.0, time_groups=5, convention="official",
                  backend="auto", settings=None):
