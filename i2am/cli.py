@@ -217,6 +217,8 @@ def _eval(args):
             raise UsageError("--data needs --pipeline and --model (the model to evaluate)")
         if args.time_groups > steps:
             raise UsageError(f"--time-groups {args.time_groups} is more than the {steps} --steps")
+        if args.pipeline == "ip-adapter" and not args.ip_adapter:
+            raise UsageError("--pipeline ip-adapter needs --ip-adapter FILE (the adapter weights)")
         try:
             samples = load_dataset(args.data)
         except DatasetError as err:
@@ -224,12 +226,15 @@ def _eval(args):
         dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
             torch.float16 if torch.device(device).type == "cuda" else torch.float32)
         loader = _LOADERS[args.pipeline]
+        settings = {"pipeline": args.pipeline, "model": args.model, "data": args.data,
+                    "dtype": str(dtype).removeprefix("torch.")}
+        if args.pipeline == "ip-adapter":
+            settings.update(prompt=args.prompt, ip_adapter=args.ip_adapter, ip_adapter_scale=args.ip_adapter_scale)
         task = PipelineTask(
             lambda reference: loader(args, reference, device, dtype),
             lambda pipe, image: _as_encoded(pipe.feature_extractor, image),
             steps=steps, guidance=args.guidance, time_groups=args.time_groups, convention=args.convention,
-            backend=args.backend, settings={"pipeline": args.pipeline, "model": args.model, "data": args.data,
-                                            "dtype": str(dtype).removeprefix("torch.")})
+            backend=args.backend, settings=settings)
     try:
         evaluate(task, samples, args.out, protocols=args.protocol, seed=args.seed,
                  inception_weights=args.inception_weights, save_maps=args.save_maps, device=device)

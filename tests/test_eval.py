@@ -80,6 +80,7 @@ def test_one_process_writes_every_sample_and_the_summary(one_process):
     assert Image.open(one_process / "scatter_paper.png").size[0] > 300
 
 
+@pytest.mark.slow
 def test_two_processes_under_accelerate_equal_one(one_process, tmp_path):
     out = tmp_path / "out"
     run_worker(out, processes=2)
@@ -90,6 +91,7 @@ def test_two_processes_under_accelerate_equal_one(one_process, tmp_path):
     assert sorted((out / "generated.log").read_text().split()) == [f"demo_{b:03d}" for b in range(SAMPLES)]
 
 
+@pytest.mark.slow
 def test_killed_run_resumed_equals_the_uninterrupted_run(one_process, tmp_path):
     out = tmp_path / "out"
     killed = run_worker(out, "--kill-at", "2", check=False)
