@@ -9,6 +9,7 @@ a small one); under torch.distributed their statistics are reduced across proces
 torchmetrics.
 """
 import importlib.util
+import warnings
 from pathlib import Path
 
 import torch
@@ -99,7 +100,9 @@ class SetMetrics:
         # torchmetrics keeps a module it is given; both metrics share the one extractor
         self.fid = FrechetInceptionDistance(feature=features, normalize=False).to(device)
         self.subset = min(KID_SUBSET, samples)
-        self.kid = KernelInceptionDistance(feature=features, subset_size=self.subset, normalize=False).to(device)
+        with warnings.catch_warnings():  # KID keeps every feature vector: 16 KiB an image, known and small
+            warnings.filterwarnings("ignore", "Metric `Kernel Inception Distance` will save all extracted features")
+            self.kid = KernelInceptionDistance(feature=features, subset_size=self.subset, normalize=False).to(device)
         self.device, self.samples = device, samples
 
     def update(self, generated, real):
