@@ -22,6 +22,7 @@ install_requires = [
 ]
 if sys.platform.startswith("linux"):
     install_requires.append("triton>=3.0")
+EVAL = ["accelerate>=0.26", "torchmetrics>=1.0", "scipy"]
 
 
 # ---- optional CUDA library (kernels/cuda, CMakeLists.txt) ---------------------------------------
@@ -67,7 +68,10 @@ setup(
     package_data={"i2am": ["demo/*.safetensors", "demo/*.json"]},
     package_dir={"i2am": "i2am", "i2am.kernels": "kernels"},
     install_requires=install_requires,
-    extras_require={"test": ["pytest", "pytest-benchmark", "transformers"]},
+    # `i2am eval`: sharding, metrics, correlations. LPIPS (torchvision) and the FID Inception
+    # (torch-fidelity) are the user's to add with their weights: a PyPI torchvision is built for
+    # CUDA torch and would break a CPU install
+    extras_require={"eval": EVAL, "test": ["pytest", "pytest-benchmark", "transformers", *EVAL]},
     entry_points={"console_scripts": ["i2am = i2am.cli:main"]},
     **cuda_build,
 )

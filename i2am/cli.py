@@ -1,4 +1,5 @@
-"""The `i2am` command: run an analysis of a pipeline, re-render saved maps, the demo, benchmarks.
+"""The `i2am` command: run an analysis of a pipeline, re-render saved maps, the demo, benchmarks,
+data-set evaluation.
 
 Exit codes: 0 success, 2 bad arguments (argparse errors and UsageError: missing files, a mask
 of the wrong size, a probe off the grid, a model that is not available locally), 1 failure.
@@ -121,6 +122,49 @@ examples:
     _display_options(show)
     show.add_argument("--out", required=True, help="report folder")
 
+    ev = _command(sub, "eval", _eval, "evaluate a model over a data set: IMACS, SSIM, LPIPS, FID, KID, correlations", """\
+Per sample: one traced generation per protocol, IMACS_g and IMACS_r, SSIM and LPIPS against
+the ground truth; over the set: FID and KID. Writes samples.jsonl, summary.md (the table row,
+Pearson and Spearman correlations of IMACS with each metric) and scatter plots. The same
+command run again on the same --out resumes: finished samples are kept, the rest are run.
+Under `accelerate launch -m i2am eval ...` (or torchrun) the samples are shared among the
+processes. --data is a JSONL manifest ({"image", "mask", "reference", "ref_mask",
+"ground_truth"} paths a line) or a VITON-HD-like test folder (image/, agnostic-mask/, cloth/,
+cloth-mask/, test_pairs.txt). LPIPS needs torchvision and its AlexNet weights in the torch hub
+cache; FID and KID need torch-fidelity and --inception-weights: without them those columns
+are left out, and the summary says so.
+
+examples:
+  i2am eval --demo --out eval-demo
+  i2am eval --pipeline sd-inpaint-patch --model ./my-model --data viton-hd/test \\
+      --steps 50 --inception-weights pt_inception-2015-12-05-6726825d.pth --out eval-viton
+  accelerate launch --num_processes 4 -m i2am eval --pipeline paint-by-example \\
+      --model ./pbe --data pairs.jsonl --out eval-pbe""")
+    what = ev.add_mutually_exclusive_group(required=True)
+    what.add_argument("--demo", action="store_true", help="the embedded demo model over its synthetic data set")
+    what.add_argument("--data", metavar="PATH", help="JSONL manifest or VITON-HD-like folder")
+    ev.add_argument("--samples", type=_positive, default=32, help="--demo: synthetic samples (default: %(default)s)")
+    ev.add_argument("--pipeline", choices=PIPELINES, help="with --data: the pipeline, as for `i2am run`")
+    ev.add_argument("--model", metavar="PATH_OR_ID", help="with --data: local folder or cached model id")
+    ev.add_argument("--prompt", default="", help="text prompt (ip-adapter only; default empty)")
+    ev.add_argument("--ip-adapter", metavar="FILE", help="IP-Adapter weights, as for `i2am run`")
+    ev.add_argument("--ip-adapter-scale", type=float, default=1.0)
+    ev.add_argument("--protocol", nargs="+", default=["paper"], choices=("paper", "official"),
+                    help="IMACS protocol(s), one traced run each (default: paper)")
+    ev.add_argument("--steps", type=_positive, help="denoising steps (default: 50; 10 with --demo)")
+    ev.add_argument("--guidance", type=float, default=5.0, help="guidance scale (default: %(default)s; "
+                    "the demo's own with --demo)")
+    ev.add_argument("--seed", type=int, default=0, help="sample i is generated from seed + i (default: %(default)s)")
+    ev.add_argument("--time-groups", type=_positive, default=5, help="time groups G (default: %(default)s)")
+    ev.add_argument("--convention", choices=("official", "paper"), default="official")
+    ev.add_argument("--backend", choices=BACKENDS, default="auto", help="attention backend")
+    ev.add_argument("--device", help="torch device (default: the process's accelerator, else cpu)")
+    ev.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float16 on CUDA, else float32")
+    ev.add_argument("--inception-weights", metavar="FILE", help="torch-fidelity's FID Inception weights "
+                    "(pt_inception-2015-12-05-6726825d.pth): gives FID and KID")
+    ev.add_argument("--save-maps", action="store_true", help="also save each sample's maps (.safetensors)")
+    ev.add_argument("--out", required=True, help="output folder (an existing one is resumed)")
+
     bench = _command(sub, "bench", _bench, "time i2am against SDPA, the naive path and a chunked capture", """\
 examples:
   i2am bench --quick
@@ -150,6 +194,59 @@ def _demo(args):
         print("i2am demo: the embedded demo model is not yet available (issue 7); nothing to do.")
         return 0
     return run_demo(out=args.out, device=args.device, backend=args.backend)
+
+
+def _eval(args):
+    import torch
+
+    try:
+        from accelerate import PartialState
+        from .evaluation import DemoTask, PipelineTask, evaluate, load_dataset
+    except ModuleNotFoundError as err:
+        raise UsageError(f"i2am eval needs {err.name}: pip install 'i2am[eval]'") from err
+    from .evaluation.datasets import DatasetError
+    from .evaluation.runner import SettingsMismatch
+
+    if len(set(args.protocol)) != len(args.protocol):
+        raise UsageError(f"--protocol {' '.join(args.protocol)}: a protocol is given twice")
+    if "official" in args.protocol:
+        raise UsageError("--protocol official needs protocol support in i2am.trace, which this version does "
+                         "not have yet: use --protocol paper")
+    steps = args.steps or (10 if args.demo else 50)
+    device = args.device or str(PartialState().device)
+    if args.demo:
+        task = DemoTask(samples=args.samples, steps=steps, device=device, backend=args.backend)
+        samples = task.samples()
+    else:
+        if not (args.pipeline and args.model):
+            raise UsageError("--data needs --pipeline and --model (the model to evaluate)")
+        if args.time_groups > steps:
+            raise UsageError(f"--time-groups {args.time_groups} is more than the {steps} --steps")
+        if args.pipeline == "ip-adapter" and not args.ip_adapter:
+            raise UsageError("--pipeline ip-adapter needs --ip-adapter FILE (the adapter weights)")
+        try:
+            samples = load_dataset(args.data)
+        except DatasetError as err:
+            raise UsageError(str(err)) from err
+        dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
+            torch.float16 if torch.device(device).type == "cuda" else torch.float32)
+        loader = _LOADERS[args.pipeline]
+        settings = {"pipeline": args.pipeline, "model": args.model, "data": args.data,
+                    "dtype": str(dtype).removeprefix("torch.")}
+        if args.pipeline == "ip-adapter":
+            settings.update(prompt=args.prompt, ip_adapter=args.ip_adapter, ip_adapter_scale=args.ip_adapter_scale)
+        task = PipelineTask(
+            lambda reference: loader(args, reference, device, dtype),
+            lambda pipe, image: _as_encoded(pipe.feature_extractor, image),
+            steps=steps, guidance=args.guidance, time_groups=args.time_groups, convention=args.convention,
+            backend=args.backend, settings=settings)
+    try:
+        evaluate(task, samples, args.out, protocols=args.protocol, seed=args.seed,
+                 inception_weights=args.inception_weights, save_maps=args.save_maps, device=device)
+    except SettingsMismatch as err:
+        raise UsageError(str(err)) from err
+    if PartialState().is_main_process:
+        print(f"summary written to {Path(args.out) / 'summary.md'}")
 
 
 def _bench(args):

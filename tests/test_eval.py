@@ -1,0 +1,254 @@
+"""`i2am eval`: sharded over processes, resumed after a kill, metrics as torchmetrics computes them.
+
+The demo runs go through tests/eval_worker.py in subprocesses (4 samples, 2 steps), with a
+small fixed feature extractor standing in for the Inception. Every run uses one thread per
+process: the scores are float sums whose order depends on the thread count, and the runs are
+compared exactly.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from i2am.cli import main
+from i2am.evaluation import load_dataset
+from i2am.evaluation.datasets import DatasetError
+from i2am.evaluation.tasks import as_uint8, check_protocols
+
+import tiny_models
+from eval_worker import TinyFeatures
+from test_cli import cli, inputs, save_png, tiny_pipeline  # noqa: F401 (fixtures)
+
+WORKER = Path(__file__).with_name("eval_worker.py")
+ROOT = WORKER.parent.parent
+SAMPLES, STEPS = 4, 2
+COMPARED = ("samples.jsonl", "summary.md", "summary.json", "settings.json", "scatter_paper.png")
+
+
+def run_worker(out, *extra, processes=None, check=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(WORKER), str(out), "--samples", str(SAMPLES), "--steps", str(STEPS), *extra]
+    if processes:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *command[1:]]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    if check:
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def read(out, name):
+    return (out / name).read_bytes()
+
+
+def records(out):
+    return sorted((json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()),
+                  key=lambda r: r["id"])
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval-one") / "out"
+    run_worker(out)
+    return out
+
+
+def test_one_process_writes_every_sample_and_the_summary(one_process):
+    rows = records(one_process)
+    assert [r["id"] for r in rows] == [f"demo_{b:03d}" for b in range(SAMPLES)]
+    assert [r["seed"] for r in rows] == list(range(SAMPLES))
+    for r in rows:
+        paper = r["scores"]["paper"]
+        assert set(paper) == {"IMACS_g", "IMACS_r", "correspondence_accuracy", "correspondence_best_single_patch"}
+        assert -3 <= paper["IMACS_g"] <= 1 and -3 <= paper["IMACS_r"] <= 1
+        assert 0 <= r["SSIM"] <= 1 and r["settings"]["steps"] == STEPS and r["settings"]["protocols"] == ["paper"]
+    summary = json.loads(read(one_process, "summary.json"))
+    assert summary["samples"] == SAMPLES and summary["FID"] >= 0 and "KID" in summary
+    assert summary["SSIM"] == pytest.approx(np.mean([r["SSIM"] for r in rows]))
+    assert summary["protocols"]["paper"]["IMACS_r"] == pytest.approx(
+        np.mean([r["scores"]["paper"]["IMACS_r"] for r in rows]))
+    text = read(one_process, "summary.md").decode()
+    assert "| FID ↓ | KID ↓ | SSIM ↑ | IMACS_g (paper) ↑ | IMACS_r (paper) ↑ |" in text
+    assert f"{summary['FID']:.4g}" in text and "![IMACS against the metrics](scatter_paper.png)" in text
+    assert "| paper | IMACS_g | SSIM | 4 |" in text
+    assert Image.open(one_process / "scatter_paper.png").size[0] > 300
+
+
+@pytest.mark.slow
+def test_two_processes_under_accelerate_equal_one(one_process, tmp_path):
+    out = tmp_path / "out"
+    run_worker(out, processes=2)
+    assert records(out) == records(one_process)
+    for name in COMPARED:
+        assert read(out, name) == read(one_process, name), name
+    # each sample was generated once, by one of the two processes
+    assert sorted((out / "generated.log").read_text().split()) == [f"demo_{b:03d}" for b in range(SAMPLES)]
+
+
+@pytest.mark.slow
+def test_killed_run_resumed_equals_the_uninterrupted_run(one_process, tmp_path):
+    out = tmp_path / "out"
+    killed = run_worker(out, "--kill-at", "2", check=False)
+    assert killed.returncode != 0
+    done = sorted(p.stem for p in (out / "samples").glob("*.json"))
+    assert done == ["demo_000", "demo_001"] and not (out / "samples.jsonl").exists()
+    assert not list((out / "samples").glob(".*"))  # no temporary file left behind: none was being written
+    run_worker(out)
+    generated = (out / "generated.log").read_text().split()
+    # the killed run started demo_002; the resumed run redid demo_002 and demo_003, nothing else
+    assert generated == ["demo_000", "demo_001", "demo_002", "demo_002", "demo_003"]
+    for name in COMPARED:
+        assert read(out, name) == read(one_process, name), name
+
+
+def test_metrics_equal_torchmetrics_on_the_saved_images(one_process):
+    from scipy import stats
+    from torchmetrics.functional.image import structural_similarity_index_measure
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    from i2am.demo import data
+    from i2am.evaluation import DemoTask
+
+    truth = data.make_batch(SAMPLES, seed=DemoTask.SEED)["target"]
+    real = torch.stack([as_uint8(t) for t in truth])
+    fake = torch.stack([as_uint8(one_process / "samples" / f"demo_{b:03d}.png") for b in range(SAMPLES)])
+    rows = records(one_process)
+    for b, r in enumerate(rows):
+        expect = structural_similarity_index_measure(fake[b:b + 1] / 255, real[b:b + 1] / 255, data_range=1.0)
+        assert r["SSIM"] == pytest.approx(expect.item(), abs=1e-6)
+    fid = FrechetInceptionDistance(feature=TinyFeatures())
+    kid = KernelInceptionDistance(feature=TinyFeatures(), subset_size=SAMPLES)
+    for metric in (fid, kid):
+        metric.update(real, real=True)
+        metric.update(fake, real=False)
+    torch.manual_seed(0)  # the eval draws KID's subsets from its seed
+    kid_mean, _ = kid.compute()
+    summary = json.loads(read(one_process, "summary.json"))
+    # the eval extracts features image by image, torchmetrics here in one batch: float32 rounding
+    assert summary["FID"] == pytest.approx(fid.compute().item(), rel=1e-4)
+    assert summary["KID"] == pytest.approx(kid_mean.item(), rel=1e-4)
+    assert "KID_std" not in summary  # 4 samples: KID's one subset size is the whole set
+    # and the correlations are scipy's over the per-sample columns
+    imacs = [r["scores"]["paper"]["IMACS_g"] for r in rows]
+    row = next(c for c in summary["correlations"] if c["imacs"] == "IMACS_g" and c["metric"] == "SSIM")
+    assert row["n"] == SAMPLES
+    assert row["pearson"] == pytest.approx(stats.pearsonr(imacs, [r["SSIM"] for r in rows]).statistic)
+    assert row["spearman"] == pytest.approx(stats.spearmanr(imacs, [r["SSIM"] for r in rows]).statistic)
+
+
+def test_left_out_columns_say_how_to_add_them(one_process):
+    summary = json.loads(read(one_process, "summary.json"))
+    lines = summary["left_out"]
+    assert "LPIPS" not in summary and len(lines) == 1 and lines[0].startswith("LPIPS left out:")
+    assert "torchvision" in lines[0] and f"- {lines[0]}" in read(one_process, "summary.md").decode()
+
+
+# ---- the command ------------------------------------------------------------------------------
+def test_eval_command_on_a_pipeline_scores_as_i2am_run(capsys, inputs, tiny_pipeline, tmp_path):  # noqa: F811
+    manifest = tmp_path / "pairs.jsonl"
+    other = save_png(tmp_path / "other_mask.png", np.roll(tiny_models.inpainting_mask(), -6, axis=1) * 255)
+    lines = [{"id": "a", "image": "image.png", "mask": "mask.png", "reference": "reference.png",
+              "ref_mask": "ref_mask.png", "ground_truth": "image.png"},
+             {"id": "b", "image": "image.png", "mask": other.name, "reference": "reference.png",
+              "ref_mask": "ref_mask.png"}]
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "eval"
+    common = ["--pipeline", "sd-inpaint-patch", "--model", tiny_pipeline, "--steps", 2, "--time-groups", 2]
+    code, stdout, err = cli(capsys, "eval", *common, "--data", manifest, "--out", out, "--seed", 5)
+    assert code == 0, err
+    assert "FID and KID left out" in stdout and f"summary written to {out / 'summary.md'}" in stdout
+    rows = {r["id"]: r for r in records(out)}
+    assert "SSIM" in rows["a"] and "SSIM" not in rows["b"]  # b has no ground truth
+    for sample, mask, seed in (("a", inputs["mask"], 5), ("b", other, 6)):
+        report = tmp_path / f"run_{sample}"
+        code, _, err = cli(capsys, "run", *common, "--image", inputs["image"], "--mask", mask, "--reference",
+                           inputs["reference"], "--ref-mask", inputs["ref_mask"], "--seed", seed, "--out", report)
+        assert code == 0, err
+        scores = json.loads((report / "scores.json").read_text())
+        assert rows[sample]["scores"]["paper"] == {"IMACS_g": scores["IMACS_g"], "IMACS_r": scores["IMACS_r"]}
+        assert read(out / "samples", f"{sample}.png") == read(report, "generated.png")
+
+
+def test_eval_help_has_examples(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--help"])
+    assert exit_.value.code == 0
+    examples = capsys.readouterr().out.split("examples:")[1]
+    assert "i2am eval --demo" in examples and "accelerate launch" in examples
+
+
+def test_python_m_i2am_is_the_command():
+    done = subprocess.run([sys.executable, "-m", "i2am", "eval", "--demo", "--protocol", "official", "--out", "x"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--protocol official needs protocol support" in done.stderr
+
+
+def test_eval_official_protocol_is_a_clear_error_for_now(capsys, tmp_path):
+    code, _, err = cli(capsys, "eval", "--demo", "--protocol", "paper", "official", "--out", tmp_path)
+    assert code == 2 and "needs protocol support" in err
+    with pytest.raises(ValueError, match="needs protocol support"):
+        check_protocols(["official"])
+    with pytest.raises(ValueError, match="unknown protocol 'exact'"):
+        check_protocols(["exact"])
+
+
+def test_eval_refuses_a_folder_made_with_other_settings(capsys, one_process, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "settings.json").write_bytes(read(one_process, "settings.json"))
+    code, _, err = cli(capsys, "eval", "--demo", "--samples", SAMPLES, "--steps", STEPS + 1, "--out", out)
+    assert code == 2 and "other settings (steps, time_groups differ)" in err
+
+
+def test_eval_usage_errors_exit_2(capsys, tmp_path):
+    code, _, err = cli(capsys, "eval", "--data", tmp_path / "missing.jsonl", "--pipeline", "paint-by-example",
+                       "--model", tmp_path, "--out", tmp_path / "o")
+    assert code == 2 and "data set not found" in err
+    code, _, err = cli(capsys, "eval", "--data", tmp_path, "--out", tmp_path / "o")
+    assert code == 2 and "--data needs --pipeline and --model" in err
+
+
+# ---- data sets --------------------------------------------------------------------------------
+def test_manifest_reads_paths_relative_to_it_and_names_bad_lines(tmp_path):
+    for name in ("p.png", "m.png", "c.png"):
+        tiny_models.image(0).save(tmp_path / name)
+    good = {"image": "p.png", "mask": "m.png", "reference": "c.png", "seed": 9}
+    (tmp_path / "d.jsonl").write_text(json.dumps(good) + "\n\n" + json.dumps({**good, "id": "x"}) + "\n")
+    first, second = load_dataset(tmp_path / "d.jsonl")
+    assert (first.id, first.index, first.seed, first.image) == ("p", 0, 9, tmp_path / "p.png")
+    assert (second.id, second.index, second.ground_truth, second.ref_mask) == ("x", 1, None, None)
+    for line, message in ((json.dumps({"image": "p.png"}), "line 1: lacks mask, reference"),
+                          (json.dumps({**good, "mask": "nope.png"}), "line 1: mask file not found"),
+                          (json.dumps({**good, "colour": 1}), "line 1: unknown keys colour"),
+                          ("{", "line 1: not JSON"),
+                          (json.dumps(good) + "\n" + json.dumps(good), "sample id 'p' appears twice")):
+        (tmp_path / "bad.jsonl").write_text(line + "\n")
+        with pytest.raises(DatasetError, match=message):
+            load_dataset(tmp_path / "bad.jsonl")
+
+
+def test_viton_hd_folder_pairs_paired_and_unpaired(tmp_path):
+    test = tmp_path / "test"
+    for sub, names in (("image", ["00001_00.jpg", "00002_00.jpg"]), ("cloth", ["00001_00.jpg", "00003_00.jpg"]),
+                       ("cloth-mask", ["00001_00.jpg", "00003_00.jpg"]),
+                       ("agnostic-mask", ["00001_00_mask.png", "00002_00_mask.png"])):
+        (test / sub).mkdir(parents=True)
+        for name in names:
+            tiny_models.image(0).save(test / sub / name)
+    (tmp_path / "test_pairs.txt").write_text("00001_00.jpg 00001_00.jpg\n00002_00.jpg 00003_00.jpg\n")
+    paired, unpaired = load_dataset(test)
+    assert paired.id == "00001_00" and paired.ground_truth == test / "image" / "00001_00.jpg"
+    assert paired.mask == test / "agnostic-mask" / "00001_00_mask.png"
+    assert paired.ref_mask == test / "cloth-mask" / "00001_00.jpg"
+    assert unpaired.id == "00002_00__00003_00" and unpaired.ground_truth is None
+    assert unpaired.reference == test / "cloth" / "00003_00.jpg"
+    (tmp_path / "test_pairs.txt").write_text("00001_00.jpg 00009_00.jpg\n")
+    with pytest.raises(DatasetError, match="line 1: cloth file not found"):
+        load_dataset(test)
