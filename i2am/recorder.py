@@ -42,7 +42,7 @@ class Recorder:
     def __init__(self, *, ref_grid, latent_size=None, num_steps=None, time_groups=1, ref_keys=None,
                  branch="cond", mask=None, points=(), boxes=(), patches=(), convention="official",
                  backend="auto", layers=None, resize="bicubic"):
-        self.ref_grid = _pair(ref_grid, "ref_grid (hI, wI)")
+        self.ref_grid = None if ref_grid is None else _pair(ref_grid, "ref_grid (hI, wI)")  # None: set_ref_grid
         if convention not in CONVENTIONS:
             raise ValueError(f"convention must be one of {tuple(CONVENTIONS)}, got {convention!r}")
         if resize not in RESIZE_MODES:
@@ -54,7 +54,8 @@ class Recorder:
         self.time_groups, self.ref_keys, self.branch = time_groups, ref_keys, branch
         self.convention, self.backend, self.layers, self.resize = convention, backend, layers, resize
         self.mask, self.points, self.boxes = mask, tuple(map(tuple, points)), tuple(map(tuple, boxes))
-        self.keys = key_probes(self.ref_grid, patches)
+        self.patches = patches
+        self.keys = None if self.ref_grid is None else key_probes(self.ref_grid, patches)
         self.latent_size = self.queries = self.num_steps = self.record_idx = None
         self.buffers = {}
         if num_steps is not None:
@@ -79,21 +80,39 @@ class Recorder:
             self.latent_size = size
             self.queries = query_probes(size, self.mask, self.points, self.boxes)
 
+    def set_ref_grid(self, grid):
+        """Fix the reference grid (hI, wI) of a model that says it (a DiT's reference tokens); a
+        grid given before must agree."""
+        grid = _pair(grid, "reference grid (hI, wI)")
+        if self.ref_grid is not None and grid != self.ref_grid:
+            raise ValueError(f"ref_grid {self.ref_grid} was given, but the model's reference tokens form a "
+                             f"{grid} grid; leave ref_grid out to use the model's")
+        if self.ref_grid is None:
+            self.ref_grid, self.keys = grid, key_probes(grid, self.patches)
+
     def selected(self, name, grid):
         """Whether layer `name` with grid (h_l, w_l) is recorded: `layers` holds fnmatch name
         patterns and/or (h_l, w_l) resolutions (None: every layer)."""
         return layer_selected(name, grid, self.layers)
 
-    def record(self, layer, q, k, v, *, step, scale=None, grid=None, cfg=None):
+    def record(self, layer, q, k, v, *, step, scale=None, grid=None, cfg=None, query_rows=None, ref_keys=None):
         """Attention of one call (q (B,H,Nq,d), k, v), with its maps added to layer's buffers.
 
         step: the denoising step, 0 = first. grid: the layer's (h_l, w_l), default inferred
         from Nq and the latent size. cfg: whether the batch is [uncond, cond] (default: an even
-        batch is). Returns the attention output (B, H, Nq, dv).
+        batch is). query_rows: a slice of Nq, the queries that form the grid (joint attention;
+        default all). ref_keys: this call's reference keys (default the recorder's ref_keys).
+        Returns the attention output (B, H, Nq, dv) for every query.
         """
         if self.latent_size is None or self.num_steps is None:
             raise ValueError("the recorder needs latent_size and num_steps before the first call")
+        if self.ref_grid is None:
+            raise ValueError("the recorder needs ref_grid (hI, wI) before the first call")
         B, H, Nq = q.shape[:3]
+        rows = query_rows  # normalised as the kernel's MapsCall keeps it; other values: its error
+        if isinstance(rows, slice) and rows.step in (None, 1):
+            rows = slice(*rows.indices(Nq)[:2])
+            Nq = max(0, rows.stop - rows.start)
         grid = layer_grid(Nq, self.latent_size) if grid is None else _pair(grid, "grid")
         if grid[0] * grid[1] != Nq:
             raise ValueError(f"layer {layer!r}: grid {grid} does not hold its Nq={Nq} queries")
@@ -101,10 +120,11 @@ class Recorder:
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
         tau = self._group(step)
         rec = self._entries(B, cfg)
-        buf = self._layer(layer, grid, H, k.shape[2], q.device)
+        buf = self._layer(layer, grid, H, k.shape[2], q.device, ref_keys)
         gen, ref = CONVENTIONS[self.convention]
-        if buf.call is None or not buf.call.matches(q, k, v, scale):
-            buf.call = prepare(q, k, v, scale=scale, ref_keys=buf.ref_idx, record=rec, key_probes=buf.key_probes,
+        if buf.call is None or not buf.call.matches(q, k, v, scale) or buf.call.query_rows != rows:
+            buf.call = prepare(q, k, v, scale=scale, ref_keys=buf.ref_idx, query_rows=rows, record=rec,
+                               key_probes=buf.key_probes,
                                query_probes=buf.query_probes, gen=(gen,), ref=(ref,), backend=self.backend)
         return buf.call(q, k, v, {f"gen_{gen}": buf.gen[:, tau], f"ref_{ref}": buf.ref[:, tau]})
 
@@ -151,22 +171,24 @@ class Recorder:
                              f"{rec.tolist()} (batch size {B}); keep one batch size per trace")
         return rec
 
-    def _layer(self, name, grid, heads, nk, device):
+    def _layer(self, name, grid, heads, nk, device, call_ref_keys=None):
         buf = self.buffers.get(name)
         if buf is not None:
             if (buf.grid, buf.heads, buf.nk) != (grid, heads, nk) or buf.gen.device != device:
                 raise ValueError(f"layer {name!r} was first called with grid {buf.grid}, {buf.heads} heads, "
                                  f"{buf.nk} keys on {buf.gen.device}; now {grid}, {heads}, {nk} on {device}")
+            if call_ref_keys is not None and not torch.equal(_key_indices(call_ref_keys, nk), buf.ref_idx.cpu()):
+                raise ValueError(f"layer {name!r}: this call's ref_keys differ from its first call's")
             return buf
         nref = self.ref_grid[0] * self.ref_grid[1]
-        if self.ref_keys is None:
+        ref_keys = self.ref_keys if call_ref_keys is None else call_ref_keys
+        if ref_keys is None:
             if nk < nref:
                 raise ValueError(f"ref_grid {self.ref_grid} needs {nref} reference keys but layer {name!r} "
                                  f"has Nk={nk} keys; check ref_grid or pass ref_keys")
             ref_idx = torch.arange(nk - nref, nk)  # default: the last hI*wI keys (a CLS token first)
         else:
-            ref_idx = torch.arange(nk)[self.ref_keys] if isinstance(self.ref_keys, slice) \
-                else torch.as_tensor(self.ref_keys).reshape(-1)
+            ref_idx = _key_indices(ref_keys, nk)
             if ref_idx.numel() != nref:
                 raise ValueError(f"ref_keys selects {ref_idx.numel()} keys of layer {name!r} but ref_grid "
                                  f"{self.ref_grid} has {nref} patches")
@@ -195,6 +217,13 @@ def layer_selected(name, grid, spec):
         if not isinstance(it, str) and not _is_resolution(it):
             raise TypeError(f"layers entries must be name patterns (str) or (h_l, w_l) resolutions, got {it!r}")
     return False
+
+
+def _key_indices(ref_keys, nk):
+    """ref_keys (a slice or indices into the nk keys) as an int64 CPU tensor."""
+    if isinstance(ref_keys, slice):
+        return torch.arange(nk)[ref_keys]
+    return torch.as_tensor(ref_keys).reshape(-1).long().cpu()
 
 
 def _is_resolution(x):
