@@ -151,3 +151,11 @@ def test_kontext_pipeline_traced_run_equals_the_untraced_one():
     assert maps.num_steps == tf.STEPS and maps.latent_size == tf.GRID and maps.ref_grid == tf.REF_GRID
     assert maps.generated(by="time").shape == (G, *tf.GRID) and maps.reference().shape == tf.REF_GRID
     assert torch.isfinite(maps.specific_reference(POINT)).all()
+
+
+def test_true_cfg_two_calls_per_step_is_a_clear_error():
+    pipe = tf.pipeline()
+    kwargs = {**tf.pipeline_kwargs(), "true_cfg_scale": 2.0, "negative_prompt_embeds": torch.randn(1, tf.TEXT, 16),
+              "negative_pooled_prompt_embeds": torch.randn(1, tf.POOLED_DIM)}
+    with pytest.raises(ValueError, match="true CFG"), i2am.trace(pipe):
+        pipe(**kwargs)

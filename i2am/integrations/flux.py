@@ -79,6 +79,13 @@ def read_inputs(tc, args, kwargs):
     """The call's token layout from its img_ids and text length; sets the latent size and the
     reference grid (both fixed for the trace)."""
     inputs = _inputs(args, kwargs)
+    t = timestep(args, kwargs)
+    t = None if t is None else t.flatten()[:1].double()
+    last, tc._flux_timestep = getattr(tc, "_flux_timestep", None), t
+    if t is not None and last is not None and torch.equal(t, last):
+        raise ValueError(f"two transformer calls in a row at timestep {t.item():g}: FluxKontextPipeline's true CFG "
+                         "(a negative prompt with true_cfg_scale > 1) calls the transformer twice per step, and "
+                         "i2am traces one call per step; trace a run without true CFG")
     layout = token_layout(inputs.get("img_ids"), inputs.get("encoder_hidden_states"), inputs.get("hidden_states"))
     tc.recorder.set_latent_size(layout.grid)
     tc.recorder.set_ref_grid(layout.ref_grid)
@@ -92,8 +99,7 @@ def token_layout(img_ids, encoder_hidden_states, hidden_states):
                          "encoder_hidden_states")
     ids = img_ids[0] if img_ids.dim() == 3 else img_ids
     if ids.dim() != 2 or ids.shape[-1] != 3 or (hidden_states is not None and hidden_states.shape[1] != len(ids)):
-        raise ValueError(f"img_ids must be (N, 3) with N the {hidden_states.shape[1]} image tokens, "
-                         f"got {tuple(img_ids.shape)}")
+        raise ValueError(f"img_ids must be (N, 3), one row per image token, got {tuple(img_ids.shape)}")
     text = encoder_hidden_states.shape[1]
     kinds = ids[:, 0].round().long().cpu()
     if not (kinds == REFERENCE).any():
