@@ -60,3 +60,30 @@ def pipeline_kwargs():
                 pooled_prompt_embeds=torch.randn(1, POOLED_DIM, generator=gen), height=HEIGHT, width=WIDTH,
                 max_area=HEIGHT * WIDTH, _auto_resize=False, num_inference_steps=STEPS, guidance_scale=2.5,
                 output_type="latent")
+
+
+def saved_pipeline(folder):
+    """The tiny pipeline with tiny CLIP and T5 text encoders and tokenizers (a 26-letter vocabulary),
+    saved with save_pretrained into folder; returns the folder."""
+    import json
+
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{c + "</w>": i + 2 for i, c in enumerate(letters)}}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    torch.manual_seed(3)
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=POOLED_DIM, intermediate_size=16,
+                                        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=8,
+                                        bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    t5_vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in letters + " "]
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_vocab), d_model=JOINT_DIM, d_kv=4, d_ff=16, num_layers=1,
+                                 num_heads=2))
+    pipe = pipeline()
+    pipe = FluxKontextPipeline(
+        scheduler=pipe.scheduler, vae=pipe.vae, transformer=pipe.transformer, text_encoder=clip,
+        tokenizer=CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=8),
+        text_encoder_2=t5, tokenizer_2=T5TokenizerFast(vocab=t5_vocab, extra_ids=0))
+    pipe.save_pretrained(folder / "model")
+    return folder / "model"

@@ -172,3 +172,32 @@ class I2AMFluxAttnProcessor:
             encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
             return hidden_states, encoder_hidden_states
         return hidden_states
+
+
+# ---- the `i2am run --pipeline flux-kontext` model -------------------------------------------------
+def load_kontext(model, *, device, dtype):
+    """FluxKontextPipeline from a local folder (save_pretrained) or the local Hugging Face cache;
+    nothing is downloaded."""
+    from diffusers import FluxKontextPipeline
+
+    return FluxKontextPipeline.from_pretrained(model, torch_dtype=dtype, local_files_only=True).to(device)
+
+
+def edit_size(pipe, image):
+    """(height, width) of a Kontext edit of `image` at its own size: each side floored to a multiple
+    of the packed token size (the VAE scale factor times the 2 x 2 packing)."""
+    m = pipe.vae_scale_factor * 2
+    return image.height // m * m, image.width // m * m
+
+
+def token_grid(pipe, height, width):
+    """The packed token grid (h, w) of an image of height x width: the latent grid of the maps."""
+    m = pipe.vae_scale_factor * 2
+    return height // m, width // m
+
+
+def kontext_call(image, prompt, height, width):
+    """Keyword arguments of a FluxKontextPipeline edit of `image` at height x width, without the
+    pipeline's resize to its preferred resolutions (so the token grids are the ones asked for)."""
+    return dict(image=image, prompt=prompt, height=height, width=width, max_area=height * width,
+                _auto_resize=False)
