@@ -1,10 +1,10 @@
 """The I2AM equations, materialised: the oracle every backend and map is tested against.
 
 Written to be read next to the paper (Park & Jang, "I2AM", ICLR 2025) and ../shared/SPEC.md
-sections 2-3. The per-call equations (softmaxes, call_maps) live in the kernel layer, i2am.kernels.testing;
-they are re-exported here. Everything here builds the full (Nq x Nk) probabilities and loops over layers,
-heads and time groups as the equations are printed; float64 by default. Never use it on real
-sizes: that is what the streaming backends are for.
+sections 2-3. The per-call equations (softmaxes, call_maps) live in the kernel layer,
+i2am.kernels.testing, and are re-exported here. Everything here builds the full (Nq x Nk)
+probabilities and loops over layers, heads and time groups as the equations are printed;
+float64 by default. Never use it on real sizes: that is what the streaming backends are for.
 """
 from __future__ import annotations
 

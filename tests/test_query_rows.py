@@ -151,3 +151,15 @@ def test_query_probes_must_cover_the_rows():
     q = torch.randn(1, 2, 29, 8)
     with pytest.raises(ValueError, match=r"query_probes must be \(R, \|query_rows\|=12\)"):
         attention_with_maps(q, q, q, query_rows=slice(5, 17), query_probes=torch.ones(1, 29))
+
+
+def test_the_kernel_layer_never_imports_the_analysis_layer():
+    """kernels/ is installed as i2am.kernels but stands alone: no module of it imports i2am.*."""
+    import ast
+    from pathlib import Path
+
+    for path in (Path(__file__).resolve().parents[1] / "kernels").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            assert not any(n == "i2am" or n.startswith("i2am.") for n in names), f"{path.name} imports {names}"
