@@ -34,6 +34,7 @@ class LayerBuffers:
     gen: torch.Tensor
     ref: torch.Tensor
     call: object = None  # the checked kernel arguments (kernels.MapsCall), reused step after step
+    ref_cpu: torch.Tensor = None  # ref_idx on the CPU: per-call ref_keys are checked without a sync
 
 
 class Recorder:
@@ -177,7 +178,7 @@ class Recorder:
             if (buf.grid, buf.heads, buf.nk) != (grid, heads, nk) or buf.gen.device != device:
                 raise ValueError(f"layer {name!r} was first called with grid {buf.grid}, {buf.heads} heads, "
                                  f"{buf.nk} keys on {buf.gen.device}; now {grid}, {heads}, {nk} on {device}")
-            if call_ref_keys is not None and not torch.equal(_key_indices(call_ref_keys, nk), buf.ref_idx.cpu()):
+            if call_ref_keys is not None and not torch.equal(_key_indices(call_ref_keys, nk), buf.ref_cpu):
                 raise ValueError(f"layer {name!r}: this call's ref_keys differ from its first call's")
             return buf
         nref = self.ref_grid[0] * self.ref_grid[1]
@@ -198,7 +199,7 @@ class Recorder:
         buf = LayerBuffers(
             grid, heads, nk, ref_idx.to(device), self.keys.weights.reshape(Ru, -1).to(device), queries.to(device),
             torch.zeros(Br, G, heads, Ru, grid[0] * grid[1], device=device),
-            torch.zeros(Br, G, heads, Rw, nref, device=device))
+            torch.zeros(Br, G, heads, Rw, nref, device=device), ref_cpu=ref_idx.long().cpu())
         self.buffers[name] = buf
         return buf
 

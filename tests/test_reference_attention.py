@@ -82,3 +82,14 @@ def test_call_ref_keys_must_match_the_reference_grid():
     with rec, pytest.raises(ValueError, match=r"ref_keys selects 14 keys of layer 'a' but ref_grid \(3, 5\)"):
         rec.step()
         i2am.attention(q, k, k, layer="a", ref_keys=slice(25, None))
+
+
+def test_a_layer_keeps_its_reference_keys():
+    rec = i2am.recording(latent_size=OWN, num_steps=1, ref_grid=REF)
+    q, k = features(0, 24), features(1, 24 + 15)
+    with rec:
+        rec.step()
+        i2am.attention(q, k, k, layer="a", ref_keys=slice(24, None))
+        i2am.attention(q, k, k, layer="a", ref_keys=slice(24, 39))  # the same keys, spelt otherwise
+        with pytest.raises(ValueError, match="this call's ref_keys differ from its first call's"):
+            i2am.attention(q, k, k, layer="a", ref_keys=slice(0, 15))
