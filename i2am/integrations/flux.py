@@ -72,7 +72,7 @@ def _inputs(args, kwargs):
 def timestep(args, kwargs):
     """The pipelines pass timestep / 1000 (the transformer multiplies it back)."""
     t = _inputs(args, kwargs).get("timestep")
-    return None if t is None else torch.as_tensor(t) * 1000
+    return None if t is None else torch.as_tensor(t).double() * 1000
 
 
 def read_inputs(tc, args, kwargs):
@@ -80,7 +80,7 @@ def read_inputs(tc, args, kwargs):
     reference grid (both fixed for the trace)."""
     inputs = _inputs(args, kwargs)
     t = timestep(args, kwargs)
-    t = None if t is None else t.flatten()[:1].double()
+    t = None if t is None else t.flatten()[:1].cpu()
     last, tc._flux_timestep = getattr(tc, "_flux_timestep", None), t
     if t is not None and last is not None and torch.equal(t, last):
         raise ValueError(f"two transformer calls in a row at timestep {t.item():g}: FluxKontextPipeline's true CFG "
