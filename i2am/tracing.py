@@ -52,7 +52,8 @@ class trace(recording):
     maps come from the attention over the image tokens. Flux: every FluxAttention running
     FluxAttnProcessor; the joint sequence is [text, generated, reference] tokens, the
     generated rows are the queries of the maps, the latent grid is the packed token grid
-    (H/16, W/16), and both grids are read from img_ids at every call. A recorded call with an
+    (H/16, W/16), and both grids are read from img_ids at every call; a second call at the same
+    timestep (true CFG's negative prompt) is no new step and is not recorded. A recorded call with an
     attention mask (or ip_adapter_masks) is an error: the maps assume the plain softmax.
     """
 
@@ -87,8 +88,8 @@ class trace(recording):
             self.recorder.set_num_steps(_steps_from(scheduler, self.family.timestep(args, kwargs)))
         if self._cfg_from_pipe:  # a property valid during the pipeline call; None: the even-batch rule
             self.cfg = getattr(self.pipe, "do_classifier_free_guidance", None)
-        self.family.read_inputs(self, args, kwargs)
-        self.step()
+        if self.family.read_inputs(self, args, kwargs):
+            self.step()
 
 
 def _steps_from(scheduler, timestep):

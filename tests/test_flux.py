@@ -153,9 +153,29 @@ def test_kontext_pipeline_traced_run_equals_the_untraced_one():
     assert torch.isfinite(maps.specific_reference(POINT)).all()
 
 
-def test_true_cfg_two_calls_per_step_is_a_clear_error():
+def test_true_cfg_records_the_cond_pass_of_each_step():
+    """FluxKontextPipeline with true_cfg_scale > 1 calls the transformer twice per step, the
+    negative prompt second: one step each, the cond calls recorded, the output unchanged."""
     pipe = tf.pipeline()
     kwargs = {**tf.pipeline_kwargs(), "true_cfg_scale": 2.0, "negative_prompt_embeds": torch.randn(1, tf.TEXT, 16),
               "negative_pooled_prompt_embeds": torch.randn(1, tf.POOLED_DIM)}
-    with pytest.raises(ValueError, match="true CFG"), i2am.trace(pipe):
+    with torch.no_grad(), captured_qk() as calls:
+        want = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
+    with i2am.trace(pipe, time_groups=G, points=[POINT], patches=[PATCH]) as tc:
+        got = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert len(calls) == 2 * len(LAYERS) * tf.STEPS  # per step: the cond call's layers, then the negative's
+    cond = [c for i, c in enumerate(calls) if (i // len(LAYERS)) % 2 == 0]
+    n_text = tf.TEXT
+    gen, ref = tf.GRID[0] * tf.GRID[1], tf.REF_GRID[0] * tf.REF_GRID[1]
+    exp = expected_maps(cond, tf.STEPS, slice(n_text, n_text + gen), slice(n_text + gen, n_text + gen + ref),
+                        tf.GRID, tf.REF_GRID)
+    maps = tc.maps()
+    assert maps.num_steps == tf.STEPS
+    torch.testing.assert_close(maps.generated(by="time", normalize=False).double()[None],
+                               integrated(exp, "gen", "time", tf.GRID), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(maps.specific_reference(POINT, normalize=False).double()[None],
+                               integrated(exp, "point", None, tf.REF_GRID), rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="records the cond pass of true CFG only"), \
+            i2am.trace(pipe, branch="all"):
         pipe(**kwargs)

@@ -9,7 +9,9 @@ exposes:
     split(obj) -> (pipe or None, denoiser)
     attention_layers(denoiser) -> {name: attention module}, the layers that can be recorded
     install(tc, layers)                  swap processors; append their undo to tc._undo
-    read_inputs(tc, args, kwargs)        one denoiser call: set latent size (and grids)
+    read_inputs(tc, args, kwargs)        one denoiser call: set latent size (and grids); returns
+                                         whether the call is a new step (Flux true CFG: not its
+                                         negative pass)
     timestep(args, kwargs)               its timestep in pipe.scheduler.timesteps' units
     CFG_BATCH                            whether the pipelines batch [uncond, cond]
     NEEDS_REF_GRID                       whether ref_grid must be given (else the inputs say it)

@@ -17,6 +17,7 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import (FluxAttention, FluxAttnProcessor,
                                                             FluxTransformer2DModel, _get_qkv_projections)
@@ -77,19 +78,24 @@ def timestep(args, kwargs):
 
 def read_inputs(tc, args, kwargs):
     """The call's token layout from its img_ids and text length; sets the latent size and the
-    reference grid (both fixed for the trace)."""
+    reference grid (both fixed for the trace). A second call at the same timestep is true CFG's
+    negative-prompt pass (FluxKontextPipeline with true_cfg_scale > 1): not a new step, and not
+    recorded (branch="cond"). Returns whether the call is a new step."""
     inputs = _inputs(args, kwargs)
     t = timestep(args, kwargs)
     t = None if t is None else t.flatten()[:1].cpu()
     last, tc._flux_timestep = getattr(tc, "_flux_timestep", None), t
-    if t is not None and last is not None and torch.equal(t, last):
-        raise ValueError(f"two transformer calls in a row at timestep {t.item():g}: FluxKontextPipeline's true CFG "
-                         "(a negative prompt with true_cfg_scale > 1) calls the transformer twice per step, and "
-                         "i2am traces one call per step; trace a run without true CFG")
+    negative = t is not None and last is not None and torch.equal(t, last)
+    if negative and tc.recorder.branch != "cond":
+        raise ValueError(f"two transformer calls in a row at timestep {t.item():g}: true CFG's negative-prompt "
+                         f"pass (true_cfg_scale > 1); i2am records the cond pass of true CFG only (branch='cond'), "
+                         f"got branch={tc.recorder.branch!r}")
+    tc.flux_negative_pass = negative
     layout = token_layout(inputs.get("img_ids"), inputs.get("encoder_hidden_states"), inputs.get("hidden_states"))
     tc.recorder.set_latent_size(layout.grid)
     tc.recorder.set_ref_grid(layout.ref_grid)
     tc.token_layout = layout
+    return not negative
 
 
 def token_layout(img_ids, encoder_hidden_states, hidden_states):
@@ -161,8 +167,11 @@ class I2AMFluxAttnProcessor:
                              f"{layout.text if layout else '?'} text + {layout.image if layout else '?'} image "
                              "tokens of this transformer call; call the traced transformer itself")
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, heads, N, head_dim) views
-        hidden_states = self.tc.attend(self.layer, q, k, v, attn_mask=attention_mask, grid=layout.grid,
-                                       query_rows=layout.rows, ref_keys=layout.ref_keys)
+        if self.tc.flux_negative_pass:  # true CFG's negative prompt: plain attention
+            hidden_states = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
+        else:
+            hidden_states = self.tc.attend(self.layer, q, k, v, attn_mask=attention_mask, grid=layout.grid,
+                                           query_rows=layout.rows, ref_keys=layout.ref_keys)
         hidden_states = hidden_states.transpose(1, 2).flatten(2, 3).to(query.dtype)
 
         if encoder_hidden_states is not None:

@@ -57,6 +57,7 @@ def install(tc, layers):
 
 def read_inputs(tc, args, kwargs):
     tc.recorder.set_latent_size(latent_size_of(args, kwargs))
+    return True
 
 
 def timestep(args, kwargs):
