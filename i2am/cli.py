@@ -16,7 +16,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-PIPELINES = ("paint-by-example", "sd-inpaint-patch", "ip-adapter")
+PIPELINES = ("paint-by-example", "sd-inpaint-patch", "ip-adapter", "flux-kontext")
 BACKENDS = ("auto", "torch", "triton", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -72,21 +72,31 @@ pipelines:
   ip-adapter        StableDiffusionInpaintPipeline with an IP-Adapter (--ip-adapter FILE);
                     the maps come from the attention over the adapter's N image tokens,
                     which are not spatial: the reference grid is 1xN
+  flux-kontext      diffusers FluxKontextPipeline editing --reference by --prompt (no --image):
+                    the maps come from every joint attention layer, the latent grid is the
+                    packed token grid (size / 16) of generated and reference tokens alike;
+                    --mask (optional, the size of --reference) marks the edited region for
+                    IMACS_g; the output keeps the reference's size (floored to multiples of 16)
 
 examples:
   i2am run --pipeline paint-by-example --model Fantasy-Studio/Paint-by-Example \\
       --image person.png --mask mask.png --reference shirt.png --points 30,32 --out report
   i2am run --pipeline sd-inpaint-patch --model ./my-model --image person.png --mask mask.png \\
       --reference cloth.png --ref-mask cloth-mask.png --steps 50 --time-groups 5 \\
-      --points 20,30 34,30 --boxes 16,20,40,44 --patches 3,4 --out report""")
+      --points 20,30 34,30 --boxes 16,20,40,44 --patches 3,4 --out report
+  i2am run --pipeline flux-kontext --model black-forest-labs/FLUX.1-Kontext-dev \
+      --reference photo.png --prompt "make the jacket red" --steps 28 --guidance 2.5 \
+      --points 20,30 --patches 20,30 --out report""")
     run.add_argument("--pipeline", required=True, choices=PIPELINES)
     run.add_argument("--model", required=True, metavar="PATH_OR_ID", help="local folder or cached model id")
-    run.add_argument("--image", required=True, help="the image to inpaint")
-    run.add_argument("--mask", required=True, help="inpainting mask, same size as --image, white = fill")
-    run.add_argument("--reference", required=True, help="the reference (example) image")
+    run.add_argument("--image", help="the image to inpaint (all but flux-kontext)")
+    run.add_argument("--mask", help="inpainting mask, same size as --image, white = fill (flux-kontext: "
+                                    "optional, the edited region, same size as --reference)")
+    run.add_argument("--reference", required=True, help="the reference (example) image; flux-kontext: "
+                                                        "the image to edit")
     run.add_argument("--ref-mask", help="mask of the reference's relevant region (e.g. the cloth), "
                                         "same size as --reference: gives IMACS_r")
-    run.add_argument("--prompt", default="", help="text prompt (ip-adapter only; default empty)")
+    run.add_argument("--prompt", default="", help="text prompt (ip-adapter and flux-kontext; default empty)")
     run.add_argument("--ip-adapter", metavar="FILE", help="IP-Adapter weights (.safetensors or .bin); "
                      "its image encoder is the model's image_encoder or the file's image_encoder/ folder")
     run.add_argument("--ip-adapter-scale", type=float, default=1.0)
@@ -289,6 +299,11 @@ def _run(args):
 
     _check_out(args.out)
     device = _check_device(args.device, args.backend)
+    if args.pipeline == "flux-kontext":
+        return _run_kontext(args, device)
+    for option in ("image", "mask"):
+        if getattr(args, option) is None:
+            raise UsageError(f"--pipeline {args.pipeline} needs --{option}")
     image = _open_image(args.image, "--image")
     reference = _open_image(args.reference, "--reference")
     mask_image = _open_image(args.mask, "--mask", mode="L")
@@ -332,6 +347,62 @@ def _run(args):
     if ref_mask_image is not None:
         extra_images["ref_mask"] = ref_mask_image
     scores = write_report(args.out, traced.maps(), image=generated, reference=seen_reference, ref_mask=ref_mask,
+                          settings=settings, extra_images=extra_images, threshold=args.threshold,
+                          alpha=args.alpha)
+    _print_scores(scores, args.out)
+
+
+def _run_kontext(args, device):
+    """flux-kontext: the pipeline edits --reference; both grids are its packed token grid."""
+    import torch
+
+    from .integrations import flux
+    from .report import write_report
+    from .tracing import trace
+
+    if args.image is not None:
+        raise UsageError("--pipeline flux-kontext edits --reference and takes no --image")
+    reference = _open_image(args.reference, "--reference")
+    mask_image = None if args.mask is None else _open_image(args.mask, "--mask", mode="L")
+    if mask_image is not None and mask_image.size != reference.size:
+        raise UsageError(f"--mask is {_wxh(mask_image)} but --reference is {_wxh(reference)}: they must be the "
+                         "same size")
+    ref_mask_image = _ref_mask_image(args, reference)
+    if ref_mask_image is not None and mask_image is None:
+        raise UsageError("--ref-mask gives IMACS_r, which needs --mask (the edited region) with flux-kontext")
+    if args.time_groups > args.steps:
+        raise UsageError(f"--time-groups {args.time_groups} is more than the {args.steps} --steps")
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
+        torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+    _locate(args.model)
+    from diffusers import FluxKontextPipeline
+
+    with _local_only(FluxKontextPipeline, args.model):
+        pipe = flux.load_kontext(args.model, device=device, dtype=dtype)
+    height, width = flux.edit_size(pipe, reference)
+    if height == 0 or width == 0:
+        raise UsageError(f"--reference is {_wxh(reference)}: flux-kontext needs sides of at least "
+                         f"{pipe.vae_scale_factor * 2} pixels")
+    grid = flux.token_grid(pipe, height, width)
+    _check_probes(args, grid, grid)
+    reference = reference.crop((0, 0, width, height))  # the floored size, as the pipeline encodes it
+    crop = (lambda m: None if m is None else m.crop((0, 0, width, height)))
+    mask_image, ref_mask_image = crop(mask_image), crop(ref_mask_image)
+    mask = None if mask_image is None else _binary(mask_image, "--mask")
+    ref_mask = None if ref_mask_image is None else _binary(ref_mask_image, "--ref-mask")
+
+    generator = torch.Generator("cpu").manual_seed(args.seed)
+    with trace(pipe, time_groups=args.time_groups, mask=mask, points=args.points, boxes=args.boxes,
+               patches=args.patches, convention=args.convention, backend=args.backend) as traced:
+        generated = pipe(**flux.kontext_call(reference, args.prompt, height, width), num_inference_steps=args.steps,
+                         guidance_scale=args.guidance, generator=generator).images[0]
+    settings = {key: getattr(args, key) for key in (
+        "pipeline", "model", "mask", "reference", "ref_mask", "prompt", "steps", "guidance", "seed", "backend")}
+    settings.update(device=device, dtype=str(dtype).removeprefix("torch."), height=height, width=width)
+    extra_images = {} if mask_image is None else {"mask": mask_image}
+    if ref_mask_image is not None:
+        extra_images["ref_mask"] = ref_mask_image
+    scores = write_report(args.out, traced.maps(), image=generated, reference=reference, ref_mask=ref_mask,
                           settings=settings, extra_images=extra_images, threshold=args.threshold,
                           alpha=args.alpha)
     _print_scores(scores, args.out)

@@ -37,6 +37,7 @@ class LayerBuffers:
     gen: torch.Tensor
     ref: torch.Tensor
     call: object = None  # the checked kernel arguments (kernels.MapsCall), reused step after step
+    ref_cpu: torch.Tensor = None  # ref_idx on the CPU: per-call ref_keys are checked without a sync
 
 
 class Recorder:
@@ -45,7 +46,7 @@ class Recorder:
     def __init__(self, *, ref_grid, latent_size=None, num_steps=None, time_groups=1, ref_keys=None,
                  branch="cond", mask=None, points=(), boxes=(), patches=(), convention="official",
                  backend="auto", layers=None, resize="bicubic"):
-        self.ref_grid = _pair(ref_grid, "ref_grid (hI, wI)")
+        self.ref_grid = None if ref_grid is None else _pair(ref_grid, "ref_grid (hI, wI)")  # None: set_ref_grid
         if convention not in CONVENTIONS:
             raise ValueError(f"convention must be one of {tuple(CONVENTIONS)}, got {convention!r}")
         if resize not in RESIZE_MODES:
@@ -62,7 +63,8 @@ class Recorder:
         self.points = int_tuples(points, 2, "points", "(row, col) pairs", "point (row, col)")
         self.boxes = int_tuples(boxes, 4, "boxes", "(top, left, bottom, right) tuples",
                                 "box (top, left, bottom, right)")
-        self.keys = key_probes(self.ref_grid, int_tuples(patches, 2, "patches", "(i, j) pairs", "patch (i, j)"))
+        self.patches = int_tuples(patches, 2, "patches", "(i, j) pairs", "patch (i, j)")
+        self.keys = None if self.ref_grid is None else key_probes(self.ref_grid, self.patches)
         self.latent_size = self.queries = self.num_steps = self.record_idx = None
         self.steps_run = 0  # 1 + the last step recorded: fewer than num_steps leaves groups empty
         self.buffers = {}
@@ -87,21 +89,39 @@ class Recorder:
             self.latent_size = size
             self.queries = query_probes(size, self.mask, self.points, self.boxes)
 
+    def set_ref_grid(self, grid):
+        """Fix the reference grid (hI, wI) of a model that says it (a DiT's reference tokens); a
+        grid given before must agree."""
+        grid = _pair(grid, "reference grid (hI, wI)")
+        if self.ref_grid is not None and grid != self.ref_grid:
+            raise ValueError(f"ref_grid {self.ref_grid} was given, but the model's reference tokens form a "
+                             f"{grid} grid; leave ref_grid out to use the model's")
+        if self.ref_grid is None:
+            self.ref_grid, self.keys = grid, key_probes(grid, self.patches)
+
     def selected(self, name, grid):
         """Whether layer `name` with grid (h_l, w_l) is recorded: `layers` holds fnmatch name
         patterns and/or (h_l, w_l) resolutions (None: every layer)."""
         return layer_selected(name, grid, self.layers)
 
-    def record(self, layer, q, k, v, *, step, scale=None, grid=None, cfg=None):
+    def record(self, layer, q, k, v, *, step, scale=None, grid=None, cfg=None, query_rows=None, ref_keys=None):
         """Attention of one call (q (B,H,Nq,d), k, v), with its maps added to layer's buffers.
 
         step: the denoising step, 0 = first. grid: the layer's (h_l, w_l), default inferred
         from Nq and the latent size. cfg: whether the batch is [uncond, cond] (default: an even
-        batch is). Returns the attention output (B, H, Nq, dv).
+        batch is). query_rows: a slice of Nq, the queries that form the grid (joint attention;
+        default all). ref_keys: this call's reference keys (default the recorder's ref_keys).
+        Returns the attention output (B, H, Nq, dv) for every query.
         """
         if self.latent_size is None or self.num_steps is None:
             raise ValueError("the recorder needs latent_size and num_steps before the first call")
+        if self.ref_grid is None:
+            raise ValueError("the recorder needs ref_grid (hI, wI) before the first call")
         B, H, Nq = q.shape[:3]
+        rows = query_rows  # normalised as the kernel's MapsCall keeps it; other values: its error
+        if isinstance(rows, slice) and rows.step in (None, 1):
+            rows = slice(*rows.indices(Nq)[:2])
+            Nq = max(0, rows.stop - rows.start)
         grid = layer_grid(Nq, self.latent_size) if grid is None else _pair(grid, "grid")
         if grid[0] * grid[1] != Nq:
             raise ValueError(f"layer {layer!r}: grid {grid} does not hold its Nq={Nq} queries")
@@ -109,10 +129,11 @@ class Recorder:
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
         tau = self._group(step)
         rec = self._entries(B, cfg)
-        buf = self._layer(layer, grid, H, k.shape[2], q.device)
+        buf = self._layer(layer, grid, H, k.shape[2], q.device, ref_keys)
         gen, ref = CONVENTIONS[self.convention]
-        if buf.call is None or not buf.call.matches(q, k, v, scale):
-            buf.call = prepare(q, k, v, scale=scale, ref_keys=buf.ref_idx, record=rec, key_probes=buf.key_probes,
+        if buf.call is None or not buf.call.matches(q, k, v, scale) or buf.call.query_rows != rows:
+            buf.call = prepare(q, k, v, scale=scale, ref_keys=buf.ref_idx, query_rows=rows, record=rec,
+                               key_probes=buf.key_probes,
                                query_probes=buf.query_probes, gen=(gen,), ref=(ref,), backend=self.backend)
         return buf.call(q, k, v, {f"gen_{gen}": buf.gen[:, tau], f"ref_{ref}": buf.ref[:, tau]})
 
@@ -175,22 +196,24 @@ class Recorder:
                              f"{rec.tolist()} (batch size {B}); keep one batch size per trace")
         return rec
 
-    def _layer(self, name, grid, heads, nk, device):
+    def _layer(self, name, grid, heads, nk, device, call_ref_keys=None):
         buf = self.buffers.get(name)
         if buf is not None:
             if (buf.grid, buf.heads, buf.nk) != (grid, heads, nk) or buf.gen.device != device:
                 raise ValueError(f"layer {name!r} was first called with grid {buf.grid}, {buf.heads} heads, "
                                  f"{buf.nk} keys on {buf.gen.device}; now {grid}, {heads}, {nk} on {device}")
+            if call_ref_keys is not None and not torch.equal(_key_indices(call_ref_keys, nk), buf.ref_cpu):
+                raise ValueError(f"layer {name!r}: this call's ref_keys differ from its first call's")
             return buf
         nref = self.ref_grid[0] * self.ref_grid[1]
-        if self.ref_keys is None:
+        ref_keys = self.ref_keys if call_ref_keys is None else call_ref_keys
+        if ref_keys is None:
             if nk < nref:
                 raise ValueError(f"ref_grid {self.ref_grid} needs {nref} reference keys but layer {name!r} "
                                  f"has Nk={nk} keys; check ref_grid or pass ref_keys")
             ref_idx = torch.arange(nk - nref, nk)  # default: the last hI*wI keys (a CLS token first)
         else:
-            ref_idx = torch.arange(nk)[self.ref_keys] if isinstance(self.ref_keys, slice) \
-                else torch.as_tensor(self.ref_keys).reshape(-1)
+            ref_idx = _key_indices(ref_keys, nk)
             if ref_idx.numel() != nref:
                 raise ValueError(f"ref_keys selects {ref_idx.numel()} keys of layer {name!r} but ref_grid "
                                  f"{self.ref_grid} has {nref} patches")
@@ -200,7 +223,7 @@ class Recorder:
         buf = LayerBuffers(
             grid, heads, nk, ref_idx.to(device), self.keys.weights.reshape(Ru, -1).to(device), queries.to(device),
             torch.zeros(Br, G, heads, Ru, grid[0] * grid[1], device=device),
-            torch.zeros(Br, G, heads, Rw, nref, device=device))
+            torch.zeros(Br, G, heads, Rw, nref, device=device), ref_cpu=ref_idx.long().cpu())
         self.buffers[name] = buf
         return buf
 
@@ -252,6 +275,13 @@ def _positive(x, what):
     if n < 1:
         raise ValueError(f"{what} must be a positive integer, got {x!r}")
     return n
+
+
+def _key_indices(ref_keys, nk):
+    """ref_keys (a slice or indices into the nk keys) as an int64 CPU tensor."""
+    if isinstance(ref_keys, slice):
+        return torch.arange(nk)[ref_keys]
+    return torch.as_tensor(ref_keys).reshape(-1).long().cpu()
 
 
 def _is_resolution(x):

@@ -36,7 +36,8 @@ _CURRENT = contextvars.ContextVar("i2am_recording", default=None)
 _IN_USE = weakref.WeakSet()  # denoisers hooked by an active recording
 
 
-def attention(q, k, v, *, scale=None, layer=None, attn_mask=None, heads=None, grid=None):
+def attention(q, k, v, *, scale=None, layer=None, attn_mask=None, heads=None, grid=None, query_rows=None,
+              ref_keys=None):
     """``F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)`` that, inside
     an :class:`i2am.recording` (or :class:`i2am.trace`), records the call as layer `layer`.
 
@@ -44,14 +45,18 @@ def attention(q, k, v, *, scale=None, layer=None, attn_mask=None, heads=None, gr
     them out, with heads=H (the recorder needs the batch axis for CFG and the head axis for
     by-head maps). layer: a name, or a module inside the recording's denoiser (named as in
     ``denoiser.named_modules()``); None: never recorded. grid: the call's query grid
-    (h_l, w_l), default inferred from Nq and the latent size. A recorded call may not have an
-    attention mask.
+    (h_l, w_l), default inferred from Nq and the latent size. query_rows: a slice of the
+    queries that form that grid (joint attention; default all). ref_keys: this call's
+    reference keys, a slice or indices (default the recording's ref_keys, else the last hI*wI
+    keys): in a self-attention with concatenated reference features, keys = [own, reference]
+    and ref_keys the reference part. A recorded call may not have an attention mask.
     """
     rec = _CURRENT.get()
     if rec is None or layer is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
     if q.dim() == 4:
-        return rec.attend(layer, q, k, v, scale=scale, attn_mask=attn_mask, grid=grid)
+        return rec.attend(layer, q, k, v, scale=scale, attn_mask=attn_mask, grid=grid, query_rows=query_rows,
+                          ref_keys=ref_keys)
     if q.dim() != 3 or heads is None:
         raise ValueError(f"a recorded call needs q, k, v as (B, H, N, d), or (B*H, N, d) with heads=H; got "
                          f"q {tuple(q.shape)} and heads={heads}")
@@ -63,7 +68,8 @@ def attention(q, k, v, *, scale=None, layer=None, attn_mask=None, heads=None, gr
     q, k, v = (t.unflatten(0, (-1, heads)) for t in (q, k, v))
     if attn_mask is not None and attn_mask.dim() == 3:
         attn_mask = attn_mask.unflatten(0, (-1, heads))
-    return rec.attend(layer, q, k, v, scale=scale, attn_mask=attn_mask, grid=grid).flatten(0, 1)
+    return rec.attend(layer, q, k, v, scale=scale, attn_mask=attn_mask, grid=grid, query_rows=query_rows,
+                      ref_keys=ref_keys).flatten(0, 1)
 
 
 class recording:
@@ -128,18 +134,21 @@ class recording:
         self.current_step = t
         return t
 
-    def attend(self, layer, q, k, v, *, scale=None, attn_mask=None, grid=None):
-        """The attention of one call of `layer` (a name or a module), its maps recorded."""
+    def attend(self, layer, q, k, v, *, scale=None, attn_mask=None, grid=None, query_rows=None, ref_keys=None):
+        """The attention of one call of `layer` (a name or a module), its maps recorded
+        (query_rows, ref_keys: see i2am.attention)."""
         name = self._name(layer)
         if self.recorder.latent_size is None or self.current_step is None:
             raise ValueError(f"layer {name!r} was called before the first step: pass a denoiser (or "
                              "latent_size) to the recording and call rec.step() before each step")
         if attn_mask is not None:
-            if self.recorder.selected(name, grid or layer_grid(q.shape[2], self.recorder.latent_size)):
+            n_rows = q.shape[2] if query_rows is None else len(range(q.shape[2])[query_rows])
+            if self.recorder.selected(name, grid or layer_grid(n_rows, self.recorder.latent_size)):
                 raise ValueError(f"layer {name!r}: i2am cannot record attention with an attention mask "
                                  "(the maps assume the plain softmax); leave this layer out with layers=")
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-        return self.recorder.record(name, q, k, v, step=self.current_step, scale=scale, grid=grid, cfg=self.cfg)
+        return self.recorder.record(name, q, k, v, step=self.current_step, scale=scale, grid=grid, cfg=self.cfg,
+                                    query_rows=query_rows, ref_keys=ref_keys)
 
     def maps(self):
         """The maps recorded so far, as an i2am.AttributionMaps."""
@@ -150,11 +159,7 @@ class recording:
         """Changes to the model beyond the step hook (i2am.trace swaps processors here)."""
 
     def _on_denoiser_call(self, module, args, kwargs):
-        sample = args[0] if args else kwargs.get("sample", kwargs.get("x"))
-        if not isinstance(sample, torch.Tensor) or sample.dim() < 3:
-            raise ValueError("cannot read the latent size: the denoiser's first input must be the latent "
-                             "sample (B, C, h, w)")
-        self.recorder.set_latent_size(tuple(sample.shape[-2:]))
+        self.recorder.set_latent_size(latent_size_of(args, kwargs))
         self.step()
 
     def _claim(self, denoiser):
@@ -176,3 +181,12 @@ class recording:
             raise ValueError(f"layer {type(layer).__name__} is not a module of this recording's denoiser; "
                              "pass the layer's name as a string instead")
         return name
+
+
+def latent_size_of(args, kwargs):
+    """(h, w) of a denoiser call's latent sample: its first input, (B, C, h, w)."""
+    sample = args[0] if args else kwargs.get("sample", kwargs.get("x"))
+    if not isinstance(sample, torch.Tensor) or sample.dim() < 3:
+        raise ValueError("cannot read the latent size: the denoiser's first input must be the latent "
+                         "sample (B, C, h, w)")
+    return tuple(sample.shape[-2:])

@@ -1,43 +1,17 @@
 """The I2AM equations, materialised: the oracle every backend and map is tested against.
 
 Written to be read next to the paper (Park & Jang, "I2AM", ICLR 2025) and ../shared/SPEC.md
-sections 2-3. Everything here builds the full (Nq x Nk) probabilities and loops over layers,
-heads and time groups as the equations are printed; float64 by default. Never use it on real
-sizes: that is what the streaming backends are for.
+sections 2-3. The per-call equations (softmaxes, call_maps) live in the kernel layer,
+i2am.kernels.testing, and are re-exported here. Everything here builds the full (Nq x Nk)
+probabilities and loops over layers, heads and time groups as the equations are printed;
+float64 by default. Never use it on real sizes: that is what the streaming backends are for.
 """
 from __future__ import annotations
 
 import torch
 
 from .grid import resize
-
-
-def softmaxes(q, k, scale):
-    """P (softmax over keys, the attention itself) and C (softmax over queries)."""
-    s = scale * q @ k.transpose(-1, -2)  # s[x, k] = scale <q[x], k[k]>
-    return s.softmax(-1), s.softmax(-2)
-
-
-def call_maps(q, k, v, *, scale, ref_idx, record_idx, key_probes, query_probes,
-              names=("gen_query", "ref_key"), dtype=torch.float64):
-    """One attention call: the output and the maps of SPEC section 2 for the recorded entries.
-
-    q (B,H,Nq,d), k (B,H,Nk,d), v (B,H,Nk,dv); ref_idx (Kr,) key indices of the reference grid;
-    record_idx (Br,) batch indices; key_probes u (Ru,Kr); query_probes m (Rw,Nq).
-    Returns out (B,H,Nq,dv) in q.dtype and {name: (Br,H,R,N)} in float32.
-    """
-    q, k, v = (t.to(dtype) for t in (q, k, v))
-    P, C = softmaxes(q, k, scale)
-    out = (P @ v).to(torch.float32)
-    u, m = key_probes.to(dtype), query_probes.to(dtype)
-    P, C = P[record_idx][..., ref_idx], C[record_idx][..., ref_idx]  # (Br,H,Nq,Kr)
-    maps = {
-        "gen_query": lambda: u @ C.transpose(-1, -2),  # sum_k u[k] C[x,k]        official M_g
-        "gen_key": lambda: u @ P.transpose(-1, -2),    # sum_k u[k] P[x,k]        eq. 4-7
-        "ref_key": lambda: m @ P,                      # sum_x m[x] P[x,k]        official M_r
-        "ref_query": lambda: m @ C,                    # sum_x m[x] C[x,k]        eq. 12-15
-    }
-    return out, {name: maps[name]().float() for name in names}
+from .kernels.testing import call_maps, softmaxes  # noqa: F401  the per-call equations
 
 
 def ref_map_eq14(P, grid, m, mode="bicubic"):

@@ -4,30 +4,27 @@
         image = pipe(...).images[0]
     maps = tc.maps()
 
-Inside the block the UNet's cross-attention layers (attn2) run through i2am processors
-(i2am.processors) that compute the same output and stream the maps into small buffers; every
-other module is untouched. On exit, also when the block raised, the original processor
+Inside the block the denoiser's attention layers (a UNet's cross-attention attn2 layers, a
+Flux transformer's joint attention) run through i2am processors (one module per model family
+in i2am.integrations) that compute the same output and stream the maps into small buffers;
+every other module is untouched. On exit, also when the block raised, the original processor
 objects and the denoiser's hooks are back.
 """
-from diffusers.models.attention_processor import (Attention, AttnProcessor, AttnProcessor2_0,
-                                                  IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0)
 import torch
-from torch import nn
 
-from .processors import I2AMAttnProcessor, I2AMIPAdapterAttnProcessor
+from . import integrations
 from .recorder import could_select
 from .recording import recording
 
-PLAIN = (AttnProcessor, AttnProcessor2_0)            # same math: scaled dot-product attention
-IP_ADAPTER = (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0)
-
 
 class trace(recording):
-    """Context manager that records I2AM maps of a diffusers pipeline or UNet while it runs.
+    """Context manager that records I2AM maps of a diffusers pipeline or denoiser while it runs.
 
     Args:
-        pipe_or_denoiser: a diffusers pipeline with a ``.unet``, or a UNet2DConditionModel.
-        ref_grid: (hI, wI) rows x cols of the reference-image tokens.
+        pipe_or_denoiser: a diffusers pipeline with a ``.unet``, or a UNet2DConditionModel; or
+            a FluxKontextPipeline, or a FluxTransformer2DModel given Kontext's inputs.
+        ref_grid: (hI, wI) rows x cols of the reference-image tokens. Flux models say it (the
+            reference tokens of img_ids): leave it out, or it is checked against theirs.
         ref_keys: the reference keys (slice or indices into the keys); default the last hI*wI
             (a leading CLS token, or text tokens, take part in the softmax but not the maps).
         time_groups: G, the number of time groups (eq. 10).
@@ -40,64 +37,65 @@ class trace(recording):
             first call: the timesteps from the scheduler's begin_index, else from the first
             call's timestep, to the end (so img2img/inpainting runs with strength < 1, which
             start partway down the schedule, count only their own steps). Needed for a bare UNet.
-        layers: record only these attn2 layers: fnmatch name patterns (e.g. "up_blocks.*") and/or
-            (h_l, w_l) resolutions; the others run as plain attention. Patterns that match no
-            layer are an error on entering the block; resolutions are known only once the
-            layers run.
+        layers: record only these layers (UNets: attn2 layers; Flux: every joint attention,
+            "transformer_blocks.*" and "single_transformer_blocks.*"): fnmatch name patterns
+            (e.g. "up_blocks.*") and/or (h_l, w_l) resolutions; the others run as plain attention.
+            Patterns that match no layer are an error on entering the block; resolutions are
+            known only once the layers run.
         convention: "official" (default) or "paper" (SPEC section 2).
         backend: "auto", "triton", "cuda", "torch" or "reference".
         cfg: whether batches are [uncond, cond]; default ``pipe.do_classifier_free_guidance``
-            where the pipeline has it, else an even batch is.
+            where the pipeline has it, else an even batch is (UNets); Flux: never (guidance-
+            distilled, so branch="cond" records every entry).
         resize: "bicubic" (default), "bilinear" or "nearest", the layer-to-latent resize.
 
     One denoiser call is one step; the latent size is read from its input and may not change.
     Layers are the UNet's attn2 modules (``Attention.is_cross_attention``) running
     AttnProcessor/AttnProcessor2_0 or IPAdapterAttnProcessor(2_0); for IP-Adapter layers the
-    maps come from the attention over the image tokens. A recorded call with an attention
-    mask (or ip_adapter_masks) is an error: the maps assume the plain softmax.
+    maps come from the attention over the image tokens. Flux: every FluxAttention running
+    FluxAttnProcessor; the joint sequence is [text, generated, reference] tokens, the
+    generated rows are the queries of the maps, the latent grid is the packed token grid
+    (H/16, W/16), and both grids are read from img_ids at every call; a second call at the same
+    timestep (true CFG's negative prompt) is no new step and is not recorded. A recorded call with an
+    attention mask (or ip_adapter_masks) is an error: the maps assume the plain softmax.
     """
 
-    def __init__(self, pipe_or_denoiser, *, ref_grid, ref_keys=None, time_groups=1, branch="cond", mask=None,
+    def __init__(self, pipe_or_denoiser, *, ref_grid=None, ref_keys=None, time_groups=1, branch="cond", mask=None,
                  points=(), boxes=(), patches=(), num_steps=None, layers=None, convention="official",
                  backend="auto", cfg=None, resize="bicubic"):
-        self.pipe, unet = _split(pipe_or_denoiser)
+        self.family = integrations.family(pipe_or_denoiser)
+        self.pipe, denoiser = self.family.split(pipe_or_denoiser)
         if self.pipe is None and num_steps is None:
             raise ValueError("num_steps is needed to trace a bare denoiser (there is no pipeline scheduler "
                              "to read it from)")
-        super().__init__(unet, num_steps=num_steps, cfg=cfg, ref_grid=ref_grid, ref_keys=ref_keys,
+        if ref_grid is None and self.family.NEEDS_REF_GRID:
+            raise ValueError(f"ref_grid (hI, wI) is needed to trace {type(denoiser).__name__}: the rows x cols "
+                             "of the reference-image tokens")
+        if cfg is None and not self.family.CFG_BATCH:
+            cfg = False
+        super().__init__(denoiser, num_steps=num_steps, cfg=cfg, ref_grid=ref_grid, ref_keys=ref_keys,
                          time_groups=time_groups, branch=branch, mask=mask, points=points, boxes=boxes,
                          patches=patches, layers=layers, convention=convention, backend=backend,
                          resize=resize)
-        self.cross_layers = cross_attention_layers(unet)
+        self.attention_layers = self.family.attention_layers(denoiser)
         self._cfg_from_pipe = cfg is None
 
     def _install(self):
-        if not could_select(self.cross_layers, self.recorder.layers):
-            raise ValueError(f"layers={self.recorder.layers!r} matches none of the {len(self.cross_layers)} "
-                             f"cross-attention layers: {', '.join(self.cross_layers)}")
-        for name, module in self.cross_layers.items():  # check them all before changing any
-            if type(module.processor) not in PLAIN + IP_ADAPTER:  # exact: a subclass may change the math
-                raise ValueError(f"layer {name!r} runs {type(module.processor).__name__}; i2am.trace stands in "
-                                 f"for {', '.join(c.__name__ for c in PLAIN + IP_ADAPTER)} only (call "
-                                 "unet.set_default_attn_processor() first, or instrument the code with i2am.attention)")
-        for name, module in self.cross_layers.items():
-            original = module.processor
-            if isinstance(original, IP_ADAPTER):
-                module.set_processor(I2AMIPAdapterAttnProcessor(original, self, name))
-            else:
-                module.set_processor(I2AMAttnProcessor(self, name))
-            self._undo.append(lambda m=module, p=original: m.set_processor(p))
+        if not could_select(self.attention_layers, self.recorder.layers):
+            raise ValueError(f"layers={self.recorder.layers!r} matches none of the {len(self.attention_layers)} "
+                             f"attention layers: {', '.join(self.attention_layers)}")
+        self.family.install(self, self.attention_layers)
 
     def _on_denoiser_call(self, module, args, kwargs):
         if self.current_step is None and self.recorder.num_steps is None:
             scheduler = getattr(self.pipe, "scheduler", None)
             if getattr(scheduler, "timesteps", None) is None:
                 raise ValueError("cannot read the number of steps from pipe.scheduler.timesteps; pass num_steps")
-            timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-            self.recorder.set_num_steps(_steps_from(scheduler, timestep))
+            self.recorder.set_num_steps(_steps_from(scheduler, self.family.timestep(args, kwargs)))
         if self._cfg_from_pipe:  # a property valid during the pipeline call; None: the even-batch rule
             self.cfg = getattr(self.pipe, "do_classifier_free_guidance", None)
-        super()._on_denoiser_call(module, args, kwargs)
+        if self.family.read_inputs(self, args, kwargs):
+            self.step()
 
 
 def _steps_from(scheduler, timestep):
@@ -113,26 +111,3 @@ def _steps_from(scheduler, timestep):
         hits = (timesteps.double() == t).nonzero().flatten()  # in float64: 0.999 is not step 0
         begin = int(hits[0]) if hits.numel() else 0
     return len(timesteps) - (begin or 0)
-
-
-def cross_attention_layers(unet):
-    """{name: Attention} of the UNet's attn2 layers; an error when there are none."""
-    layers = {n: m for n, m in unet.named_modules()
-              if n.rsplit(".", 1)[-1] == "attn2" and isinstance(m, Attention) and m.is_cross_attention}
-    if not layers:
-        raise ValueError(f"no cross-attention layers (attn2 Attention modules) found in {type(unet).__name__}; "
-                         "i2am.trace supports diffusers UNets such as UNet2DConditionModel")
-    return layers
-
-
-def _split(obj):
-    """(pipeline or None, its UNet) from a pipeline or a bare denoiser."""
-    unet = getattr(obj, "unet", None)
-    if isinstance(unet, nn.Module):
-        return obj, unet
-    if isinstance(obj, nn.Module):
-        return None, obj
-    if isinstance(getattr(obj, "transformer", None), nn.Module):
-        raise ValueError(f"{type(obj).__name__} has a transformer denoiser; i2am.trace supports UNet pipelines "
-                         "(pipe.unet) only")
-    raise TypeError(f"i2am.trace needs a diffusers pipeline with a .unet or a UNet module, got {type(obj).__name__}")

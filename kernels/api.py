@@ -6,6 +6,11 @@ Every backend module exposes the same function::
 
     run(q, k, v, out, maps, *, scale, ref_idx, record_idx, key_probes, query_probes)
 
+With query_rows (SPEC 3c) a backend sees only those rows: q and out are the row views
+q[:, :, rows] and out[:, :, rows] (P rows are independent, and C over the rows is the attention
+of those rows alone), and this wrapper writes the other rows with SDPA. A backend with
+QUERY_ROWS = True (the reference) instead takes the whole call and query_rows=.
+
 q (B,H,Nq,d), k (B,H,Nk,d), v (B,H,Nk,dv): the caller's tensors, any strides, one dtype and
 device. out (B,H,Nq,dv), q.dtype: the backend writes the rows record_idx. maps: {name: float32
 buffer, any strides}, with name in MAP_NAMES and shape (Br,H,Ru,Nq) for gen_*, (Br,H,Rw,Kr)
@@ -33,7 +38,7 @@ _MODULES = {
 }
 
 
-def attention_with_maps(q, k, v, *, scale=None, ref_keys=None, record=None, key_probes=None,
+def attention_with_maps(q, k, v, *, scale=None, ref_keys=None, query_rows=None, record=None, key_probes=None,
                         query_probes=None, gen=("query",), ref=("key",), backend="auto",
                         accumulate=None):
     """Cross-attention that also returns I2AM maps, without materialising (Nq x Nk) scores.
@@ -42,10 +47,13 @@ def attention_with_maps(q, k, v, *, scale=None, ref_keys=None, record=None, key_
         q, k, v: (B, H, Nq, d), (B, H, Nk, d), (B, H, Nk, dv); any float dtype and strides.
         scale: score scale, default d ** -0.5.
         ref_keys: the reference-grid keys, a slice or an index tensor into Nk (default all).
+        query_rows: a slice of Nq, the rows that form the generated grid (default all): the
+            softmax over queries runs over these rows only, gen maps and query_probes have
+            their count (Nr) of columns; out still holds every row (joint attention, DiTs).
         record: batch indices whose maps are computed (default all); the others cost plain
             attention only.
         key_probes: (Ru, Kr) weights over the reference keys, default one uniform row 1/Kr.
-        query_probes: (Rw, Nq) weights over this call's queries, default one uniform row 1/Nq.
+        query_probes: (Rw, Nr) weights over this call's query rows, default one uniform row 1/Nr.
         gen, ref: softmax conventions to reduce for the generated and reference maps:
             "query" (softmax over queries) and/or "key" (softmax over keys).
         backend: "auto" (triton for CUDA tensors when it imports, else torch), "triton",
@@ -55,19 +63,20 @@ def attention_with_maps(q, k, v, *, scale=None, ref_keys=None, record=None, key_
 
     Returns:
         (out, maps): out == SDPA(q, k, v) in q.dtype, with SDPA's gradients when grad is
-        enabled; maps {"gen_query": (Br,H,Ru,Nq), "gen_key": ..., "ref_key": (Br,H,Rw,Kr),
+        enabled; maps {"gen_query": (Br,H,Ru,Nr), "gen_key": ..., "ref_key": (Br,H,Rw,Kr),
         "ref_query": ...}, float32, exactly the requested entries (the accumulate dict itself
         when given), never carrying autograd history.
     """
     if accumulate is None and _selects_nothing(record):
-        return _unrecorded(q, k, v, scale, ref_keys, key_probes, query_probes, gen, ref, backend)
-    call = prepare(q, k, v, scale=scale, ref_keys=ref_keys, record=record, key_probes=key_probes,
+        return _unrecorded(q, k, v, scale, ref_keys, query_rows, key_probes, query_probes, gen, ref, backend)
+    call = prepare(q, k, v, scale=scale, ref_keys=ref_keys, query_rows=query_rows, record=record,
+                   key_probes=key_probes,
                    query_probes=query_probes, gen=gen, ref=ref, backend=backend)
     maps = _buffers(accumulate, call.shapes, q.device)
     return call(q, k, v, maps), maps
 
 
-def _unrecorded(q, k, v, scale, ref_keys, key_probes, query_probes, gen, ref, backend):
+def _unrecorded(q, k, v, scale, ref_keys, query_rows, key_probes, query_probes, gen, ref, backend):
     """Nothing recorded: SDPA and empty maps. The arguments get the same checks as in prepare(),
     but on their own devices and without building the reference-key and probe tensors on q's
     device (a full prepare() costs about 0.1 ms, more than SDPA itself on small GPU calls)."""
@@ -75,10 +84,12 @@ def _unrecorded(q, k, v, scale, ref_keys, key_probes, query_probes, gen, ref, ba
     scale = d ** -0.5 if scale is None else _check_scale(scale)
     _resolve_backend(backend, q)
     kr = _index(ref_keys, Nk, "ref_keys", torch.device("cpu")).numel()
-    rows = {"gen": _probes(key_probes, kr, "key_probes", "|ref_keys|", _device(key_probes)).shape[0],
-            "ref": _probes(query_probes, Nq, "query_probes", "Nq", _device(query_probes)).shape[0]}
+    rows = _rows(query_rows, Nq)
+    Nq = rows.stop - rows.start
+    probes = {"gen": _probes(key_probes, kr, "key_probes", "|ref_keys|", _device(key_probes)).shape[0],
+              "ref": _probes(query_probes, Nq, "query_probes", _nq_name(query_rows), _device(query_probes)).shape[0]}
     size = {"gen": Nq, "ref": kr}
-    maps = {f"{kind}_{c}": q.new_zeros(0, H, rows[kind], size[kind], dtype=torch.float32)
+    maps = {f"{kind}_{c}": q.new_zeros(0, H, probes[kind], size[kind], dtype=torch.float32)
             for kind, sel in (("gen", gen), ("ref", ref)) for c in _conventions(sel, kind)}
     return _sdpa(q, k, v, scale), maps
 
@@ -107,6 +118,7 @@ class MapsCall:
     query_probes: torch.Tensor
     shapes: dict  # {map name: buffer shape}
     backend: str
+    query_rows: slice = None  # the rows with maps (step 1), None: all
 
     def matches(self, q, k, v, scale=None):
         """Whether q, k, v (and scale) have the signature these arguments were checked for."""
@@ -130,9 +142,19 @@ class MapsCall:
         u = self.unrecorded_idx
         if isinstance(u, slice) or u.numel():
             out[u] = _sdpa(q[u], k[u], v[u], self.scale)
-        backend_module(self.backend).run(q, k, v, out, maps, scale=self.scale, ref_idx=self.ref_idx,
-                                         record_idx=self.record_idx, key_probes=self.key_probes,
-                                         query_probes=self.query_probes)
+        module, rows = backend_module(self.backend), self.query_rows
+        args = {"scale": self.scale, "ref_idx": self.ref_idx, "record_idx": self.record_idx,
+                "key_probes": self.key_probes, "query_probes": self.query_probes}
+        if rows is None:
+            module.run(q, k, v, out, maps, **args)
+        elif getattr(module, "QUERY_ROWS", False):
+            module.run(q, k, v, out, maps, query_rows=rows, **args)
+        else:  # the backend runs the rows (views); SDPA the recorded entries' other rows
+            r = self.record_idx if isinstance(u, slice) or u.numel() else slice(None)
+            for other in (slice(0, rows.start), slice(rows.stop, Nq)):
+                if other.stop > other.start:
+                    out[r, :, other] = _sdpa(q[:, :, other][r], k[r], v[r], self.scale)
+            module.run(q[:, :, rows], k, v, out[:, :, rows], maps, **args)
         if q.device.type == "cpu":
             # a query row holding NaN has only NaN scores: CPU SDPA treats it as fully masked and
             # returns zeros (its maps keep the NaN, to be reported)
@@ -162,22 +184,25 @@ class _SDPAGradient(torch.autograd.Function):
         return tuple(next(grads) if t.requires_grad else None for t in inputs) + (None, None)
 
 
-def prepare(q, k, v, *, scale=None, ref_keys=None, record=None, key_probes=None, query_probes=None,
-            gen=("query",), ref=("key",), backend="auto"):
+def prepare(q, k, v, *, scale=None, ref_keys=None, query_rows=None, record=None, key_probes=None,
+            query_probes=None, gen=("query",), ref=("key",), backend="auto"):
     """Check and normalise the arguments of attention_with_maps (same meaning) into a MapsCall."""
     B, H, Nq, Nk, d = _check_qkv(q, k, v)
+    rows = _rows(query_rows, Nq)
+    Nq = rows.stop - rows.start
     scale = d ** -0.5 if scale is None else _check_scale(scale)
     dev = q.device
     ref_idx = _index(ref_keys, Nk, "ref_keys", dev)
     record_idx = _index(record, B, "record", dev, unique=True)
     key_probes = _probes(key_probes, ref_idx.numel(), "key_probes", "|ref_keys|", dev)
-    query_probes = _probes(query_probes, Nq, "query_probes", "Nq", dev)
+    query_probes = _probes(query_probes, Nq, "query_probes", _nq_name(query_rows), dev)
     names = [f"gen_{c}" for c in _conventions(gen, "gen")]
     names += [f"ref_{c}" for c in _conventions(ref, "ref")]
     shapes = {n: (record_idx.numel(), H, (key_probes if n.startswith("gen") else query_probes).shape[0],
                   Nq if n.startswith("gen") else ref_idx.numel()) for n in names}
     return MapsCall(_signature(q, k, v, scale), scale, ref_idx, record_idx, _complement(record_idx, B),
-                    key_probes, query_probes, shapes, _resolve_backend(backend, q))
+                    key_probes, query_probes, shapes, _resolve_backend(backend, q),
+                    None if query_rows is None else rows)
 
 
 def _signature(q, k, v, scale):
@@ -266,6 +291,23 @@ def _index(sel, n, what, device, unique=False):
     if what != "record" and idx.numel() == 0:
         raise ValueError(f"{what} selects no index out of {n}")
     return idx.to(device)
+
+
+def _rows(sel, n):
+    """query_rows as slice(start, stop) within range(n): None is all rows."""
+    if sel is None:
+        return slice(0, n)
+    if not isinstance(sel, slice):
+        raise TypeError(f"query_rows must be a slice of the {n} queries (e.g. slice(512, 4608)), "
+                        f"got {type(sel).__name__}")
+    start, stop, step = sel.indices(n)
+    if step != 1 or stop <= start:
+        raise ValueError(f"query_rows must be a non-empty slice with step 1 of range(0, {n}), got {sel}")
+    return slice(start, stop)
+
+
+def _nq_name(query_rows):
+    return "Nq" if query_rows is None else "|query_rows|"
 
 
 def _probes(p, n, what, n_name, device):

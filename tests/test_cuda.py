@@ -249,3 +249,18 @@ def test_gpu_agrees_with_triton(gpu_library, monkeypatch, dtype):
     torch.testing.assert_close(out_c, out_t, rtol=2e-2, atol=2e-2)
     for n in ALL:
         torch.testing.assert_close(maps_c[n], maps_t[n], rtol=3e-2, atol=3e-4, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("kind,dtype", [("text, gen, ref", torch.float16), ("ref, gen", torch.float32),
+                                        ("text, ref, gen, text", torch.bfloat16)])
+def test_emulated_query_rows_through_the_op(emulated, monkeypatch, kind, dtype):
+    """query_rows (SPEC 3c) in the op's wrapper: the kernel sees the row views of diffusers-layout
+    q and out (offset, often off 16-byte alignment) and writes only those rows."""
+    import functools
+
+    from test_query_rows import check, joint_case, poison
+
+    poison(monkeypatch)
+    monkeypatch.setattr(cuda_backend, "run", functools.partial(cuda_backend.run, library=emulated))
+    tol = {torch.float32: (1e-4, 1e-5), torch.float16: (2e-2, 2e-3), torch.bfloat16: (5e-2, 2e-2)}[dtype]
+    check(joint_case(kind, d=40, dtype=dtype, seed=4), "cuda", record=[1], tol=tol)

@@ -27,3 +27,26 @@ def test_peak_extra_memory_below_a_quarter_of_one_score_tensor():
     extra = int(res.stdout.split()[-1])
     scores = H * NQ * NK * 4  # one (H, Nq, Nk) float32 tensor: 2.0 GiB
     assert extra < scores / 4, f"peak extra memory {extra / 2**20:.0f} MiB"
+
+
+JOINT = textwrap.dedent("""
+    import resource, torch
+    from i2am.kernels import attention_with_maps
+    H, N, rows, refs = 4, 8704, slice(512, 4608), slice(4608, 8704)  # a Kontext layer's joint sequence
+    q, k, v = (torch.randn(1, H, N, 64) for _ in range(3))
+    probes = torch.rand(6, 4096)
+    attention_with_maps(q[:, :, :64], k[:, :, :64], v[:, :, :64], backend="torch")  # warm-up
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out, maps = attention_with_maps(q, k, v, query_rows=rows, ref_keys=refs, query_probes=probes,
+                                    gen=("query", "key"), ref=("key", "query"), backend="torch")
+    assert torch.isfinite(out).all() and all(torch.isfinite(m).all() for m in maps.values())
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+""")
+
+
+@pytest.mark.slow
+def test_joint_attention_with_query_rows_stays_bounded_by_the_chunk():
+    res = subprocess.run([sys.executable, "-c", JOINT], capture_output=True, text=True, check=True)
+    extra = int(res.stdout.split()[-1])
+    scores = 4 * 4096 * 8704 * 4  # one (H, rows, Nk) float32 score tensor of the generated rows: 544 MiB
+    assert extra < scores / 4, f"peak extra memory {extra / 2**20:.0f} MiB"
