@@ -178,7 +178,7 @@ def test_trace_arguments_checked_on_entry():
     # resolutions are known only once the layers run: a resolution-only spec passes the entry
     with torch.no_grad(), i2am.trace(unet, ref_grid=REF_GRID, num_steps=1, layers=[(4, 6), "up_blocks.*"]) as tc:
         unet(**unet_inputs())
-    assert set(tc.maps().layers) == {n for n in tc.cross_layers if not n.startswith("down_blocks.0")}
+    assert set(tc.maps().layers) == {n for n in tc.attention_layers if not n.startswith("down_blocks.0")}
 
 
 # ---- 5. fewer steps than declared -------------------------------------------------------------
