@@ -162,7 +162,7 @@ def test_finite_recordings_do_not_warn():
 def test_trace_arguments_checked_on_entry():
     unet = tm.unet(9)
     processors = dict(unet.attn_processors)
-    with pytest.raises(ValueError, match=r"layers='nothing\.\*' matches none of the 7 cross-attention layers"):
+    with pytest.raises(ValueError, match=r"layers='nothing\.\*' matches none of the 7 attention layers"):
         with i2am.trace(unet, ref_grid=REF_GRID, num_steps=1, layers="nothing.*"):
             pytest.fail("the block must not run")
     with pytest.raises(TypeError, match="layers must be"):
