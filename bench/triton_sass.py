@@ -169,7 +169,7 @@ def call_args(d, dtype="fp16", maps=("gen_query", "ref_key"), H=8, Nq=4096, Nk=1
     k = (Nk * H * d, d, H * d, 1)
     gen = (H * Ru * Nq, Ru * Nq, Nq, 1)
     args = dict(Q="*" + dtype, K="*" + dtype, V="*" + dtype, OUT="*" + dtype, REC="*i64",
-                qk_scale=d ** -0.5 * math.log2(math.e), H=H, Nq=Nq, Nk=Nk, D=d, DV=d, Ru=Ru, Rw=Rw, su_k=Ru)
+                qk_scale=d ** -0.5 * math.log2(math.e), H=H, Nq=Nq, Nk=Nk, Ru=Ru, Rw=Rw, su_k=Ru)
     args.update({n: "*fp32" for n in ("LSE_ROW", "COL_MAX", "COL_SUM", "LSE_COL", "U", "GK", "GQ", "RK", "RQ")})
     args["M"] = "*fp32" if dtype == "fp32" else "*fp16"  # query probes: fp16 rows in [-1, 1] for fp16/bf16 calls
     for prefix, strides in (("sq", q), ("sk", k), ("sv", k), ("so", q)):
@@ -178,8 +178,9 @@ def call_args(d, dtype="fp16", maps=("gen_query", "ref_key"), H=8, Nq=4096, Nk=1
         args.update(zip((prefix + s for s in ("_i", "_h", "_r", "_n")), gen))
     block, precision = max(16, triton.next_power_of_2(d)), "ieee" if dtype == "fp32" else "tf32"
     flags = {name.upper(): name in maps for name in ("gen_key", "gen_query", "ref_key", "ref_query")}
-    return (args, dict(BLOCK_D=block, DOT_PRECISION=precision),
-            dict(flags, BLOCK_U=16, BLOCK_R=16, BLOCK_DV=block, MAP_PRECISION=precision))
+    align = math.gcd(16 // (4 if dtype == "fp32" else 2), *q[:3], *k[:3])  # as triton_backend._alignment
+    return (args, dict(D=d, ALIGN=align, BLOCK_D=block, DOT_PRECISION=precision),
+            dict(flags, DV=d, BLOCK_U=16, BLOCK_R=16, BLOCK_DV=block, MAP_PRECISION=precision))
 
 
 def fa2_args(d, dtype="fp16", H=8, Nq=4096, Nk=1025):
@@ -188,11 +189,7 @@ def fa2_args(d, dtype="fp16", H=8, Nq=4096, Nk=1025):
     fa2 = dict(Q=args["Q"], K=args["K"], V=args["V"], OUT=args["OUT"], H=H, Nq=Nq, Nk=Nk, qk_scale=args["qk_scale"])
     for x in "qkvo":
         fa2.update({f"s{x}_{s}": args[f"s{x}_{s}"] for s in "bhn"})
-    return fa2, dict(D=d, BLOCK_D=tiles["BLOCK_D"], ALIGN=_pow2_divisor(d * H, 8))
-
-
-def _pow2_divisor(n, cap):
-    return math.gcd(n, cap)
+    return fa2, dict(D=d, BLOCK_D=tiles["BLOCK_D"], ALIGN=tiles["ALIGN"])
 
 
 def measure(d, cfg):

@@ -46,7 +46,7 @@ def _launch(q, k, v, out, maps, scale, ref_idx, record_idx, key_probes, query_pr
     splits = _splits(splits, Nq, Nk, BH, Rw * len(refs) + 2 * need_col, q.device)
     f32 = {"device": q.device, "dtype": torch.float32}
     fp32_dots = "ieee" if q.dtype == torch.float32 else "tf32"
-    shared = {"H": H, "Nq": Nq, "Nk": Nk, "D": d, "qk_scale": scale * math.log2(math.e),
+    shared = {"H": H, "Nq": Nq, "Nk": Nk, "D": d, "qk_scale": scale * math.log2(math.e), "ALIGN": _alignment(q, k, v, out),
               "BLOCK_D": _pow2(d), "DOT_PRECISION": fp32_dots}
     grid = (splits, BH)
 
@@ -111,6 +111,16 @@ def _splits(splits, Nq, Nk, BH, partial_rows, device):
         splits = max(1, triton.cdiv(PROGRAMS_PER_SM * sms, BH))
     splits = min(splits, SCRATCH_BYTES // max(1, 4 * BH * Nk * partial_rows))
     return max(1, min(splits, triton.cdiv(Nq, MAX_BLOCK_M)))
+
+
+def _alignment(*tensors):
+    """The largest power of two, up to 16 bytes, that divides every batch, head and row stride
+    (in elements): the kernels load head and row starts that many elements at a time."""
+    n = 16 // tensors[0].element_size()
+    for t in tensors:
+        for s in t.stride()[:3]:
+            n = math.gcd(n, s)
+    return n
 
 
 def _strides(buf):

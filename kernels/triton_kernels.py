@@ -69,10 +69,18 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _head(X, REC, bh, H, s_b, s_h):
-    """Base pointer of head bh % H of the recorded batch entry REC[bh // H]."""
+def _head(X, REC, bh, H, s_b, s_h, ALIGN: tl.constexpr):
+    """Base pointer of head bh % H of the recorded batch entry REC[bh // H]. The launcher
+    checked that the strides are multiples of ALIGN: said on the computed offset (a hint on
+    the arguments themselves does not reach the loads), it lets them load ALIGN elements at once."""
     b = tl.load(REC + bh // H)
-    return X + b * s_b + (bh % H).to(tl.int64) * s_h
+    return X + tl.multiple_of(b * s_b + (bh % H).to(tl.int64) * s_h, ALIGN)
+
+
+@triton.jit
+def _aligned(stride, ALIGN: tl.constexpr):
+    """stride, known to the compiler as a multiple of ALIGN (which the launcher checked)."""
+    return stride // ALIGN * ALIGN
 
 
 @triton.jit
@@ -97,13 +105,14 @@ def _scores(q, k_base, cols, dims, sk_n, sk_d, Nk, D, qk_scale, DOT_PRECISION: t
 @triton.jit
 def stats_kernel(Q, K, REC, LSE_ROW, COL_MAX, COL_SUM,
                  sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d,
-                 H, Nq, Nk, D, qk_scale,
+                 H, Nq, Nk, qk_scale, D: tl.constexpr, ALIGN: tl.constexpr,
                  NEED_COL: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     split, bh = tl.program_id(0), tl.program_id(1)
     n_splits = tl.num_programs(0)
-    q_base = _head(Q, REC, bh, H, sq_b, sq_h)
-    k_base = _head(K, REC, bh, H, sk_b, sk_h)
+    q_base = _head(Q, REC, bh, H, sq_b, sq_h, ALIGN)
+    k_base = _head(K, REC, bh, H, sk_b, sk_h, ALIGN)
+    sq_n, sk_n = _aligned(sq_n, ALIGN), _aligned(sk_n, ALIGN)
     dims = tl.arange(0, BLOCK_D)
     for qb in range(split, tl.cdiv(Nq, BLOCK_M), n_splits):
         rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -204,17 +213,19 @@ def _add_ref_partial(PART, M, w, a, b, rows, cols, part_row, seen, Nq, Nk, Rw,
 def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, U, M, GK, GQ, RK, RQ,
                 sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                 so_b, so_h, so_n, so_d, su_k, sgk_i, sgk_h, sgk_r, sgk_n, sgq_i, sgq_h, sgq_r, sgq_n,
-                H, Nq, Nk, D, DV, Ru, Rw, qk_scale,
+                H, Nq, Nk, Ru, Rw, qk_scale, D: tl.constexpr, DV: tl.constexpr, ALIGN: tl.constexpr,
                 GEN_KEY: tl.constexpr, GEN_QUERY: tl.constexpr, REF_KEY: tl.constexpr,
                 REF_QUERY: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_U: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 MAP_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     split, bh = tl.program_id(0), tl.program_id(1)
     n_splits = tl.num_programs(0)
-    q_base = _head(Q, REC, bh, H, sq_b, sq_h)
-    k_base = _head(K, REC, bh, H, sk_b, sk_h)
-    v_base = _head(V, REC, bh, H, sv_b, sv_h)
-    o_base = _head(OUT, REC, bh, H, so_b, so_h)
+    q_base = _head(Q, REC, bh, H, sq_b, sq_h, ALIGN)
+    k_base = _head(K, REC, bh, H, sk_b, sk_h, ALIGN)
+    v_base = _head(V, REC, bh, H, sv_b, sv_h, ALIGN)
+    o_base = _head(OUT, REC, bh, H, so_b, so_h, ALIGN)
+    sq_n, sk_n = _aligned(sq_n, ALIGN), _aligned(sk_n, ALIGN)
+    sv_n, so_n = _aligned(sv_n, ALIGN), _aligned(so_n, ALIGN)
     i, h = bh // H, bh % H
     gk_base = GK + i * sgk_i + h * sgk_h
     gq_base = GQ + i * sgq_i + h * sgq_h
