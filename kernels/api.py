@@ -112,8 +112,7 @@ class MapsCall:
                              f"were prepared for: {self.signature}")
         if not self.shapes or self.record_idx.numel() == 0:
             return _sdpa(q, k, v, self.scale)
-        B, H, Nq = q.shape[:3]
-        out = torch.empty(B, H, Nq, v.shape[-1], dtype=q.dtype, device=q.device)
+        out = _empty_like_q(q, v.shape[-1])
         u = self.unrecorded_idx
         if isinstance(u, slice) or u.numel():
             out[u] = _sdpa(q[u], k[u], v[u], self.scale)
@@ -121,6 +120,15 @@ class MapsCall:
                                          record_idx=self.record_idx, key_probes=self.key_probes,
                                          query_probes=self.query_probes)
         return out
+
+
+def _empty_like_q(q, dv):
+    """An empty (B, H, Nq, dv) output whose dimensions lie in memory in q's order, so that the
+    caller's view back (diffusers' transpose(1, 2) of a (B, Nq, H*d) projection) needs no copy."""
+    order = sorted(range(3), key=lambda i: -q.stride(i)) + [3]  # the head dim stays innermost
+    shape = (*q.shape[:3], dv)
+    out = torch.empty([shape[i] for i in order], dtype=q.dtype, device=q.device)
+    return out.permute([order.index(i) for i in range(4)])
 
 
 def prepare(q, k, v, *, scale=None, ref_keys=None, record=None, key_probes=None, query_probes=None,
