@@ -169,7 +169,8 @@ def call_args(d, dtype="fp16", maps=("gen_query", "ref_key"), H=8, Nq=4096, Nk=1
     k = (Nk * H * d, d, H * d, 1)
     gen = (H * Ru * Nq, Ru * Nq, Nq, 1)
     args = dict(Q="*" + dtype, K="*" + dtype, V="*" + dtype, OUT="*" + dtype, REC="*i64",
-                qk_scale=d ** -0.5 * math.log2(math.e), H=H, Nq=Nq, Nk=Nk, Ru=Ru, Rw=Rw, su_k=Ru)
+                qk_scale=d ** -0.5 * math.log2(math.e), H=H, Nq=Nq, Nk=Nk, nq_bucket=triton.next_power_of_2(Nq),
+                Ru=Ru, Rw=Rw, su_k=Ru)
     args.update({n: "*fp32" for n in ("LSE_ROW", "COL_MAX", "COL_SUM", "LSE_COL", "U", "GK", "GQ", "RK", "RQ")})
     args["M"] = "*fp32" if dtype == "fp32" else "*fp16"  # query probes: fp16 rows in [-1, 1] for fp16/bf16 calls
     for prefix, strides in (("sq", q), ("sk", k), ("sv", k), ("so", q)):

@@ -12,12 +12,13 @@ O(splits * Nk * (2 + Rw)) floats per (entry, head), independent of Nq * Nk.
 """
 import contextlib
 import math
+import weakref
 
 import torch
 import triton
 
 from . import torch_backend
-from .triton_kernels import MAX_BLOCK_M, col_lse_kernel, main_kernel, ref_reduce_kernel, stats_kernel
+from .triton_kernels import MIN_BLOCK_M, col_lse_kernel, main_kernel, ref_reduce_kernel, stats_kernel
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_PROBES = 64  # probes one launch reduces: gen maps keep (BLOCK_M, probes) accumulators
@@ -43,28 +44,34 @@ def _launch(q, k, v, out, maps, scale, ref_idx, record_idx, key_probes, query_pr
     need_col = "gen_query" in maps or "ref_query" in maps
     refs = [n for n in ("ref_key", "ref_query") if n in maps]
     gens = [n for n in ("gen_key", "gen_query") if n in maps]
-    splits = _splits(splits, Nq, Nk, BH, Rw * len(refs) + 2 * need_col, q.device)
+    # The scratch holds the splits of the smallest query block; a launch takes as many as its
+    # config's BLOCK_M needs (split_count), and the reductions read the count the chosen config used.
+    split_count = _split_counter(splits, Nq, Nk, BH, Rw * len(refs) + 2 * need_col, q.device)
+    most = split_count(MIN_BLOCK_M)
     f32 = {"device": q.device, "dtype": torch.float32}
     fp32_dots = "ieee" if q.dtype == torch.float32 else "tf32"
-    shared = {"H": H, "Nq": Nq, "Nk": Nk, "D": d, "qk_scale": scale * math.log2(math.e), "ALIGN": _alignment(q, k, v, out),
+    shared = {"H": H, "Nq": Nq, "Nk": Nk, "nq_bucket": triton.next_power_of_2(Nq), "D": d,
+              "qk_scale": scale * math.log2(math.e), "ALIGN": _alignment(q, k, v, out),
               "BLOCK_D": _pow2(d), "DOT_PRECISION": fp32_dots}
-    grid = (splits, BH)
+
+    def grid(meta):
+        return split_count(meta["BLOCK_M"]), BH
 
     lse_row = torch.empty(BH, Nq, **f32)
     unused = lse_row  # the pointer passed for disabled inputs and outputs, never touched
     col_max = col_sum = lse_col = unused
     if need_col:
-        col_max, col_sum = torch.empty(2, BH, splits, Nk, **f32)
+        col_max, col_sum = torch.empty(2, BH, most, Nk, **f32)
         lse_col = torch.empty(BH, Nk, **f32)
     stats_kernel[grid](q, k, record_idx, lse_row, col_max, col_sum, *q.stride(), *k.stride(),
                        NEED_COL=need_col, **shared)
     if need_col:
-        col_lse_kernel[(triton.cdiv(Nk, REDUCE_BLOCK), BH)](col_max, col_sum, lse_col, Nk, splits,
+        col_lse_kernel[(triton.cdiv(Nk, REDUCE_BLOCK), BH)](col_max, col_sum, lse_col, Nk, _used(stats_kernel, split_count),
                                                            BLOCK=REDUCE_BLOCK)
 
-    partials = {n: torch.empty(BH, splits, Rw, Nk, **f32) for n in refs}
-    M, m_scale = _query_probes(query_probes, q.dtype) if refs else (unused, unused)
-    U = _probes_on_keys(key_probes, ref_idx, Nk) if gens else unused
+    partials = {n: torch.empty(BH, most, Rw, Nk, **f32) for n in refs}
+    M, m_scale = _cached((query_probes,), q.dtype, lambda: _query_probes(query_probes, q.dtype)) if refs else (unused, unused)
+    U = _cached((key_probes, ref_idx), Nk, lambda: _probes_on_keys(key_probes, ref_idx, Nk)) if gens else unused
     for a in range(0, Ru if gens else 1, MAX_PROBES):  # one launch unless over MAX_PROBES key probes
         n_u = min(Ru - a, MAX_PROBES)
         gk, gq = (maps[n][:, :, a:a + n_u] if n in maps else None for n in ("gen_key", "gen_query"))
@@ -82,7 +89,30 @@ def _launch(q, k, v, out, maps, scale, ref_idx, record_idx, key_probes, query_pr
     for name, part in partials.items():
         buf = maps[name]
         ref_reduce_kernel[(triton.cdiv(Kr, REDUCE_BLOCK), Rw, BH)](
-            part, ref_idx, m_scale, buf, *buf.stride(), H, Rw, Kr, Nk, splits, BLOCK=REDUCE_BLOCK)
+            part, ref_idx, m_scale, buf, *buf.stride(), H, Rw, Kr, Nk, _used(main_kernel, split_count),
+            BLOCK=REDUCE_BLOCK)
+
+
+_CONSTANTS = {}  # ids of the tensors a value is built from, and what -> (their weak references, versions, value)
+
+
+def _cached(tensors, what, build):
+    """build(), kept while `tensors` live unchanged: the probes of a kept MapsCall (a recorder's
+    layer) are scaled and placed once, not on every call. An in-place change of one of them (its
+    version counter) rebuilds; the entry goes when one of them is freed."""
+    key = (*map(id, tensors), what)
+    hit = _CONSTANTS.get(key)
+    if hit is not None and all(r() is t and n == t._version for r, n, t in zip(*hit[:2], tensors)):
+        return hit[2]
+    value = build()
+    drop = lambda _: _CONSTANTS.pop(key, None)  # noqa: E731
+    _CONSTANTS[key] = ([weakref.ref(t, drop) for t in tensors], [t._version for t in tensors], value)
+    return value
+
+
+def _used(kernel, split_count):
+    """The programs per head of the launch just made: from the config the autotuner chose."""
+    return split_count(kernel.best_config.kwargs["BLOCK_M"])
 
 
 def _query_probes(query_probes, dtype):
@@ -103,14 +133,15 @@ def _probes_on_keys(key_probes, ref_idx, Nk):
     return U.index_put_((ref_idx,), key_probes.T, accumulate=True)
 
 
-def _splits(splits, Nq, Nk, BH, partial_rows, device):
-    """Programs per head: by default enough to fill the GPU about PROGRAMS_PER_SM deep (one per
-    head elsewhere); never more than the query blocks, nor more than SCRATCH_BYTES of partials."""
+def _split_counter(splits, Nq, Nk, BH, partial_rows, device):
+    """block_m -> programs per head for query blocks of block_m rows: by default enough to fill
+    the GPU about PROGRAMS_PER_SM deep (one per head elsewhere); never more than the query
+    blocks, nor more than SCRATCH_BYTES of partials."""
     if splits is None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
         splits = max(1, triton.cdiv(PROGRAMS_PER_SM * sms, BH))
     splits = min(splits, SCRATCH_BYTES // max(1, 4 * BH * Nk * partial_rows))
-    return max(1, min(splits, triton.cdiv(Nq, MAX_BLOCK_M)))
+    return lambda block_m: max(1, min(splits, triton.cdiv(Nq, block_m)))
 
 
 def _alignment(*tensors):

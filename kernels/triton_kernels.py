@@ -55,17 +55,18 @@ if INTERPRET:  # the CPU interpreter: one small config, no benchmarking
 else:  # 8 warps keep the extra map accumulators out of local memory (sm_90 compile, fp16)
     CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=2)
                for bm, bn, w in [(128, 64, 8), (128, 32, 8), (64, 64, 8), (64, 32, 8), (64, 64, 4), (64, 32, 4)]]
-MAX_BLOCK_M = max(c.kwargs["BLOCK_M"] for c in CONFIGS)
+MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in CONFIGS)
 TUNE_MIN_NQ = 4096
 
 
 def _prune(configs, named_args, **kwargs):
     """Head dims of 256 (160 padded) only fit narrow key tiles (registers and shared memory);
-    below TUNE_MIN_NQ queries a call is too short to gain from tuning: the smallest tile."""
+    below TUNE_MIN_NQ queries a call is too short to gain from tuning: the smallest tile. Calls
+    are tuned once per power-of-two bucket of Nq (nq_bucket), and the choice is kept on disk."""
     args = {**named_args, **kwargs}
     if max(args["BLOCK_D"], args.get("BLOCK_DV", 0)) >= 256:
         configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 32] or configs
-    return configs if args["Nq"] >= TUNE_MIN_NQ else configs[-1:]
+    return configs if args["nq_bucket"] >= TUNE_MIN_NQ else configs[-1:]
 
 
 @triton.jit
@@ -100,12 +101,12 @@ def _scores(q, k_base, cols, dims, sk_n, sk_d, Nk, D, qk_scale, DOT_PRECISION: t
     return tl.where(col_ok[None, :], t, NEG)
 
 
-@triton.autotune(configs=CONFIGS, key=["Nq", "Nk", "BLOCK_D", "NEED_COL"],
-                 prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=CONFIGS, key=["nq_bucket", "Nk", "BLOCK_D", "NEED_COL"],
+                 prune_configs_by={"early_config_prune": _prune}, cache_results=True)
 @triton.jit
 def stats_kernel(Q, K, REC, LSE_ROW, COL_MAX, COL_SUM,
                  sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d,
-                 H, Nq, Nk, qk_scale, D: tl.constexpr, ALIGN: tl.constexpr,
+                 H, Nq, Nk, nq_bucket, qk_scale, D: tl.constexpr, ALIGN: tl.constexpr,
                  NEED_COL: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     split, bh = tl.program_id(0), tl.program_id(1)
@@ -206,14 +207,14 @@ def _add_ref_partial(PART, M, w, a, b, rows, cols, part_row, seen, Nq, Nk, Rw,
 
 
 @triton.autotune(configs=CONFIGS,
-                 key=["Nq", "Nk", "Ru", "Rw", "BLOCK_D", "BLOCK_DV", "GEN_KEY", "GEN_QUERY",
+                 key=["nq_bucket", "Nk", "Ru", "Rw", "BLOCK_D", "BLOCK_DV", "GEN_KEY", "GEN_QUERY",
                       "REF_KEY", "REF_QUERY"],
-                 prune_configs_by={"early_config_prune": _prune}, restore_value=["GK", "GQ"])
+                 prune_configs_by={"early_config_prune": _prune}, restore_value=["GK", "GQ"], cache_results=True)
 @triton.jit
 def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, U, M, GK, GQ, RK, RQ,
                 sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                 so_b, so_h, so_n, so_d, su_k, sgk_i, sgk_h, sgk_r, sgk_n, sgq_i, sgq_h, sgq_r, sgq_n,
-                H, Nq, Nk, Ru, Rw, qk_scale, D: tl.constexpr, DV: tl.constexpr, ALIGN: tl.constexpr,
+                H, Nq, Nk, nq_bucket, Ru, Rw, qk_scale, D: tl.constexpr, DV: tl.constexpr, ALIGN: tl.constexpr,
                 GEN_KEY: tl.constexpr, GEN_QUERY: tl.constexpr, REF_KEY: tl.constexpr,
                 REF_QUERY: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_U: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,

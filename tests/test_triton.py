@@ -92,7 +92,7 @@ def test_float64_runs_on_the_torch_backend():
 def test_splits_stay_within_query_blocks_and_scratch_cap():
     triton_backend = backend_module("triton")
     cpu = torch.device("cpu")
-    splits = triton_backend._splits(1000, 65536, 1025, 8, 14, cpu)  # Nq, Nk, BH, partial rows
-    assert 1 <= splits and splits * 4 * 8 * 1025 * 14 <= triton_backend.SCRATCH_BYTES
-    blocks = -(-40 // triton_backend.MAX_BLOCK_M)
-    assert triton_backend._splits(1000, 40, 7, 2, 3, cpu) == blocks
+    split_count = triton_backend._split_counter(1000, 65536, 1025, 8, 14, cpu)  # Nq, Nk, BH, partial rows
+    assert 1 <= split_count(64) and split_count(64) * 4 * 8 * 1025 * 14 <= triton_backend.SCRATCH_BYTES
+    split_count = triton_backend._split_counter(1000, 40, 7, 2, 3, cpu)
+    assert (split_count(16), split_count(64), split_count(128)) == (3, 1, 1)  # the query blocks of each config
