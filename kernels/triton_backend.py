@@ -3,7 +3,8 @@
 Passes (kernels and their derivation in triton_kernels.py), per recorded entry and head:
   1. statistics over query blocks: the row log-sum-exp (softmax over keys) and, only when
      gen_query/ref_query are requested, per-program partial column (max, sum-exp) statistics;
-  2. only then, a fixed-order reduction of the partials to the column log-sum-exp;
+  2. only then, a fixed-order reduction of the partials to the column log-sum-exp, and an
+     exact pass over the (rare) columns whose partial sums fell below float32's range;
   3. the main pass: out = P V, gen maps added straight into their buffers, ref maps into
      per-program partials;
   4. a fixed-order reduction of the ref partials, gathered at the reference keys and added.
@@ -18,7 +19,8 @@ import torch
 import triton
 
 from . import torch_backend
-from .triton_kernels import MIN_BLOCK_M, col_lse_kernel, main_kernel, ref_reduce_kernel, stats_kernel
+from .triton_kernels import (EXACT_BLOCK_N, EXACT_CONFIG, MIN_BLOCK_M, col_exact_kernel, col_lse_kernel, main_kernel,
+                             ref_reduce_kernel, stats_kernel)
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_PROBES = 64  # probes one launch reduces: gen maps keep (BLOCK_M, probes) accumulators
@@ -68,6 +70,9 @@ def _launch(q, k, v, out, maps, scale, ref_idx, record_idx, key_probes, query_pr
     if need_col:
         col_lse_kernel[(triton.cdiv(Nk, REDUCE_BLOCK), BH)](col_max, col_sum, lse_col, Nk, _used(stats_kernel, split_count),
                                                            BLOCK=REDUCE_BLOCK)
+        exact = {k: shared[k] for k in ("H", "Nq", "Nk", "qk_scale", "D", "ALIGN", "BLOCK_D", "DOT_PRECISION")}
+        col_exact_kernel[(triton.cdiv(Nk, EXACT_BLOCK_N), BH)](q, k, record_idx, lse_col, *q.stride(), *k.stride(),
+                                                              **exact, **EXACT_CONFIG)
 
     partials = {n: torch.empty(BH, most, Rw, Nk, **f32) for n in refs}
     M, m_scale = _cached((query_probes,), q.dtype, lambda: _query_probes(query_probes, q.dtype)) if refs else (unused, unused)

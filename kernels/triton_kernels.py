@@ -13,9 +13,11 @@ Queries come in blocks of BLOCK_M rows and keys in tiles of BLOCK_N. A grid row 
 ...), so scratch that is kept per program is O(n_splits * Nk), never O(Nq * Nk).
 
 1. stats_kernel: per query block, an online pass over the key tiles gives lse_row; per key
-   tile it also merges the block's column (max, sum) into the program's partial column
-   statistics (only when C is needed), taking the column sums from the row exponentials.
-2. col_lse_kernel: merges the n_splits partial column statistics into lse_col, in a fixed order.
+   tile it also merges the block's column sums into the program's partial column statistics
+   (only when C is needed): the row exponentials at one shift per tile, summed by an MMA.
+2. col_lse_kernel: merges the n_splits partial column statistics into lse_col, in a fixed order,
+   and flags the columns whose sums lost too much below float32's range; col_exact_kernel redoes
+   those (if any) with their own exponential.
 3. main_kernel: recomputes t, now with exact P (C from P, below): out = P V; gen maps as P U^T, C U^T
    (U: key probes placed on their keys), kept in registers over the key tiles and added into
    the caller's buffer (every element belongs to one program); ref maps as M P, M C (M: query
@@ -32,7 +34,7 @@ b[k] = 2^(c - lse_col[k]) for any shift c, so the C maps are P reductions with r
 With c the block's largest lse_row, a <= 1, and b <= 2^RANGE as long as c - min_k lse_col <= RANGE;
 then any term that a, b or P lose below float32's 2^-126 is below 2^(RANGE - 126) = 2^-46 of a map
 value. A query block whose scores spread wider takes the direct second exponential. The stats
-pass shares its exponential the same way within a key tile (derivation at its column sums).
+pass shares its exponential the same way (derivation at its column sums).
 
 No float atomics: every buffer element is written by exactly one program, and every cross-program
 sum runs in a fixed order, so maps are bit-identical run after run (for a given autotune choice).
@@ -48,6 +50,8 @@ from .torch_backend import C_FROM_P_RANGE
 
 NEG = tl.constexpr(-1.0e30)  # the score of masked entries: 2^(NEG - finite) == 0 without inf - inf
 RANGE = tl.constexpr(C_FROM_P_RANGE)  # log2 spread up to which C is taken from P (docstring above)
+# the smallest column sum (at the stats pass's shift) kept; RANGE < 0 sends every column to col_exact_kernel
+TINY = tl.constexpr(2.0 ** -C_FROM_P_RANGE if C_FROM_P_RANGE >= 0 else float("inf"))
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 if INTERPRET:  # the CPU interpreter: one small config, no benchmarking
@@ -56,6 +60,9 @@ else:  # 8 warps keep the extra map accumulators out of local memory (sm_90 comp
     CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=2)
                for bm, bn, w in [(128, 64, 8), (128, 32, 8), (64, 64, 8), (64, 32, 8), (64, 64, 4), (64, 32, 4)]]
 MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in CONFIGS)
+# col_exact_kernel: usually a check of one key tile, so one small config
+EXACT_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4) if INTERPRET else dict(BLOCK_M=64, BLOCK_N=64, num_warps=4)
+EXACT_BLOCK_N = EXACT_CONFIG["BLOCK_N"]
 TUNE_MIN_NQ = 4096
 
 
@@ -115,6 +122,7 @@ def stats_kernel(Q, K, REC, LSE_ROW, COL_MAX, COL_SUM,
     k_base = _head(K, REC, bh, H, sk_b, sk_h, ALIGN)
     sq_n, sk_n = _aligned(sq_n, ALIGN), _aligned(sk_n, ALIGN)
     dims = tl.arange(0, BLOCK_D)
+    first = tl.arange(0, 16) == 0  # the row of the column-sum product that holds w
     for qb in range(split, tl.cdiv(Nq, BLOCK_M), n_splits):
         rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < Nq
@@ -132,27 +140,23 @@ def stats_kernel(Q, K, REC, LSE_ROW, COL_MAX, COL_SUM,
             r_sum = tl.sum(p, 1)
             if NEED_COL:
                 # This block holds every row of (block, tile), so the tile's column sums are final
-                # for the block. They come from the row exponentials: 2^(t - g) = p 2^(r_shift - g)
-                # with g the tile's largest score. A term this loses below float32's 2^-126 is
-                # below 2^(RANGE - 126) of its column's sum when every column's largest score is
-                # within RANGE of g; otherwise the columns take their own exponential.
-                col_ok = cols < Nk
-                tc = tl.where(row_ok[:, None], t, NEG)
-                c_shift = tl.max(tc, 0)
-                g = tl.max(c_shift)
-                if g - tl.min(tl.where(col_ok, c_shift, -NEG)) <= RANGE:
-                    c_sum_t = tl.sum(p * tl.exp2(tl.where(row_ok, r_shift - g, NEG))[:, None], 0)
-                    c_shift = tl.zeros([BLOCK_N], tl.float32) + g
-                else:
-                    c_sum_t = tl.sum(tl.exp2(tc - c_shift[None, :]), 0)
-                at = (bh * n_splits + split) * Nk + cols
+                # for the block. They come from the row exponentials at one shift per tile, g =
+                # the largest row max: sum_x 2^(t - g) = sum_x w[x] p[x, k], w = 2^(r_shift - g),
+                # one (16 x BLOCK_M) x (BLOCK_M x BLOCK_N) product with w in its first row (a
+                # reduction on the tensor cores, not a second softmax). Only terms below float32's
+                # 2^-126 are lost: col_lse_kernel flags the columns where that could matter.
+                g = tl.max(tl.where(row_ok, r_shift, NEG))
+                w = tl.exp2(tl.where(row_ok, r_shift - g, NEG))
+                c_sum_t = tl.dot(tl.where(first[:, None], w[None, :], 0.0), p, input_precision=DOT_PRECISION)
+                at = (bh * n_splits + split) * Nk + cols[None, :] + tl.zeros([16, 1], tl.int32)
+                c_ok = first[:, None] & (cols[None, :] < Nk)
                 seen = qb > split  # the program's first block starts afresh
-                c_max = tl.where(seen, tl.load(COL_MAX + at, mask=col_ok, other=NEG), NEG)
-                c_sum = tl.where(seen, tl.load(COL_SUM + at, mask=col_ok, other=0.0), 0.0)
-                c_new = tl.maximum(c_max, c_shift)
-                c_sum = c_sum * tl.exp2(c_max - c_new) + c_sum_t * tl.exp2(c_shift - c_new)
-                tl.store(COL_MAX + at, c_new, mask=col_ok)
-                tl.store(COL_SUM + at, c_sum, mask=col_ok)
+                c_max = tl.where(seen, tl.load(COL_MAX + at, mask=c_ok, other=NEG), NEG)
+                c_sum = tl.where(seen, tl.load(COL_SUM + at, mask=c_ok, other=0.0), 0.0)
+                c_new = tl.maximum(c_max, g)
+                c_sum = c_sum * tl.exp2(c_max - c_new) + c_sum_t * tl.exp2(g - c_new)
+                tl.store(COL_MAX + at, c_new, mask=c_ok)
+                tl.store(COL_SUM + at, c_sum, mask=c_ok)
             m_new = tl.maximum(m_i, r_shift)
             l_i = l_i * tl.exp2(m_i - m_new) + r_sum * tl.exp2(r_shift - m_new)
             m_i = m_new
@@ -162,8 +166,10 @@ def stats_kernel(Q, K, REC, LSE_ROW, COL_MAX, COL_SUM,
 
 @triton.jit
 def col_lse_kernel(COL_MAX, COL_SUM, LSE_COL, Nk, n_splits, BLOCK: tl.constexpr):
-    """lse_col[k] = m + log2 sum_s l_s[k] 2^(m_s[k] - m), m = max_s m_s[k], where (m_s, l_s) are
-    the partial (max, sum) of split s; the splits are summed in order."""
+    """lse_col[k] = m + log2 S, S = sum_s l_s[k] 2^(m_s[k] - m), m = max_s m_s[k], where (m_s, l_s)
+    are the partial (max, sum) of split s; the splits are summed in order. The terms the stats
+    pass lost are below Nq 2^-126 of 2^m, so S >= 2^-RANGE keeps them below Nq 2^(RANGE - 126)
+    of the sum; a column with a smaller S gets lse_col = +inf, for col_exact_kernel to redo."""
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     col_ok = cols < Nk
     at = tl.program_id(1) * n_splits * Nk + cols
@@ -174,7 +180,37 @@ def col_lse_kernel(COL_MAX, COL_SUM, LSE_COL, Nk, n_splits, BLOCK: tl.constexpr)
     for s in range(n_splits):
         c_max = tl.load(COL_MAX + at + s * Nk, mask=col_ok, other=NEG)
         total += tl.load(COL_SUM + at + s * Nk, mask=col_ok, other=1.0) * tl.exp2(c_max - m)
-    tl.store(LSE_COL + tl.program_id(1) * Nk + cols, m + tl.log2(total), mask=col_ok)
+    lse = tl.where(total >= TINY, m + tl.log2(tl.maximum(total, 1.0e-38)), float("inf"))
+    tl.store(LSE_COL + tl.program_id(1) * Nk + cols, lse, mask=col_ok)
+
+
+@triton.jit
+def col_exact_kernel(Q, K, REC, LSE_COL, sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, H, Nq, Nk, qk_scale,
+                     D: tl.constexpr, ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The columns col_lse_kernel flagged (+inf), if any in this key tile: lse_col from their own
+    online (max, sum) over every query, a second exponential per score; a rare path (columns
+    whose scores all lie about RANGE bits below a row's largest), run only where needed."""
+    bh = tl.program_id(1)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < Nk
+    lse = tl.load(LSE_COL + bh * Nk + cols, mask=col_ok, other=0.0)
+    if tl.max(lse) == float("inf"):
+        q_base = _head(Q, REC, bh, H, sq_b, sq_h, ALIGN)
+        k_base = _head(K, REC, bh, H, sk_b, sk_h, ALIGN)
+        sq_n, sk_n = _aligned(sq_n, ALIGN), _aligned(sk_n, ALIGN)
+        dims = tl.arange(0, BLOCK_D)
+        c_max = tl.full([BLOCK_N], NEG, tl.float32)
+        c_sum = tl.zeros([BLOCK_N], tl.float32)
+        for qb in range(0, tl.cdiv(Nq, BLOCK_M)):
+            rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+            q = _load_queries(q_base, rows, dims, sq_n, sq_d, Nq, D)
+            t = tl.where((rows < Nq)[:, None], _scores(q, k_base, cols, dims, sk_n, sk_d, Nk, D, qk_scale,
+                                                        DOT_PRECISION), NEG)
+            c_new = tl.maximum(c_max, tl.max(t, 0))
+            c_sum = c_sum * tl.exp2(c_max - c_new) + tl.sum(tl.exp2(t - c_new[None, :]), 0)
+            c_max = c_new
+        tl.store(LSE_COL + bh * Nk + cols, c_max + tl.log2(c_sum), mask=col_ok & (lse == float("inf")))
 
 
 @triton.jit

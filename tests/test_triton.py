@@ -96,3 +96,18 @@ def test_splits_stay_within_query_blocks_and_scratch_cap():
     assert 1 <= split_count(64) and split_count(64) * 4 * 8 * 1025 * 14 <= triton_backend.SCRATCH_BYTES
     split_count = triton_backend._split_counter(1000, 40, 7, 2, 3, cpu)
     assert (split_count(16), split_count(64), split_count(128)) == (3, 1, 1)  # the query blocks of each config
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_columns_far_below_every_row_take_the_exact_column_pass(dtype):
+    """Keys 3 and 5 score ~150 bits below every query's best key: at the stats pass's one shift
+    per tile their column sums vanish in float32, so col_lse_kernel must flag them and
+    col_exact_kernel redo them (without it, C on those keys is inf or NaN)."""
+    case = make_case(Nq=40, Nk=9, d=16, names=ALL, dtype=dtype, device=DEVICE)
+    for x in (case.q, case.k):
+        x[..., 0] = 0.0
+    case.q[..., 0] = 8.0
+    case.k[:, :, :, 0] = 2.0
+    case.k[:, :, [3, 5], 0] = -10.0  # scores ~ 8 * 2 / 4 = 4 nats for the others, -20 nats for these
+    case.scale = 4.0  # ... scaled to ~16 and ~-80 nats: 96 nats = 138 bits apart
+    check_backend("triton", case, splits=2)
