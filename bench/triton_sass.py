@@ -28,6 +28,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from i2am.kernels import triton_backend
+
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
@@ -88,16 +90,20 @@ def _target(op, args):
 
 
 def key_tile_loop(code):
-    """(first, last) indices of the key-tile loop: of the loops (a backward branch and its
-    target), the one holding the most MMA instructions, the shortest of those (an inner loop
-    over probes holds fewer, the loop over query blocks is longer)."""
+    """(first, last) indices of the key-tile loop. Loops are a backward branch and its target;
+    of those holding MMA instructions, the innermost (an inner loop over probe blocks, with a
+    minority of the products, does not count; the loop over query blocks holds the key loop),
+    then the most MMAs, then the fewest instructions per tile: of two copies of the key loop
+    (main_kernel's usual and rare one), the usual one."""
     index = {a: i for i, (a, *_) in enumerate(code)}
     loops = [(index[t], i) for i, (a, _, op, args) in enumerate(code)
              if (t := _target(op, args)) is not None and t < a and t in index]
-    if not loops:
-        raise ValueError("no loop in the SASS")
-    mma = lambda lo, hi: sum(_is_mma(code[j][2]) for j in range(lo, hi + 1))  # noqa: E731
-    return max(loops, key=lambda lh: (mma(*lh), -(lh[1] - lh[0])))
+    mma = {lh: sum(_is_mma(code[j][2]) for j in range(lh[0], lh[1] + 1)) for lh in loops}
+    inner = [lh for lh in loops if mma[lh] and not any(
+        o != lh and lh[0] <= o[0] and o[1] <= lh[1] and 2 * mma[o] >= mma[lh] for o in loops)]
+    if not inner:
+        raise ValueError("no loop with MMA instructions in the SASS")
+    return max(inner, key=lambda lh: (mma[lh], -len(tile_path(code, *lh))))
 
 
 def tile_path(code, lo, hi):
@@ -171,7 +177,9 @@ def call_args(d, dtype="fp16", maps=("gen_query", "ref_key"), H=8, Nq=4096, Nk=1
     args = dict(Q="*" + dtype, K="*" + dtype, V="*" + dtype, OUT="*" + dtype, REC="*i64",
                 qk_scale=d ** -0.5 * math.log2(math.e), H=H, Nq=Nq, Nk=Nk, nq_bucket=triton.next_power_of_2(Nq),
                 Ru=Ru, Rw=Rw, su_k=Ru)
-    args.update({n: "*fp32" for n in ("LSE_ROW", "COL_MAX", "COL_SUM", "LSE_COL", "U", "GK", "GQ", "RK", "RQ")})
+    args.update({n: "*fp32" for n in ("LSE_ROW", "COL_MAX", "COL_SUM", "LSE_COL", "C_SHIFT", "B", "U", "UB", "GK", "GQ",
+                                      "RK", "RQ")})
+    args.update(FROM_P="*i32", sub_h=Nk * Ru)
     args["M"] = "*fp32" if dtype == "fp32" else "*fp16"  # query probes: fp16 rows in [-1, 1] for fp16/bf16 calls
     for prefix, strides in (("sq", q), ("sk", k), ("sv", k), ("so", q)):
         args.update(zip((prefix + s for s in ("_b", "_h", "_n", "_d")), strides))
@@ -181,7 +189,8 @@ def call_args(d, dtype="fp16", maps=("gen_query", "ref_key"), H=8, Nq=4096, Nk=1
     flags = {name.upper(): name in maps for name in ("gen_key", "gen_query", "ref_key", "ref_query")}
     align = math.gcd(16 // (4 if dtype == "fp32" else 2), *q[:3], *k[:3])  # as triton_backend._alignment
     return (args, dict(D=d, ALIGN=align, BLOCK_D=block, DOT_PRECISION=precision),
-            dict(flags, DV=d, BLOCK_U=16, BLOCK_R=16, BLOCK_DV=block, MAP_PRECISION=precision))
+            dict(flags, DV=d, BLOCK_U=triton_backend._pow2(Ru), BLOCK_R=triton_backend._pow2(Rw), ROWSUM=Ru == 1,
+                 ONE_R=True, BLOCK_DV=block, MAP_PRECISION=precision))
 
 
 def fa2_args(d, dtype="fp16", H=8, Nq=4096, Nk=1025):

@@ -77,17 +77,23 @@ def _launch(q, k, v, out, maps, scale, ref_idx, record_idx, key_probes, query_pr
     partials = {n: torch.empty(BH, most, Rw, Nk, **f32) for n in refs}
     M, m_scale = _cached((query_probes,), q.dtype, lambda: _query_probes(query_probes, q.dtype)) if refs else (unused, unused)
     U = _cached((key_probes, ref_idx), Nk, lambda: _probes_on_keys(key_probes, ref_idx, Nk)) if gens else unused
+    c_shift = from_p = b = UB = unused
+    if need_col:
+        c_shift, from_p, b = _c_from_p(lse_row, lse_col)
+        if "gen_query" in maps:
+            UB = U * b[:, :, None]  # (BH, Nk, Ru): the gen_query probes rescaled once per call
+    block_r = _pow2(min(Rw, MAX_PROBES))
     for a in range(0, Ru if gens else 1, MAX_PROBES):  # one launch unless over MAX_PROBES key probes
         n_u = min(Ru - a, MAX_PROBES)
         gk, gq = (maps[n][:, :, a:a + n_u] if n in maps else None for n in ("gen_key", "gen_query"))
         rk, rq = (partials.get(n) if a == 0 else None for n in ("ref_key", "ref_query"))
         main_kernel[grid](
-            q, k, v, out, record_idx, lse_row, lse_col, U[:, a:] if gens else U, M,
-            *(unused if t is None else t for t in (gk, gq, rk, rq)),
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), U.stride(0),
+            q, k, v, out, record_idx, lse_row, lse_col, c_shift, from_p, b, U[:, a:] if gens else U,
+            UB[:, :, a:] if gq is not None else UB, M, *(unused if t is None else t for t in (gk, gq, rk, rq)),
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), U.stride(0), UB.stride(0) if gq is not None else 0,
             *_strides(gk), *_strides(gq), DV=dv, Ru=n_u, Rw=Rw,
             GEN_KEY=gk is not None, GEN_QUERY=gq is not None, REF_KEY=rk is not None, REF_QUERY=rq is not None,
-            BLOCK_DV=_pow2(dv), BLOCK_U=_pow2(n_u), BLOCK_R=_pow2(min(Rw, MAX_PROBES)),
+            BLOCK_DV=_pow2(dv), BLOCK_U=_pow2(n_u), BLOCK_R=block_r, ROWSUM=n_u == 1, ONE_R=Rw <= block_r,
             MAP_PRECISION=fp32_dots, **shared)
 
     Kr = ref_idx.numel()
@@ -118,6 +124,15 @@ def _cached(tensors, what, build):
 def _used(kernel, split_count):
     """The programs per head of the launch just made: from the config the autotuner chose."""
     return split_count(kernel.best_config.kwargs["BLOCK_M"])
+
+
+def _c_from_p(lse_row, lse_col):
+    """Per (entry, head): the shift c (the largest lse_row), whether C comes from P there
+    (c - min lse_col <= RANGE, triton_kernels' docstring) and b[k] = 2^(c - lse_col[k]) where it
+    does, 1 elsewhere: the C-probe rescaling, once per call instead of per key tile."""
+    c = lse_row.amax(1)
+    from_p = c - lse_col.amin(1) <= torch_backend.C_FROM_P_RANGE
+    return c, from_p.int(), torch.where(from_p[:, None], torch.exp2(c[:, None] - lse_col), 1.0)
 
 
 def _query_probes(query_probes, dtype):

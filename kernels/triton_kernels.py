@@ -222,24 +222,67 @@ def _add_gen(g_base, acc, rows, probes, sg_r, sg_n, Nq, Ru):
 
 
 @triton.jit
-def _add_ref_partial(PART, M, w, a, b, rows, cols, part_row, seen, Nq, Nk, Rw,
-                     BLOCK_R: tl.constexpr, MAP_PRECISION: tl.constexpr, SCALED: tl.constexpr):
-    """PART[r, k] += b[k] sum_x M[r, x] a[x] w[x, k] over this block's rows (a, b only if SCALED),
-    probes BLOCK_R at a time."""
-    for r0 in range(0, Rw, BLOCK_R):
-        probes = r0 + tl.arange(0, BLOCK_R)
-        m = tl.load(M + probes[:, None] * Nq + rows[None, :],
-                    mask=(probes[:, None] < Rw) & (rows[None, :] < Nq), other=0.0)
-        ptrs = PART + (part_row + probes[:, None]) * Nk + cols[None, :]
-        mask = (probes[:, None] < Rw) & (cols[None, :] < Nk)
-        acc = tl.where(seen, tl.load(ptrs, mask=mask, other=0.0), 0.0)
-        if SCALED:
-            acc += tl.dot(m.to(tl.float32) * a[None, :], w, input_precision=MAP_PRECISION) * b[None, :]
-        elif M.dtype.element_ty == tl.float16:  # P in [0, 1] and the probe rows scaled to [-1, 1]
-            acc = tl.dot(m, w.to(tl.float16), acc)
-        else:
-            acc = tl.dot(m, w, acc, input_precision=MAP_PRECISION)
-        tl.store(ptrs, acc, mask=mask)
+def _load_probe_rows(M, probes, rows, Nq, Rw):
+    """(BLOCK_R, BLOCK_M) query-probe weights of this block's rows."""
+    return tl.load(M + probes[:, None] * Nq + rows[None, :], mask=(probes[:, None] < Rw) & (rows[None, :] < Nq),
+                   other=0.0)
+
+
+@triton.jit
+def _add_ref_block(PART, m, w, b, probes, cols, part_row, seen, Nk, Rw,
+                   MAP_PRECISION: tl.constexpr, SCALED: tl.constexpr):
+    """PART[r, k] += b[k] sum_x m[r, x] w[x, k] for one block of probes (b only if SCALED; m
+    then carries the row factor a)."""
+    ptrs = PART + (part_row + probes[:, None]) * Nk + cols[None, :]
+    mask = (probes[:, None] < Rw) & (cols[None, :] < Nk)
+    acc = tl.where(seen, tl.load(ptrs, mask=mask, other=0.0), 0.0)
+    if SCALED:
+        acc += tl.dot(m, w, input_precision=MAP_PRECISION) * b[None, :]
+    elif m.dtype == tl.float16:  # P in [0, 1] and the probe rows scaled to [-1, 1]
+        acc = tl.dot(m, w.to(tl.float16), acc)
+    else:
+        acc = tl.dot(m, w, acc, input_precision=MAP_PRECISION)
+    tl.store(ptrs, acc, mask=mask)
+
+
+@triton.jit
+def _add_ref(PART, M, m, w, a, b, rows, cols, part_row, seen, Nq, Nk, Rw, BLOCK_R: tl.constexpr,
+             ONE_R: tl.constexpr, MAP_PRECISION: tl.constexpr, SCALED: tl.constexpr):
+    """PART[r, k] += b[k] sum_x M[r, x] a[x] w[x, k] over this block's rows (a, b only if SCALED).
+    ONE_R: every probe in one block, m (its rows, times a if SCALED) loaded once per query block;
+    else BLOCK_R probes at a time, loaded here."""
+    if ONE_R:
+        _add_ref_block(PART, m, w, b, tl.arange(0, BLOCK_R), cols, part_row, seen, Nk, Rw, MAP_PRECISION, SCALED)
+    else:
+        for r0 in range(0, Rw, BLOCK_R):
+            probes = r0 + tl.arange(0, BLOCK_R)
+            mr = _load_probe_rows(M, probes, rows, Nq, Rw)
+            if SCALED:
+                mr = mr.to(tl.float32) * a[None, :]
+            _add_ref_block(PART, mr, w, b, probes, cols, part_row, seen, Nk, Rw, MAP_PRECISION, SCALED)
+
+
+@triton.jit
+def _key_probes(U, cols, probes, su_k, Nk, Ru, ROWSUM: tl.constexpr):
+    """U^T tile (BLOCK_N, BLOCK_U): key probes on their keys, zero on the other keys; with one
+    probe (ROWSUM) just its (BLOCK_N,) column."""
+    if ROWSUM:
+        u = tl.load(U + cols * su_k, mask=cols < Nk, other=0.0)
+    else:
+        u = tl.load(U + cols[:, None] * su_k + probes[None, :], mask=(cols[:, None] < Nk) & (probes[None, :] < Ru),
+                    other=0.0)
+    return u
+
+
+@triton.jit
+def _gen_update(g, w, u, probes, ROWSUM: tl.constexpr, MAP_PRECISION: tl.constexpr):
+    """g[x, r] += sum_k w[x, k] u[k, r] over one key tile: an MMA, or with one probe (ROWSUM)
+    FFMA row sums into column 0 instead of a product padded to 16 probes."""
+    if ROWSUM:
+        g += tl.where(probes[None, :] == 0, tl.sum(w * u[None, :], 1)[:, None], 0.0)
+    else:
+        g = tl.dot(w, u, g, input_precision=MAP_PRECISION)
+    return g
 
 
 @triton.autotune(configs=CONFIGS,
@@ -247,14 +290,15 @@ def _add_ref_partial(PART, M, w, a, b, rows, cols, part_row, seen, Nq, Nk, Rw,
                       "REF_KEY", "REF_QUERY"],
                  prune_configs_by={"early_config_prune": _prune}, restore_value=["GK", "GQ"], cache_results=True)
 @triton.jit
-def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, U, M, GK, GQ, RK, RQ,
+def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, C_SHIFT, FROM_P, B, U, UB, M, GK, GQ, RK, RQ,
                 sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
-                so_b, so_h, so_n, so_d, su_k, sgk_i, sgk_h, sgk_r, sgk_n, sgq_i, sgq_h, sgq_r, sgq_n,
+                so_b, so_h, so_n, so_d, su_k, sub_h, sgk_i, sgk_h, sgk_r, sgk_n, sgq_i, sgq_h, sgq_r, sgq_n,
                 H, Nq, Nk, nq_bucket, Ru, Rw, qk_scale, D: tl.constexpr, DV: tl.constexpr, ALIGN: tl.constexpr,
                 GEN_KEY: tl.constexpr, GEN_QUERY: tl.constexpr, REF_KEY: tl.constexpr,
                 REF_QUERY: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                BLOCK_U: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                MAP_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                BLOCK_U: tl.constexpr, BLOCK_R: tl.constexpr, ROWSUM: tl.constexpr, ONE_R: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, MAP_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
     split, bh = tl.program_id(0), tl.program_id(1)
     n_splits = tl.num_programs(0)
     q_base = _head(Q, REC, bh, H, sq_b, sq_h, ALIGN)
@@ -266,15 +310,14 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, U, M, GK, GQ, RK, RQ,
     i, h = bh // H, bh % H
     gk_base = GK + i * sgk_i + h * sgk_h
     gq_base = GQ + i * sgq_i + h * sgq_h
+    ub_base = UB + bh * sub_h
     part_row = (bh * n_splits + split) * Rw
     dims = tl.arange(0, BLOCK_D)
     vdims = tl.arange(0, BLOCK_DV)
     probes = tl.arange(0, BLOCK_U)
-    if GEN_QUERY or REF_QUERY:
-        col_lo = -NEG  # min lse_col of this head: with a block's top lse_row, whether C comes from P
-        for n0 in range(0, Nk, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            col_lo = tl.minimum(col_lo, tl.min(tl.load(LSE_COL + bh * Nk + cols, mask=cols < Nk, other=-NEG)))
+    if GEN_QUERY or REF_QUERY:  # the head's shift c and whether C comes from P (module docstring)
+        c = tl.load(C_SHIFT + bh)
+        from_p = tl.load(FROM_P + bh) != 0
     for qb in range(split, tl.cdiv(Nq, BLOCK_M), n_splits):
         rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < Nq
@@ -282,9 +325,13 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, U, M, GK, GQ, RK, RQ,
         q = _load_queries(q_base, rows, dims, sq_n, sq_d, Nq, D)
         lse_row = tl.load(LSE_ROW + bh * Nq + rows, mask=row_ok, other=0.0)
         if GEN_QUERY or REF_QUERY:
-            row_hi = tl.max(tl.where(row_ok, lse_row, NEG))  # the shift c of the module docstring
-            from_p = row_hi - col_lo <= RANGE
-            a = tl.exp2(tl.where(from_p, tl.where(row_ok, lse_row - row_hi, NEG), 0.0))
+            a = tl.exp2(tl.where(from_p, tl.where(row_ok, lse_row - c, NEG), 0.0))
+        m_key = 0.0  # the query-probe rows of this block when ONE_R: loaded once for all its key tiles
+        m_query = 0.0
+        if ONE_R:
+            m_key = _load_probe_rows(M, tl.arange(0, BLOCK_R), rows, Nq, Rw)
+            if REF_QUERY:
+                m_query = m_key.to(tl.float32) * a[None, :]
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         gen_key = tl.zeros([BLOCK_M, BLOCK_U], tl.float32)
         gen_query = tl.zeros([BLOCK_M, BLOCK_U], tl.float32)
@@ -297,29 +344,27 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, U, M, GK, GQ, RK, RQ,
             v = tl.load(v_base + cols[:, None] * sv_n + vdims[None, :] * sv_d,
                         mask=col_ok[:, None] & (vdims[None, :] < DV), other=0.0)
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-            if GEN_KEY or GEN_QUERY:
-                # U^T tile: key probes on their keys, zero on the other keys
-                ut = tl.load(U + cols[:, None] * su_k + probes[None, :],
-                             mask=col_ok[:, None] & (probes[None, :] < Ru), other=0.0)
             if GEN_KEY:  # gen_key[r, x] = sum_k U[r, k] P[x, k]
-                gen_key = tl.dot(p, ut, gen_key, input_precision=MAP_PRECISION)
+                ut = _key_probes(U, cols, probes, su_k, Nk, Ru, ROWSUM)
+                gen_key = _gen_update(gen_key, p, ut, probes, ROWSUM, MAP_PRECISION)
             if REF_KEY:  # ref_key[r, k] = sum_x M[r, x] P[x, k]
-                _add_ref_partial(RK, M, p, None, None, rows, cols, part_row, seen, Nq, Nk, Rw, BLOCK_R,
-                                 MAP_PRECISION, False)
+                _add_ref(RK, M, m_key, p, None, None, rows, cols, part_row, seen, Nq, Nk, Rw,
+                         BLOCK_R, ONE_R, MAP_PRECISION, False)
             if GEN_QUERY or REF_QUERY:
                 # C = P a b (then w = P), else C = 2^(t - lse_col) directly (w = C, a = b = 1);
                 # rows past Nq get a = 0 or a zeroed C (their t is not a real score)
-                lse_col = tl.load(LSE_COL + bh * Nk + cols, mask=col_ok, other=0.0)
                 if from_p:
                     w = p
                 else:
+                    lse_col = tl.load(LSE_COL + bh * Nk + cols, mask=col_ok, other=0.0)
                     w = tl.where(row_ok[:, None], tl.exp2(t - lse_col[None, :]), 0.0)
-                b = tl.exp2(tl.where(from_p, tl.where(col_ok, row_hi - lse_col, NEG), 0.0))
-                if GEN_QUERY:  # gen_query = a * (w (U b)^T), a applied once per block
-                    gen_query = tl.dot(w, ut * b[:, None], gen_query, input_precision=MAP_PRECISION)
+                if GEN_QUERY:  # gen_query = a * (w (U b)^T): U b precomputed per call, a once per block
+                    ubt = _key_probes(ub_base, cols, probes, su_k, Nk, Ru, ROWSUM)
+                    gen_query = _gen_update(gen_query, w, ubt, probes, ROWSUM, MAP_PRECISION)
                 if REF_QUERY:
-                    _add_ref_partial(RQ, M, w, a, b, rows, cols, part_row, seen, Nq, Nk, Rw, BLOCK_R,
-                                     MAP_PRECISION, True)
+                    b = tl.load(B + bh * Nk + cols, mask=col_ok, other=0.0)
+                    _add_ref(RQ, M, m_query, w, a, b, rows, cols, part_row, seen, Nq, Nk, Rw,
+                             BLOCK_R, ONE_R, MAP_PRECISION, True)
         tl.store(o_base + rows[:, None] * so_n + vdims[None, :] * so_d, acc.to(OUT.dtype.element_ty),
                  mask=row_ok[:, None] & (vdims[None, :] < DV))
         if GEN_KEY:
