@@ -203,8 +203,9 @@ def fa2_args(d, dtype="fp16", H=8, Nq=4096, Nk=1025):
 
 
 def measure(d, cfg):
-    """{kernel: resources} for one head dim and one autotune config: the stats pass with column
-    statistics, the main pass with the default maps, and the FlashAttention-2 forward."""
+    """{kernel: resources, or None where the launcher prunes the config} for one head dim and
+    one autotune config: the stats pass with column statistics, the main pass with the default
+    maps, and the FlashAttention-2 forward."""
     from i2am.kernels import triton_kernels as tk
     from flash_attention import flash_attention_forward
     args, shared, maps = call_args(d)
@@ -213,7 +214,8 @@ def measure(d, cfg):
     kernels = (("stats", tk.stats_kernel, args, dict(shared, NEED_COL=True, **tiles)),
                ("main", tk.main_kernel, args, dict(shared, **maps, **tiles)),
                ("FA2", flash_attention_forward, fa2, dict(fa2_consts, **tiles)))
-    return {name: resources(compile_sm90(fn, a, c, cfg.num_warps, cfg.num_stages)) for name, fn, a, c in kernels}
+    return {name: resources(compile_sm90(fn, a, c, cfg.num_warps, cfg.num_stages))
+            if name == "FA2" or cfg in tk._prune(tk.CONFIGS, {**a, **c}) else None for name, fn, a, c in kernels}
 
 
 def main(dims):
@@ -227,12 +229,15 @@ def main(dims):
             tile = f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']}, {cfg.num_warps}"
             res = measure(d, cfg)
             for name, r in res.items():
+                if r is None:
+                    print(f"| {d} | {tile} | {name} | pruned by the launcher (spills) | | | | | | | | |")
+                    continue
                 loads = " ".join(f"{n}x{w}" for w, n in r["loads"].items())
                 print(f"| {d} | {tile} | {name} | {r['regs']} | {r['local']} ({r['spill_ops']}) | "
                       f"{r['shared'] / 1024:.0f} | {r['ctas']} | {r['tile']} ({r['tile_static']}) | {r['ex2']} | "
                       f"{r['mma']} | {r['barriers']} | {loads} |", flush=True)
-            call = res["stats"]["tile"] + res["main"]["tile"]
-            summary.append((d, tile, call, res["FA2"]["tile"]))
+            if res["stats"] and res["main"]:
+                summary.append((d, tile, res["stats"]["tile"] + res["main"]["tile"], res["FA2"]["tile"]))
     print("\n| d | BLOCK_M x BLOCK_N, warps | recorded call (stats + main) | FA2 | ratio |")
     print("|---|---|---:|---:|---:|")
     for d, tile, call, fa2 in summary:

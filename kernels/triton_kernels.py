@@ -67,12 +67,16 @@ TUNE_MIN_NQ = 4096
 
 
 def _prune(configs, named_args, **kwargs):
-    """Head dims of 256 (160 padded) only fit narrow key tiles (registers and shared memory);
+    """Head dims of 256 (160 padded) only fit narrow key tiles (registers and shared memory),
+    the main pass at 128 (d 80-128) only under 32 scores a thread;
     below TUNE_MIN_NQ queries a call is too short to gain from tuning: the smallest tile. Calls
     are tuned once per power-of-two bucket of Nq (nq_bucket), and the choice is kept on disk."""
     args = {**named_args, **kwargs}
     if max(args["BLOCK_D"], args.get("BLOCK_DV", 0)) >= 256:
         configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 32] or configs
+    if "BLOCK_DV" in args and max(args["BLOCK_D"], args["BLOCK_DV"]) >= 128:  # main_kernel at d >= 80:
+        # 32 scores a thread besides the map accumulators spill (sm_90a, bench/triton_sass.py)
+        configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 1024 * c.num_warps] or configs
     return configs if args["nq_bucket"] >= TUNE_MIN_NQ else configs[-1:]
 
 
