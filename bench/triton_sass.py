@@ -13,7 +13,8 @@ instructions, exponentials (MUFU.EX2), MMA instructions and barriers, plus the g
 by width (16 bits: scalar fp16, 128: vectorised). "Per key tile" is the fewest instructions
 from the head of the key-tile loop to its backward branch that pass every MMA: the usual path,
 without the fallbacks for extreme scores (in brackets: the whole loop body, both included).
-Instructions are per thread, so compare kernels at one tile and warp count. A static view,
+Instructions are per thread, so compare kernels at one tile and warp count; configs the
+launcher prunes for a kernel (they spill) are listed as such. A static view,
 no timing; tests/test_triton_compile.py compiles through the same helpers.
 """
 import collections
@@ -187,10 +188,11 @@ def call_args(d, dtype="fp16", maps=("gen_query", "ref_key"), H=8, Nq=4096, Nk=1
         args.update(zip((prefix + s for s in ("_i", "_h", "_r", "_n")), gen))
     block, precision = max(16, triton.next_power_of_2(d)), "ieee" if dtype == "fp32" else "tf32"
     flags = {name.upper(): name in maps for name in ("gen_key", "gen_query", "ref_key", "ref_query")}
+    block_r = triton_backend._pow2(min(Rw, triton_backend.MAX_PROBES))  # as the launcher
     align = math.gcd(16 // (4 if dtype == "fp32" else 2), *q[:3], *k[:3])  # as triton_backend._alignment
     return (args, dict(D=d, ALIGN=align, BLOCK_D=block, DOT_PRECISION=precision),
-            dict(flags, DV=d, BLOCK_U=triton_backend._pow2(Ru), BLOCK_R=triton_backend._pow2(Rw), ROWSUM=Ru == 1,
-                 ONE_R=True, BLOCK_DV=block, MAP_PRECISION=precision))
+            dict(flags, DV=d, BLOCK_U=triton_backend._pow2(min(Ru, triton_backend.MAX_PROBES)), BLOCK_R=block_r,
+                 ROWSUM=Ru == 1, ONE_R=Rw <= block_r, BLOCK_DV=block, MAP_PRECISION=precision))
 
 
 def fa2_args(d, dtype="fp16", H=8, Nq=4096, Nk=1025):

@@ -35,6 +35,10 @@ SCRIPT = textwrap.dedent("""
     ts.compile_sm90(tk.ref_reduce_kernel, dict(PART="*fp32", REF_IDX="*i64", M_SCALE="*fp32", BUF="*fp32", sb_i=8 * 6 * 1024,
                                                sb_h=6 * 1024, sb_r=1024, sb_k=1, H=8, Rw=6, Kr=1024, Nk=1025,
                                                n_splits=3), dict(BLOCK=128), 4)
+    # more than one key probe (an MMA, not row sums) and more query probes than one block holds
+    args, tiles, maps = ts.call_args(80, "fp16", ALL, Ru=2, Rw=70)
+    assert not maps["ROWSUM"] and not maps["ONE_R"]
+    ts.compile_sm90(tk.main_kernel, args, dict(tiles, **maps, BLOCK_M=64, BLOCK_N=32), 4)
     print("compiled")
 """)
 
