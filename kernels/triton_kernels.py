@@ -31,10 +31,11 @@ b[k] = 2^(c - lse_col[k]) for any shift c, so the C maps are P reductions with r
 
     gen_query[r, x] = a[x] sum_k (U[r, k] b[k]) P[x, k]     ref_query[r, k] = b[k] sum_x (M[r, x] a[x]) P[x, k]
 
-With c the block's largest lse_row, a <= 1, and b <= 2^RANGE as long as c - min_k lse_col <= RANGE;
+With c the head's largest lse_row, a <= 1, and b <= 2^RANGE as long as c - min_k lse_col <= RANGE;
 then any term that a, b or P lose below float32's 2^-126 is below 2^(RANGE - 126) = 2^-46 of a map
-value. A query block whose scores spread wider takes the direct second exponential. The stats
-pass shares its exponential the same way (derivation at its column sums).
+value. c, b and U b are computed once per call (triton_backend._c_from_p); a head whose scores
+spread wider takes the direct second exponential. The stats pass shares its exponential the same
+way (derivation at its column sums).
 
 No float atomics: every buffer element is written by exactly one program, and every cross-program
 sum runs in a fixed order, so maps are bit-identical run after run (for a given autotune choice).
