@@ -68,14 +68,15 @@ def _launch(q, k, v, out, maps, scale, ref_idx, record_idx, key_probes, query_pr
     stats_kernel[grid](q, k, record_idx, lse_row, col_max, col_sum, *q.stride(), *k.stride(),
                        NEED_COL=need_col, **shared)
     if need_col:
-        col_lse_kernel[(triton.cdiv(Nk, REDUCE_BLOCK), BH)](col_max, col_sum, lse_col, Nk, _used(stats_kernel, split_count),
-                                                           BLOCK=REDUCE_BLOCK)
-        exact = {k: shared[k] for k in ("H", "Nq", "Nk", "qk_scale", "D", "ALIGN", "BLOCK_D", "DOT_PRECISION")}
+        col_lse_kernel[(triton.cdiv(Nk, REDUCE_BLOCK), BH)](col_max, col_sum, lse_col, Nk,
+                                                           _used(stats_kernel, split_count), BLOCK=REDUCE_BLOCK)
+        exact = {n: shared[n] for n in ("H", "Nq", "Nk", "qk_scale", "D", "ALIGN", "BLOCK_D", "DOT_PRECISION")}
         col_exact_kernel[(triton.cdiv(Nk, EXACT_BLOCK_N), BH)](q, k, record_idx, lse_col, *q.stride(), *k.stride(),
                                                               **exact, **EXACT_CONFIG)
 
     partials = {n: torch.empty(BH, most, Rw, Nk, **f32) for n in refs}
-    M, m_scale = _cached((query_probes,), q.dtype, lambda: _query_probes(query_probes, q.dtype)) if refs else (unused, unused)
+    M, m_scale = (_cached((query_probes,), q.dtype, lambda: _query_probes(query_probes, q.dtype)) if refs
+                  else (unused, unused))
     U = _cached((key_probes, ref_idx), Nk, lambda: _probes_on_keys(key_probes, ref_idx, Nk)) if gens else unused
     c_shift = from_p = b = UB = unused
     if need_col:
