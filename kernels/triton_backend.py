@@ -117,7 +117,7 @@ def _cached(tensors, what, build):
     if hit is not None and all(r() is t and n == t._version for r, n, t in zip(*hit[:2], tensors)):
         return hit[2]
     value = build()
-    drop = lambda _: _CONSTANTS.pop(key, None)  # noqa: E731
+    drop = lambda _, table=_CONSTANTS: table.pop(key, None)  # noqa: E731  (table: still there at exit)
     _CONSTANTS[key] = ([weakref.ref(t, drop) for t in tensors], [t._version for t in tensors], value)
     return value
 

@@ -126,3 +126,14 @@ def test_out_keeps_q_layout_and_unrecorded_entries():
     out, _ = attention_with_maps(q, k, v, record=[1], backend="triton")
     assert out.stride() == q.stride()
     torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v), rtol=2e-4, atol=2e-5)
+
+
+def test_kept_constants_follow_their_tensors():
+    tb = backend_module("triton")
+    t = torch.ones(3)
+    assert tb._cached((t,), "x", lambda: 1) == 1 and tb._cached((t,), "x", lambda: 2) == 1  # built once
+    t.add_(1)
+    assert tb._cached((t,), "x", lambda: 3) == 3  # an in-place change rebuilds
+    n = len(tb._CONSTANTS)
+    del t
+    assert len(tb._CONSTANTS) == n - 1  # and the entry goes with the tensor
