@@ -2,9 +2,13 @@
 
 Every column runs on the same q, k, v in the same process: torch SDPA (the baseline), i2am
 with maps off, i2am with the default maps (gen query uniform; ref key uniform, masked and 4
-points) for each available backend, the naive path (materialise fp32 probabilities, softmax
-over both axes, reduce) and a chunked capture in the style of attention-map capture tools
-(1024 queries a chunk, fp32 probabilities over keys, reduced per chunk).
+points) for each available backend, once through attention_with_maps and once on the cached
+path a recorder takes (a kept MapsCall adding into kept buffers), the naive path (materialise
+fp32 probabilities, softmax over both axes, reduce) and a chunked capture in the style of
+attention-map capture tools (1024 queries a chunk, fp32 probabilities over keys, reduced per
+chunk). The columns are interleaved rep by rep (one call of each, in a rotating order), so that
+a disturbance of the machine hits them alike; each reports min, median and spread, GPU calls
+timed with CUDA events.
 """
 import json
 import os
@@ -18,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .kernels import attention_with_maps, backend_module, triton_available
+from .kernels import attention_with_maps, backend_module, prepare, triton_available
 
 # (label, Nq, Nk, d, H): SD1.5- and SDXL-like cross-attention layers, 64x64 to 256x256 latents
 GPU_SHAPES = [(f"{s}x{s} d{d} Nk{nk}", s * s, nk, d, h)
@@ -36,9 +40,11 @@ class Row:
     nk: int
     d: int
     ms: float
-    ratio: float
+    ratio: float  # median / SDPA's median
     tflops: float
     extra_mib: float
+    min_ms: float = 0.0
+    spread: float = 0.0  # (max - min) / median over the reps
 
 
 def default_probes(nq, nref, device):
@@ -87,9 +93,59 @@ def columns(device):
             q, k, v, scale=s, record=[], backend=be)
         cols[f"i2am-{be} maps"] = lambda q, k, v, s, ri, rec, kp, qp, be=be: attention_with_maps(
             q, k, v, scale=s, ref_keys=ri, record=rec, key_probes=kp, query_probes=qp, backend=be)
+        cols[f"i2am-{be} maps cached"] = _cached_call(be)
     cols["naive"] = naive
     cols["chunked capture"] = chunked_capture
     return cols
+
+
+def _cached_call(backend):
+    """The recorder's path: the arguments checked once (a kept MapsCall), maps added into kept
+    buffers call after call."""
+    kept = {}
+
+    def call(q, k, v, s, ri, rec, kp, qp):
+        if "call" not in kept or not kept["call"].matches(q, k, v, s):
+            kept["call"] = prepare(q, k, v, scale=s, ref_keys=ri, record=rec, key_probes=kp, query_probes=qp,
+                                   backend=backend)
+            kept["maps"] = {n: torch.zeros(shape, device=q.device) for n, shape in kept["call"].shapes.items()}
+        return kept["call"](q, k, v, kept["maps"])
+    return call
+
+
+def interleaved(fns, device, reps):
+    """{name: [ms per rep]}: after one warm-up call each, reps rounds of one call of every fn,
+    the order rotating by one each round. GPU calls are timed with CUDA events, all read after
+    the round (no synchronisation between the calls of a round)."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    names = list(fns)
+    for rep in range(reps):
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        if device == "cuda":
+            events = {}
+            for name in order:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fns[name]()
+                end.record()
+                events[name] = (start, end)
+            torch.cuda.synchronize()
+            for name, (start, end) in events.items():
+                times[name].append(start.elapsed_time(end))
+        else:
+            for name in order:
+                t0 = time.perf_counter()
+                fns[name]()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def summary(ms):
+    """(min, median, spread = (max - min) / median) of a list of times."""
+    med = statistics.median(ms)
+    return min(ms), med, (max(ms) - min(ms)) / med if med > 0 else 0.0
 
 
 def _cuda_backend_loads():
@@ -98,20 +154,6 @@ def _cuda_backend_loads():
         return True
     except Exception:
         return False
-
-
-def measure(fn, device, reps):
-    """Median wall time (ms) over reps after a warm-up, and peak extra memory (MiB)."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    fn()
-    sync()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), _peak_extra_mib(fn, device)
 
 
 def _peak_extra_mib(fn, device):
@@ -161,22 +203,24 @@ def run(shapes, device="cpu", dtype=torch.float16, reps=5, B=2, naive_limit=2**3
         ref_idx = torch.arange(1 if nk > 1 else 0, nk, device=device)  # a CLS token first
         kp, qp = default_probes(nq, ref_idx.numel(), device)
         flops = 4 * B * h * nq * nk * d
-        base_ms = None
-        for name, fn in cols.items():
-            if name == "naive" and B * h * nq * nk * 4 * 3 > naive_limit:
-                continue  # the naive path would not fit: that is the point of i2am
-            ms, mib = measure(lambda: fn(q, k, v, scale, ref_idx, rec, kp, qp), device, reps)
-            base_ms = base_ms or ms
-            rows.append(Row(label, name, nq, nk, d, ms, ms / base_ms, flops / ms / 1e9, mib))
+        calls = {name: (lambda fn=fn: fn(q, k, v, scale, ref_idx, rec, kp, qp)) for name, fn in cols.items()
+                 if name != "naive" or B * h * nq * nk * 4 * 3 <= naive_limit}  # else naive would not fit
+        times = interleaved(calls, device, reps)
+        base_ms = statistics.median(times["sdpa"])
+        for name, fn in calls.items():
+            lo, ms, spread = summary(times[name])
+            rows.append(Row(label, name, nq, nk, d, ms, ms / base_ms, flops / ms / 1e9,
+                            _peak_extra_mib(fn, device), lo, spread))
             if progress:
                 progress(rows[-1])
     return rows
 
 
 def markdown(rows):
-    lines = ["| shape | column | ms | x SDPA | TFLOP/s | extra MiB |", "|---|---|---:|---:|---:|---:|"]
-    lines += [f"| {r.shape} | {r.column} | {r.ms:.3f} | {r.ratio:.2f} | {r.tflops:.2f} | {r.extra_mib:.1f} |"
-              for r in rows]
+    lines = ["| shape | column | min ms | median ms | spread | x SDPA | TFLOP/s | extra MiB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r.shape} | {r.column} | {r.min_ms:.3f} | {r.ms:.3f} | {100 * r.spread:.0f}% | {r.ratio:.2f} | "
+              f"{r.tflops:.2f} | {r.extra_mib:.1f} |" for r in rows]
     return "\n".join(lines)
 
 
@@ -257,12 +301,13 @@ def pipeline_row(device, dtype, steps=10, reps=3):
         with trace(unet, ref_grid=ref_grid, num_steps=steps, mask=mask, points=points):
             denoise()
 
-    plain_ms, plain_mib = measure(denoise, device, reps)
-    traced_ms, traced_mib = measure(traced, device, reps)
-    label = f"UNet {size[0]}x{size[1]} {steps} steps"
-    return [Row(label, "pipeline untraced", size[0] * size[1], ctx.shape[1], 0, plain_ms, 1.0, 0.0, plain_mib),
-            Row(label, "pipeline traced", size[0] * size[1], ctx.shape[1], 0, traced_ms, traced_ms / plain_ms,
-                0.0, traced_mib)]
+    times = interleaved({"untraced": denoise, "traced": traced}, device, reps)
+    (plain_lo, plain_ms, plain_spread), (traced_lo, traced_ms, traced_spread) = map(summary, times.values())
+    label, nq, nk = f"UNet {size[0]}x{size[1]} {steps} steps", size[0] * size[1], ctx.shape[1]
+    return [Row(label, "pipeline untraced", nq, nk, 0, plain_ms, 1.0, 0.0, _peak_extra_mib(denoise, device),
+                plain_lo, plain_spread),
+            Row(label, "pipeline traced", nq, nk, 0, traced_ms, traced_ms / plain_ms, 0.0,
+                _peak_extra_mib(traced, device), traced_lo, traced_spread)]
 
 
 def main(quick=False, device=None, json_path=None, plot_path=None, dtype=None, pipeline=True):

@@ -137,8 +137,8 @@ class MapsCall:
         return self._run(q, k, v, maps)
 
     def _run(self, q, k, v, maps):
-        B, H, Nq = q.shape[:3]
-        out = torch.empty(B, H, Nq, v.shape[-1], dtype=q.dtype, device=q.device)
+        Nq = q.shape[2]
+        out = _empty_like_q(q, v.shape[-1])
         u = self.unrecorded_idx
         if isinstance(u, slice) or u.numel():
             out[u] = _sdpa(q[u], k[u], v[u], self.scale)
@@ -182,6 +182,15 @@ class _SDPAGradient(torch.autograd.Function):
             wanted = [t for t in inputs if t.requires_grad]
             grads = iter(torch.autograd.grad(out, wanted, grad_out))
         return tuple(next(grads) if t.requires_grad else None for t in inputs) + (None, None)
+
+
+def _empty_like_q(q, dv):
+    """An empty (B, H, Nq, dv) output whose dimensions lie in memory in q's order, so that the
+    caller's view back (diffusers' transpose(1, 2) of a (B, Nq, H*d) projection) needs no copy."""
+    order = sorted(range(3), key=lambda i: -q.stride(i)) + [3]  # the head dim stays innermost
+    shape = (*q.shape[:3], dv)
+    out = torch.empty([shape[i] for i in order], dtype=q.dtype, device=q.device)
+    return out.permute([order.index(i) for i in range(4)])
 
 
 def prepare(q, k, v, *, scale=None, ref_keys=None, query_rows=None, record=None, key_probes=None,

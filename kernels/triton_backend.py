@@ -3,7 +3,8 @@
 Passes (kernels and their derivation in triton_kernels.py), per recorded entry and head:
   1. statistics over query blocks: the row log-sum-exp (softmax over keys) and, only when
      gen_query/ref_query are requested, per-program partial column (max, sum-exp) statistics;
-  2. only then, a fixed-order reduction of the partials to the column log-sum-exp;
+  2. only then, a fixed-order reduction of the partials to the column log-sum-exp, and an
+     exact pass over the (rare) columns whose partial sums fell below float32's range;
   3. the main pass: out = P V, gen maps added straight into their buffers, ref maps into
      per-program partials;
   4. a fixed-order reduction of the ref partials, gathered at the reference keys and added.
@@ -12,12 +13,14 @@ O(splits * Nk * (2 + Rw)) floats per (entry, head), independent of Nq * Nk.
 """
 import contextlib
 import math
+import weakref
 
 import torch
 import triton
 
 from . import torch_backend
-from .triton_kernels import MAX_BLOCK_M, col_lse_kernel, main_kernel, ref_reduce_kernel, stats_kernel
+from .triton_kernels import (EXACT_BLOCK_N, EXACT_CONFIG, MIN_BLOCK_M, col_exact_kernel, col_lse_kernel, main_kernel,
+                             ref_reduce_kernel, stats_kernel)
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_PROBES = 64  # probes one launch reduces: gen maps keep (BLOCK_M, probes) accumulators
@@ -43,46 +46,94 @@ def _launch(q, k, v, out, maps, scale, ref_idx, record_idx, key_probes, query_pr
     need_col = "gen_query" in maps or "ref_query" in maps
     refs = [n for n in ("ref_key", "ref_query") if n in maps]
     gens = [n for n in ("gen_key", "gen_query") if n in maps]
-    splits = _splits(splits, Nq, Nk, BH, Rw * len(refs) + 2 * need_col, q.device)
+    # The scratch holds the splits of the smallest query block; a launch takes as many as its
+    # config's BLOCK_M needs (split_count), and the reductions read the count the chosen config used.
+    split_count = _split_counter(splits, Nq, Nk, BH, Rw * len(refs) + 2 * need_col, q.device)
+    most = split_count(MIN_BLOCK_M)
     f32 = {"device": q.device, "dtype": torch.float32}
     fp32_dots = "ieee" if q.dtype == torch.float32 else "tf32"
-    shared = {"H": H, "Nq": Nq, "Nk": Nk, "D": d, "qk_scale": scale * math.log2(math.e),
+    shared = {"H": H, "Nq": Nq, "Nk": Nk, "nq_bucket": triton.next_power_of_2(Nq), "D": d,
+              "qk_scale": scale * math.log2(math.e), "ALIGN": _alignment(q, k, v, out),
               "BLOCK_D": _pow2(d), "DOT_PRECISION": fp32_dots}
-    grid = (splits, BH)
+
+    def grid(meta):
+        return split_count(meta["BLOCK_M"]), BH
 
     lse_row = torch.empty(BH, Nq, **f32)
     unused = lse_row  # the pointer passed for disabled inputs and outputs, never touched
     col_max = col_sum = lse_col = unused
     if need_col:
-        col_max, col_sum = torch.empty(2, BH, splits, Nk, **f32)
+        col_max, col_sum = torch.empty(2, BH, most, Nk, **f32)
         lse_col = torch.empty(BH, Nk, **f32)
     stats_kernel[grid](q, k, record_idx, lse_row, col_max, col_sum, *q.stride(), *k.stride(),
                        NEED_COL=need_col, **shared)
     if need_col:
-        col_lse_kernel[(triton.cdiv(Nk, REDUCE_BLOCK), BH)](col_max, col_sum, lse_col, Nk, splits,
-                                                           BLOCK=REDUCE_BLOCK)
+        col_lse_kernel[(triton.cdiv(Nk, REDUCE_BLOCK), BH)](col_max, col_sum, lse_col, Nk,
+                                                           _used(stats_kernel, split_count), BLOCK=REDUCE_BLOCK)
+        exact = {n: shared[n] for n in ("H", "Nq", "Nk", "qk_scale", "D", "ALIGN", "BLOCK_D", "DOT_PRECISION")}
+        col_exact_kernel[(triton.cdiv(Nk, EXACT_BLOCK_N), BH)](q, k, record_idx, lse_col, *q.stride(), *k.stride(),
+                                                              **exact, **EXACT_CONFIG)
 
-    partials = {n: torch.empty(BH, splits, Rw, Nk, **f32) for n in refs}
-    M, m_scale = _query_probes(query_probes, q.dtype) if refs else (unused, unused)
-    U = _probes_on_keys(key_probes, ref_idx, Nk) if gens else unused
+    partials = {n: torch.empty(BH, most, Rw, Nk, **f32) for n in refs}
+    M, m_scale = (_cached((query_probes,), q.dtype, lambda: _query_probes(query_probes, q.dtype)) if refs
+                  else (unused, unused))
+    U = _cached((key_probes, ref_idx), Nk, lambda: _probes_on_keys(key_probes, ref_idx, Nk)) if gens else unused
+    c_shift = from_p = b = UB = unused
+    if need_col:
+        c_shift, from_p, b = _c_from_p(lse_row, lse_col)
+        if "gen_query" in maps:
+            UB = U * b[:, :, None]  # (BH, Nk, Ru): the gen_query probes rescaled once per call
+    block_r = _pow2(min(Rw, MAX_PROBES))
     for a in range(0, Ru if gens else 1, MAX_PROBES):  # one launch unless over MAX_PROBES key probes
         n_u = min(Ru - a, MAX_PROBES)
         gk, gq = (maps[n][:, :, a:a + n_u] if n in maps else None for n in ("gen_key", "gen_query"))
         rk, rq = (partials.get(n) if a == 0 else None for n in ("ref_key", "ref_query"))
         main_kernel[grid](
-            q, k, v, out, record_idx, lse_row, lse_col, U[:, a:] if gens else U, M,
-            *(unused if t is None else t for t in (gk, gq, rk, rq)),
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), U.stride(0),
+            q, k, v, out, record_idx, lse_row, lse_col, c_shift, from_p, b, U[:, a:] if gens else U,
+            UB[:, :, a:] if gq is not None else UB, M, *(unused if t is None else t for t in (gk, gq, rk, rq)),
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), U.stride(0), UB.stride(0) if gq is not None else 0,
             *_strides(gk), *_strides(gq), DV=dv, Ru=n_u, Rw=Rw,
             GEN_KEY=gk is not None, GEN_QUERY=gq is not None, REF_KEY=rk is not None, REF_QUERY=rq is not None,
-            BLOCK_DV=_pow2(dv), BLOCK_U=_pow2(n_u), BLOCK_R=_pow2(min(Rw, MAX_PROBES)),
+            BLOCK_DV=_pow2(dv), BLOCK_U=_pow2(n_u), BLOCK_R=block_r, ROWSUM=n_u == 1, ONE_R=Rw <= block_r,
             MAP_PRECISION=fp32_dots, **shared)
 
     Kr = ref_idx.numel()
     for name, part in partials.items():
         buf = maps[name]
         ref_reduce_kernel[(triton.cdiv(Kr, REDUCE_BLOCK), Rw, BH)](
-            part, ref_idx, m_scale, buf, *buf.stride(), H, Rw, Kr, Nk, splits, BLOCK=REDUCE_BLOCK)
+            part, ref_idx, m_scale, buf, *buf.stride(), H, Rw, Kr, Nk, _used(main_kernel, split_count),
+            BLOCK=REDUCE_BLOCK)
+
+
+_CONSTANTS = {}  # ids of the tensors a value is built from, and what -> (their weak references, versions, value)
+
+
+def _cached(tensors, what, build):
+    """build(), kept while `tensors` live unchanged: the probes of a kept MapsCall (a recorder's
+    layer) are scaled and placed once, not on every call. An in-place change of one of them (its
+    version counter) rebuilds; the entry goes when one of them is freed."""
+    key = (*map(id, tensors), what)
+    hit = _CONSTANTS.get(key)
+    if hit is not None and all(r() is t and n == t._version for r, n, t in zip(*hit[:2], tensors)):
+        return hit[2]
+    value = build()
+    drop = lambda _, table=_CONSTANTS: table.pop(key, None)  # noqa: E731  (table: still there at exit)
+    _CONSTANTS[key] = ([weakref.ref(t, drop) for t in tensors], [t._version for t in tensors], value)
+    return value
+
+
+def _used(kernel, split_count):
+    """The programs per head of the launch just made: from the config the autotuner chose."""
+    return split_count(kernel.best_config.kwargs["BLOCK_M"])
+
+
+def _c_from_p(lse_row, lse_col):
+    """Per (entry, head): the shift c (the largest lse_row), whether C comes from P there
+    (c - min lse_col <= RANGE, triton_kernels' docstring) and b[k] = 2^(c - lse_col[k]) where it
+    does, 1 elsewhere: the C-probe rescaling, once per call instead of per key tile."""
+    c = lse_row.amax(1)
+    from_p = c - lse_col.amin(1) <= torch_backend.C_FROM_P_RANGE
+    return c, from_p.int(), torch.where(from_p[:, None], torch.exp2(c[:, None] - lse_col), 1.0)
 
 
 def _query_probes(query_probes, dtype):
@@ -103,14 +154,25 @@ def _probes_on_keys(key_probes, ref_idx, Nk):
     return U.index_put_((ref_idx,), key_probes.T, accumulate=True)
 
 
-def _splits(splits, Nq, Nk, BH, partial_rows, device):
-    """Programs per head: by default enough to fill the GPU about PROGRAMS_PER_SM deep (one per
-    head elsewhere); never more than the query blocks, nor more than SCRATCH_BYTES of partials."""
+def _split_counter(splits, Nq, Nk, BH, partial_rows, device):
+    """block_m -> programs per head for query blocks of block_m rows: by default enough to fill
+    the GPU about PROGRAMS_PER_SM deep (one per head elsewhere); never more than the query
+    blocks, nor more than SCRATCH_BYTES of partials."""
     if splits is None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
         splits = max(1, triton.cdiv(PROGRAMS_PER_SM * sms, BH))
     splits = min(splits, SCRATCH_BYTES // max(1, 4 * BH * Nk * partial_rows))
-    return max(1, min(splits, triton.cdiv(Nq, MAX_BLOCK_M)))
+    return lambda block_m: max(1, min(splits, triton.cdiv(Nq, block_m)))
+
+
+def _alignment(*tensors):
+    """The largest power of two, up to 16 bytes, that divides every batch, head and row stride
+    (in elements): the kernels load head and row starts that many elements at a time."""
+    n = 16 // tensors[0].element_size()
+    for t in tensors:
+        for s in t.stride()[:3]:
+            n = math.gcd(n, s)
+    return n
 
 
 def _strides(buf):

@@ -13,9 +13,11 @@ Queries come in blocks of BLOCK_M rows and keys in tiles of BLOCK_N. A grid row 
 ...), so scratch that is kept per program is O(n_splits * Nk), never O(Nq * Nk).
 
 1. stats_kernel: per query block, an online pass over the key tiles gives lse_row; per key
-   tile it also merges the block's column (max, sum) into the program's partial column
-   statistics (only when C is needed), taking the column sums from the row exponentials.
-2. col_lse_kernel: merges the n_splits partial column statistics into lse_col, in a fixed order.
+   tile it also merges the block's column sums into the program's partial column statistics
+   (only when C is needed): the row exponentials at one shift per tile, summed by an MMA.
+2. col_lse_kernel: merges the n_splits partial column statistics into lse_col, in a fixed order,
+   and flags the columns whose sums lost too much below float32's range; col_exact_kernel redoes
+   those (if any) with their own exponential.
 3. main_kernel: recomputes t, now with exact P (C from P, below): out = P V; gen maps as P U^T, C U^T
    (U: key probes placed on their keys), kept in registers over the key tiles and added into
    the caller's buffer (every element belongs to one program); ref maps as M P, M C (M: query
@@ -29,10 +31,11 @@ b[k] = 2^(c - lse_col[k]) for any shift c, so the C maps are P reductions with r
 
     gen_query[r, x] = a[x] sum_k (U[r, k] b[k]) P[x, k]     ref_query[r, k] = b[k] sum_x (M[r, x] a[x]) P[x, k]
 
-With c the block's largest lse_row, a <= 1, and b <= 2^RANGE as long as c - min_k lse_col <= RANGE;
+With c the head's largest lse_row, a <= 1, and b <= 2^RANGE as long as c - min_k lse_col <= RANGE;
 then any term that a, b or P lose below float32's 2^-126 is below 2^(RANGE - 126) = 2^-46 of a map
-value. A query block whose scores spread wider takes the direct second exponential. The stats
-pass shares its exponential the same way within a key tile (derivation at its column sums).
+value. c, b and U b are computed once per call (triton_backend._c_from_p); a head whose scores
+spread wider takes the direct second exponential. The stats pass shares its exponential the same
+way (derivation at its column sums).
 
 No float atomics: every buffer element is written by exactly one program, and every cross-program
 sum runs in a fixed order, so maps are bit-identical run after run (for a given autotune choice).
@@ -48,6 +51,8 @@ from .torch_backend import C_FROM_P_RANGE
 
 NEG = tl.constexpr(-1.0e30)  # the score of masked entries: 2^(NEG - finite) == 0 without inf - inf
 RANGE = tl.constexpr(C_FROM_P_RANGE)  # log2 spread up to which C is taken from P (docstring above)
+# the smallest column sum (at the stats pass's shift) kept; RANGE < 0 sends every column to col_exact_kernel
+TINY = tl.constexpr(2.0 ** -C_FROM_P_RANGE if C_FROM_P_RANGE >= 0 else float("inf"))
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 if INTERPRET:  # the CPU interpreter: one small config, no benchmarking
@@ -55,24 +60,40 @@ if INTERPRET:  # the CPU interpreter: one small config, no benchmarking
 else:  # 8 warps keep the extra map accumulators out of local memory (sm_90 compile, fp16)
     CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=2)
                for bm, bn, w in [(128, 64, 8), (128, 32, 8), (64, 64, 8), (64, 32, 8), (64, 64, 4), (64, 32, 4)]]
-MAX_BLOCK_M = max(c.kwargs["BLOCK_M"] for c in CONFIGS)
+MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in CONFIGS)
+# col_exact_kernel: usually a check of one key tile, so one small config
+EXACT_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4) if INTERPRET else dict(BLOCK_M=64, BLOCK_N=64, num_warps=4)
+EXACT_BLOCK_N = EXACT_CONFIG["BLOCK_N"]
 TUNE_MIN_NQ = 4096
 
 
 def _prune(configs, named_args, **kwargs):
-    """Head dims of 256 (160 padded) only fit narrow key tiles (registers and shared memory);
-    below TUNE_MIN_NQ queries a call is too short to gain from tuning: the smallest tile."""
+    """Head dims of 256 (160 padded) only fit narrow key tiles (registers and shared memory),
+    the main pass at 128 (d 80-128) only under 32 scores a thread;
+    below TUNE_MIN_NQ queries a call is too short to gain from tuning: the smallest tile. Calls
+    are tuned once per power-of-two bucket of Nq (nq_bucket), and the choice is kept on disk."""
     args = {**named_args, **kwargs}
     if max(args["BLOCK_D"], args.get("BLOCK_DV", 0)) >= 256:
         configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 32] or configs
-    return configs if args["Nq"] >= TUNE_MIN_NQ else configs[-1:]
+    if "BLOCK_DV" in args and max(args["BLOCK_D"], args["BLOCK_DV"]) >= 128:  # main_kernel at d >= 80:
+        # 32 scores a thread besides the map accumulators spill (sm_90a, bench/triton_sass.py)
+        configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 1024 * c.num_warps] or configs
+    return configs if args["nq_bucket"] >= TUNE_MIN_NQ else configs[-1:]
 
 
 @triton.jit
-def _head(X, REC, bh, H, s_b, s_h):
-    """Base pointer of head bh % H of the recorded batch entry REC[bh // H]."""
+def _head(X, REC, bh, H, s_b, s_h, ALIGN: tl.constexpr):
+    """Base pointer of head bh % H of the recorded batch entry REC[bh // H]. The launcher
+    checked that the strides are multiples of ALIGN: said on the computed offset (a hint on
+    the arguments themselves does not reach the loads), it lets them load ALIGN elements at once."""
     b = tl.load(REC + bh // H)
-    return X + b * s_b + (bh % H).to(tl.int64) * s_h
+    return X + tl.multiple_of(b * s_b + (bh % H).to(tl.int64) * s_h, ALIGN)
+
+
+@triton.jit
+def _aligned(stride, ALIGN: tl.constexpr):
+    """stride, known to the compiler as a multiple of ALIGN (which the launcher checked)."""
+    return stride // ALIGN * ALIGN
 
 
 @triton.jit
@@ -92,19 +113,21 @@ def _scores(q, k_base, cols, dims, sk_n, sk_d, Nk, D, qk_scale, DOT_PRECISION: t
     return tl.where(col_ok[None, :], t, NEG)
 
 
-@triton.autotune(configs=CONFIGS, key=["Nq", "Nk", "BLOCK_D", "NEED_COL"],
-                 prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=CONFIGS, key=["nq_bucket", "Nk", "BLOCK_D", "NEED_COL"],
+                 prune_configs_by={"early_config_prune": _prune}, cache_results=True)
 @triton.jit
 def stats_kernel(Q, K, REC, LSE_ROW, COL_MAX, COL_SUM,
                  sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d,
-                 H, Nq, Nk, D, qk_scale,
+                 H, Nq, Nk, nq_bucket, qk_scale, D: tl.constexpr, ALIGN: tl.constexpr,
                  NEED_COL: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     split, bh = tl.program_id(0), tl.program_id(1)
     n_splits = tl.num_programs(0)
-    q_base = _head(Q, REC, bh, H, sq_b, sq_h)
-    k_base = _head(K, REC, bh, H, sk_b, sk_h)
+    q_base = _head(Q, REC, bh, H, sq_b, sq_h, ALIGN)
+    k_base = _head(K, REC, bh, H, sk_b, sk_h, ALIGN)
+    sq_n, sk_n = _aligned(sq_n, ALIGN), _aligned(sk_n, ALIGN)
     dims = tl.arange(0, BLOCK_D)
+    first = tl.arange(0, 16) == 0  # the row of the column-sum product that holds w
     for qb in range(split, tl.cdiv(Nq, BLOCK_M), n_splits):
         rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < Nq
@@ -122,27 +145,23 @@ def stats_kernel(Q, K, REC, LSE_ROW, COL_MAX, COL_SUM,
             r_sum = tl.sum(p, 1)
             if NEED_COL:
                 # This block holds every row of (block, tile), so the tile's column sums are final
-                # for the block. They come from the row exponentials: 2^(t - g) = p 2^(r_shift - g)
-                # with g the tile's largest score. A term this loses below float32's 2^-126 is
-                # below 2^(RANGE - 126) of its column's sum when every column's largest score is
-                # within RANGE of g; otherwise the columns take their own exponential.
-                col_ok = cols < Nk
-                tc = tl.where(row_ok[:, None], t, NEG)
-                c_shift = tl.max(tc, 0)
-                g = tl.max(c_shift)
-                if g - tl.min(tl.where(col_ok, c_shift, -NEG)) <= RANGE:
-                    c_sum_t = tl.sum(p * tl.exp2(tl.where(row_ok, r_shift - g, NEG))[:, None], 0)
-                    c_shift = tl.zeros([BLOCK_N], tl.float32) + g
-                else:
-                    c_sum_t = tl.sum(tl.exp2(tc - c_shift[None, :]), 0)
-                at = (bh * n_splits + split) * Nk + cols
+                # for the block. They come from the row exponentials at one shift per tile, g =
+                # the largest row max: sum_x 2^(t - g) = sum_x w[x] p[x, k], w = 2^(r_shift - g),
+                # one (16 x BLOCK_M) x (BLOCK_M x BLOCK_N) product with w in its first row (a
+                # reduction on the tensor cores, not a second softmax). Only terms below float32's
+                # 2^-126 are lost: col_lse_kernel flags the columns where that could matter.
+                g = tl.max(tl.where(row_ok, r_shift, NEG))
+                w = tl.exp2(tl.where(row_ok, r_shift - g, NEG))
+                c_sum_t = tl.dot(tl.where(first[:, None], w[None, :], 0.0), p, input_precision=DOT_PRECISION)
+                at = (bh * n_splits + split) * Nk + cols[None, :] + tl.zeros([16, 1], tl.int32)
+                c_ok = first[:, None] & (cols[None, :] < Nk)
                 seen = qb > split  # the program's first block starts afresh
-                c_max = tl.where(seen, tl.load(COL_MAX + at, mask=col_ok, other=NEG), NEG)
-                c_sum = tl.where(seen, tl.load(COL_SUM + at, mask=col_ok, other=0.0), 0.0)
-                c_new = tl.maximum(c_max, c_shift)
-                c_sum = c_sum * tl.exp2(c_max - c_new) + c_sum_t * tl.exp2(c_shift - c_new)
-                tl.store(COL_MAX + at, c_new, mask=col_ok)
-                tl.store(COL_SUM + at, c_sum, mask=col_ok)
+                c_max = tl.where(seen, tl.load(COL_MAX + at, mask=c_ok, other=NEG), NEG)
+                c_sum = tl.where(seen, tl.load(COL_SUM + at, mask=c_ok, other=0.0), 0.0)
+                c_new = tl.maximum(c_max, g)
+                c_sum = c_sum * tl.exp2(c_max - c_new) + c_sum_t * tl.exp2(g - c_new)
+                tl.store(COL_MAX + at, c_new, mask=c_ok)
+                tl.store(COL_SUM + at, c_sum, mask=c_ok)
             m_new = tl.maximum(m_i, r_shift)
             l_i = l_i * tl.exp2(m_i - m_new) + r_sum * tl.exp2(r_shift - m_new)
             m_i = m_new
@@ -152,8 +171,10 @@ def stats_kernel(Q, K, REC, LSE_ROW, COL_MAX, COL_SUM,
 
 @triton.jit
 def col_lse_kernel(COL_MAX, COL_SUM, LSE_COL, Nk, n_splits, BLOCK: tl.constexpr):
-    """lse_col[k] = m + log2 sum_s l_s[k] 2^(m_s[k] - m), m = max_s m_s[k], where (m_s, l_s) are
-    the partial (max, sum) of split s; the splits are summed in order."""
+    """lse_col[k] = m + log2 S, S = sum_s l_s[k] 2^(m_s[k] - m), m = max_s m_s[k], where (m_s, l_s)
+    are the partial (max, sum) of split s; the splits are summed in order. The terms the stats
+    pass lost are below Nq 2^-126 of 2^m, so S >= 2^-RANGE keeps them below Nq 2^(RANGE - 126)
+    of the sum; a column with a smaller S gets lse_col = +inf, for col_exact_kernel to redo."""
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     col_ok = cols < Nk
     at = tl.program_id(1) * n_splits * Nk + cols
@@ -164,7 +185,37 @@ def col_lse_kernel(COL_MAX, COL_SUM, LSE_COL, Nk, n_splits, BLOCK: tl.constexpr)
     for s in range(n_splits):
         c_max = tl.load(COL_MAX + at + s * Nk, mask=col_ok, other=NEG)
         total += tl.load(COL_SUM + at + s * Nk, mask=col_ok, other=1.0) * tl.exp2(c_max - m)
-    tl.store(LSE_COL + tl.program_id(1) * Nk + cols, m + tl.log2(total), mask=col_ok)
+    lse = tl.where(total >= TINY, m + tl.log2(tl.maximum(total, 1.0e-38)), float("inf"))
+    tl.store(LSE_COL + tl.program_id(1) * Nk + cols, lse, mask=col_ok)
+
+
+@triton.jit
+def col_exact_kernel(Q, K, REC, LSE_COL, sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, H, Nq, Nk, qk_scale,
+                     D: tl.constexpr, ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The columns col_lse_kernel flagged (+inf), if any in this key tile: lse_col from their own
+    online (max, sum) over every query, a second exponential per score; a rare path (columns
+    whose scores all lie about RANGE bits below a row's largest), run only where needed."""
+    bh = tl.program_id(1)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < Nk
+    lse = tl.load(LSE_COL + bh * Nk + cols, mask=col_ok, other=0.0)
+    if tl.max(lse) == float("inf"):
+        q_base = _head(Q, REC, bh, H, sq_b, sq_h, ALIGN)
+        k_base = _head(K, REC, bh, H, sk_b, sk_h, ALIGN)
+        sq_n, sk_n = _aligned(sq_n, ALIGN), _aligned(sk_n, ALIGN)
+        dims = tl.arange(0, BLOCK_D)
+        c_max = tl.full([BLOCK_N], NEG, tl.float32)
+        c_sum = tl.zeros([BLOCK_N], tl.float32)
+        for qb in range(0, tl.cdiv(Nq, BLOCK_M)):
+            rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+            q = _load_queries(q_base, rows, dims, sq_n, sq_d, Nq, D)
+            t = tl.where((rows < Nq)[:, None], _scores(q, k_base, cols, dims, sk_n, sk_d, Nk, D, qk_scale,
+                                                        DOT_PRECISION), NEG)
+            c_new = tl.maximum(c_max, tl.max(t, 0))
+            c_sum = c_sum * tl.exp2(c_max - c_new) + tl.sum(tl.exp2(t - c_new[None, :]), 0)
+            c_max = c_new
+        tl.store(LSE_COL + bh * Nk + cols, c_max + tl.log2(c_sum), mask=col_ok & (lse == float("inf")))
 
 
 @triton.jit
@@ -176,57 +227,102 @@ def _add_gen(g_base, acc, rows, probes, sg_r, sg_n, Nq, Ru):
 
 
 @triton.jit
-def _add_ref_partial(PART, M, w, a, b, rows, cols, part_row, seen, Nq, Nk, Rw,
-                     BLOCK_R: tl.constexpr, MAP_PRECISION: tl.constexpr, SCALED: tl.constexpr):
-    """PART[r, k] += b[k] sum_x M[r, x] a[x] w[x, k] over this block's rows (a, b only if SCALED),
-    probes BLOCK_R at a time."""
-    for r0 in range(0, Rw, BLOCK_R):
-        probes = r0 + tl.arange(0, BLOCK_R)
-        m = tl.load(M + probes[:, None] * Nq + rows[None, :],
-                    mask=(probes[:, None] < Rw) & (rows[None, :] < Nq), other=0.0)
-        ptrs = PART + (part_row + probes[:, None]) * Nk + cols[None, :]
-        mask = (probes[:, None] < Rw) & (cols[None, :] < Nk)
-        acc = tl.where(seen, tl.load(ptrs, mask=mask, other=0.0), 0.0)
-        if SCALED:
-            acc += tl.dot(m.to(tl.float32) * a[None, :], w, input_precision=MAP_PRECISION) * b[None, :]
-        elif M.dtype.element_ty == tl.float16:  # P in [0, 1] and the probe rows scaled to [-1, 1]
-            acc = tl.dot(m, w.to(tl.float16), acc)
-        else:
-            acc = tl.dot(m, w, acc, input_precision=MAP_PRECISION)
-        tl.store(ptrs, acc, mask=mask)
+def _load_probe_rows(M, probes, rows, Nq, Rw):
+    """(BLOCK_R, BLOCK_M) query-probe weights of this block's rows."""
+    return tl.load(M + probes[:, None] * Nq + rows[None, :], mask=(probes[:, None] < Rw) & (rows[None, :] < Nq),
+                   other=0.0)
+
+
+@triton.jit
+def _add_ref_block(PART, m, w, b, probes, cols, part_row, seen, Nk, Rw,
+                   MAP_PRECISION: tl.constexpr, SCALED: tl.constexpr):
+    """PART[r, k] += b[k] sum_x m[r, x] w[x, k] for one block of probes (b only if SCALED; m
+    then carries the row factor a)."""
+    ptrs = PART + (part_row + probes[:, None]) * Nk + cols[None, :]
+    mask = (probes[:, None] < Rw) & (cols[None, :] < Nk)
+    acc = tl.where(seen, tl.load(ptrs, mask=mask, other=0.0), 0.0)
+    if SCALED:
+        acc += tl.dot(m, w, input_precision=MAP_PRECISION) * b[None, :]
+    elif m.dtype == tl.float16:  # P in [0, 1] and the probe rows scaled to [-1, 1]
+        acc = tl.dot(m, w.to(tl.float16), acc)
+    else:
+        acc = tl.dot(m, w, acc, input_precision=MAP_PRECISION)
+    tl.store(ptrs, acc, mask=mask)
+
+
+@triton.jit
+def _add_ref(PART, M, m, w, a, b, rows, cols, part_row, seen, Nq, Nk, Rw, BLOCK_R: tl.constexpr,
+             ONE_R: tl.constexpr, MAP_PRECISION: tl.constexpr, SCALED: tl.constexpr):
+    """PART[r, k] += b[k] sum_x M[r, x] a[x] w[x, k] over this block's rows (a, b only if SCALED).
+    ONE_R: every probe in one block, m (its rows, times a if SCALED) loaded once per query block;
+    else BLOCK_R probes at a time, loaded here."""
+    if ONE_R:
+        _add_ref_block(PART, m, w, b, tl.arange(0, BLOCK_R), cols, part_row, seen, Nk, Rw, MAP_PRECISION, SCALED)
+    else:
+        for r0 in range(0, Rw, BLOCK_R):
+            probes = r0 + tl.arange(0, BLOCK_R)
+            mr = _load_probe_rows(M, probes, rows, Nq, Rw)
+            if SCALED:
+                mr = mr.to(tl.float32) * a[None, :]
+            _add_ref_block(PART, mr, w, b, probes, cols, part_row, seen, Nk, Rw, MAP_PRECISION, SCALED)
+
+
+@triton.jit
+def _key_probes(U, cols, probes, su_k, Nk, Ru, ROWSUM: tl.constexpr):
+    """U^T tile (BLOCK_N, BLOCK_U): key probes on their keys, zero on the other keys; with one
+    probe (ROWSUM) just its (BLOCK_N,) column."""
+    if ROWSUM:
+        u = tl.load(U + cols * su_k, mask=cols < Nk, other=0.0)
+    else:
+        u = tl.load(U + cols[:, None] * su_k + probes[None, :], mask=(cols[:, None] < Nk) & (probes[None, :] < Ru),
+                    other=0.0)
+    return u
+
+
+@triton.jit
+def _gen_update(g, w, u, probes, ROWSUM: tl.constexpr, MAP_PRECISION: tl.constexpr):
+    """g[x, r] += sum_k w[x, k] u[k, r] over one key tile: an MMA, or with one probe (ROWSUM)
+    FFMA row sums into column 0 instead of a product padded to 16 probes."""
+    if ROWSUM:
+        g += tl.where(probes[None, :] == 0, tl.sum(w * u[None, :], 1)[:, None], 0.0)
+    else:
+        g = tl.dot(w, u, g, input_precision=MAP_PRECISION)
+    return g
 
 
 @triton.autotune(configs=CONFIGS,
-                 key=["Nq", "Nk", "Ru", "Rw", "BLOCK_D", "BLOCK_DV", "GEN_KEY", "GEN_QUERY",
+                 key=["nq_bucket", "Nk", "Ru", "Rw", "BLOCK_D", "BLOCK_DV", "GEN_KEY", "GEN_QUERY",
                       "REF_KEY", "REF_QUERY"],
-                 prune_configs_by={"early_config_prune": _prune}, restore_value=["GK", "GQ"])
+                 prune_configs_by={"early_config_prune": _prune}, restore_value=["GK", "GQ"], cache_results=True)
 @triton.jit
-def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, U, M, GK, GQ, RK, RQ,
+def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, C_SHIFT, FROM_P, B, U, UB, M, GK, GQ, RK, RQ,
                 sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
-                so_b, so_h, so_n, so_d, su_k, sgk_i, sgk_h, sgk_r, sgk_n, sgq_i, sgq_h, sgq_r, sgq_n,
-                H, Nq, Nk, D, DV, Ru, Rw, qk_scale,
+                so_b, so_h, so_n, so_d, su_k, sub_h, sgk_i, sgk_h, sgk_r, sgk_n, sgq_i, sgq_h, sgq_r, sgq_n,
+                H, Nq, Nk, nq_bucket, Ru, Rw, qk_scale, D: tl.constexpr, DV: tl.constexpr, ALIGN: tl.constexpr,
                 GEN_KEY: tl.constexpr, GEN_QUERY: tl.constexpr, REF_KEY: tl.constexpr,
                 REF_QUERY: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                BLOCK_U: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                MAP_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                BLOCK_U: tl.constexpr, BLOCK_R: tl.constexpr, ROWSUM: tl.constexpr, ONE_R: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, MAP_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
     split, bh = tl.program_id(0), tl.program_id(1)
     n_splits = tl.num_programs(0)
-    q_base = _head(Q, REC, bh, H, sq_b, sq_h)
-    k_base = _head(K, REC, bh, H, sk_b, sk_h)
-    v_base = _head(V, REC, bh, H, sv_b, sv_h)
-    o_base = _head(OUT, REC, bh, H, so_b, so_h)
+    q_base = _head(Q, REC, bh, H, sq_b, sq_h, ALIGN)
+    k_base = _head(K, REC, bh, H, sk_b, sk_h, ALIGN)
+    v_base = _head(V, REC, bh, H, sv_b, sv_h, ALIGN)
+    o_base = _head(OUT, REC, bh, H, so_b, so_h, ALIGN)
+    sq_n, sk_n = _aligned(sq_n, ALIGN), _aligned(sk_n, ALIGN)
+    sv_n, so_n = _aligned(sv_n, ALIGN), _aligned(so_n, ALIGN)
     i, h = bh // H, bh % H
     gk_base = GK + i * sgk_i + h * sgk_h
     gq_base = GQ + i * sgq_i + h * sgq_h
+    ub_base = UB + bh * sub_h
     part_row = (bh * n_splits + split) * Rw
     dims = tl.arange(0, BLOCK_D)
     vdims = tl.arange(0, BLOCK_DV)
     probes = tl.arange(0, BLOCK_U)
-    if GEN_QUERY or REF_QUERY:
-        col_lo = -NEG  # min lse_col of this head: with a block's top lse_row, whether C comes from P
-        for n0 in range(0, Nk, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            col_lo = tl.minimum(col_lo, tl.min(tl.load(LSE_COL + bh * Nk + cols, mask=cols < Nk, other=-NEG)))
+    if GEN_QUERY or REF_QUERY:  # the head's shift c and whether C comes from P (module docstring)
+        c = tl.load(C_SHIFT + bh)
+        from_p = tl.load(FROM_P + bh) != 0
     for qb in range(split, tl.cdiv(Nq, BLOCK_M), n_splits):
         rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < Nq
@@ -234,9 +330,13 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, U, M, GK, GQ, RK, RQ,
         q = _load_queries(q_base, rows, dims, sq_n, sq_d, Nq, D)
         lse_row = tl.load(LSE_ROW + bh * Nq + rows, mask=row_ok, other=0.0)
         if GEN_QUERY or REF_QUERY:
-            row_hi = tl.max(tl.where(row_ok, lse_row, NEG))  # the shift c of the module docstring
-            from_p = row_hi - col_lo <= RANGE
-            a = tl.exp2(tl.where(from_p, tl.where(row_ok, lse_row - row_hi, NEG), 0.0))
+            a = tl.exp2(tl.where(from_p, tl.where(row_ok, lse_row - c, NEG), 0.0))
+        m_key = 0.0  # the query-probe rows of this block when ONE_R: loaded once for all its key tiles
+        m_query = 0.0
+        if ONE_R:
+            m_key = _load_probe_rows(M, tl.arange(0, BLOCK_R), rows, Nq, Rw)
+            if REF_QUERY:
+                m_query = m_key.to(tl.float32) * a[None, :]
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         gen_key = tl.zeros([BLOCK_M, BLOCK_U], tl.float32)
         gen_query = tl.zeros([BLOCK_M, BLOCK_U], tl.float32)
@@ -249,29 +349,27 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, U, M, GK, GQ, RK, RQ,
             v = tl.load(v_base + cols[:, None] * sv_n + vdims[None, :] * sv_d,
                         mask=col_ok[:, None] & (vdims[None, :] < DV), other=0.0)
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-            if GEN_KEY or GEN_QUERY:
-                # U^T tile: key probes on their keys, zero on the other keys
-                ut = tl.load(U + cols[:, None] * su_k + probes[None, :],
-                             mask=col_ok[:, None] & (probes[None, :] < Ru), other=0.0)
             if GEN_KEY:  # gen_key[r, x] = sum_k U[r, k] P[x, k]
-                gen_key = tl.dot(p, ut, gen_key, input_precision=MAP_PRECISION)
+                ut = _key_probes(U, cols, probes, su_k, Nk, Ru, ROWSUM)
+                gen_key = _gen_update(gen_key, p, ut, probes, ROWSUM, MAP_PRECISION)
             if REF_KEY:  # ref_key[r, k] = sum_x M[r, x] P[x, k]
-                _add_ref_partial(RK, M, p, None, None, rows, cols, part_row, seen, Nq, Nk, Rw, BLOCK_R,
-                                 MAP_PRECISION, False)
+                _add_ref(RK, M, m_key, p, None, None, rows, cols, part_row, seen, Nq, Nk, Rw,
+                         BLOCK_R, ONE_R, MAP_PRECISION, False)
             if GEN_QUERY or REF_QUERY:
                 # C = P a b (then w = P), else C = 2^(t - lse_col) directly (w = C, a = b = 1);
                 # rows past Nq get a = 0 or a zeroed C (their t is not a real score)
-                lse_col = tl.load(LSE_COL + bh * Nk + cols, mask=col_ok, other=0.0)
                 if from_p:
                     w = p
                 else:
+                    lse_col = tl.load(LSE_COL + bh * Nk + cols, mask=col_ok, other=0.0)
                     w = tl.where(row_ok[:, None], tl.exp2(t - lse_col[None, :]), 0.0)
-                b = tl.exp2(tl.where(from_p, tl.where(col_ok, row_hi - lse_col, NEG), 0.0))
-                if GEN_QUERY:  # gen_query = a * (w (U b)^T), a applied once per block
-                    gen_query = tl.dot(w, ut * b[:, None], gen_query, input_precision=MAP_PRECISION)
+                if GEN_QUERY:  # gen_query = a * (w (U b)^T): U b precomputed per call, a once per block
+                    ubt = _key_probes(ub_base, cols, probes, su_k, Nk, Ru, ROWSUM)
+                    gen_query = _gen_update(gen_query, w, ubt, probes, ROWSUM, MAP_PRECISION)
                 if REF_QUERY:
-                    _add_ref_partial(RQ, M, w, a, b, rows, cols, part_row, seen, Nq, Nk, Rw, BLOCK_R,
-                                     MAP_PRECISION, True)
+                    b = tl.load(B + bh * Nk + cols, mask=col_ok, other=0.0)
+                    _add_ref(RQ, M, m_query, w, a, b, rows, cols, part_row, seen, Nq, Nk, Rw,
+                             BLOCK_R, ONE_R, MAP_PRECISION, True)
         tl.store(o_base + rows[:, None] * so_n + vdims[None, :] * so_d, acc.to(OUT.dtype.element_ty),
                  mask=row_ok[:, None] & (vdims[None, :] < DV))
         if GEN_KEY:

@@ -38,8 +38,8 @@ def test_map_subsets_accumulate_over_calls(names):
 
 @pytest.mark.parametrize("names,dtype", [(ALL, torch.float32), (ALL, torch.float16), (("gen_query",), torch.float32)])
 def test_blocks_of_extreme_scores_take_the_direct_exponential(names, dtype):
-    """Queries 0-15 (the first interpreter block) score up to ~100 nats: their blocks and tiles are
-    past RANGE and compute C directly; the other blocks take C from P. Both must match."""
+    """Queries 0-15 (the first interpreter block) score up to ~100 nats: their heads are past RANGE
+    and compute C directly, and columns the stats pass's shift loses take the exact column pass."""
     case = make_case(Nq=45, Nk=77, names=names, dtype=dtype, device=DEVICE)
     case.q[:, :, :16] *= 20
     check_backend("triton", case, splits=2)
@@ -92,7 +92,22 @@ def test_float64_runs_on_the_torch_backend():
 def test_splits_stay_within_query_blocks_and_scratch_cap():
     triton_backend = backend_module("triton")
     cpu = torch.device("cpu")
-    splits = triton_backend._splits(1000, 65536, 1025, 8, 14, cpu)  # Nq, Nk, BH, partial rows
-    assert 1 <= splits and splits * 4 * 8 * 1025 * 14 <= triton_backend.SCRATCH_BYTES
-    blocks = -(-40 // triton_backend.MAX_BLOCK_M)
-    assert triton_backend._splits(1000, 40, 7, 2, 3, cpu) == blocks
+    split_count = triton_backend._split_counter(1000, 65536, 1025, 8, 14, cpu)  # Nq, Nk, BH, partial rows
+    assert 1 <= split_count(64) and split_count(64) * 4 * 8 * 1025 * 14 <= triton_backend.SCRATCH_BYTES
+    split_count = triton_backend._split_counter(1000, 40, 7, 2, 3, cpu)
+    assert (split_count(16), split_count(64), split_count(128)) == (3, 1, 1)  # the query blocks of each config
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_columns_far_below_every_row_take_the_exact_column_pass(dtype):
+    """Keys 3 and 5 score ~150 bits below every query's best key: at the stats pass's one shift
+    per tile their column sums vanish in float32, so col_lse_kernel must flag them and
+    col_exact_kernel redo them (without it, C on those keys is inf or NaN)."""
+    case = make_case(Nq=40, Nk=9, d=16, names=ALL, dtype=dtype, device=DEVICE)
+    for x in (case.q, case.k):
+        x[..., 0] = 0.0
+    case.q[..., 0] = 8.0
+    case.k[:, :, :, 0] = 2.0
+    case.k[:, :, [3, 5], 0] = -10.0  # scores ~ 8 * 2 / 4 = 4 nats for the others, -20 nats for these
+    case.scale = 4.0  # ... scaled to ~16 and ~-80 nats: 96 nats = 138 bits apart
+    check_backend("triton", case, splits=2)

@@ -26,11 +26,19 @@ SCRIPT = textwrap.dedent("""
         for fn, consts in ((tk.stats_kernel, dict(tiles, NEED_COL=True)), (tk.main_kernel, dict(tiles, **maps))):
             shared = ts.compile_sm90(fn, args, consts, w).metadata.shared
             assert shared <= 227 * 1024, (fn.fn.__name__, dtype, d, shared)
+    args, tiles, _ = ts.call_args(40)
+    exact = {n: args[n] for n in ("Q", "K", "REC", "LSE_COL", "H", "Nq", "Nk", "qk_scale")}
+    exact.update({p + s: args[p + s] for p in ("sq", "sk") for s in ("_b", "_h", "_n", "_d")})
+    ts.compile_sm90(tk.col_exact_kernel, exact, dict(tiles, BLOCK_M=64, BLOCK_N=64), 4)
     ts.compile_sm90(tk.col_lse_kernel, dict(COL_MAX="*fp32", COL_SUM="*fp32", LSE_COL="*fp32", Nk=1025,
                                             n_splits=3), dict(BLOCK=128), 4)
     ts.compile_sm90(tk.ref_reduce_kernel, dict(PART="*fp32", REF_IDX="*i64", M_SCALE="*fp32", BUF="*fp32", sb_i=8 * 6 * 1024,
                                                sb_h=6 * 1024, sb_r=1024, sb_k=1, H=8, Rw=6, Kr=1024, Nk=1025,
                                                n_splits=3), dict(BLOCK=128), 4)
+    # more than one key probe (an MMA, not row sums) and more query probes than one block holds
+    args, tiles, maps = ts.call_args(80, "fp16", ALL, Ru=2, Rw=70)
+    assert not maps["ROWSUM"] and not maps["ONE_R"]
+    ts.compile_sm90(tk.main_kernel, args, dict(tiles, **maps, BLOCK_M=64, BLOCK_N=32), 4)
     print("compiled")
 """)
 
