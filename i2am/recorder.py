@@ -7,16 +7,19 @@ Any code can feed it (layer name, step, q, k, v) without diffusers::
     maps = rec.maps()                                   # i2am.AttributionMaps
 
 Per layer it keeps gen (Br, G, H, Ru, Nq) and ref (Br, G, H, Rw, |K_ref|) at the layer's own
-resolution (SPEC section 3); nothing is stored per step.
+resolution (SPEC section 3); nothing is stored per step. The protocol adds its own rows: under
+"official" one key probe per context key (gen) and probes on the layer's own grid (ref).
 """
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 
 import torch
 import torch.nn.functional as F
 
+from . import protocols
 from .grid import RESIZE_MODES, layer_grid, pullback
 from .kernels import prepare
+from .layers import layer_selected
+from .maps import AttributionMaps
 from .probes import key_probes, mask_2d, query_probes
 
 CONVENTIONS = {"official": ("query", "key"), "paper": ("key", "query")}  # (gen softmax, ref softmax)
@@ -28,11 +31,14 @@ class LayerBuffers:
     grid: tuple
     heads: int
     nk: int
-    ref_idx: torch.Tensor
+    ref_idx: torch.Tensor       # the keys the kernel reduces over (all keys when per-key rows are kept)
+    ref_cols: torch.Tensor      # the reference keys among them, in grid order (None: no reference keys)
+    key_grid: tuple             # their grid (hI_l, wI_l), None without reference keys
+    per_key: int                # gen rows with one key probe per context key, after the probe rows
     key_probes: torch.Tensor    # (Ru, Kr) on the layer's device
-    query_probes: torch.Tensor  # (Rw, Nq): latent probes pulled back to this layer's grid
+    query_probes: torch.Tensor  # (Rw, Nq): latent probes pulled back to this layer's grid, protocol rows
     gen: torch.Tensor
-    ref: torch.Tensor
+    ref: torch.Tensor           # None without reference keys
     call: object = None  # the checked kernel arguments (kernels.MapsCall), reused step after step
 
 
@@ -41,10 +47,24 @@ class Recorder:
 
     def __init__(self, *, ref_grid, latent_size=None, num_steps=None, time_groups=1, ref_keys=None,
                  branch="cond", mask=None, points=(), boxes=(), patches=(), convention="official",
-                 backend="auto", layers=None, resize="bicubic"):
-        self.ref_grid = _pair(ref_grid, "ref_grid (hI, wI)")
+                 protocol="paper", ref_size=None, backend="auto", layers=None, resize="bicubic"):
         if convention not in CONVENTIONS:
             raise ValueError(f"convention must be one of {tuple(CONVENTIONS)}, got {convention!r}")
+        self.protocol = protocols.get(protocol)
+        self.protocol.check(convention)
+        # ref_grid="layer": each layer's reference keys lie on its own query grid (SPEC 3b); maps
+        # are resized over the key axes to the common grid ref_size (default: the largest one)
+        self.layer_grids = isinstance(ref_grid, str) and ref_grid == "layer"
+        if not self.layer_grids and isinstance(ref_grid, str):
+            raise ValueError(f"ref_grid must be (hI, wI) or 'layer', got {ref_grid!r}")
+        self.ref_grid = None if self.layer_grids else _pair(ref_grid, "ref_grid (hI, wI)")
+        if ref_size is not None and not self.layer_grids:
+            raise ValueError("ref_size sets the common grid of ref_grid='layer'; with a fixed ref_grid the maps "
+                             "are on ref_grid itself: leave ref_size out")
+        self.ref_size = None if ref_size is None else _pair(ref_size, "ref_size (hI, wI)")
+        if self.layer_grids and patches and self.ref_size is None:
+            raise ValueError("patches with ref_grid='layer' need ref_size=(hI, wI), the common grid the patches "
+                             "are given on")
         if resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
         if not (branch in BRANCHES or _is_index_list(branch)):
@@ -54,8 +74,8 @@ class Recorder:
         self.time_groups, self.ref_keys, self.branch = time_groups, ref_keys, branch
         self.convention, self.backend, self.layers, self.resize = convention, backend, layers, resize
         self.mask, self.points, self.boxes = mask, tuple(map(tuple, points)), tuple(map(tuple, boxes))
-        self.keys = key_probes(self.ref_grid, patches)
-        self.latent_size = self.queries = self.num_steps = self.record_idx = None
+        self.keys = key_probes(self.ref_grid or self.ref_size or (1, 1), patches)
+        self.latent_size = self.queries = self.num_steps = self.record_idx = self._query_rows = None
         self.buffers = {}
         if num_steps is not None:
             self.set_num_steps(num_steps)
@@ -103,23 +123,32 @@ class Recorder:
         rec = self._entries(B, cfg)
         buf = self._layer(layer, grid, H, k.shape[2], q.device)
         gen, ref = CONVENTIONS[self.convention]
+        ref = (ref,) if buf.ref is not None else ()
         if buf.call is None or not buf.call.matches(q, k, v, scale):
             buf.call = prepare(q, k, v, scale=scale, ref_keys=buf.ref_idx, record=rec, key_probes=buf.key_probes,
-                               query_probes=buf.query_probes, gen=(gen,), ref=(ref,), backend=self.backend)
-        return buf.call(q, k, v, {f"gen_{gen}": buf.gen[:, tau], f"ref_{ref}": buf.ref[:, tau]})
+                               query_probes=buf.query_probes, gen=(gen,), ref=ref, backend=self.backend)
+        into = {f"gen_{gen}": buf.gen[:, tau]}
+        if ref:
+            into[f"ref_{ref[0]}"] = buf.ref[:, tau]
+        return buf.call(q, k, v, into)
 
     def maps(self):
         """The accumulated maps as an i2am.AttributionMaps (buffers moved to the CPU)."""
-        from .maps import AttributionMaps
-
         if not self.buffers:
             raise ValueError("nothing was recorded: no traced cross-attention layer was called")
-        layers = {name: {"gen": b.gen.cpu().reshape(*b.gen.shape[:-1], *b.grid), "ref": b.ref.cpu()}
-                  for name, b in self.buffers.items()}
+        layers = {}
+        for name, b in self.buffers.items():
+            layers[name] = {"gen": b.gen.cpu().reshape(*b.gen.shape[:-1], *b.grid), "grid": b.grid,
+                            "key_grid": b.key_grid, "per_key": b.per_key}
+            if b.ref is not None:
+                layers[name]["ref"] = b.ref[..., b.ref_cols].cpu()  # the reference keys, in grid order
+        ref_grid = self.ref_grid or self.ref_size or max(
+            (b.key_grid for b in self.buffers.values() if b.key_grid is not None),
+            key=lambda g: g[0] * g[1], default=None)
         return AttributionMaps(
-            layers, latent_size=self.latent_size, ref_grid=self.ref_grid, convention=self.convention,
-            num_steps=self.num_steps, resize=self.resize, key_labels=self.keys.labels,
-            query_labels=self.queries.labels, record=self.record_idx.tolist(),
+            layers, latent_size=self.latent_size, ref_grid=ref_grid, convention=self.convention,
+            protocol=self.protocol.name, num_steps=self.num_steps, resize=self.resize, key_labels=self.keys.labels,
+            query_labels=self.queries.labels, query_rows=self._query_rows, record=self.record_idx.tolist(),
             mask=None if self.mask is None else mask_2d(self.mask))
 
     def _group(self, step):
@@ -158,47 +187,59 @@ class Recorder:
                 raise ValueError(f"layer {name!r} was first called with grid {buf.grid}, {buf.heads} heads, "
                                  f"{buf.nk} keys on {buf.gen.device}; now {grid}, {heads}, {nk} on {device}")
             return buf
-        nref = self.ref_grid[0] * self.ref_grid[1]
-        if self.ref_keys is None:
-            if nk < nref:
-                raise ValueError(f"ref_grid {self.ref_grid} needs {nref} reference keys but layer {name!r} "
-                                 f"has Nk={nk} keys; check ref_grid or pass ref_keys")
-            ref_idx = torch.arange(nk - nref, nk)  # default: the last hI*wI keys (a CLS token first)
-        else:
-            ref_idx = torch.arange(nk)[self.ref_keys] if isinstance(self.ref_keys, slice) \
-                else torch.as_tensor(self.ref_keys).reshape(-1)
-            if ref_idx.numel() != nref:
-                raise ValueError(f"ref_keys selects {ref_idx.numel()} keys of layer {name!r} but ref_grid "
-                                 f"{self.ref_grid} has {nref} patches")
+        ref_cols, key_grid = self._reference_keys(name, grid, nk)
         G, Br = self.time_groups, self.record_idx.numel()
-        Ru, Rw = len(self.keys.labels), len(self.queries.labels)
-        queries = pullback(self.queries.weights, grid, self.resize)
+        # the probe rows of the user's probes, over the reference keys on the layer's key grid
+        if ref_cols is None:
+            keys = torch.zeros(0, nk)
+        elif key_grid == self.keys.weights.shape[-2:] or not self.layer_grids:
+            keys = self.keys.weights.reshape(len(self.keys.labels), -1)
+        else:  # uniform over the layer's own keys; patches pulled back through the key-axis resize
+            keys = torch.full((1, ref_cols.numel()), 1.0 / ref_cols.numel())
+            if len(self.keys.labels) > 1:
+                keys = torch.cat([keys, pullback(self.keys.weights[1:], key_grid, self.resize)])
+        # per-key rows cost Nk x Nq per head and group: kept on context layers, never on layers whose
+        # keys lie on their own grid (Nk = Nq there; the official M_g does not read them)
+        per_key = nk if self.protocol.per_key_rows and not (self.layer_grids and ref_cols is not None) else 0
+        if per_key:  # one key probe per context key (CLS included), so the kernel reduces over all keys
+            ref_idx = torch.arange(nk)
+            spread = torch.zeros(keys.shape[0], nk)
+            if ref_cols is not None:
+                spread[:, ref_cols] = keys
+            keys = torch.cat([spread, torch.eye(nk)])
+        else:
+            ref_idx, ref_cols = ref_cols, None if ref_cols is None else torch.arange(ref_cols.numel())
+        labels, extra = self.protocol.layer_query_rows(self.queries.labels, self.latent_size, grid)
+        queries = torch.cat([pullback(self.queries.weights, grid, self.resize), extra])
+        self._query_rows = self.queries.labels + labels
         buf = LayerBuffers(
-            grid, heads, nk, ref_idx.to(device), self.keys.weights.reshape(Ru, -1).to(device), queries.to(device),
-            torch.zeros(Br, G, heads, Ru, grid[0] * grid[1], device=device),
-            torch.zeros(Br, G, heads, Rw, nref, device=device))
+            grid, heads, nk, ref_idx.to(device), ref_cols, key_grid, per_key, keys.to(device), queries.to(device),
+            torch.zeros(Br, G, heads, keys.shape[0], grid[0] * grid[1], device=device),
+            None if ref_cols is None else torch.zeros(Br, G, heads, queries.shape[0], ref_idx.numel(), device=device))
         self.buffers[name] = buf
         return buf
 
-
-def layer_selected(name, grid, spec):
-    """Whether a layer matches spec: None (all), an fnmatch pattern, an (h_l, w_l) resolution,
-    or a list of those."""
-    if spec is None:
-        return True
-    items = [spec] if isinstance(spec, str) or _is_resolution(spec) else list(spec)
-    for it in items:
-        if isinstance(it, str) and fnmatchcase(name, it):
-            return True
-        if _is_resolution(it) and tuple(it) == tuple(grid):
-            return True
-        if not isinstance(it, str) and not _is_resolution(it):
-            raise TypeError(f"layers entries must be name patterns (str) or (h_l, w_l) resolutions, got {it!r}")
-    return False
-
-
-def _is_resolution(x):
-    return isinstance(x, tuple) and len(x) == 2 and all(isinstance(i, int) for i in x)
+    def _reference_keys(self, name, grid, nk):
+        """(indices of the reference keys in grid order, their grid) of a layer with nk keys, by the
+        fit rule of SPEC 3b: hI*wI keys, or a leading CLS token and hI*wI keys; else ref_keys."""
+        key_grid = grid if self.layer_grids else self.ref_grid
+        nref = key_grid[0] * key_grid[1]
+        if self.ref_keys is not None:
+            idx = torch.arange(nk)[self.ref_keys] if isinstance(self.ref_keys, slice) \
+                else torch.as_tensor(self.ref_keys).reshape(-1)
+            if idx.numel() != nref:
+                raise ValueError(f"ref_keys selects {idx.numel()} keys of layer {name!r} but its reference grid "
+                                 f"{key_grid} has {nref} patches")
+            return idx, key_grid
+        if nk in (nref, nref + 1):
+            return torch.arange(nk - nref, nk), key_grid
+        if self.layer_grids and self.protocol.context_layers:
+            return None, None  # a context-only layer (StableVITON's one-token attn2): generated map only
+        tried = "the layer's own grid" if self.layer_grids else "ref_grid"
+        raise ValueError(f"layer {name!r} has Nk={nk} keys, which fit neither {nref} nor {nref + 1} (a CLS token "
+                         f"first) keys of {tried} {key_grid[0]}x{key_grid[1]}; pass ref_keys= to select its "
+                         "reference keys, ref_grid='layer' when they lie on each layer's own grid, or layers= "
+                         "to leave this layer out")
 
 
 def _is_index_list(x):
