@@ -35,7 +35,8 @@ def sums(calls, T, G, record):
 
 def generated(S, grids, latent, layers, by=None):
     """M_g: per layer C summed over a group's steps; each context key's map resized to the latent
-    grid and clamped at 0, then the mean over ALL keys; the mean over layers and heads."""
+    grid and clamped at 0, then the mean over ALL keys; the mean over layers and heads (by="head":
+    each head's share of that mean, as i2am's by-head maps, which sum to M_g)."""
     total = 0
     for name in layers:
         C = S[name][1]  # (Br, G, H, Nq, Nk)
@@ -44,7 +45,7 @@ def generated(S, grids, latent, layers, by=None):
         Br, G, H, Nq, Nk = C.shape
         per_key = [bicubic(C[..., j].reshape(Br, G, H, *grids[name]), latent).clamp_min(0) for j in range(Nk)]
         m = torch.stack(per_key).mean(0)  # (Br, G, H, h, w)
-        total = total + (m if by == "head" else m.mean(2, keepdim=True))
+        total = total + (m / H if by == "head" else m.mean(2, keepdim=True))  # by head: sums to M_g
     total = total / len(layers)
     return total[:, :, 0] if by == "time" else total[:, 0] if by == "head" else total[:, 0, 0]
 
@@ -63,7 +64,7 @@ def reference(S, key_grids, common, layers, by=None, query_weights=None):
         w = query_weights[name] if query_weights else torch.full((P.shape[-2],), 1.0 / P.shape[-2], dtype=P.dtype)
         r = torch.einsum("bghqk,q->bghk", P, w).reshape(*P.shape[:3], hk, wk)
         r = bicubic(r, common).clamp_min(0)
-        total = total + (r if by == "head" else r.mean(2, keepdim=True))
+        total = total + (r / r.shape[2] if by == "head" else r.mean(2, keepdim=True))
     total = total / len(layers)
     return total[:, :, 0] if by == "time" else total[:, 0] if by == "head" else total[:, 0, 0]
 

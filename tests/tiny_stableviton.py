@@ -71,7 +71,8 @@ class TinyStableVITON(nn.Module):
         return self.conv_out(h)
 
 
-def sample(model, context, reference, steps, rec=None, guidance=True):
+@torch.no_grad()
+def sample(model, context, reference, steps, guidance=True):
     """A short denoising loop; with guidance the batch is [uncond (zero context), cond]."""
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(context.shape[0], 4, *LATENT, generator=gen)
