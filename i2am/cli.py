@@ -12,6 +12,8 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+from .protocols import PROTOCOLS
+
 PIPELINES = ("paint-by-example", "sd-inpaint-patch", "ip-adapter")
 BACKENDS = ("auto", "torch", "triton", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -48,6 +50,7 @@ examples:
     demo.add_argument("--out", default="i2am-demo", help="report folder (default: %(default)s)")
     demo.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     demo.add_argument("--backend", choices=BACKENDS, default="auto", help="attention backend")
+    _protocol_option(demo, "the protocol of each example's report (both protocols' IMACS are given side by side)")
 
     run = _command(sub, "run", _run, "run an image-to-image pipeline under i2am.trace and write a report", """\
 The model is loaded from a local folder (save_pretrained) or from the local Hugging Face cache;
@@ -97,6 +100,8 @@ examples:
     run.add_argument("--patches", nargs="*", default=[], type=_ints(2, "row,col"), metavar="I,J",
                      help="reference patches for specific-generated maps")
     run.add_argument("--convention", choices=("official", "paper"), default="official")
+    _protocol_option(run, "paper: the printed equations; official: the authors' released code (its M_g, display, "
+                          "IMACS and layer sets)")
     run.add_argument("--backend", choices=BACKENDS, default="auto", help="attention backend")
     run.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     run.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float16 on CUDA, else float32")
@@ -115,6 +120,9 @@ examples:
     show.add_argument("--image", help="the generated image the maps belong to")
     show.add_argument("--reference", help="the reference image")
     show.add_argument("--ref-mask", help="reference mask, same size as --reference: gives IMACS_r")
+    show.add_argument("--protocol", choices=tuple(PROTOCOLS),
+                      help="read the maps under this protocol (default: the one they were traced under; maps "
+                           "traced under official can also be read as paper)")
     _display_options(show)
     show.add_argument("--out", required=True, help="report folder")
 
@@ -132,7 +140,7 @@ examples:
 
 # ---- commands -------------------------------------------------------------------------------
 def _demo(args):
-    """Hands over to i2am.demo.run_demo(out=, device=, backend=) -> exit code (None: 0) once the
+    """Hands over to i2am.demo.run_demo(out=, device=, backend=, protocol=) -> exit code (None: 0) once the
     demo package provides it."""
     try:
         demo = importlib.import_module("i2am.demo")
@@ -144,7 +152,7 @@ def _demo(args):
     if run_demo is None:
         print("i2am demo: the embedded demo model is not yet available (issue 7); nothing to do.")
         return 0
-    return run_demo(out=args.out, device=args.device, backend=args.backend)
+    return run_demo(out=args.out, device=args.device, backend=args.backend, protocol=args.protocol)
 
 
 def _bench(args):
@@ -170,6 +178,11 @@ def _show(args):
         maps = AttributionMaps.load(path)
     except Exception as err:
         raise UsageError(f"cannot read maps from {path}: {err}") from err
+    if args.protocol is not None:
+        try:
+            maps = maps.with_protocol(args.protocol)
+        except ValueError as err:
+            raise UsageError(f"--protocol {args.protocol}: {err}") from err
     image = _open_image(args.image, "--image") if args.image else None
     reference = _open_image(args.reference, "--reference") if args.reference else None
     ref_mask_image = _ref_mask_image(args, reference)
@@ -217,13 +230,14 @@ def _run(args):
 
     generator = torch.Generator("cpu").manual_seed(args.seed)
     with trace(pipe, ref_grid=ref_grid, time_groups=args.time_groups, mask=mask, points=args.points,
-               boxes=args.boxes, patches=args.patches, convention=args.convention, backend=args.backend) as traced:
+               boxes=args.boxes, patches=args.patches, convention=args.convention, protocol=args.protocol,
+               backend=args.backend) as traced:
         generated = pipe(image=image, mask_image=mask_image, height=image.height, width=image.width,
                          num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator,
                          **inputs).images[0]
     settings = {key: getattr(args, key) for key in (
         "pipeline", "model", "image", "mask", "reference", "ref_mask", "steps", "guidance", "seed",
-        "backend")}
+        "backend")}  # the protocol is in the maps' own settings
     settings.update(device=device, dtype=str(dtype).removeprefix("torch."))
     if args.pipeline == "ip-adapter":
         settings.update(prompt=args.prompt, ip_adapter=args.ip_adapter, ip_adapter_scale=args.ip_adapter_scale)
@@ -405,6 +419,10 @@ def _command(sub, name, handler, help, examples):
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.set_defaults(handler=handler)
     return parser
+
+
+def _protocol_option(parser, help):
+    parser.add_argument("--protocol", choices=tuple(PROTOCOLS), default="paper", help=f"{help} (default: %(default)s)")
 
 
 def _display_options(parser):

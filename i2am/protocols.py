@@ -26,6 +26,7 @@ EPS = 1e-8  # the official code's min-max and IMACS_r epsilon
 
 class Paper:
     name = "paper"
+    generated_name = "M_g"     # the generated map as figures show it
     summary = ("the printed equations: M_g from the uniform key probe, min-max display with a 0.4 "
                "threshold, IMACS of eq. 18 on M_g and on M_r with the inpainting-mask probe (eq. 17)")
     per_key_rows = False       # records one key probe per context key
@@ -55,6 +56,12 @@ class Paper:
         """The generated map as figures show it (normalised)."""
         return display.normalize(M)
 
+    def masked_reference(self, maps, ref_mask):
+        """(the masked reference map figures show, or None; its caption)."""
+        if maps.mask is None:
+            return None, ""
+        return maps.reference(masked=True), "M_r, masked: inpainting-mask query probe, eq. 17"
+
     def imacs(self, maps, ref_mask, gen_mask, lam, threshold):
         threshold = 0.4 if threshold is None else threshold
         scores = {"gen": _paper_score(maps.generated(normalize=False), gen_mask, "gen_mask", lam, threshold)}
@@ -66,6 +73,7 @@ class Paper:
 
 class Official(Paper):
     name = "official"
+    generated_name = "1 - M_g"
     summary = ("the authors' released code: M_g as the mean over all context keys of each key's map, "
                "resized and clamped one key at a time, shown and scored inverted (1 - M_g, values >= 0.6 "
                "set to 1 first); M_r as the plain mean over each layer's own queries, multiplied by the "
@@ -124,6 +132,11 @@ class Official(Paper):
 
     def shown_generated(self, M):
         return 1 - display.normalize(M)
+
+    def masked_reference(self, maps, ref_mask):
+        if ref_mask is None:
+            return None, ""
+        return maps.reference(ref_mask=ref_mask), "M_r times the reference mask"
 
     def imacs(self, maps, ref_mask, gen_mask, lam, threshold):
         threshold = 0.4 if threshold is None else threshold

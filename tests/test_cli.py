@@ -143,7 +143,7 @@ def test_demo_calls_run_demo(capsys, monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(demo, "run_demo", lambda **kw: calls.append(kw) or 0, raising=False)
     code, _, _ = cli(capsys, "demo", "--out", tmp_path, "--backend", "torch")
-    assert code == 0 and calls == [{"out": str(tmp_path), "device": None, "backend": "torch"}]
+    assert code == 0 and calls == [{"out": str(tmp_path), "device": None, "backend": "torch", "protocol": "paper"}]
 
 
 # ---- show -------------------------------------------------------------------------------------

@@ -185,3 +185,56 @@ def test_official_display_inverts_the_generated_map():
     assert torch.equal(display.normalize(M), M)  # generated() itself is never inverted
     from i2am import protocols
     torch.testing.assert_close(protocols.get("official").shown_generated(M), 1 - M)
+
+
+# ---- through i2am.trace, the report and the command line ----------------------------------
+def test_trace_official_and_ref_grid_layer_on_a_diffusers_unet():
+    import tiny_models as tm
+
+    model = tm.patch_inpainting()
+    embeds = torch.randn(1, 1 + 8 * 12, tm.CROSS_DIM, generator=torch.Generator().manual_seed(5))
+    run = dict(prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds))
+    mask = tm.inpainting_mask()
+    traced = {}
+    for ref_grid in ("layer", (8, 12)):  # the 8 x 12 layers' keys: CLS + their own 8 x 12 grid
+        with i2am.trace(model.pipe, ref_grid=ref_grid, layers=[(8, 12)], mask=mask, protocol="official") as tc:
+            model.run(**run)
+        traced[ref_grid] = tc.maps()
+    layer, fixed = traced["layer"], traced[(8, 12)]
+    assert layer.ref_grid == (8, 12) and layer.protocol == "official"
+    for name, lay in fixed.layers.items():
+        assert layer.layers[name]["key_grid"] == (8, 12) and layer.layers[name]["per_key"] == 0
+        assert_close(layer.layers[name]["ref"], lay["ref"], name)  # the kernel reduced other key sets
+    with pytest.raises(ValueError, match="fit neither 24 nor 25"):
+        with i2am.trace(model.pipe, ref_grid="layer", mask=mask):  # the 4 x 6 layers see 97 keys too
+            model.run(**run)
+
+    with i2am.trace(model.pipe, ref_grid=model.ref_grid, mask=mask, protocol="official") as tc:
+        model.run()
+    maps = tc.maps()
+    assert any(n.startswith("mid_block") for n in maps.layers)
+    assert maps._names(None, None, "generated") == [n for n in maps.layers if not n.startswith("mid_block")]
+    assert maps._names(None, None, "reference") == [n for n in maps.layers if maps.layers[n]["grid"] == (4, 6)][:1]
+
+
+def test_report_says_its_protocol_and_compares_both(tmp_path):
+    import json
+
+    from i2am import report
+
+    maps = fixed_grid_run("official")[0]
+    scores = report.write_report(tmp_path, maps, ref_mask=CLOTH, compare_protocols=True)
+    saved = json.loads((tmp_path / "scores.json").read_text())
+    assert saved["protocol"] == "official" and saved["settings"]["protocol"] == "official"
+    assert set(saved["by_protocol"]) == {"paper", "official"}
+    assert saved["by_protocol"]["official"]["IMACS_g"] == pytest.approx(scores["IMACS_g"])
+    assert saved["by_protocol"]["paper"]["IMACS_g"] == pytest.approx(maps.with_protocol("paper").imacs()["gen"])
+    md = (tmp_path / "report.md").read_text()
+    assert "Protocol: **official**" in md and "IMACS under each protocol" in md and "1 - M_g" in md
+
+    from i2am.cli import main
+    assert main(["show", str(tmp_path / "maps.safetensors"), "--protocol", "paper", "--out", str(tmp_path / "p")]) == 0
+    assert json.loads((tmp_path / "p" / "scores.json").read_text())["protocol"] == "paper"
+    fixed_grid_run("paper")[0].save(tmp_path / "paper.safetensors")
+    assert main(["show", str(tmp_path / "paper.safetensors"), "--protocol", "official",
+                 "--out", str(tmp_path / "o")]) == 2  # paper buffers lack the per-key maps
