@@ -11,6 +11,7 @@ from .layers import layer_selected
 from .probes import mask_2d, probe_row
 
 BY = (None, "time", "head")
+ROW_CHUNK = 32  # gen rows resized together when a map averages many (official M_g: one per context key)
 
 
 class AttributionMaps:
@@ -126,12 +127,15 @@ class AttributionMaps:
         clamped at 0, then the rows are averaged (one row: the map itself)."""
         total = 0
         for name, r in rows.items():
-            heads = self.layers[name]["gen"].shape[2]
-            g = self.layers[name]["gen"][:, :, :, list(r)].double()  # (Br, G, H, R, h_l, w_l)
-            if by != "time":
-                g = g.sum(1, keepdim=True)  # sum over time groups before the resize (eq. 5)
-            g = resize(g, self.latent_size, self.resize).clamp_min(0).mean(3)
-            total = total + (g if by == "head" else g.sum(2, keepdim=True)) / heads
+            gen, r = self.layers[name]["gen"], list(r)
+            g = 0
+            for i in range(0, len(r), ROW_CHUNK):  # the official per-key rows: a bounded resize at a time
+                chunk = gen[:, :, :, r[i:i + ROW_CHUNK]].double()  # (Br, G, H, R, h_l, w_l)
+                if by != "time":
+                    chunk = chunk.sum(1, keepdim=True)  # sum over time groups before the resize (eq. 5)
+                g = g + resize(chunk, self.latent_size, self.resize).clamp_min(0).sum(3)
+            g = g / len(r)
+            total = total + (g if by == "head" else g.sum(2, keepdim=True)) / gen.shape[2]
         return self._finish(total, by, len(rows), normalize)
 
     def _reference(self, label, names, by, normalize):
