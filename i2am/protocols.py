@@ -13,6 +13,12 @@ which probe rows a map reads, how maps are displayed and how IMACS is scored:
   the layer's grid; figures and IMACS_g on the inverted map 1 - M_g (values >= 0.6 set to 1
   first); IMACS_r on the reference map times the cloth mask; the authors' layer sets.
 
+Where the authors' code leaves a choice open, "official" takes: the first traced layer at half
+the latent resolution as its one reference block; a point's or box's layer cells as the
+latent positions' cells on the layer grid (row * h_l // h); on a layer whose key grid differs
+from the common grid the query mean is resized (the authors resize each query's key map
+first; the two agree on the default block, whose grid is the common one).
+
 A new protocol is one more class and one more entry in PROTOCOLS.
 """
 import torch
