@@ -63,7 +63,7 @@ def render_figures(out_dir, maps, *, image=None, reference=None, ref_mask=None, 
     inverted and the masked reference map is M_r times ref_mask)."""
     out = Path(out_dir)
     samples = len(maps.record)
-    display_options = dict(threshold=threshold, alpha=alpha)
+    shown = dict(threshold=threshold, alpha=alpha)
     figures = []
 
     def save(fig, name, caption):
@@ -71,14 +71,16 @@ def render_figures(out_dir, maps, *, image=None, reference=None, ref_mask=None, 
         figures.append((f"{name}.png", caption))
 
     protocol = protocols.get(maps.protocol)
-    shown = protocol.shown_generated  # "official" shows M_g inverted, as the authors' code does
+    shown_gen = protocol.shown_generated  # "official" shows M_g inverted, as the authors' code does
     masked, masked_caption = protocol.masked_reference(maps, ref_mask)
-    overview = (shown(maps.generated()), maps.reference(), masked)
-    splits = [(name, caption, labels, shown(maps.generated(by=by, layers=layers)), maps.reference(by=by, layers=layers))
+    overview = (shown_gen(maps.generated()), maps.reference(), masked)
+    splits = [(name, caption, labels, shown_gen(maps.generated(by=by, layers=layers)),
+               maps.reference(by=by, layers=layers))
               for name, caption, by, layers, labels in _splits(maps)]
     specific_refs = [(lab[1], maps.specific_reference(lab[1])) for lab in maps.query_labels
                      if lab[0] in ("point", "box")]
-    specific_gens = [(lab[1], shown(maps.specific_generated(lab[1]))) for lab in maps.key_labels if lab[0] == "patch"]
+    specific_gens = [(lab[1], shown_gen(maps.specific_generated(lab[1]))) for lab in maps.key_labels
+                     if lab[0] == "patch"]
     images, refs = _per_sample(image, samples), _per_sample(reference, samples)
     for b in range(samples):
         sfx, img, ref = _suffix(b, samples), images[b], refs[b]
@@ -86,20 +88,20 @@ def render_figures(out_dir, maps, *, image=None, reference=None, ref_mask=None, 
         def pick(tensor):  # this image's maps: they carry a batch axis when several were recorded
             return tensor if samples == 1 or tensor is None else tensor[b]
 
-        save(viz.overview_figure(img, ref, *map(pick, overview), **display_options), "overview" + sfx,
-             f"Generated map {protocol.generated_name} and reference map M_r" + (f" ({masked_caption})" if masked is not None else "")
-             + f", protocol {maps.protocol}")
+        save(viz.overview_figure(img, ref, *map(pick, overview), **shown), "overview" + sfx,
+             f"Generated map {protocol.generated_name} and reference map M_r"
+             + (f" ({masked_caption})" if masked is not None else "") + f", protocol {maps.protocol}")
         for name, caption, labels, gen, ref_maps in splits:
             fig = viz.split_figure(pick(gen), pick(ref_maps), image=img, reference_image=ref, column_labels=labels,
-                                   title=caption, **display_options)
+                                   title=caption, **shown)
             save(fig, name + sfx, caption)
         for probe, M_sr in specific_refs:
             kind = "point" if len(probe) == 2 else "box"
-            fig = viz.specific_reference_figure(img, ref, pick(M_sr), probe, maps.latent_size, **display_options)
+            fig = viz.specific_reference_figure(img, ref, pick(M_sr), probe, maps.latent_size, **shown)
             save(fig, f"specific_reference_{kind}_{_join(probe)}{sfx}",
                  f"Specific-reference map M_sr of latent {kind} {tuple(probe)}")
         for patch, M_sg in specific_gens:
-            fig = viz.specific_generated_figure(ref, img, pick(M_sg), patch, maps.ref_grid, **display_options)
+            fig = viz.specific_generated_figure(ref, img, pick(M_sg), patch, maps.ref_grid, **shown)
             save(fig, f"specific_generated_patch_{_join(patch)}{sfx}",
                  f"Where reference patch {tuple(patch)} is used in the generated image")
     return figures
@@ -131,7 +133,7 @@ def imacs_scores(maps, ref_mask=None, *, lam=3.0, threshold=0.4):
 def map_settings(maps):
     """The settings an AttributionMaps carries, as JSON-ready values."""
     return {
-        "latent_size": list(maps.latent_size), "ref_grid": list(maps.ref_grid),
+        "latent_size": list(maps.latent_size), "ref_grid": maps.ref_grid and list(maps.ref_grid),
         "num_steps": maps.num_steps, "time_groups": maps.time_groups, "convention": maps.convention,
         "protocol": maps.protocol,
         "resize": maps.resize, "recorded_entries": maps.record, "layers": list(maps.layers),

@@ -96,7 +96,8 @@ def test_official_round_trip_keeps_the_protocol_and_the_grids(viton, tmp_path):
     maps.save(tmp_path / "m.safetensors")
     back = i2am.AttributionMaps.load(tmp_path / "m.safetensors")
     assert back.protocol == "official" and back.ref_grid == maps.ref_grid
-    assert {n: lay["key_grid"] for n, lay in back.layers.items()} == {n: lay["key_grid"] for n, lay in maps.layers.items()}
+    grids = {n: (lay["grid"], lay["key_grid"], lay["per_key"]) for n, lay in maps.layers.items()}
+    assert {n: (lay["grid"], lay["key_grid"], lay["per_key"]) for n, lay in back.layers.items()} == grids
     assert back.imacs(ref_mask=CLOTH) == maps.imacs(ref_mask=CLOTH)
     assert torch.equal(back.specific_reference(POINTS[0]), maps.specific_reference(POINTS[0]))
 
@@ -135,7 +136,8 @@ def fixed_grid_run(protocol, seed=0):
     gen, calls = torch.Generator().manual_seed(seed), []
     for t in range(T):
         for name, (grid, H) in LAYERS.items():
-            q, k, v = (torch.randn(2, H, n, 8, generator=gen) * s for n, s in ((grid[0] * grid[1], 3), (13, 1), (13, 1)))
+            sizes = ((grid[0] * grid[1], 3), (13, 1), (13, 1))
+            q, k, v = (torch.randn(2, H, n, 8, generator=gen) * s for n, s in sizes)
             rec.record(name, q, k, v, step=t)
             calls.append((name, t, q, k))
     return rec.maps(), ofr.sums(calls, T, G, [1]), {n: g for n, (g, _) in LAYERS.items()}
