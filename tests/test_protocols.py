@@ -240,3 +240,13 @@ def test_report_says_its_protocol_and_compares_both(tmp_path):
     fixed_grid_run("paper")[0].save(tmp_path / "paper.safetensors")
     assert main(["show", str(tmp_path / "paper.safetensors"), "--protocol", "official",
                  "--out", str(tmp_path / "o")]) == 2  # paper buffers lack the per-key maps
+
+
+def test_specific_generated_patches_on_the_common_grid():
+    """ref_grid="layer": a patch of the common grid reads each layer's key map resized to it."""
+    maps, S, grids = viton_run(1, protocol="paper", layers="*warp", ref_size=(8, 6), patches=[(3, 2)])
+    for name in ("output_blocks.0.warp", "output_blocks.1.warp"):  # key grids 8x6 (= common) and 4x3
+        C = S[name][1].sum(1)  # (Br, H, Nq, Nk)
+        at_patch = ofr.bicubic(C.reshape(*C.shape[:3], *grids[name]), (8, 6))[..., 3, 2]  # (Br, H, Nq)
+        want = ofr.bicubic(at_patch.reshape(*at_patch.shape[:2], *grids[name]), sv.LATENT).clamp_min(0).mean(1)[0]
+        assert_close(maps.specific_generated((3, 2), layers=name, normalize=False), want, f"patch map {name}")
