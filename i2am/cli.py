@@ -16,6 +16,8 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+from .protocols import PROTOCOLS
+
 PIPELINES = ("paint-by-example", "sd-inpaint-patch", "ip-adapter", "flux-kontext")
 BACKENDS = ("auto", "torch", "triton", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -52,6 +54,7 @@ examples:
     demo.add_argument("--out", default="i2am-demo", help="report folder (default: %(default)s)")
     demo.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     demo.add_argument("--backend", choices=BACKENDS, default="auto", help="attention backend")
+    _protocol_option(demo, "the protocol of each example's report (both protocols' IMACS are given side by side)")
 
     run = _command(sub, "run", _run, "run an image-to-image pipeline under i2am.trace and write a report", """\
 The model is loaded from a local folder (save_pretrained) or from the local Hugging Face cache;
@@ -111,6 +114,8 @@ examples:
     run.add_argument("--patches", nargs="*", default=[], type=_ints(2, "row,col"), metavar="I,J",
                      help="reference patches for specific-generated maps")
     run.add_argument("--convention", choices=("official", "paper"), default="official")
+    _protocol_option(run, "paper: the printed equations; official: the authors' released code (its M_g, display, "
+                          "IMACS and layer sets)")
     run.add_argument("--backend", choices=BACKENDS, default="auto", help="attention backend")
     run.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     run.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float16 on CUDA, else float32")
@@ -129,6 +134,9 @@ examples:
     show.add_argument("--image", help="the generated image the maps belong to")
     show.add_argument("--reference", help="the reference image")
     show.add_argument("--ref-mask", help="reference mask, same size as --reference: gives IMACS_r")
+    show.add_argument("--protocol", choices=tuple(PROTOCOLS),
+                      help="read the maps under this protocol (default: the one they were traced under; maps "
+                           "traced under official can also be read as paper)")
     _display_options(show)
     show.add_argument("--out", required=True, help="report folder")
 
@@ -159,7 +167,7 @@ examples:
     ev.add_argument("--prompt", default="", help="text prompt (ip-adapter only; default empty)")
     ev.add_argument("--ip-adapter", metavar="FILE", help="IP-Adapter weights, as for `i2am run`")
     ev.add_argument("--ip-adapter-scale", type=float, default=1.0)
-    ev.add_argument("--protocol", nargs="+", default=["paper"], choices=("paper", "official"),
+    ev.add_argument("--protocol", nargs="+", default=["paper"], choices=tuple(PROTOCOLS),
                     help="IMACS protocol(s), one traced run each (default: paper)")
     ev.add_argument("--steps", type=_positive, help="denoising steps (default: 50; 10 with --demo)")
     ev.add_argument("--guidance", type=float, default=5.0, help="guidance scale (default: %(default)s; "
@@ -189,7 +197,7 @@ examples:
 
 # ---- commands -------------------------------------------------------------------------------
 def _demo(args):
-    """Hands over to i2am.demo.run_demo(out=, device=, backend=) -> exit code (None: 0) once the
+    """Hands over to i2am.demo.run_demo(out=, device=, backend=, protocol=) -> exit code (None: 0) once the
     demo package provides it."""
     _check_out(args.out)
     _check_device(args.device, args.backend)
@@ -203,7 +211,7 @@ def _demo(args):
     if run_demo is None:
         print("i2am demo: the embedded demo model is not yet available (issue 7); nothing to do.")
         return 0
-    return run_demo(out=args.out, device=args.device, backend=args.backend)
+    return run_demo(out=args.out, device=args.device, backend=args.backend, protocol=args.protocol)
 
 
 def _eval(args):
@@ -219,9 +227,6 @@ def _eval(args):
 
     if len(set(args.protocol)) != len(args.protocol):
         raise UsageError(f"--protocol {' '.join(args.protocol)}: a protocol is given twice")
-    if "official" in args.protocol:
-        raise UsageError("--protocol official needs protocol support in i2am.trace, which this version does "
-                         "not have yet: use --protocol paper")
     steps = args.steps or (10 if args.demo else 50)
     device = args.device or str(PartialState().device)
     if args.demo:
@@ -280,6 +285,11 @@ def _show(args):
         maps = AttributionMaps.load(path)
     except Exception as err:
         raise UsageError(f"cannot read maps from {path}: {err}") from err
+    if args.protocol is not None:
+        try:
+            maps = maps.with_protocol(args.protocol)
+        except ValueError as err:
+            raise UsageError(f"--protocol {args.protocol}: {err}") from err
     image = _open_image(args.image, "--image") if args.image else None
     reference = _open_image(args.reference, "--reference") if args.reference else None
     ref_mask_image = _ref_mask_image(args, reference)
@@ -333,13 +343,14 @@ def _run(args):
 
     generator = torch.Generator("cpu").manual_seed(args.seed)
     with trace(pipe, ref_grid=ref_grid, time_groups=args.time_groups, mask=mask, points=args.points,
-               boxes=args.boxes, patches=args.patches, convention=args.convention, backend=args.backend) as traced:
+               boxes=args.boxes, patches=args.patches, convention=args.convention, protocol=args.protocol,
+               backend=args.backend) as traced:
         generated = pipe(image=image, mask_image=mask_image, height=image.height, width=image.width,
                          num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator,
                          **inputs).images[0]
     settings = {key: getattr(args, key) for key in (
         "pipeline", "model", "image", "mask", "reference", "ref_mask", "steps", "guidance", "seed",
-        "backend")}
+        "backend")}  # the protocol is in the maps' own settings
     settings.update(device=device, dtype=str(dtype).removeprefix("torch."))
     if args.pipeline == "ip-adapter":
         settings.update(prompt=args.prompt, ip_adapter=args.ip_adapter, ip_adapter_scale=args.ip_adapter_scale)
@@ -362,6 +373,9 @@ def _run_kontext(args, device):
 
     if args.image is not None:
         raise UsageError("--pipeline flux-kontext edits --reference and takes no --image")
+    if args.protocol != "paper":
+        raise UsageError(f"--protocol {args.protocol} reproduces the authors' UNet code; flux-kontext is traced "
+                         "under --protocol paper")
     reference = _open_image(args.reference, "--reference")
     mask_image = None if args.mask is None else _open_image(args.mask, "--mask", mode="L")
     if mask_image is not None and mask_image.size != reference.size:
@@ -619,6 +633,10 @@ def _command(sub, name, handler, help, examples):
     # "-1,2" is a value (a negative coordinate, reported as such), not an unknown option
     parser._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$|^-\d+(,-?\d+)+$")
     return parser
+
+
+def _protocol_option(parser, help):
+    parser.add_argument("--protocol", choices=tuple(PROTOCOLS), default="paper", help=f"{help} (default: %(default)s)")
 
 
 def _display_options(parser):

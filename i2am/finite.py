@@ -5,11 +5,12 @@ import torch
 
 def nonfinite_groups(layers):
     """{layer name: [time groups]} where a buffer holds NaN or inf; layers as in AttributionMaps:
-    {name: {"gen": (Br, G, ...), "ref": (Br, G, ...)}}."""
+    {name: {"gen": (Br, G, ...), "ref": (Br, G, ...), ...}} ("ref" absent on layers without
+    reference keys)."""
     bad = {}
     for name, buffers in layers.items():
         groups = set()
-        for t in buffers.values():
+        for t in (buffers[kind] for kind in ("gen", "ref") if kind in buffers):
             finite = torch.isfinite(t).transpose(0, 1).reshape(t.shape[1], -1).all(1)
             groups.update((~finite).nonzero().flatten().tolist())
         if groups:

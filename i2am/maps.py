@@ -6,94 +6,157 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from . import display
+from . import display, protocols
 from .finite import describe, nonfinite_groups
 from .grid import resize
 from .integers import as_int
-from .probes import probe_row
-from .recorder import layer_selected
+from .layers import layer_selected
+from .probes import mask_2d, probe_row
 
 BY = (None, "time", "head")
+ROW_CHUNK = 32  # gen rows resized together when a map averages many (official M_g: one per context key)
 
 
 class AttributionMaps:
     """Time-summed, head-indexed map buffers of a trace, and the maps integrated from them.
 
-    layers: {name: {"gen": (Br, G, H, Ru, h_l, w_l), "ref": (Br, G, H, Rw, hI*wI)}} float32.
-    Every map method returns (h, w) or (hI, wI) maps, with (G, ...) for by="time", (N, ...) for
-    by="head", and a leading batch axis when more than one image was recorded.
+    layers: {name: {"gen": (Br, G, H, Ru, h_l, w_l), "ref": (Br, G, H, Rw, hI_l*wI_l), "grid": (h_l, w_l),
+    "key_grid": (hI_l, wI_l) or None, "per_key": n}} float32: gen rows are the key probes
+    (key_labels, when the layer has reference keys) then n rows of one key probe per context key;
+    ref rows are query_rows; a layer without reference keys has no "ref". Every map method returns
+    (h, w) or (hI, wI) maps, with (G, ...) for by="time", (N, ...) for by="head", and a leading
+    batch axis when more than one image was recorded. `protocol` ("paper" or "official") decides
+    the default layer sets, the rows each map reads, the display and IMACS (i2am.protocols).
     """
 
     def __init__(self, layers, *, latent_size, ref_grid, convention, num_steps, resize, key_labels,
-                 query_labels, record, mask=None):
-        self.layers = layers
-        self.latent_size, self.ref_grid = tuple(latent_size), tuple(ref_grid)
+                 query_labels, record, mask=None, protocol="paper", query_rows=None):
+        self.latent_size = tuple(latent_size)
+        self.ref_grid = None if ref_grid is None else tuple(ref_grid)
         self.convention, self.num_steps, self.resize = convention, num_steps, resize
         self.key_labels, self.query_labels = tuple(key_labels), tuple(query_labels)
+        self.query_rows = self.query_labels if query_rows is None else tuple(query_rows)
         self.record, self.mask = list(record), mask
+        self.layers = {name: _layer(lay, self.ref_grid) for name, lay in layers.items()}
         self.time_groups = next(iter(layers.values()))["gen"].shape[1]
+        self._protocol = protocols.get(protocol)
+
+    @property
+    def protocol(self):
+        """The protocol ("paper" or "official") the maps are read under."""
+        return self._protocol.name
+
+    def with_protocol(self, protocol):
+        """The same buffers read under another protocol, where they hold what it needs (maps
+        traced under "official" also hold everything "paper" reads when every layer has
+        reference keys); otherwise an error: trace once per protocol."""
+        target = protocols.get(protocol)
+        missing = []
+        if target.per_key_rows and not any(lay["per_key"] for lay in self.layers.values()):
+            missing.append("one key probe per context key")
+        labels, _ = target.layer_query_rows(self.query_labels, self.latent_size, (1, 1))
+        missing += [str(lab) for lab in labels if lab not in self.query_rows]
+        if not target.context_layers:
+            missing += [f"reference keys of layer {n!r}" for n, lay in self.layers.items() if lay["key_grid"] is None]
+        if missing:
+            raise ValueError(f"maps traced under protocol={self.protocol!r} cannot be read under {protocol!r}: "
+                             f"they lack {', '.join(missing)}; trace with protocol={protocol!r}")
+        other = object.__new__(type(self))
+        other.__dict__.update(self.__dict__, _protocol=target)
+        return other
 
     # ---- maps ----------------------------------------------------------------------------
     def generated(self, by=None, layers=None, normalize=True):
         """M_g (eq. 5; by="time" eq. 10, by="head" eq. 11): where the generated image draws on
-        the reference, (h, w) at latent resolution."""
-        return self._generated(("uniform",), by, layers, normalize)
+        the reference, (h, w) at latent resolution. Under "official" the mean over all context
+        keys of each key's map, resized and clamped one key at a time (never inverted here)."""
+        names = self._names(layers, by, "generated")
+        return self._generated({n: self._protocol.generated_rows(self, n) for n in names}, by, normalize)
 
     def specific_generated(self, patch, by=None, layers=None, normalize=True):
         """Where reference patch (i, j) (traced with patches=) is used in the generated image."""
-        return self._generated(("patch", tuple(patch)), by, layers, normalize)
+        names = self._names(layers, by, "specific_generated")
+        return self._generated({n: [self.key_row(n, ("patch", tuple(patch)))] for n in names}, by, normalize)
 
-    def reference(self, by=None, masked=False, layers=None, normalize=True):
+    def reference(self, by=None, masked=False, layers=None, normalize=True, ref_mask=None):
         """M_r (eq. 13; by="time"/"head" as above; masked=True is eq. 17 with the traced
-        inpainting mask): which reference patches are drawn on, (hI, wI)."""
-        return self._reference(("mask",) if masked else ("uniform",), by, layers, normalize)
+        inpainting mask): which reference patches are drawn on, (hI, wI). ref_mask: the
+        reference (cloth) mask, any size: the map is multiplied by it, resized bicubic to the
+        reference grid (the official protocol's masked reference map)."""
+        label = self._protocol.query_label(("mask",) if masked else ("uniform",))
+        M = self._reference(label, self._names(layers, by, "reference"), by, normalize and ref_mask is None)
+        if ref_mask is None:
+            return M
+        M = M * resize(mask_2d(ref_mask).double(), self.ref_grid, "bicubic").float()
+        return display.normalize(M) if normalize else M
 
     def specific_reference(self, point_or_box, by=None, layers=None, normalize=True):
         """M_sr (eq. 16): the reference patches one traced latent point (row, col) or box
         (top, left, bottom, right) looked at, (hI, wI)."""
         p = tuple(as_int(x, "point_or_box") for x in point_or_box)
-        return self._reference(("point" if len(p) == 2 else "box", p), by, layers, normalize)
+        label = self._protocol.query_label(("point" if len(p) == 2 else "box", p))
+        return self._reference(label, self._names(layers, by, "specific_reference"), by, normalize)
 
-    def imacs(self, ref_mask=None, gen_mask=None, lam=3.0, threshold=0.4):
-        """IMACS (SPEC section 3): {"gen": IMACS_g} against gen_mask (default the traced mask),
-        and "ref": IMACS_r of the masked reference map against ref_mask when it is given.
-        Maps are taken to each mask's size at pixel level (eq. 9) before scoring."""
+    def imacs(self, ref_mask=None, gen_mask=None, lam=3.0, threshold=None):
+        """IMACS under the maps' protocol: {"gen": IMACS_g} against gen_mask (default the traced
+        mask), and "ref": IMACS_r against ref_mask when it is given. Maps are taken to each mask's
+        size at pixel level before scoring. threshold: the reference-side display threshold
+        (default 0.4; "paper" applies it to both maps, "official" cuts M_g at 0.6)."""
         if gen_mask is None:
             if self.mask is None:
                 raise ValueError("imacs needs gen_mask, or a trace with mask=")
             gen_mask = self.mask
-        scores = {"gen": self._score(self.generated(normalize=False), gen_mask, "gen_mask", lam, threshold)}
-        if ref_mask is not None:
-            scores["ref"] = self._score(self.reference(masked=True, normalize=False), ref_mask, "ref_mask",
-                                        lam, threshold)
-        return scores
+        return self._protocol.imacs(self, ref_mask, gen_mask, lam, threshold)
 
-    def _score(self, M, mask, what, lam, threshold):
-        mask = display.binary_mask(mask, what)
-        value = display.imacs(display.pixel_level(M.double(), mask.shape[-2:], threshold), mask, lam)
-        return value.item() if value.dim() == 0 else value
+    def key_row(self, name, label):
+        """The gen row of key probe `label` in layer `name`."""
+        if self.layers[name]["key_grid"] is None:
+            raise ValueError(f"layer {name!r} has no reference keys (its key count fits no reference grid): "
+                             "only its generated map over all context keys exists; leave it out with layers=")
+        return probe_row(self.key_labels, label)
+
+    def per_key_rows(self, name):
+        """The gen rows of layer `name` with one key probe per context key (protocol 'official')."""
+        lay = self.layers[name]
+        if not lay["per_key"]:
+            raise ValueError(f"layer {name!r} has no per-key maps (they are recorded under protocol='official', "
+                             "on layers whose keys are not on their own grid); leave it out with layers=")
+        start = len(self.key_labels) if lay["key_grid"] is not None else 0
+        return range(start, start + lay["per_key"])
 
     # ---- integration ---------------------------------------------------------------------
-    def _generated(self, label, by, layers, normalize):
-        row = probe_row(self.key_labels, label)
-        total, selected = 0, self._selected(layers, by)
-        for name, heads in selected:
-            g = self.layers[name]["gen"][:, :, :, row].double()  # (Br, G, H, h_l, w_l)
-            if by != "time":
-                g = g.sum(1, keepdim=True)  # sum over time groups before the resize (eq. 5)
-            g = resize(g, self.latent_size, self.resize).clamp_min(0)
-            total = total + (g if by == "head" else g.sum(2, keepdim=True)) / heads
-        return self._finish(total, by, len(selected), normalize)
+    def _generated(self, rows, by, normalize):
+        """rows: {layer: gen rows}; per layer each row's map is resized to the latent grid and
+        clamped at 0, then the rows are averaged (one row: the map itself)."""
+        total = 0
+        for name, r in rows.items():
+            gen, r = self.layers[name]["gen"], list(r)
+            g = 0
+            for i in range(0, len(r), ROW_CHUNK):  # the official per-key rows: a bounded resize at a time
+                chunk = gen[:, :, :, r[i:i + ROW_CHUNK]].double()  # (Br, G, H, R, h_l, w_l)
+                if by != "time":
+                    chunk = chunk.sum(1, keepdim=True)  # sum over time groups before the resize (eq. 5)
+                g = g + resize(chunk, self.latent_size, self.resize).clamp_min(0).sum(3)
+            g = g / len(r)
+            total = total + (g if by == "head" else g.sum(2, keepdim=True)) / gen.shape[2]
+        return self._finish(total, by, len(rows), normalize)
 
-    def _reference(self, label, by, layers, normalize):
-        row = probe_row(self.query_labels, label)
-        total, selected = 0, self._selected(layers, by)
-        for name, heads in selected:
-            r = self.layers[name]["ref"][:, :, :, row].double()  # (Br, G, H, K)
-            total = total + r.sum(1 if by == "head" else 2, keepdim=True) / heads
-        if by != "time" and by != "head":
-            total = total.sum(1, keepdim=True)
-        return self._finish(total.reshape(*total.shape[:-1], *self.ref_grid), by, len(selected), normalize)
+    def _reference(self, label, names, by, normalize):
+        row = probe_row(self.query_rows, label)
+        total = 0
+        for name in names:
+            lay = self.layers[name]
+            if "ref" not in lay:
+                self.key_row(name, ("uniform",))  # the error naming the layer
+            heads = lay["ref"].shape[2]
+            r = lay["ref"][:, :, :, row].double()  # (Br, G, H, K_l)
+            if by != "time":
+                r = r.sum(1, keepdim=True)
+            r = r.reshape(*r.shape[:-1], *lay["key_grid"])
+            if lay["key_grid"] != self.ref_grid:  # a layer's own key grid: to the common grid (SPEC 3b)
+                r = resize(r, self.ref_grid, self.resize).clamp_min(0)
+            total = total + (r if by == "head" else r.sum(2, keepdim=True)) / heads
+        return self._finish(total, by, len(names), normalize)
 
     @staticmethod
     def _finish(total, by, n_layers, normalize):
@@ -107,10 +170,11 @@ class AttributionMaps:
             total = display.normalize(total)
         return total[0] if total.shape[0] == 1 else total
 
-    def _selected(self, layers, by):
+    def _names(self, layers, by, kind):
+        """The layers a map integrates: `layers` exactly, else the protocol's default set."""
         if by not in BY:
             raise ValueError(f"by must be one of {BY}, got {by!r}")
-        names = self.select(layers)
+        names = self.select(layers) if layers is not None else self._protocol.default_layers(self, kind, by)
         bad = nonfinite_groups({n: self.layers[n] for n in names})
         if bad:
             where = describe(bad, self.num_steps, self.time_groups)
@@ -120,11 +184,11 @@ class AttributionMaps:
         if by == "head" and len(heads) > 1:
             raise ValueError(f"by='head' needs layers with one head count; the selected layers have "
                              f"{sorted(heads)} heads: select layers that share one")
-        return [(n, self.layers[n]["gen"].shape[2]) for n in names]
+        return names
 
     def select(self, layers=None):
         """Names of the traced layers matching `layers` (fnmatch patterns and/or (h_l, w_l))."""
-        names = [n for n, b in self.layers.items() if layer_selected(n, tuple(b["gen"].shape[-2:]), layers)]
+        names = [n for n, lay in self.layers.items() if layer_selected(n, lay["grid"], layers)]
         if not names:
             raise ValueError(f"layers={layers!r} matches none of the traced layers: {list(self.layers)}")
         return names
@@ -132,13 +196,16 @@ class AttributionMaps:
     # ---- persistence ---------------------------------------------------------------------
     def save(self, path):
         """Save buffers and settings to a safetensors file (settings in its metadata)."""
-        tensors = {f"{kind}/{name}": b[kind].contiguous() for name, b in self.layers.items()
-                   for kind in ("gen", "ref")}
+        tensors = {f"{kind}/{name}": lay[kind].contiguous() for name, lay in self.layers.items()
+                   for kind in ("gen", "ref") if kind in lay}
         if self.mask is not None:
             tensors["mask"] = self.mask.float().contiguous()
         meta = {"latent_size": self.latent_size, "ref_grid": self.ref_grid, "convention": self.convention,
-                "num_steps": self.num_steps, "resize": self.resize, "key_labels": self.key_labels,
-                "query_labels": self.query_labels, "record": self.record, "layers": list(self.layers)}
+                "protocol": self.protocol, "num_steps": self.num_steps, "resize": self.resize,
+                "key_labels": self.key_labels, "query_labels": self.query_labels, "query_rows": self.query_rows,
+                "record": self.record, "layers": list(self.layers),
+                "layer_grids": {n: {k: lay[k] for k in ("grid", "key_grid", "per_key")}
+                                for n, lay in self.layers.items()}}
         save_file(tensors, str(path), metadata={"i2am": json.dumps(meta)})
 
     @classmethod
@@ -153,9 +220,16 @@ class AttributionMaps:
             if meta is None:
                 raise ValueError("no 'i2am' metadata")
             meta = json.loads(meta)
-            layers = {n: {"gen": tensors[f"gen/{n}"], "ref": tensors[f"ref/{n}"]} for n in meta.pop("layers")}
-            meta["key_labels"] = _labels(meta["key_labels"])
-            meta["query_labels"] = _labels(meta["query_labels"])
+            grids = meta.pop("layer_grids", {})
+            layers = {}
+            for n in meta.pop("layers"):
+                layers[n] = {kind: tensors[f"{kind}/{n}"] for kind in ("gen", "ref") if f"{kind}/{n}" in tensors}
+                if "gen" not in layers[n]:
+                    raise KeyError(f"gen/{n}")
+                layers[n].update(grids.get(n, {}))
+            for key in ("key_labels", "query_labels", "query_rows"):
+                if key in meta:
+                    meta[key] = _labels(meta[key])
             return cls(layers, mask=tensors.get("mask"), **meta)
         except (SafetensorError, OSError, ValueError, KeyError, TypeError, IndexError) as err:
             detail = f"missing entry {err}" if isinstance(err, KeyError) else str(err)
@@ -169,12 +243,21 @@ class AttributionMaps:
             counts[lab[0]] = counts.get(lab[0], 0) + 1
         plural = {"point": "points", "box": "boxes", "patch": "patches"}
         probes = ", ".join(f"{v} {plural[k] if v > 1 else k}" for k, v in counts.items()) or "none"
+        grid = "none" if self.ref_grid is None else f"{self.ref_grid[0]}x{self.ref_grid[1]}"
         return (f"AttributionMaps({len(self.layers)} layers, latent {h}x{w}, reference grid "
-                f"{self.ref_grid[0]}x{self.ref_grid[1]}, {len(self.record)} image(s), "
+                f"{grid}, {len(self.record)} image(s), "
                 f"{self.time_groups} time group(s) over {self.num_steps} steps, convention="
-                f"{self.convention!r}, probes: {probes})")
+                f"{self.convention!r}, protocol={self.protocol!r}, probes: {probes})")
 
 
 def _labels(raw):
     """JSON turns ("point", (1, 2)) into ["point", [1, 2]]: back to tuples."""
     return tuple((lab[0],) if len(lab) == 1 else (lab[0], tuple(lab[1])) for lab in raw)
+
+
+def _layer(lay, ref_grid):
+    """A layer's buffers with their grids; maps saved before per-layer grids were kept have the
+    layer grid in gen's shape, the reference keys on ref_grid and no per-key rows."""
+    key_grid = lay.get("key_grid", ref_grid if "ref" in lay else None)
+    return {**lay, "grid": tuple(lay.get("grid", lay["gen"].shape[-2:])),
+            "key_grid": None if key_grid is None else tuple(key_grid), "per_key": int(lay.get("per_key", 0))}

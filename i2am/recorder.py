@@ -7,19 +7,22 @@ Any code can feed it (layer name, step, q, k, v) without diffusers::
     maps = rec.maps()                                   # i2am.AttributionMaps
 
 Per layer it keeps gen (Br, G, H, Ru, Nq) and ref (Br, G, H, Rw, |K_ref|) at the layer's own
-resolution (SPEC section 3); nothing is stored per step.
+resolution (SPEC section 3); nothing is stored per step. The protocol adds its own rows: under
+"official" one key probe per context key (gen) and probes on the layer's own grid (ref).
 """
 import warnings
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 
 import torch
 import torch.nn.functional as F
 
+from . import protocols
 from .finite import describe, nonfinite_groups
 from .grid import RESIZE_MODES, layer_grid, pullback
 from .integers import as_int, int_tuple, int_tuples
 from .kernels import BACKENDS, prepare
+from .layers import check_layers, layer_selected
+from .maps import AttributionMaps
 from .probes import key_probes, mask_2d, query_probes
 
 CONVENTIONS = {"official": ("query", "key"), "paper": ("key", "query")}  # (gen softmax, ref softmax)
@@ -31,11 +34,14 @@ class LayerBuffers:
     grid: tuple
     heads: int
     nk: int
-    ref_idx: torch.Tensor
+    ref_idx: torch.Tensor       # the keys the kernel reduces over (all keys when per-key rows are kept)
+    ref_cols: torch.Tensor      # the reference keys among them, in grid order (None: no reference keys)
+    key_grid: tuple             # their grid (hI_l, wI_l), None without reference keys
+    per_key: int                # gen rows with one key probe per context key, after the probe rows
     key_probes: torch.Tensor    # (Ru, Kr) on the layer's device
-    query_probes: torch.Tensor  # (Rw, Nq): latent probes pulled back to this layer's grid
+    query_probes: torch.Tensor  # (Rw, Nq): latent probes pulled back to this layer's grid, protocol rows
     gen: torch.Tensor
-    ref: torch.Tensor
+    ref: torch.Tensor           # None without reference keys
     call: object = None  # the checked kernel arguments (kernels.MapsCall), reused step after step
     ref_cpu: torch.Tensor = None  # ref_idx on the CPU: per-call ref_keys are checked without a sync
 
@@ -45,10 +51,25 @@ class Recorder:
 
     def __init__(self, *, ref_grid, latent_size=None, num_steps=None, time_groups=1, ref_keys=None,
                  branch="cond", mask=None, points=(), boxes=(), patches=(), convention="official",
-                 backend="auto", layers=None, resize="bicubic"):
-        self.ref_grid = None if ref_grid is None else _pair(ref_grid, "ref_grid (hI, wI)")  # None: set_ref_grid
+                 protocol="paper", ref_size=None, backend="auto", layers=None, resize="bicubic"):
         if convention not in CONVENTIONS:
             raise ValueError(f"convention must be one of {tuple(CONVENTIONS)}, got {convention!r}")
+        self.protocol = protocols.get(protocol)
+        self.protocol.check(convention)
+        # ref_grid="layer": each layer's reference keys lie on its own query grid (SPEC 3b); maps
+        # are resized over the key axes to the common grid ref_size (default: the largest one)
+        self.layer_grids = isinstance(ref_grid, str) and ref_grid == "layer"
+        if not self.layer_grids and isinstance(ref_grid, str):
+            raise ValueError(f"ref_grid must be (hI, wI) or 'layer', got {ref_grid!r}")
+        # ref_grid=None: the model says it (a DiT's reference tokens), through set_ref_grid
+        self.ref_grid = None if self.layer_grids or ref_grid is None else _pair(ref_grid, "ref_grid (hI, wI)")
+        if ref_size is not None and not self.layer_grids:
+            raise ValueError("ref_size sets the common grid of ref_grid='layer'; with a fixed ref_grid the maps "
+                             "are on ref_grid itself: leave ref_size out")
+        self.ref_size = None if ref_size is None else _pair(ref_size, "ref_size (hI, wI)")
+        if self.layer_grids and patches and self.ref_size is None:
+            raise ValueError("patches with ref_grid='layer' need ref_size=(hI, wI), the common grid the patches "
+                             "are given on")
         if resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
         if not (branch in BRANCHES or _is_index_list(branch)):
@@ -64,8 +85,10 @@ class Recorder:
         self.boxes = int_tuples(boxes, 4, "boxes", "(top, left, bottom, right) tuples",
                                 "box (top, left, bottom, right)")
         self.patches = int_tuples(patches, 2, "patches", "(i, j) pairs", "patch (i, j)")
-        self.keys = None if self.ref_grid is None else key_probes(self.ref_grid, self.patches)
-        self.latent_size = self.queries = self.num_steps = self.record_idx = None
+        self.keys = None
+        if self.ref_grid is not None or self.layer_grids:
+            self.keys = key_probes(self.ref_grid or self.ref_size or (1, 1), self.patches)
+        self.latent_size = self.queries = self.num_steps = self.record_idx = self._query_rows = None
         self.steps_run = 0  # 1 + the last step recorded: fewer than num_steps leaves groups empty
         self.buffers = {}
         if num_steps is not None:
@@ -93,6 +116,9 @@ class Recorder:
         """Fix the reference grid (hI, wI) of a model that says it (a DiT's reference tokens); a
         grid given before must agree."""
         grid = _pair(grid, "reference grid (hI, wI)")
+        if self.layer_grids:
+            raise ValueError("ref_grid='layer' is for reference keys on each layer's own grid; this model's "
+                             f"reference tokens form one {grid} grid: leave ref_grid out")
         if self.ref_grid is not None and grid != self.ref_grid:
             raise ValueError(f"ref_grid {self.ref_grid} was given, but the model's reference tokens form a "
                              f"{grid} grid; leave ref_grid out to use the model's")
@@ -115,7 +141,7 @@ class Recorder:
         """
         if self.latent_size is None or self.num_steps is None:
             raise ValueError("the recorder needs latent_size and num_steps before the first call")
-        if self.ref_grid is None:
+        if self.ref_grid is None and not self.layer_grids:
             raise ValueError("the recorder needs ref_grid (hI, wI) before the first call")
         B, H, Nq = q.shape[:3]
         rows = query_rows  # normalised as the kernel's MapsCall keeps it; other values: its error
@@ -131,25 +157,34 @@ class Recorder:
         rec = self._entries(B, cfg)
         buf = self._layer(layer, grid, H, k.shape[2], q.device, ref_keys)
         gen, ref = CONVENTIONS[self.convention]
+        ref = (ref,) if buf.ref is not None else ()
         if buf.call is None or not buf.call.matches(q, k, v, scale) or buf.call.query_rows != rows:
             buf.call = prepare(q, k, v, scale=scale, ref_keys=buf.ref_idx, query_rows=rows, record=rec,
-                               key_probes=buf.key_probes,
-                               query_probes=buf.query_probes, gen=(gen,), ref=(ref,), backend=self.backend)
-        return buf.call(q, k, v, {f"gen_{gen}": buf.gen[:, tau], f"ref_{ref}": buf.ref[:, tau]})
+                               key_probes=buf.key_probes, query_probes=buf.query_probes, gen=(gen,), ref=ref,
+                               backend=self.backend)
+        into = {f"gen_{gen}": buf.gen[:, tau]}
+        if ref:
+            into[f"ref_{ref[0]}"] = buf.ref[:, tau]
+        return buf.call(q, k, v, into)
 
     def maps(self):
         """The accumulated maps as an i2am.AttributionMaps (buffers moved to the CPU)."""
-        from .maps import AttributionMaps
-
         if not self.buffers:
             raise ValueError("nothing was recorded: no traced cross-attention layer was called")
-        layers = {name: {"gen": b.gen.cpu().reshape(*b.gen.shape[:-1], *b.grid), "ref": b.ref.cpu()}
-                  for name, b in self.buffers.items()}
+        layers = {}
+        for name, b in self.buffers.items():
+            layers[name] = {"gen": b.gen.cpu().reshape(*b.gen.shape[:-1], *b.grid), "grid": b.grid,
+                            "key_grid": b.key_grid, "per_key": b.per_key}
+            if b.ref is not None:
+                layers[name]["ref"] = b.ref[..., b.ref_cols].cpu()  # the reference keys, in grid order
         self._warn_incomplete(layers)
+        ref_grid = self.ref_grid or self.ref_size or max(
+            (b.key_grid for b in self.buffers.values() if b.key_grid is not None),
+            key=lambda g: g[0] * g[1], default=None)
         return AttributionMaps(
-            layers, latent_size=self.latent_size, ref_grid=self.ref_grid, convention=self.convention,
-            num_steps=self.num_steps, resize=self.resize, key_labels=self.keys.labels,
-            query_labels=self.queries.labels, record=self.record_idx.tolist(),
+            layers, latent_size=self.latent_size, ref_grid=ref_grid, convention=self.convention,
+            protocol=self.protocol.name, num_steps=self.num_steps, resize=self.resize, key_labels=self.keys.labels,
+            query_labels=self.queries.labels, query_rows=self._query_rows, record=self.record_idx.tolist(),
             mask=None if self.mask is None else mask_2d(self.mask))
 
     def _warn_incomplete(self, layers):
@@ -202,69 +237,66 @@ class Recorder:
             if (buf.grid, buf.heads, buf.nk) != (grid, heads, nk) or buf.gen.device != device:
                 raise ValueError(f"layer {name!r} was first called with grid {buf.grid}, {buf.heads} heads, "
                                  f"{buf.nk} keys on {buf.gen.device}; now {grid}, {heads}, {nk} on {device}")
-            if call_ref_keys is not None and not torch.equal(_key_indices(call_ref_keys, nk), buf.ref_cpu):
+            if call_ref_keys is not None and (buf.ref_cpu is None
+                                              or not torch.equal(_key_indices(call_ref_keys, nk), buf.ref_cpu)):
                 raise ValueError(f"layer {name!r}: this call's ref_keys differ from its first call's")
             return buf
-        nref = self.ref_grid[0] * self.ref_grid[1]
-        ref_keys = self.ref_keys if call_ref_keys is None else call_ref_keys
-        if ref_keys is None:
-            if nk < nref:
-                raise ValueError(f"ref_grid {self.ref_grid} needs {nref} reference keys but layer {name!r} "
-                                 f"has Nk={nk} keys; check ref_grid or pass ref_keys")
-            ref_idx = torch.arange(nk - nref, nk)  # default: the last hI*wI keys (a CLS token first)
-        else:
-            ref_idx = _key_indices(ref_keys, nk)
-            if ref_idx.numel() != nref:
-                raise ValueError(f"ref_keys selects {ref_idx.numel()} keys of layer {name!r} but ref_grid "
-                                 f"{self.ref_grid} has {nref} patches")
+        ref_cols, key_grid = self._reference_keys(name, grid, nk, call_ref_keys)
+        ref_cpu = None if ref_cols is None else ref_cols.long()
         G, Br = self.time_groups, self.record_idx.numel()
-        Ru, Rw = len(self.keys.labels), len(self.queries.labels)
-        queries = pullback(self.queries.weights, grid, self.resize)
+        # the probe rows of the user's probes, over the reference keys on the layer's key grid
+        if ref_cols is None:
+            keys = torch.zeros(0, nk)
+        elif key_grid == self.keys.weights.shape[-2:] or not self.layer_grids:
+            keys = self.keys.weights.reshape(len(self.keys.labels), -1)
+        else:  # uniform over the layer's own keys; patches pulled back through the key-axis resize
+            keys = torch.full((1, ref_cols.numel()), 1.0 / ref_cols.numel())
+            if len(self.keys.labels) > 1:
+                keys = torch.cat([keys, pullback(self.keys.weights[1:], key_grid, self.resize)])
+        # per-key rows cost Nk x Nq per head and group: kept on context layers, never on layers whose
+        # keys lie on their own grid (Nk = Nq there; the official M_g does not read them)
+        per_key = nk if self.protocol.per_key_rows and not (self.layer_grids and ref_cols is not None) else 0
+        if per_key:  # one key probe per context key (CLS included), so the kernel reduces over all keys
+            ref_idx = torch.arange(nk)
+            spread = torch.zeros(keys.shape[0], nk)
+            if ref_cols is not None:
+                spread[:, ref_cols] = keys
+            keys = torch.cat([spread, torch.eye(nk)])
+        else:
+            ref_idx, ref_cols = ref_cols, None if ref_cols is None else torch.arange(ref_cols.numel())
+        labels, extra = self.protocol.layer_query_rows(self.queries.labels, self.latent_size, grid)
+        queries = torch.cat([pullback(self.queries.weights, grid, self.resize), extra])
+        self._query_rows = self.queries.labels + labels
         buf = LayerBuffers(
-            grid, heads, nk, ref_idx.to(device), self.keys.weights.reshape(Ru, -1).to(device), queries.to(device),
-            torch.zeros(Br, G, heads, Ru, grid[0] * grid[1], device=device),
-            torch.zeros(Br, G, heads, Rw, nref, device=device), ref_cpu=ref_idx.long().cpu())
+            grid, heads, nk, ref_idx.to(device), ref_cols, key_grid, per_key, keys.to(device), queries.to(device),
+            torch.zeros(Br, G, heads, keys.shape[0], grid[0] * grid[1], device=device),
+            None if ref_cols is None else torch.zeros(Br, G, heads, queries.shape[0], ref_idx.numel(), device=device),
+            ref_cpu=ref_cpu)
         self.buffers[name] = buf
         return buf
 
-
-def layer_selected(name, grid, spec):
-    """Whether a layer matches spec: None (all), an fnmatch pattern, an (h_l, w_l) resolution,
-    or a list of those."""
-    if spec is None:
-        return True
-    items = [spec] if isinstance(spec, str) or _is_resolution(spec) else list(spec)
-    for it in items:
-        if isinstance(it, str) and fnmatchcase(name, it):
-            return True
-        if _is_resolution(it) and tuple(it) == tuple(grid):
-            return True
-        if not isinstance(it, str) and not _is_resolution(it):
-            raise TypeError(f"layers entries must be name patterns (str) or (h_l, w_l) resolutions, got {it!r}")
-    return False
-
-
-def check_layers(spec):
-    """A TypeError unless spec is None, a name pattern, an (h_l, w_l) resolution or a list of those."""
-    expected = "layers must be fnmatch name patterns (str) and/or (h_l, w_l) resolutions, or a list of those"
-    if spec is None or isinstance(spec, str) or _is_resolution(spec):
-        return
-    try:
-        items = list(spec)
-    except TypeError:
-        raise TypeError(f"{expected}; got {spec!r}") from None
-    bad = [it for it in items if not isinstance(it, str) and not _is_resolution(it)]
-    if bad or not items:
-        raise TypeError(f"{expected}; got {spec!r}" + (f" (entry {bad[0]!r})" if bad else ""))
-
-
-def could_select(names, spec):
-    """Whether a layers= spec may select one of `names`: a pattern matching one, or any resolution
-    (layers' resolutions are known only once they run)."""
-    if spec is None:
-        return True
-    items = [spec] if isinstance(spec, str) or _is_resolution(spec) else list(spec)
-    return any(not isinstance(it, str) or any(fnmatchcase(n, it) for n in names) for it in items)
+    def _reference_keys(self, name, grid, nk, call_ref_keys=None):
+        """(indices of the reference keys in grid order, their grid) of a layer with nk keys, by the
+        fit rule of SPEC 3b: hI*wI keys, or a leading CLS token and hI*wI keys; else ref_keys (this
+        call's, else the recorder's)."""
+        key_grid = grid if self.layer_grids else self.ref_grid
+        nref = key_grid[0] * key_grid[1]
+        ref_keys = self.ref_keys if call_ref_keys is None else call_ref_keys
+        if ref_keys is not None:
+            idx = _key_indices(ref_keys, nk)
+            if idx.numel() != nref:
+                raise ValueError(f"ref_keys selects {idx.numel()} keys of layer {name!r} but its reference grid "
+                                 f"{key_grid} has {nref} patches")
+            return idx, key_grid
+        if nk in (nref, nref + 1):
+            return torch.arange(nk - nref, nk), key_grid
+        if self.layer_grids and self.protocol.context_layers:
+            return None, None  # a context-only layer (StableVITON's one-token attn2): generated map only
+        tried = "the layer's own grid" if self.layer_grids else "ref_grid"
+        raise ValueError(f"layer {name!r} has Nk={nk} keys, which fit neither {nref} nor {nref + 1} (a CLS token "
+                         f"first) keys of {tried} {key_grid[0]}x{key_grid[1]}; pass ref_keys= to select its "
+                         "reference keys, ref_grid='layer' when they lie on each layer's own grid, or layers= "
+                         "to leave this layer out")
 
 
 def _positive(x, what):
@@ -283,9 +315,6 @@ def _key_indices(ref_keys, nk):
         return torch.arange(nk)[ref_keys]
     return torch.as_tensor(ref_keys).reshape(-1).long().cpu()
 
-
-def _is_resolution(x):
-    return isinstance(x, tuple) and len(x) == 2 and all(_is_int(i) for i in x)
 
 
 def _is_index_list(x):

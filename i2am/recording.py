@@ -83,7 +83,8 @@ class recording:
         num_steps: T, the number of denoising steps.
         cfg: whether batches are [uncond, cond] (default: an even batch is).
         **options: the Recorder's options: ref_grid (required), ref_keys, time_groups, branch,
-            mask, points, boxes, patches, layers, convention, backend, resize (see i2am.trace).
+            mask, points, boxes, patches, layers, convention, protocol, ref_size, backend, resize
+            (see i2am.trace).
 
     Use ``rec.step()`` (next step) or ``rec.step(t)`` to set the step without a denoiser, and
     ``rec.maps()`` for the i2am.AttributionMaps. A denoiser can be in one recording at a time.

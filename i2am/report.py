@@ -13,22 +13,27 @@ from pathlib import Path
 
 import torch
 
-from . import viz
+from . import protocols, viz
 
 MAPS_FILE, SCORES_FILE, INDEX_FILE = "maps.safetensors", "scores.json", "report.md"
 
 
 def write_report(out_dir, maps, *, image=None, reference=None, ref_mask=None, settings=None,
                  extra_scores=None, extra_images=None, threshold=0.4, alpha=0.5, lam=3.0,
-                 title="I2AM attribution report"):
+                 title="I2AM attribution report", compare_protocols=False):
     """Write the report folder of `maps` (an i2am.AttributionMaps) and return the scores.json
-    content: IMACS_g when the trace had an inpainting mask, IMACS_r when ref_mask is also given,
-    the extra scores, and "settings" (the maps' own settings, the display settings and
-    `settings`, e.g. the pipeline call's)."""
+    content: "protocol" (the maps' protocol, which every score and figure follows), IMACS_g when
+    the trace had an inpainting mask, IMACS_r when ref_mask is also given, the extra scores, and
+    "settings" (the maps' own settings, the display settings and `settings`, e.g. the pipeline
+    call's). compare_protocols: also "by_protocol", the IMACS under every protocol the
+    recorded buffers can be read under, side by side in report.md."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _save_maps(maps, out / MAPS_FILE)
-    scores = imacs_scores(maps, ref_mask, lam=lam, threshold=threshold)
+    scores = {"protocol": maps.protocol, **imacs_scores(maps, ref_mask, lam=lam, threshold=threshold)}
+    if compare_protocols:
+        scores["by_protocol"] = {name: imacs_scores(maps.with_protocol(name), ref_mask, lam=lam, threshold=threshold)
+                                 for name in readable_protocols(maps)}
     scores.update(extra_scores or {})
     scores["settings"] = {**map_settings(maps), "threshold": threshold, "alpha": alpha, "lam": lam,
                           **(settings or {})}
@@ -42,18 +47,20 @@ def write_report(out_dir, maps, *, image=None, reference=None, ref_mask=None, se
             images[name] = img
     for name, img in images.items():
         viz.to_pil(img).save(out / f"{name}.png")
-    figures = render_figures(out, maps, image=image, reference=reference, threshold=threshold, alpha=alpha)
+    figures = render_figures(out, maps, image=image, reference=reference, ref_mask=ref_mask, threshold=threshold,
+                             alpha=alpha)
     (out / INDEX_FILE).write_text(_markdown(title, scores, list(images), figures))
     return scores
 
 
-def render_figures(out_dir, maps, *, image=None, reference=None, threshold=0.4, alpha=0.5):
+def render_figures(out_dir, maps, *, image=None, reference=None, ref_mask=None, threshold=0.4, alpha=0.5):
     """Write every figure of `maps` as PNG into out_dir; returns [(file name, caption)].
 
     overview (M_g, M_r and the masked M_r over their images), by_time (when there is more than
     one time group), by_head (one per head count when layers differ in heads), one
     specific-reference figure per traced point or box and one specific-generated figure per
-    traced patch."""
+    traced patch. Figures follow the maps' protocol (under "official" the generated map is shown
+    inverted and the masked reference map is M_r times ref_mask)."""
     out = Path(out_dir)
     samples = len(maps.record)
     shown = dict(threshold=threshold, alpha=alpha)
@@ -63,13 +70,17 @@ def render_figures(out_dir, maps, *, image=None, reference=None, threshold=0.4, 
         fig.save(out / f"{name}.png")
         figures.append((f"{name}.png", caption))
 
-    masked = maps.reference(masked=True) if maps.mask is not None else None
-    overview = (maps.generated(), maps.reference(), masked)
-    splits = [(name, caption, labels, maps.generated(by=by, layers=layers), maps.reference(by=by, layers=layers))
+    protocol = protocols.get(maps.protocol)
+    shown_gen = protocol.shown_generated  # "official" shows M_g inverted, as the authors' code does
+    masked, masked_caption = protocol.masked_reference(maps, ref_mask)
+    overview = (shown_gen(maps.generated()), maps.reference(), masked)
+    splits = [(name, caption, labels, shown_gen(maps.generated(by=by, layers=layers)),
+               maps.reference(by=by, layers=layers))
               for name, caption, by, layers, labels in _splits(maps)]
     specific_refs = [(lab[1], maps.specific_reference(lab[1])) for lab in maps.query_labels
                      if lab[0] in ("point", "box")]
-    specific_gens = [(lab[1], maps.specific_generated(lab[1])) for lab in maps.key_labels if lab[0] == "patch"]
+    specific_gens = [(lab[1], shown_gen(maps.specific_generated(lab[1]))) for lab in maps.key_labels
+                     if lab[0] == "patch"]
     images, refs = _per_sample(image, samples), _per_sample(reference, samples)
     for b in range(samples):
         sfx, img, ref = _suffix(b, samples), images[b], refs[b]
@@ -78,8 +89,8 @@ def render_figures(out_dir, maps, *, image=None, reference=None, threshold=0.4, 
             return tensor if samples == 1 or tensor is None else tensor[b]
 
         save(viz.overview_figure(img, ref, *map(pick, overview), **shown), "overview" + sfx,
-             "Generated map M_g and reference map M_r" + (
-                 " (M_r, masked: inpainting-mask query probe, eq. 17)" if masked is not None else ""))
+             f"Generated map {protocol.generated_name} and reference map M_r"
+             + (f" ({masked_caption})" if masked is not None else "") + f", protocol {maps.protocol}")
         for name, caption, labels, gen, ref_maps in splits:
             fig = viz.split_figure(pick(gen), pick(ref_maps), image=img, reference_image=ref, column_labels=labels,
                                    title=caption, **shown)
@@ -96,6 +107,18 @@ def render_figures(out_dir, maps, *, image=None, reference=None, threshold=0.4, 
     return figures
 
 
+def readable_protocols(maps):
+    """The protocols the recorded buffers of `maps` can be read under."""
+    names = []
+    for name in protocols.PROTOCOLS:
+        try:
+            maps.with_protocol(name)
+        except ValueError:
+            continue
+        names.append(name)
+    return names
+
+
 def imacs_scores(maps, ref_mask=None, *, lam=3.0, threshold=0.4):
     """{"IMACS_g", "IMACS_r"} as AttributionMaps.imacs computes them; empty without a traced
     inpainting mask (IMACS_r also needs ref_mask)."""
@@ -110,8 +133,9 @@ def imacs_scores(maps, ref_mask=None, *, lam=3.0, threshold=0.4):
 def map_settings(maps):
     """The settings an AttributionMaps carries, as JSON-ready values."""
     return {
-        "latent_size": list(maps.latent_size), "ref_grid": list(maps.ref_grid),
+        "latent_size": list(maps.latent_size), "ref_grid": maps.ref_grid and list(maps.ref_grid),
         "num_steps": maps.num_steps, "time_groups": maps.time_groups, "convention": maps.convention,
+        "protocol": maps.protocol,
         "resize": maps.resize, "recorded_entries": maps.record, "layers": list(maps.layers),
         "inpainting_mask": maps.mask is not None,
         "points": [list(lab[1]) for lab in maps.query_labels if lab[0] == "point"],
@@ -175,12 +199,22 @@ def _jsonable(x):
 
 def _markdown(title, scores, image_names, figures):
     settings = scores["settings"]
-    values = {k: v for k, v in scores.items() if k != "settings"}
-    lines = [f"# {title}", "", "## Scores", ""]
+    values = {k: v for k, v in scores.items() if k not in ("settings", "protocol", "by_protocol")}
+    protocol = protocols.get(scores["protocol"])
+    lines = [f"# {title}", "", "## Scores", "", f"Protocol: **{protocol.name}** ({protocol.summary}).", ""]
     if values:
         lines += ["| score | value |", "|---|---|"] + [f"| {k} | {_score_cell(v)} |" for k, v in values.items()]
     else:
         lines.append("No scores: the trace had no inpainting mask, so IMACS is not defined.")
+    compared = scores.get("by_protocol", {})
+    if len(compared) > 1:
+        names = list(compared)
+        keys = sorted({k for s in compared.values() for k in s})
+        lines += ["", "### IMACS under each protocol", "", "| score | " + " | ".join(names) + " |",
+                  "|---|" + "---|" * len(names)]
+        lines += [f"| {k} | " + " | ".join(_score_cell(compared[n].get(k, "")) for n in names) + " |" for k in keys]
+        lines += ["", "The protocols score different maps from the same recorded attention: "
+                  + "; ".join(f"*{n}* uses {protocols.get(n).summary}" for n in names) + "."]
     lines += ["", "## Settings", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {json.dumps(_jsonable(v))} |" for k, v in settings.items()]
     if image_names:  # an HTML table, so that small images are shown enlarged with sharp pixels

@@ -13,7 +13,7 @@ objects and the denoiser's hooks are back.
 import torch
 
 from . import integrations
-from .recorder import could_select
+from .layers import could_select
 from .recording import recording
 
 
@@ -23,10 +23,20 @@ class trace(recording):
     Args:
         pipe_or_denoiser: a diffusers pipeline with a ``.unet``, or a UNet2DConditionModel; or
             a FluxKontextPipeline, or a FluxTransformer2DModel given Kontext's inputs.
-        ref_grid: (hI, wI) rows x cols of the reference-image tokens. Flux models say it (the
-            reference tokens of img_ids): leave it out, or it is checked against theirs.
-        ref_keys: the reference keys (slice or indices into the keys); default the last hI*wI
-            (a leading CLS token, or text tokens, take part in the softmax but not the maps).
+        ref_grid: (hI, wI) rows x cols of the reference-image tokens, or "layer": each layer's
+            reference keys lie on its own query grid (reference features at every resolution);
+            the maps are then resized over the key axes to ref_size and clamped at 0. Flux
+            models say it (the reference tokens of img_ids): leave it out, or it is checked
+            against theirs.
+        ref_keys: the reference keys (slice or indices into the keys). Default: a layer's keys
+            are the grid (hI*wI keys) or a CLS token and the grid (hI*wI + 1); any other key
+            count is an error naming the layer.
+        ref_size: the common reference grid of ref_grid="layer" (default: the largest traced
+            layer grid; needed with patches=).
+        protocol: "paper" (default: the printed equations) or "official" (the authors' released
+            code step by step: its M_g over every context key, recorded with one key probe per
+            key, its display, IMACS and layer sets); carried by the maps, see i2am.protocols.
+            The official protocol reproduces the authors' UNet code: UNets only.
         time_groups: G, the number of time groups (eq. 10).
         branch: "cond" (default), "uncond", "all" or a list of batch indices to record.
         mask: the inpainting mask (1 = region to fill), any size: the masked reference map
@@ -62,9 +72,12 @@ class trace(recording):
 
     def __init__(self, pipe_or_denoiser, *, ref_grid=None, ref_keys=None, time_groups=1, branch="cond", mask=None,
                  points=(), boxes=(), patches=(), num_steps=None, layers=None, convention="official",
-                 backend="auto", cfg=None, resize="bicubic"):
+                 protocol="paper", ref_size=None, backend="auto", cfg=None, resize="bicubic"):
         self.family = integrations.family(pipe_or_denoiser)
         self.pipe, denoiser = self.family.split(pipe_or_denoiser)
+        if protocol not in self.family.PROTOCOLS:
+            raise ValueError(f"protocol={protocol!r} is not defined for {type(denoiser).__name__}: its family "
+                             f"supports {', '.join(map(repr, self.family.PROTOCOLS))}")
         if self.pipe is None and num_steps is None:
             raise ValueError("num_steps is needed to trace a bare denoiser (there is no pipeline scheduler "
                              "to read it from)")
@@ -75,8 +88,8 @@ class trace(recording):
             cfg = False
         super().__init__(denoiser, num_steps=num_steps, cfg=cfg, ref_grid=ref_grid, ref_keys=ref_keys,
                          time_groups=time_groups, branch=branch, mask=mask, points=points, boxes=boxes,
-                         patches=patches, layers=layers, convention=convention, backend=backend,
-                         resize=resize)
+                         patches=patches, layers=layers, convention=convention, protocol=protocol,
+                         ref_size=ref_size, backend=backend, resize=resize)
         self.attention_layers = self.family.attention_layers(denoiser)
         self._cfg_from_pipe = cfg is None
 

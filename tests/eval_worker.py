@@ -1,6 +1,6 @@
 """`i2am eval --demo` as the eval tests run it, under `accelerate launch` or alone.
 
-    python tests/eval_worker.py OUT [--samples N] [--steps S] [--kill-at K]
+    python tests/eval_worker.py OUT [--samples N] [--steps S] [--kill-at K] [--protocol P ...]
 
 The FID/KID feature extractor is TinyFeatures, a small fixed conv net standing in for the
 Inception (tests only). --kill-at K: the process SIGKILLs itself as it starts its K-th
@@ -54,11 +54,12 @@ def main():
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--kill-at", type=int)
+    parser.add_argument("--protocol", nargs="+", default=["paper"])
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     demo = DemoTask(samples=args.samples, steps=args.steps)
     task = Logged(demo, os.path.join(args.out, "generated.log"), args.kill_at)
-    evaluate(task, demo.samples(), args.out, features=TinyFeatures(), progress=False)
+    evaluate(task, demo.samples(), args.out, protocols=args.protocol, features=TinyFeatures(), progress=False)
 
 
 if __name__ == "__main__":

@@ -143,7 +143,7 @@ def test_demo_calls_run_demo(capsys, monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(demo, "run_demo", lambda **kw: calls.append(kw) or 0, raising=False)
     code, _, _ = cli(capsys, "demo", "--out", tmp_path, "--backend", "torch")
-    assert code == 0 and calls == [{"out": str(tmp_path), "device": None, "backend": "torch"}]
+    assert code == 0 and calls == [{"out": str(tmp_path), "device": None, "backend": "torch", "protocol": "paper"}]
 
 
 # ---- show -------------------------------------------------------------------------------------
@@ -242,12 +242,12 @@ def test_run_incomplete_model_exits_2(capsys, inputs, tiny_pipeline, tmp_path, c
 
 
 # ---- run: end to end --------------------------------------------------------------------------
-@pytest.mark.parametrize("pipeline, ref_grid, patch", [
-    ("sd-inpaint-patch", PATCH_GRID, (1, 2)),
-    ("paint-by-example", (1, 1), (0, 0)),  # one reference token
-    ("ip-adapter", (1, IP_TOKENS), (0, 3)),  # the adapter's image tokens, in a row
+@pytest.mark.parametrize("pipeline, ref_grid, patch, protocol", [
+    ("sd-inpaint-patch", PATCH_GRID, (1, 2), "paper"),
+    ("paint-by-example", (1, 1), (0, 0), "official"),  # one reference token
+    ("ip-adapter", (1, IP_TOKENS), (0, 3), "paper"),  # the adapter's image tokens, in a row
 ])
-def test_run_end_to_end_writes_the_report(capsys, request, inputs, tmp_path, pipeline, ref_grid, patch):
+def test_run_end_to_end_writes_the_report(capsys, request, inputs, tmp_path, pipeline, ref_grid, patch, protocol):
     model = request.getfixturevalue({"sd-inpaint-patch": "tiny_pipeline", "paint-by-example": "tiny_paint_by_example",
                                      "ip-adapter": "tiny_ip_adapter"}[pipeline])
     extra = []
@@ -256,7 +256,7 @@ def test_run_end_to_end_writes_the_report(capsys, request, inputs, tmp_path, pip
     out = tmp_path / "report"
     code, stdout, err = cli(capsys, *run_args(inputs, model, out, pipeline=pipeline), *extra,
                             "--ref-mask", inputs["ref_mask"], "--seed", 3, "--points", "3,4", "--boxes", "2,2,6,5",
-                            "--patches", ",".join(map(str, patch)))
+                            "--patches", ",".join(map(str, patch)), "--protocol", protocol)
     assert code == 0, err
     patch_figure = f"specific_generated_patch_{patch[0]}_{patch[1]}.png"
     assert {p.name for p in out.iterdir()} == {
@@ -270,6 +270,8 @@ def test_run_end_to_end_writes_the_report(capsys, request, inputs, tmp_path, pip
     assert Image.open(out / "reference.png").size == (16, 16)
     ref_mask = torch.from_numpy(np.asarray(Image.open(out / "ref_mask.png").convert("L")) > 127).float()
     expect = maps.imacs(ref_mask=ref_mask)
+    assert scores["protocol"] == maps.protocol == protocol
+    assert f"Protocol: **{protocol}**" in (out / "report.md").read_text()
     assert scores["IMACS_g"] == pytest.approx(expect["gen"]) and scores["IMACS_r"] == pytest.approx(expect["ref"])
     assert f"IMACS_g: {scores['IMACS_g']}" in stdout
     settings = scores["settings"]

@@ -185,18 +185,32 @@ def test_eval_help_has_examples(capsys):
 
 
 def test_python_m_i2am_is_the_command():
-    done = subprocess.run([sys.executable, "-m", "i2am", "eval", "--demo", "--protocol", "official", "--out", "x"],
+    done = subprocess.run([sys.executable, "-m", "i2am", "eval", "--demo", "--protocol", "exact", "--out", "x"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "--protocol official needs protocol support" in done.stderr
+    assert done.returncode == 2 and "invalid choice: 'exact'" in done.stderr
 
 
-def test_eval_official_protocol_is_a_clear_error_for_now(capsys, tmp_path):
-    code, _, err = cli(capsys, "eval", "--demo", "--protocol", "paper", "official", "--out", tmp_path)
-    assert code == 2 and "needs protocol support" in err
-    with pytest.raises(ValueError, match="needs protocol support"):
-        check_protocols(["official"])
+def test_both_protocols_score_every_sample(one_process, tmp_path):
+    """One traced generation per protocol: the paper scores equal the paper-only run's, the
+    official ones (inverted M_g, cloth-mask product) are there beside them and differ."""
+    out = tmp_path / "out"
+    run_worker(out, "--protocol", "paper", "official")
+    rows, paper_only = records(out), records(one_process)
+    for r, p in zip(rows, paper_only):
+        assert r["scores"]["paper"] == p["scores"]["paper"]
+        official = r["scores"]["official"]
+        assert {"IMACS_g", "IMACS_r"} <= set(official) and official["IMACS_g"] != p["scores"]["paper"]["IMACS_g"]
+    summary = json.loads(read(out, "summary.json"))
+    assert set(summary["protocols"]) == {"paper", "official"}
+    assert "IMACS_g (official)" in read(out, "summary.md").decode()
+
+
+def test_eval_protocol_errors(capsys, tmp_path):
+    assert check_protocols(["paper", "official"]) == ["paper", "official"]
     with pytest.raises(ValueError, match="unknown protocol 'exact'"):
         check_protocols(["exact"])
+    with pytest.raises(ValueError, match="protocol given twice"):
+        check_protocols(["paper", "paper"])
 
 
 def test_eval_refuses_a_folder_made_with_other_settings(capsys, one_process, tmp_path):

@@ -107,7 +107,7 @@ def test_shapes_and_single_image():
                                                ("all", 4, None, [0, 1, 2, 3]), ([3, 0], 4, None, [3, 0]),
                                                ("cond", 3, None, [0, 1, 2]), ("cond", 2, False, [0, 1])])
 def test_branch_selection(branch, B, cfg, want):
-    rec = Recorder(ref_grid=(1, 1), latent_size=(2, 2), num_steps=1, branch=branch, backend="torch")
+    rec = Recorder(ref_grid=(1, 1), ref_keys=[2], latent_size=(2, 2), num_steps=1, branch=branch, backend="torch")
     q = torch.randn(B, 1, 4, 8)
     q[want] *= 0  # recorded entries have uniform attention: their maps differ from the others'
     rec.record("x", q, torch.randn(B, 1, 3, 8), torch.randn(B, 1, 3, 8), step=0, cfg=cfg)
@@ -134,7 +134,7 @@ def test_save_load_round_trip(tmp_path):
 def test_repr():
     rec, _ = record_run()
     assert repr(rec.maps()) == ("AttributionMaps(3 layers, latent 8x6, reference grid 3x4, 2 image(s), 2 time "
-                                "group(s) over 4 steps, convention='official', probes: 1 mask, 2 points, "
+                                "group(s) over 4 steps, convention='official', protocol='paper', probes: 1 mask, 2 points, "
                                 "1 box, 2 patches)")
 
 
@@ -180,7 +180,7 @@ def _call(rec, nq=48, nk=13, step=0, B=2, name="a", H=2):
     (lambda: _recorder(convention="mine"), None, ValueError, "convention must be one of"),
     (lambda: _recorder(branch="both"), None, ValueError, "branch must be one of"),
     (lambda: _recorder(ref_grid=(0, 2)), None, ValueError, "ref_grid"),
-    (_recorder, lambda r: _call(r, nk=11), ValueError, r"ref_grid \(3, 4\) needs 12 reference keys"),
+    (_recorder, lambda r: _call(r, nk=11), ValueError, r"layer .a. has Nk=11 keys, which fit neither 12 nor 13 .* ref_grid 3x4"),
     (_recorder, lambda r: _call(r, nq=50), ValueError, "cannot infer the grid"),
     (_recorder, lambda r: _call(r, step=4), ValueError, "step 4 is outside the 4 steps"),
     (lambda: _recorder(ref_keys=slice(0, 5)), _call, ValueError, "ref_keys selects 5 keys"),
@@ -221,7 +221,7 @@ def test_map_errors(act, match):
 
 
 def test_no_nan_with_a_single_reference_patch():
-    rec = _recorder(ref_grid=(1, 1), mask=MASK)
+    rec = _recorder(ref_grid=(1, 1), ref_keys=[12], mask=MASK)
     _call(rec)
     maps = rec.maps()
     for m in (maps.generated(), maps.reference(), maps.reference(masked=True, by="time")):

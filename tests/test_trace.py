@@ -214,8 +214,12 @@ def test_trace_equals_untraced_and_the_oracle(model, convention):
     ("cond", [1], 5.0), ("uncond", [0], 5.0), ("all", [0, 1], 5.0), ([1, 0], [1, 0], 5.0), ("cond", [0], 1.0)])
 def test_branches_record_their_entries(model, branch, record, guidance):
     model, _ = model
+    # without guidance an IP-Adapter takes the image embeddings as given: the positive one alone
+    # (given both, its keys would be 2 x 7, which fit no reference grid)
+    embeds = {"ip_adapter_image_embeds": [model.kwargs["ip_adapter_image_embeds"][0][1:]]} \
+        if model.ip_adapter and guidance == 1.0 else {}
     with Collector(model) as col, i2am.trace(model.pipe, ref_grid=model.ref_grid, branch=branch) as tc:
-        model.run(guidance_scale=guidance)
+        model.run(guidance_scale=guidance, **embeds)
     maps = tc.maps()
     assert maps.record == record
     assert_buffers(maps, oracle(col.calls, maps))
@@ -305,7 +309,7 @@ def test_triton_backend_matches_torch():
 # ---- clear errors -------------------------------------------------------------------------
 def test_ref_grid_that_does_not_match_the_keys():
     model, _ = built("patch_inpainting")  # CLS + 4 x 3 keys
-    with pytest.raises(ValueError, match=r"ref_grid \(5, 5\) needs 25 reference keys"):
+    with pytest.raises(ValueError, match=r"Nk=13 keys, which fit neither 25 nor 26 .* ref_grid 5x5"):
         with i2am.trace(model.pipe, ref_grid=(5, 5)):
             model.run()
     with pytest.raises(ValueError, match="ref_keys selects 13 keys"):

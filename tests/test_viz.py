@@ -215,7 +215,7 @@ def test_report_without_mask_or_images(tmp_path):
     for t in range(2):
         rec.record("a.attn2", *(torch.randn(1, 2, n, 4) for n in (16, 5, 5)), step=t)
     scores = report.write_report(tmp_path, rec.maps())
-    assert set(scores) == {"settings"}
+    assert set(scores) == {"protocol", "settings"} and scores["protocol"] == "paper"
     assert {p.name for p in tmp_path.glob("*.png")} == {"overview.png", "by_head.png"}  # one time group
     assert "IMACS is not defined" in (tmp_path / "report.md").read_text()
 

@@ -11,11 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..protocols import PROTOCOLS
 from ..tracing import trace
 from ..viz import to_pil
 from .datasets import Sample
-
-PROTOCOLS = ("paper", "official")
 
 
 @dataclass
@@ -27,25 +26,20 @@ class Generation:
 
 
 def check_protocols(protocols):
-    protocols = list(protocols)
+    protocols, known = list(protocols), ", ".join(PROTOCOLS)
     if not protocols:
-        raise ValueError("no protocol given: choose one or more of paper, official")
+        raise ValueError(f"no protocol given: choose one or more of {known}")
     for p in protocols:
         if p not in PROTOCOLS:
-            raise ValueError(f"unknown protocol {p!r}: choose one or more of paper, official")
-        if p == "official":
-            raise ValueError("protocol 'official' needs protocol support in i2am.trace, which this version "
-                             "does not have yet: use --protocol paper")
+            raise ValueError(f"unknown protocol {p!r}: choose one or more of {known}")
     if len(set(protocols)) != len(protocols):
         raise ValueError(f"protocol given twice: {' '.join(protocols)}")
     return protocols
 
 
 def _trace(target, generate, protocol, **settings):
-    """generate() under i2am.trace(target, **settings) with `protocol` -> (its result, the maps)."""
-    if protocol != "paper":
-        settings["protocol"] = protocol
-    with trace(target, **settings) as traced:
+    """generate() under i2am.trace(target, protocol=protocol, **settings) -> (its result, the maps)."""
+    with trace(target, protocol=protocol, **settings) as traced:
         result = generate()
     return result, traced.maps()
 

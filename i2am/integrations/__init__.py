@@ -15,6 +15,7 @@ exposes:
     timestep(args, kwargs)               its timestep in pipe.scheduler.timesteps' units
     CFG_BATCH                            whether the pipelines batch [uncond, cond]
     NEEDS_REF_GRID                       whether ref_grid must be given (else the inputs say it)
+    PROTOCOLS                            the protocols (i2am.protocols) defined for the family
 
 A new family (SD3, Qwen-Image-Edit) is one new module listed in FAMILIES.
 """

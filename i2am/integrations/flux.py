@@ -24,6 +24,7 @@ from diffusers.models.transformers.transformer_flux import (FluxAttention, FluxA
 
 CFG_BATCH = False
 NEEDS_REF_GRID = False
+PROTOCOLS = ("paper",)  # the official protocol reproduces the authors' UNet code
 GENERATED, REFERENCE = 0, 1  # img_ids[:, 0] of FLUX.1 Kontext's generated and reference tokens
 
 

@@ -17,6 +17,7 @@ PLAIN = (AttnProcessor, AttnProcessor2_0)            # same math: scaled dot-pro
 IP_ADAPTER = (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0)
 CFG_BATCH = True
 NEEDS_REF_GRID = True
+PROTOCOLS = ("paper", "official")
 
 
 def matches(obj):
