@@ -223,10 +223,10 @@ class AttributionMaps:
             grids = meta.pop("layer_grids", {})
             layers = {}
             for n in meta.pop("layers"):
-                layers[n] = {kind: tensors[f"{kind}/{n}"] for kind in ("gen", "ref") if f"{kind}/{n}" in tensors}
-                if "gen" not in layers[n]:
-                    raise KeyError(f"gen/{n}")
-                layers[n].update(grids.get(n, {}))
+                grid = grids.get(n, {})  # files from before per-layer grids: every layer has reference keys
+                kinds = ("gen", "ref") if grid.get("key_grid", ()) is not None else ("gen",)
+                layers[n] = {kind: tensors[f"{kind}/{n}"] for kind in kinds}
+                layers[n].update(grid)
             for key in ("key_labels", "query_labels", "query_rows"):
                 if key in meta:
                     meta[key] = _labels(meta[key])
