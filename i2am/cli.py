@@ -6,6 +6,7 @@ of the wrong size, a probe off the grid, a model that is not available locally),
 import argparse
 import importlib
 import json
+import logging
 import sys
 import traceback
 import warnings
@@ -24,8 +25,12 @@ class UsageError(Exception):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)  # bad arguments: argparse prints usage and exits with 2
+    import matplotlib
+
+    matplotlib.use("Agg")  # the figures are files: never an interactive backend
     try:
-        return args.handler(args) or 0
+        with _library_warnings_silenced():
+            return args.handler(args) or 0
     except UsageError as err:
         print(f"i2am {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -102,20 +107,25 @@ examples:
     run.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float16 on CUDA, else float32")
     _display_options(run)
     run.add_argument("--out", required=True, help="report folder")
+    run.add_argument("--quiet", action="store_true", help="no progress bar and no scores on the terminal")
 
     show = _command(sub, "show", _show, "re-render the figures and report of saved maps", """\
 Writes the report folder of a maps file: figures, scores.json (IMACS from the traced mask, and
-IMACS_r with --ref-mask) and report.md. Given the run's images, the figures are the run's.
+IMACS_r with --ref-mask) and report.md with the run's settings, which the maps file keeps
+(pipeline, model, steps, seed, threshold, alpha, ...). In a report folder of `i2am run` the
+run's images are found beside the maps file, so the figures are the run's.
 
 examples:
   i2am show report/maps.safetensors --out figures
   i2am show report/maps.safetensors --image report/generated.png \\
       --reference report/reference.png --out figures""")
     show.add_argument("maps", metavar="MAPS", help="a maps.safetensors file (AttributionMaps.save)")
-    show.add_argument("--image", help="the generated image the maps belong to")
-    show.add_argument("--reference", help="the reference image")
-    show.add_argument("--ref-mask", help="reference mask, same size as --reference: gives IMACS_r")
-    _display_options(show)
+    show.add_argument("--image", help="the generated image the maps belong to (default: generated.png "
+                                      "beside MAPS, when there)")
+    show.add_argument("--reference", help="the reference image (default: reference.png beside MAPS, when there)")
+    show.add_argument("--ref-mask", help="reference mask, same size as --reference: gives IMACS_r (default: "
+                                         "ref_mask.png beside MAPS, when there)")
+    _display_options(show, saved=True)
     show.add_argument("--out", required=True, help="report folder")
 
     bench = _command(sub, "bench", _bench, "time i2am against SDPA, the naive path and a chunked capture", """\
@@ -170,14 +180,19 @@ def _show(args):
         maps = AttributionMaps.load(path)
     except Exception as err:
         raise UsageError(f"cannot read maps from {path}: {err}") from err
+    for option, name in (("image", "generated.png"), ("reference", "reference.png"), ("ref_mask", "ref_mask.png")):
+        if getattr(args, option) is None and (path.parent / name).is_file():  # the run's report folder
+            setattr(args, option, str(path.parent / name))
     image = _open_image(args.image, "--image") if args.image else None
     reference = _open_image(args.reference, "--reference") if args.reference else None
     ref_mask_image = _ref_mask_image(args, reference)
     ref_mask = None if ref_mask_image is None else _binary(ref_mask_image, "--ref-mask")
     if ref_mask is not None and maps.mask is None:
         raise UsageError("--ref-mask gives IMACS_r, which needs maps traced with an inpainting mask; these have none")
+    shown = {key: maps.settings.get(key, default) if getattr(args, key) is None else getattr(args, key)
+             for key, default in (("threshold", 0.4), ("alpha", 0.5))}  # the run's, unless given
     scores = write_report(args.out, maps, image=image, reference=reference, ref_mask=ref_mask,
-                          settings={"maps_file": str(path)}, threshold=args.threshold, alpha=args.alpha)
+                          settings={"maps_file": str(path)}, **shown)
     _print_scores(scores, args.out)
 
 
@@ -216,6 +231,7 @@ def _run(args):
     ref_mask = None if ref_mask_image is None else _binary(ref_mask_image, "--ref-mask, cropped as the reference,")
 
     generator = torch.Generator("cpu").manual_seed(args.seed)
+    pipe.set_progress_bar_config(disable=args.quiet)
     with trace(pipe, ref_grid=ref_grid, time_groups=args.time_groups, mask=mask, points=args.points,
                boxes=args.boxes, patches=args.patches, convention=args.convention, backend=args.backend) as traced:
         generated = pipe(image=image, mask_image=mask_image, height=image.height, width=image.width,
@@ -233,7 +249,7 @@ def _run(args):
     scores = write_report(args.out, traced.maps(), image=generated, reference=seen_reference, ref_mask=ref_mask,
                           settings=settings, extra_images=extra_images, threshold=args.threshold,
                           alpha=args.alpha)
-    _print_scores(scores, args.out)
+    _print_scores(scores, args.out, quiet=args.quiet)
 
 
 # ---- pipelines: each returns (pipe on device, ref_grid, the pipeline call's reference inputs) ----
@@ -324,6 +340,24 @@ def _locate(model, unused=()):
 
 
 @contextmanager
+def _library_warnings_silenced():
+    """Inside a command, the warnings and log notes of the libraries i2am drives (deprecations,
+    accelerate hints, component types) are not the user's business: silenced, and restored after.
+    i2am's own warnings still show."""
+    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"(diffusers|transformers|torch|huggingface_hub|accelerate)(\.|$)")
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+
+
+@contextmanager
 def _local_only(cls, model):
     """Loading errors (nothing local: no download is ever tried) as a UsageError naming the model."""
     try:
@@ -370,10 +404,9 @@ def _as_encoded(processor, image):
 
 
 def _binary(mask_image, what):
-    import numpy as np
-    import torch
+    from .inputs import as_mask
 
-    mask = torch.from_numpy(np.asarray(mask_image) > 127).float()
+    mask = as_mask(mask_image, what).float()
     if mask.sum() == 0 or mask.sum() == mask.numel():
         raise UsageError(f"{what} is {'empty' if mask.sum() == 0 else 'white everywhere'}: it must mark "
                          "a region (white) and leave the rest black")
@@ -392,9 +425,9 @@ def _open_image(path, what, mode="RGB"):
         raise UsageError(f"cannot read {what} {path}: {err}") from err
 
 
-def _print_scores(scores, out):
+def _print_scores(scores, out, quiet=False):
     for key, value in scores.items():
-        if key != "settings":
+        if key != "settings" and not quiet:
             print(f"{key}: {value}")
     print(f"report written to {Path(out) / 'report.md'}")
 
@@ -407,9 +440,13 @@ def _command(sub, name, handler, help, examples):
     return parser
 
 
-def _display_options(parser):
-    parser.add_argument("--threshold", type=float, default=0.4, help="display threshold (default: %(default)s)")
-    parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default: %(default)s)")
+def _display_options(parser, saved=False):
+    """--threshold and --alpha; saved: their defaults are the ones the maps file keeps."""
+    default = "the run's, else %s" if saved else "%s"
+    parser.add_argument("--threshold", type=float, default=None if saved else 0.4,
+                        help=f"display threshold: map values <= it are not drawn (default: {default % 0.4})")
+    parser.add_argument("--alpha", type=float, default=None if saved else 0.5,
+                        help=f"overlay opacity (default: {default % 0.5})")
 
 
 def _positive(text):

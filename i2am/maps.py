@@ -22,12 +22,13 @@ class AttributionMaps:
     """
 
     def __init__(self, layers, *, latent_size, ref_grid, convention, num_steps, resize, key_labels,
-                 query_labels, record, mask=None):
+                 query_labels, record, mask=None, settings=None):
         self.layers = layers
         self.latent_size, self.ref_grid = tuple(latent_size), tuple(ref_grid)
         self.convention, self.num_steps, self.resize = convention, num_steps, resize
         self.key_labels, self.query_labels = tuple(key_labels), tuple(query_labels)
         self.record, self.mask = list(record), mask
+        self.settings = dict(settings or {})  # free-form run settings (pipeline, model, steps, seed...)
         self.time_groups = next(iter(layers.values()))["gen"].shape[1]
 
     # ---- maps ----------------------------------------------------------------------------
@@ -122,15 +123,18 @@ class AttributionMaps:
         return names
 
     # ---- persistence ---------------------------------------------------------------------
-    def save(self, path):
-        """Save buffers and settings to a safetensors file (settings in its metadata)."""
+    def save(self, path, settings=None):
+        """Save buffers and settings to a safetensors file (settings in its metadata); `settings`
+        (JSON-ready values, e.g. the pipeline call's) are stored beside self.settings and come
+        back as AttributionMaps.load(path).settings."""
         tensors = {f"{kind}/{name}": b[kind].contiguous() for name, b in self.layers.items()
                    for kind in ("gen", "ref")}
         if self.mask is not None:
             tensors["mask"] = self.mask.float().contiguous()
         meta = {"latent_size": self.latent_size, "ref_grid": self.ref_grid, "convention": self.convention,
                 "num_steps": self.num_steps, "resize": self.resize, "key_labels": self.key_labels,
-                "query_labels": self.query_labels, "record": self.record, "layers": list(self.layers)}
+                "query_labels": self.query_labels, "record": self.record, "layers": list(self.layers),
+                "settings": {**self.settings, **(settings or {})}}
         save_file(tensors, str(path), metadata={"i2am": json.dumps(meta)})
 
     @classmethod

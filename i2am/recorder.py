@@ -53,7 +53,8 @@ class Recorder:
             raise ValueError(f"time_groups must be a positive integer, got {time_groups!r}")
         self.time_groups, self.ref_keys, self.branch = time_groups, ref_keys, branch
         self.convention, self.backend, self.layers, self.resize = convention, backend, layers, resize
-        self.mask, self.points, self.boxes = mask, tuple(map(tuple, points)), tuple(map(tuple, boxes))
+        self.mask = None if mask is None else mask_2d(mask)  # checked now, not at the first call
+        self.points, self.boxes = tuple(map(tuple, points)), tuple(map(tuple, boxes))
         self.keys = key_probes(self.ref_grid, patches)
         self.latent_size = self.queries = self.num_steps = self.record_idx = None
         self.buffers = {}
@@ -120,7 +121,7 @@ class Recorder:
             layers, latent_size=self.latent_size, ref_grid=self.ref_grid, convention=self.convention,
             num_steps=self.num_steps, resize=self.resize, key_labels=self.keys.labels,
             query_labels=self.queries.labels, record=self.record_idx.tolist(),
-            mask=None if self.mask is None else mask_2d(self.mask))
+            mask=self.mask)
 
     def _group(self, step):
         if not isinstance(step, int) or not 0 <= step < self.num_steps:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ..report import write_report
 from ..tracing import trace
@@ -59,8 +60,11 @@ def analyse(pipe, ex, b, backend, steps=STEPS):
     return maps, image[0].cpu(), correspondence(maps, points, truth), best_single_patch(truth, encoder.grid)
 
 
-def run_demo(out="i2am-demo", device=None, backend="auto", examples=4, steps=STEPS):
-    """Write one report per example under `out`, print and return the summary scores."""
+def run_demo(out="i2am-demo", device=None, backend="auto", examples=4, steps=STEPS, progress=True):
+    """Write one report per example under `out`, print the summary scores and return 0.
+
+    progress: a bar over the examples, and diffusers' bar over the steps of each generation
+    (the trained model and its randomised copy)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
     pipe = model.load_pipeline(device=device)
@@ -71,7 +75,9 @@ def run_demo(out="i2am-demo", device=None, backend="auto", examples=4, steps=STE
                "points_per_example": POINTS}
     keys = ("IMACS_g", "IMACS_r", "correspondence_accuracy", "correspondence_accuracy_randomised",
             "correspondence_best_single_patch")
-    for b in range(examples):
+    for b in tqdm(range(examples), desc="i2am demo", unit="example", disable=not progress):
+        for p, which in ((pipe, "trained"), (randomised, "randomised attn2")):
+            p.set_progress_bar_config(disable=not progress, leave=False, desc=f"example {b}, {which}")
         maps, image, accuracy, baseline = analyse(pipe, ex, b, backend, steps)
         _, _, random_accuracy, _ = analyse(randomised, ex, b, backend, steps)
         scores = write_report(
@@ -82,9 +88,8 @@ def run_demo(out="i2am-demo", device=None, backend="auto", examples=4, steps=STE
             extra_images={"target": ex["target"][b], "masked": ex["masked"][b]},
             title=f"i2am demo, example {b}")
         summary["examples"].append({k: scores[k] for k in keys})
-        print(f"example {b}: IMACS_g {scores['IMACS_g']:.3f}  IMACS_r {scores['IMACS_r']:.3f}  correspondence "
-              f"{accuracy:.2f} (randomised attn2: {random_accuracy:.2f}, best single patch: {baseline:.2f})",
-              flush=True)
+        tqdm.write(f"example {b}: IMACS_g {scores['IMACS_g']:.3f}  IMACS_r {scores['IMACS_r']:.3f}  correspondence "
+                   f"{accuracy:.2f} (randomised attn2: {random_accuracy:.2f}, best single patch: {baseline:.2f})")
     for key in keys:
         summary[key] = sum(e[key] for e in summary["examples"]) / examples
     (out / "scores.json").write_text(json.dumps(summary, indent=2) + "\n")
