@@ -217,7 +217,8 @@ def _run(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
         torch.float16 if torch.device(device).type == "cuda" else torch.float32)
-    pipe, ref_grid, inputs = _LOADERS[args.pipeline](args, reference, device, dtype)
+    with _loading_bars(not args.quiet):
+        pipe, ref_grid, inputs = _LOADERS[args.pipeline](args, reference, device, dtype)
     latent = (image.height // pipe.vae_scale_factor, image.width // pipe.vae_scale_factor)
     if image.height % pipe.vae_scale_factor or image.width % pipe.vae_scale_factor:
         raise UsageError(f"--image is {_wxh(image)}: its sides must be multiples of the VAE scale factor "
@@ -358,6 +359,22 @@ def _library_warnings_silenced():
 
 
 @contextmanager
+def _loading_bars(shown):
+    """diffusers' and transformers' loading bars on or off (--quiet), as they were after."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _ in libraries:
+        lib.enable_progress_bar() if shown else lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, enabled in libraries:
+            lib.enable_progress_bar() if enabled else lib.disable_progress_bar()
+
+
+@contextmanager
 def _local_only(cls, model):
     """Loading errors (nothing local: no download is ever tried) as a UsageError naming the model."""
     try:
@@ -398,7 +415,7 @@ def _as_encoded(processor, image):
     """image resized and cropped as the reference encoder's processor does it, not normalised."""
     if processor is None:
         return image
-    from .viz import to_pil
+    from .inputs import to_pil
 
     return to_pil(processor(images=image.convert("RGB"), do_normalize=False, return_tensors="pt").pixel_values[0])
 
