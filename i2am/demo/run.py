@@ -85,7 +85,7 @@ def run_demo(out="i2am-demo", device=None, backend="auto", examples=4, steps=STE
             settings={"steps": steps, "guidance": GUIDANCE, "seed": SEED + b, "backend": backend},
             extra_scores={"correspondence_accuracy": accuracy, "correspondence_accuracy_randomised": random_accuracy,
                           "correspondence_best_single_patch": baseline},
-            extra_images={"target": ex["target"][b], "masked": ex["masked"][b]},
+            extra_images={"target": ex["target"][b], "masked": ex["masked"][b], "ref_mask": ex["ref_mask"][b, 0]},
             title=f"i2am demo, example {b}")
         summary["examples"].append({k: scores[k] for k in keys})
         tqdm.write(f"example {b}: IMACS_g {scores['IMACS_g']:.3f}  IMACS_r {scores['IMACS_r']:.3f}  correspondence "
