@@ -23,7 +23,7 @@ def as_mask(mask, what="mask", *, batched=False):
     while m.dim() > 2 and m.shape[0] == 1 and not (batched and m.dim() == 3):
         m = m[0]
     if m.dim() != 2 and not (batched and m.dim() == 3):
-        form = "(H, W) or (B, H, W)" if batched else "(H, W)"
+        form = "2-D (H, W) or 3-D (B, H, W)" if batched else "2-D (H, W)"
         raise ValueError(f"{what} must be {form} (axes of size 1 allowed), got shape {tuple(m.shape)}")
     if m.dtype == torch.bool:
         return m

@@ -103,7 +103,7 @@ def test_mask_rule_is_above_one_half_after_scaling():
     (np.array([[0, 255.0]]), "values in \\[0, 1\\].*0 to 255"),
     (np.array([[-1, 0.5]]), "values in \\[0, 1\\]"),
     (np.array([[np.nan, 1]]), "values in \\[0, 1\\]"),
-    (np.zeros((2, 3, 4)), "must be \\(H, W\\)"),
+    (np.zeros((2, 3, 4)), "must be 2-D \\(H, W\\)"),
 ])
 def test_bad_masks_say_what_is_expected(bad, message):
     with pytest.raises(ValueError, match=message):
