@@ -9,7 +9,7 @@ from .maps import AttributionMaps
 from .recorder import Recorder
 from .recording import attention, recording
 
-__all__ = ["AttributionMaps", "Recorder", "attention", "recording", "trace"]
+__all__ = ["AttributionMaps", "Recorder", "attention", "plot_overlay", "recording", "trace"]
 
 
 def __getattr__(name):
@@ -19,4 +19,8 @@ def __getattr__(name):
         from .tracing import trace
 
         return trace
+    if name == "plot_overlay":  # matplotlib: imported on first use too
+        from .viz import plot_overlay
+
+        return plot_overlay
     raise AttributeError(f"module 'i2am' has no attribute {name!r}")

@@ -7,6 +7,7 @@ of the wrong size, a probe off the grid, a model that is not available locally),
 import argparse
 import importlib
 import json
+import logging
 import math
 import os
 import re
@@ -30,8 +31,12 @@ class UsageError(Exception):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)  # bad arguments: argparse prints usage and exits with 2
+    import matplotlib
+
+    matplotlib.use("Agg")  # the figures are files: never an interactive backend
     try:
-        return args.handler(args) or 0
+        with _library_warnings_silenced():
+            return args.handler(args) or 0
     except UsageError as err:
         print(f"i2am {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -121,23 +126,28 @@ examples:
     run.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float16 on CUDA, else float32")
     _display_options(run)
     run.add_argument("--out", required=True, help="report folder")
+    run.add_argument("--quiet", action="store_true", help="no progress bar and no scores on the terminal")
 
     show = _command(sub, "show", _show, "re-render the figures and report of saved maps", """\
 Writes the report folder of a maps file: figures, scores.json (IMACS from the traced mask, and
-IMACS_r with --ref-mask) and report.md. Given the run's images, the figures are the run's.
+IMACS_r with --ref-mask) and report.md with the run's settings, which the maps file keeps
+(pipeline, model, steps, seed, threshold, alpha, ...). In a report folder of `i2am run` the
+run's images are found beside the maps file, so the figures are the run's.
 
 examples:
   i2am show report/maps.safetensors --out figures
   i2am show report/maps.safetensors --image report/generated.png \\
       --reference report/reference.png --out figures""")
     show.add_argument("maps", metavar="MAPS", help="a maps.safetensors file (AttributionMaps.save)")
-    show.add_argument("--image", help="the generated image the maps belong to")
-    show.add_argument("--reference", help="the reference image")
-    show.add_argument("--ref-mask", help="reference mask, same size as --reference: gives IMACS_r")
+    show.add_argument("--image", help="the generated image the maps belong to (default: generated.png "
+                                      "beside MAPS, when there)")
+    show.add_argument("--reference", help="the reference image (default: reference.png beside MAPS, when there)")
+    show.add_argument("--ref-mask", help="reference mask, same size as --reference: gives IMACS_r (default: "
+                                         "ref_mask.png beside MAPS, when there)")
     show.add_argument("--protocol", choices=tuple(PROTOCOLS),
                       help="read the maps under this protocol (default: the one they were traced under; maps "
                            "traced under official can also be read as paper)")
-    _display_options(show)
+    _display_options(show, saved=True)
     show.add_argument("--out", required=True, help="report folder")
 
     ev = _command(sub, "eval", _eval, "evaluate a model over a data set: IMACS, SSIM, LPIPS, FID, KID, correlations", """\
@@ -290,14 +300,19 @@ def _show(args):
             maps = maps.with_protocol(args.protocol)
         except ValueError as err:
             raise UsageError(f"--protocol {args.protocol}: {err}") from err
+    for option, name in (("image", "generated.png"), ("reference", "reference.png"), ("ref_mask", "ref_mask.png")):
+        if getattr(args, option) is None and (path.parent / name).is_file():  # the run's report folder
+            setattr(args, option, str(path.parent / name))
     image = _open_image(args.image, "--image") if args.image else None
     reference = _open_image(args.reference, "--reference") if args.reference else None
     ref_mask_image = _ref_mask_image(args, reference)
     ref_mask = None if ref_mask_image is None else _binary(ref_mask_image, "--ref-mask")
     if ref_mask is not None and maps.mask is None:
         raise UsageError("--ref-mask gives IMACS_r, which needs maps traced with an inpainting mask; these have none")
+    shown = {key: maps.settings.get(key, default) if getattr(args, key) is None else getattr(args, key)
+             for key, default in (("threshold", 0.4), ("alpha", 0.5))}  # the run's, unless given
     scores = write_report(args.out, maps, image=image, reference=reference, ref_mask=ref_mask,
-                          settings={"maps_file": str(path)}, threshold=args.threshold, alpha=args.alpha)
+                          settings={"maps_file": str(path)}, **shown)
     _print_scores(scores, args.out)
 
 
@@ -328,7 +343,8 @@ def _run(args):
 
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
         torch.float16 if torch.device(device).type == "cuda" else torch.float32)
-    pipe, ref_grid, inputs = _LOADERS[args.pipeline](args, reference, device, dtype)
+    with _loading_bars(not args.quiet):
+        pipe, ref_grid, inputs = _LOADERS[args.pipeline](args, reference, device, dtype)
     latent = (image.height // pipe.vae_scale_factor, image.width // pipe.vae_scale_factor)
     if image.height % pipe.vae_scale_factor or image.width % pipe.vae_scale_factor:
         raise UsageError(f"--image is {_wxh(image)}: its sides must be multiples of the VAE scale factor "
@@ -342,6 +358,7 @@ def _run(args):
     ref_mask = None if ref_mask_image is None else _binary(ref_mask_image, "--ref-mask, cropped as the reference,")
 
     generator = torch.Generator("cpu").manual_seed(args.seed)
+    pipe.set_progress_bar_config(disable=args.quiet)
     with trace(pipe, ref_grid=ref_grid, time_groups=args.time_groups, mask=mask, points=args.points,
                boxes=args.boxes, patches=args.patches, convention=args.convention, protocol=args.protocol,
                backend=args.backend) as traced:
@@ -360,7 +377,7 @@ def _run(args):
     scores = write_report(args.out, traced.maps(), image=generated, reference=seen_reference, ref_mask=ref_mask,
                           settings=settings, extra_images=extra_images, threshold=args.threshold,
                           alpha=args.alpha)
-    _print_scores(scores, args.out)
+    _print_scores(scores, args.out, quiet=args.quiet)
 
 
 def _run_kontext(args, device):
@@ -510,6 +527,40 @@ def _locate(model, unused=()):
 
 
 @contextmanager
+def _library_warnings_silenced():
+    """Inside a command, the warnings and log notes of the libraries i2am drives (deprecations,
+    accelerate hints, component types) are not the user's business: silenced, and restored after.
+    i2am's own warnings still show."""
+    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"(diffusers|transformers|torch|huggingface_hub|accelerate)(\.|$)")
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+
+
+@contextmanager
+def _loading_bars(shown):
+    """diffusers' and transformers' loading bars on or off (--quiet), as they were after."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _ in libraries:
+        lib.enable_progress_bar() if shown else lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, enabled in libraries:
+            lib.enable_progress_bar() if enabled else lib.disable_progress_bar()
+
+
+@contextmanager
 def _local_only(cls, model):
     """Loading errors (nothing local: no download is ever tried) as a UsageError naming the model."""
     try:
@@ -590,16 +641,15 @@ def _as_encoded(processor, image):
     """image resized and cropped as the reference encoder's processor does it, not normalised."""
     if processor is None:
         return image
-    from .viz import to_pil
+    from .inputs import to_pil
 
     return to_pil(processor(images=image.convert("RGB"), do_normalize=False, return_tensors="pt").pixel_values[0])
 
 
 def _binary(mask_image, what):
-    import numpy as np
-    import torch
+    from .inputs import as_mask
 
-    mask = torch.from_numpy(np.asarray(mask_image) > 127).float()
+    mask = as_mask(mask_image, what).float()
     if mask.sum() == 0 or mask.sum() == mask.numel():
         raise UsageError(f"{what} is {'empty' if mask.sum() == 0 else 'white everywhere'}: it must mark "
                          "a region (white) and leave the rest black")
@@ -618,9 +668,9 @@ def _open_image(path, what, mode="RGB"):
         raise UsageError(f"cannot read {what} {path}: {err}") from err
 
 
-def _print_scores(scores, out):
+def _print_scores(scores, out, quiet=False):
     for key, value in scores.items():
-        if key != "settings":
+        if key != "settings" and not quiet:
             print(f"{key}: {value}")
     print(f"report written to {Path(out) / 'report.md'}")
 
@@ -639,10 +689,13 @@ def _protocol_option(parser, help):
     parser.add_argument("--protocol", choices=tuple(PROTOCOLS), default="paper", help=f"{help} (default: %(default)s)")
 
 
-def _display_options(parser):
-    parser.add_argument("--threshold", type=_fraction, default=0.4,
-                        help="display threshold in [0, 1] (default: %(default)s)")
-    parser.add_argument("--alpha", type=_fraction, default=0.5, help="overlay opacity in [0, 1] (default: %(default)s)")
+def _display_options(parser, saved=False):
+    """--threshold and --alpha in [0, 1]; saved: their defaults are the ones the maps file keeps."""
+    default = "the run's, else %s" if saved else "%s"
+    parser.add_argument("--threshold", type=_fraction, default=None if saved else 0.4,
+                        help=f"display threshold in [0, 1]: map values <= it are not drawn (default: {default % 0.4})")
+    parser.add_argument("--alpha", type=_fraction, default=None if saved else 0.5,
+                        help=f"overlay opacity in [0, 1] (default: {default % 0.5})")
 
 
 def _fraction(text):

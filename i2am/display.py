@@ -2,6 +2,7 @@
 import torch
 
 from .grid import resize
+from .inputs import as_mask
 
 
 def normalize(x):
@@ -19,14 +20,9 @@ def pixel_level(M, size, threshold=0.4):
 
 
 def binary_mask(mask, what="mask"):
-    """A 2-D (or batched) mask as a bool tensor; empty or full masks are errors."""
-    mask = torch.as_tensor(mask)
-    if mask.dim() < 2:
-        raise ValueError(f"{what} must be 2-D (H, W) or (B, H, W), got shape {tuple(mask.shape)}")
-    if mask.dtype != torch.bool:
-        if not torch.isfinite(mask.float()).all():
-            raise ValueError(f"{what} must hold finite values (1 = inside the mask, 0 = outside), got NaN or inf")
-        mask = mask.float() > 0.5
+    """A 2-D (or batched) mask (PIL image, array or tensor; the rule of i2am.inputs) as a bool
+    tensor; empty or full masks are errors."""
+    mask = as_mask(mask, what, batched=True)
     counts = mask.flatten(-2).sum(-1)
     if (counts == 0).any():
         raise ValueError(f"{what} is empty: IMACS needs pixels inside the mask")

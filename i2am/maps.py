@@ -30,7 +30,7 @@ class AttributionMaps:
     """
 
     def __init__(self, layers, *, latent_size, ref_grid, convention, num_steps, resize, key_labels,
-                 query_labels, record, mask=None, protocol="paper", query_rows=None):
+                 query_labels, record, mask=None, protocol="paper", query_rows=None, settings=None):
         self.latent_size = tuple(latent_size)
         self.ref_grid = None if ref_grid is None else tuple(ref_grid)
         self.convention, self.num_steps, self.resize = convention, num_steps, resize
@@ -38,6 +38,7 @@ class AttributionMaps:
         self.query_rows = self.query_labels if query_rows is None else tuple(query_rows)
         self.record, self.mask = list(record), mask
         self.layers = {name: _layer(lay, self.ref_grid) for name, lay in layers.items()}
+        self.settings = dict(settings or {})  # free-form run settings (pipeline, model, steps, seed...)
         self.time_groups = next(iter(layers.values()))["gen"].shape[1]
         self._protocol = protocols.get(protocol)
 
@@ -194,8 +195,10 @@ class AttributionMaps:
         return names
 
     # ---- persistence ---------------------------------------------------------------------
-    def save(self, path):
-        """Save buffers and settings to a safetensors file (settings in its metadata)."""
+    def save(self, path, settings=None):
+        """Save buffers and settings to a safetensors file (settings in its metadata); `settings`
+        (JSON-ready values, e.g. the pipeline call's) are stored beside self.settings and come
+        back as AttributionMaps.load(path).settings."""
         tensors = {f"{kind}/{name}": lay[kind].contiguous() for name, lay in self.layers.items()
                    for kind in ("gen", "ref") if kind in lay}
         if self.mask is not None:
@@ -205,7 +208,8 @@ class AttributionMaps:
                 "key_labels": self.key_labels, "query_labels": self.query_labels, "query_rows": self.query_rows,
                 "record": self.record, "layers": list(self.layers),
                 "layer_grids": {n: {k: lay[k] for k in ("grid", "key_grid", "per_key")}
-                                for n, lay in self.layers.items()}}
+                                for n, lay in self.layers.items()},
+                "settings": {**self.settings, **(settings or {})}}
         save_file(tensors, str(path), metadata={"i2am": json.dumps(meta)})
 
     @classmethod

@@ -10,6 +10,7 @@ import torch
 
 from .grid import resize
 from .integers import int_tuple
+from .inputs import as_mask
 
 
 @dataclass(frozen=True)
@@ -41,15 +42,8 @@ def latent_mask(mask, size):
 
 
 def mask_2d(mask):
-    """A mask as a float (H, W) tensor; leading axes of size 1 are dropped."""
-    mask = torch.as_tensor(mask, dtype=torch.float32)
-    while mask.dim() > 2 and mask.shape[0] == 1:
-        mask = mask[0]
-    if mask.dim() != 2:
-        raise ValueError(f"mask must be 2-D (H, W) (leading axes of size 1 allowed), got {tuple(mask.shape)}")
-    if not torch.isfinite(mask).all() or mask.min() < 0:
-        raise ValueError("mask must hold finite values >= 0 (1 = region to fill)")
-    return mask
+    """A mask (PIL image, array or tensor; the rule of i2am.inputs) as a 0/1 float (H, W) tensor."""
+    return as_mask(mask).float()
 
 
 def query_probes(size, mask=None, points=(), boxes=()):

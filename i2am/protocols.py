@@ -59,8 +59,9 @@ class Paper:
         return label
 
     def shown_generated(self, M):
-        """The generated map as figures show it (normalised)."""
-        return display.normalize(M)
+        """The generated map as figures show it, from M normalised to [0, 1] (per map, or over a
+        by-time/by-head row as a whole)."""
+        return M
 
     def masked_reference(self, maps, ref_mask):
         """(the masked reference map figures show, or None; its caption)."""
@@ -137,7 +138,7 @@ class Official(Paper):
         return label
 
     def shown_generated(self, M):
-        return 1 - display.normalize(M)
+        return 1 - M
 
     def masked_reference(self, maps, ref_mask):
         if ref_mask is None:

@@ -80,7 +80,7 @@ class Recorder:
         check_layers(layers)
         self.time_groups, self.ref_keys, self.branch = time_groups, ref_keys, branch
         self.convention, self.backend, self.layers, self.resize = convention, backend, layers, resize
-        self.mask = mask
+        self.mask = None if mask is None else mask_2d(mask)  # checked now, not at the first call
         self.points = int_tuples(points, 2, "points", "(row, col) pairs", "point (row, col)")
         self.boxes = int_tuples(boxes, 4, "boxes", "(top, left, bottom, right) tuples",
                                 "box (top, left, bottom, right)")
@@ -185,7 +185,7 @@ class Recorder:
             layers, latent_size=self.latent_size, ref_grid=ref_grid, convention=self.convention,
             protocol=self.protocol.name, num_steps=self.num_steps, resize=self.resize, key_labels=self.keys.labels,
             query_labels=self.queries.labels, query_rows=self._query_rows, record=self.record_idx.tolist(),
-            mask=None if self.mask is None else mask_2d(self.mask))
+            mask=self.mask)
 
     def _warn_incomplete(self, layers):
         """Warnings for what the maps cannot show: steps that did not run, non-finite values."""

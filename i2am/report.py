@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from . import protocols, viz
+from .inputs import as_mask, to_pil
 
 MAPS_FILE, SCORES_FILE, INDEX_FILE = "maps.safetensors", "scores.json", "report.md"
 
@@ -24,19 +25,20 @@ def write_report(out_dir, maps, *, image=None, reference=None, ref_mask=None, se
     """Write the report folder of `maps` (an i2am.AttributionMaps) and return the scores.json
     content: "protocol" (the maps' protocol, which every score and figure follows), IMACS_g when
     the trace had an inpainting mask, IMACS_r when ref_mask is also given, the extra scores, and
-    "settings" (the maps' own settings, the display settings and `settings`, e.g. the pipeline
-    call's). compare_protocols: also "by_protocol", the IMACS under every protocol the
-    recorded buffers can be read under, side by side in report.md."""
+    "settings" (the maps' own settings, the display settings, the run settings the maps carry
+    and `settings`, e.g. the pipeline call's). The maps file keeps the run and display settings,
+    so that `i2am show` re-renders with them. compare_protocols: also "by_protocol", the IMACS
+    under every protocol the recorded buffers can be read under, side by side in report.md."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _save_maps(maps, out / MAPS_FILE)
+    run = {**maps.settings, **(settings or {}), "threshold": threshold, "alpha": alpha}
+    _save_maps(maps, out / MAPS_FILE, _jsonable(run))
     scores = {"protocol": maps.protocol, **imacs_scores(maps, ref_mask, lam=lam, threshold=threshold)}
     if compare_protocols:
         scores["by_protocol"] = {name: imacs_scores(maps.with_protocol(name), ref_mask, lam=lam, threshold=threshold)
                                  for name in readable_protocols(maps)}
     scores.update(extra_scores or {})
-    scores["settings"] = {**map_settings(maps), "threshold": threshold, "alpha": alpha, "lam": lam,
-                          **(settings or {})}
+    scores["settings"] = {**map_settings(maps), "lam": lam, **run}
     (out / SCORES_FILE).write_text(json.dumps(_jsonable(scores), indent=2) + "\n")
 
     images = dict(extra_images or {})
@@ -46,64 +48,86 @@ def write_report(out_dir, maps, *, image=None, reference=None, ref_mask=None, se
         elif img is not None:
             images[name] = img
     for name, img in images.items():
-        viz.to_pil(img).save(out / f"{name}.png")
+        to_pil(img).save(out / f"{name}.png")
     figures = render_figures(out, maps, image=image, reference=reference, ref_mask=ref_mask, threshold=threshold,
                              alpha=alpha)
-    (out / INDEX_FILE).write_text(_markdown(title, scores, list(images), figures))
+    (out / INDEX_FILE).write_text(_markdown(title, maps, scores, list(images), figures))
     return scores
 
 
 def render_figures(out_dir, maps, *, image=None, reference=None, ref_mask=None, threshold=0.4, alpha=0.5):
-    """Write every figure of `maps` as PNG into out_dir; returns [(file name, caption)].
+    """Write every figure of `maps` as PNG and PDF into out_dir; returns [(file stem, caption)].
 
     overview (M_g, M_r and the masked M_r over their images), by_time (when there is more than
     one time group), by_head (one per head count when layers differ in heads), one
     specific-reference figure per traced point or box and one specific-generated figure per
-    traced patch. Figures follow the maps' protocol (under "official" the generated map is shown
-    inverted and the masked reference map is M_r times ref_mask)."""
+    traced patch. The inpainting mask is outlined on the generated image, ref_mask on the
+    reference. A 1x1 reference grid (one reference token) has no reference-side panels: its
+    reference maps are a single value. Figures follow the maps' protocol (under "official" the
+    generated map is shown inverted and the masked reference map is M_r times ref_mask)."""
     out = Path(out_dir)
     samples = len(maps.record)
+    ref_side = has_reference_side(maps)
     shown = dict(threshold=threshold, alpha=alpha)
     figures = []
 
     def save(fig, name, caption):
-        fig.save(out / f"{name}.png")
-        figures.append((f"{name}.png", caption))
+        viz.save_figure(fig, out / name)
+        figures.append((name, caption))
 
     protocol = protocols.get(maps.protocol)
     shown_gen = protocol.shown_generated  # "official" shows M_g inverted, as the authors' code does
-    masked, masked_caption = protocol.masked_reference(maps, ref_mask)
-    overview = (shown_gen(maps.generated()), maps.reference(), masked)
-    splits = [(name, caption, labels, shown_gen(maps.generated(by=by, layers=layers)),
-               maps.reference(by=by, layers=layers))
+    masked, masked_caption = protocol.masked_reference(maps, ref_mask) if ref_side else (None, "")
+    overview = (shown_gen(maps.generated()), maps.reference() if ref_side else None, masked)
+    splits = [(name, caption, labels, maps.generated(by=by, layers=layers, normalize=False),
+               maps.reference(by=by, layers=layers, normalize=False) if ref_side else None)
               for name, caption, by, layers, labels in _splits(maps)]
     specific_refs = [(lab[1], maps.specific_reference(lab[1])) for lab in maps.query_labels
-                     if lab[0] in ("point", "box")]
+                     if lab[0] in ("point", "box") and ref_side]
     specific_gens = [(lab[1], shown_gen(maps.specific_generated(lab[1]))) for lab in maps.key_labels
                      if lab[0] == "patch"]
     images, refs = _per_sample(image, samples), _per_sample(reference, samples)
+    ref_masks = _per_sample_mask(ref_mask, samples)
     for b in range(samples):
-        sfx, img, ref = _suffix(b, samples), images[b], refs[b]
+        sfx, img, ref, rmask = _suffix(b, samples), images[b], refs[b], ref_masks[b]
 
         def pick(tensor):  # this image's maps: they carry a batch axis when several were recorded
             return tensor if samples == 1 or tensor is None else tensor[b]
 
-        save(viz.overview_figure(img, ref, *map(pick, overview), **shown), "overview" + sfx,
-             f"Generated map {protocol.generated_name} and reference map M_r"
-             + (f" ({masked_caption})" if masked is not None else "") + f", protocol {maps.protocol}")
+        M_g, M_r, M_rm = map(pick, overview)
+        panels = [viz.Panel("generated image", img, mask=maps.mask)] if img is not None else []
+        panels.append(viz.Panel(f"{protocol.generated_name}: generated map", img, M_g, mask=maps.mask))
+        if ref_side:
+            panels += [viz.Panel("reference image", ref, mask=rmask)] if ref is not None else []
+            panels.append(viz.Panel("M_r: reference map", ref, M_r, mask=rmask))
+            if M_rm is not None:
+                panels.append(viz.Panel(masked_caption, ref, M_rm, mask=rmask))
+        caption = f"Generated map {protocol.generated_name}" + (" and reference map M_r" if ref_side else "")
+        save(viz.panel_figure(panels, title=_title(maps, caption), **shown), "overview" + sfx, caption)
         for name, caption, labels, gen, ref_maps in splits:
-            fig = viz.split_figure(pick(gen), pick(ref_maps), image=img, reference_image=ref, column_labels=labels,
-                                   title=caption, **shown)
+            # one colour scale per row: the generated row normalised as a whole, then shown as the protocol does
+            stacks, rows = [shown_gen(viz.shared_scale(pick(gen).double()))], [f"{protocol.generated_name} (generated)"]
+            if ref_maps is not None:
+                stacks, rows = stacks + [pick(ref_maps)], rows + ["M_r (reference)"]
+            fig = viz.split_figure(stacks, column_labels=labels, row_labels=rows, images=[img, ref][:len(stacks)],
+                                   masks=[maps.mask, rmask][:len(stacks)], title=_title(maps, caption), **shown)
             save(fig, name + sfx, caption)
         for probe, M_sr in specific_refs:
             kind = "point" if len(probe) == 2 else "box"
-            fig = viz.specific_reference_figure(img, ref, pick(M_sr), probe, maps.latent_size, **shown)
-            save(fig, f"specific_reference_{kind}_{_join(probe)}{sfx}",
-                 f"Specific-reference map M_sr of latent {kind} {tuple(probe)}")
+            caption = f"Specific-reference map M_sr of latent {kind} {tuple(probe)}"
+            panels = [viz.Panel(f"generated, latent {kind} {tuple(probe)}", img, probes=[probe],
+                                probe_grid=maps.latent_size),
+                      viz.Panel("M_sr over the reference", ref, pick(M_sr), mask=rmask)]
+            save(viz.panel_figure(panels, title=_title(maps, caption), **shown),
+                 f"specific_reference_{kind}_{_join(probe)}{sfx}", caption)
         for patch, M_sg in specific_gens:
-            fig = viz.specific_generated_figure(ref, img, pick(M_sg), patch, maps.ref_grid, **shown)
-            save(fig, f"specific_generated_patch_{_join(patch)}{sfx}",
-                 f"Where reference patch {tuple(patch)} is used in the generated image")
+            i, j = patch
+            caption = f"Where reference patch {tuple(patch)} is used in the generated image"
+            panels = [viz.Panel(f"reference, patch {tuple(patch)}", ref, probes=[(i, j, i + 1, j + 1)],
+                                probe_grid=maps.ref_grid),
+                      viz.Panel("specific-generated map", img, pick(M_sg), mask=maps.mask)]
+            save(viz.panel_figure(panels, title=_title(maps, caption), **shown),
+                 f"specific_generated_patch_{_join(patch)}{sfx}", caption)
     return figures
 
 
@@ -117,6 +141,12 @@ def readable_protocols(maps):
             continue
         names.append(name)
     return names
+
+
+def has_reference_side(maps):
+    """Whether the reference maps carry a picture: not with one reference token (a 1x1 grid, e.g.
+    Paint-by-Example), where M_r and M_sr are a single value."""
+    return maps.ref_grid is None or tuple(maps.ref_grid) != (1, 1)
 
 
 def imacs_scores(maps, ref_mask=None, *, lam=3.0, threshold=0.4):
@@ -161,11 +191,11 @@ def _splits(maps):
     return splits
 
 
-def _save_maps(maps, path):
+def _save_maps(maps, path, settings):
     """Save through a temporary file, so that re-rendering into the folder the maps were loaded
     from never truncates the file under them."""
     tmp = path.with_name(path.name + ".tmp")
-    maps.save(tmp)
+    maps.save(tmp, settings=settings)
     os.replace(tmp, path)
 
 
@@ -175,6 +205,26 @@ def _per_sample(image, samples):
             raise ValueError(f"{len(image)} images for {samples} recorded entries")
         return list(image)
     return [image] * samples
+
+
+def _per_sample_mask(mask, samples):
+    """One reference mask per recorded entry: a (B, H, W) mask holds one each."""
+    if mask is None:
+        return [None] * samples
+    m = as_mask(mask, "ref_mask", batched=True)
+    if m.dim() == 3:
+        if len(m) != samples:
+            raise ValueError(f"ref_mask holds {len(m)} masks for {samples} recorded entries")
+        return list(m)
+    return [m] * samples
+
+
+def _title(maps, what):
+    """A figure title: what it shows, then the protocol, convention, layers and steps behind it."""
+    n = len(maps.layers)
+    return (f"{what}\nprotocol: {maps.protocol}, {maps.convention} convention, "
+            f"{n} layer{'s' if n != 1 else ''}, {maps.num_steps} steps in {maps.time_groups} time "
+            f"group{'s' if maps.time_groups != 1 else ''}")
 
 
 def _suffix(b, samples):
@@ -197,11 +247,12 @@ def _jsonable(x):
     return str(x)  # paths, dtypes, devices
 
 
-def _markdown(title, scores, image_names, figures):
+def _markdown(title, maps, scores, image_names, figures):
     settings = scores["settings"]
     values = {k: v for k, v in scores.items() if k not in ("settings", "protocol", "by_protocol")}
     protocol = protocols.get(scores["protocol"])
-    lines = [f"# {title}", "", "## Scores", "", f"Protocol: **{protocol.name}** ({protocol.summary}).", ""]
+    lines = [f"# {title}", "", *_legend(maps, settings["threshold"]), "", "## Scores", "",
+             f"Protocol: **{protocol.name}** ({protocol.summary}).", ""]
     if values:
         lines += ["| score | value |", "|---|---|"] + [f"| {k} | {_score_cell(v)} |" for k, v in values.items()]
     else:
@@ -218,15 +269,42 @@ def _markdown(title, scores, image_names, figures):
     lines += ["", "## Settings", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {json.dumps(_jsonable(v))} |" for k, v in settings.items()]
     if image_names:  # an HTML table, so that small images are shown enlarged with sharp pixels
-        cells = "".join(f'<td><img src="{n}.png" alt="{n}" height="{viz.TILE}" style="image-rendering: '
+        cells = "".join(f'<td><img src="{n}.png" alt="{n}" height="192" style="image-rendering: '
                         f'pixelated"></td>' for n in image_names)
         heads = "".join(f"<th>{n}</th>" for n in image_names)
         lines += ["", "## Images", "", f"<table><tr>{heads}</tr><tr>{cells}</tr></table>"]
     lines += ["", "## Figures", ""]
-    for file, caption in figures:
-        lines += [f"### {caption}", "", f"![{caption}]({file})", ""]
+    for stem, caption in figures:
+        lines += [f"### {caption}", "", f"![{caption}]({stem}.png)", "", f"[PDF]({stem}.pdf)", ""]
     lines.append(f"Maps: `{MAPS_FILE}` (i2am.AttributionMaps.load), scores: `{SCORES_FILE}`.")
     return "\n".join(lines) + "\n"
+
+
+def _legend(maps, threshold):
+    """The short legend report.md opens with (the definitions: docs/maps.md of the i2am package)."""
+    lines = [
+        f"Protocol: **{maps.protocol}**; softmax convention: **{maps.convention}** "
+        f"(definitions and equation numbers: `docs/maps.md` of the i2am package).",
+        "",
+        "- **M_g**, generated map: where the generated image draws on the reference, over the generated image.",
+        *([f"  Shown as **{protocols.get(maps.protocol).generated_name}**, as this protocol's display does."]
+          if protocols.get(maps.protocol).generated_name != "M_g" else []),
+        "- **M_r**, reference map: which reference patches the generation draws on, over the reference image; "
+        "*mask probe (eq. 17)*: only the queries inside the inpainting mask.",
+        "- **M_sr**, specific-reference map: the reference patches one latent point or box (red) looked at; "
+        "**specific-generated**: where one reference patch (red box) is used.",
+        f"- Colours: jet over the image, each map min-max normalised (eq. 8-9); values <= {threshold:g} are not "
+        "drawn (greyed out on the colorbar). In the by-time and by-head grids each row is normalised as a "
+        "whole, so its panels compare.",
+        "- White outline: the inpainting mask (generated side) and the reference mask (reference side).",
+        "- IMACS: mean of the map inside the mask minus 3 times its mean outside; higher means the "
+        "attribution stays in the mask (at most 1).",
+    ]
+    if not has_reference_side(maps):
+        lines.append("- The reference grid is 1x1: the model conditions on one reference token (as "
+                     "Paint-by-Example does), so the reference map, its splits and the specific-reference maps "
+                     "are a single value; their panels are left out and M_g carries the information.")
+    return lines
 
 
 def _score_cell(value):

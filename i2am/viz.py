@@ -1,138 +1,200 @@
-"""Figures of attribution maps (paper Figures 2 and 5-9): matplotlib colormaps, Pillow images.
+"""Figures of attribution maps (paper Figures 2 and 5-9), drawn with matplotlib.
 
-Images come in as PIL images or arrays/tensors (3, H, W), (H, W, 3) or (H, W) with floats in
-[0, 1] or uint8; maps as 2-D tensors (stacks (N, h, w) for the grids). A map is shown at pixel
-level (eq. 9: bicubic to the image size, min-max, threshold) in the jet colormap, blended only
-where the thresholded map is non-zero. Grid coordinates (latent points and boxes, reference
-patches) map to pixels by the image / grid size ratio.
+plot_overlay draws one map over its image into an Axes: the map at pixel level (eq. 9: bicubic
+to the image size, min-max, values <= threshold transparent) in a colormap, a colorbar of the
+value scale and the mask's outline. panel_figure lays out a row of such panels (images, maps,
+probes); split_figure the by-time or by-head grids, where each row shares one colour scale.
+Images are PIL images or arrays/tensors (3, H, W), (H, W, 3) or (H, W) with floats in [0, 1] or
+uint8; masks follow the rule of i2am.inputs (1 = inside). Grid coordinates (latent points and
+boxes, reference patches) map to pixels by the image / grid size ratio.
 
-    viz.overlay(image, maps.generated()).save("generated.png")
-    viz.specific_reference_figure(image, reference, maps.specific_reference((20, 30)), (20, 30),
-                                  maps.latent_size).save("point.png")
+    fig, axes = plt.subplots(1, 2)
+    i2am.plot_overlay(maps.generated(), image, ax=axes[0], mask=mask)
+    i2am.plot_overlay(maps.reference(), reference, ax=axes[1])
+    fig.savefig("maps.pdf")
+
+The figure functions take the values to draw and every label from the caller, so a display
+protocol (what is shown, how it is labelled) is the caller's choice.
 """
+import math
+from dataclasses import dataclass
+
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from matplotlib import colormaps
-from PIL import Image, ImageDraw, ImageFont
+from matplotlib import patheffects
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.patches import Rectangle
 
 from . import display
+from .grid import resize
+from .inputs import as_mask, to_pil
 
-TILE = 192  # display height of one panel, in pixels
-NO_IMAGE = (128, 128, 128)  # canvas colour when a map has no image to lie on
-PROBE_COLOUR, PROBE_EDGE = (255, 0, 0), (255, 255, 255)
-_LABEL_SIZE = 13
-_PAD = 6
-
-
-def to_pil(image):
-    """An RGB PIL image from a PIL image or a (3, H, W) / (H, W, 3) / (H, W) array or tensor with
-    floats in [0, 1] or uint8 values."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    a = image.detach().cpu().numpy() if torch.is_tensor(image) else np.asarray(image)
-    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
-        a = a.transpose(1, 2, 0)
-    if a.ndim == 3 and a.shape[-1] == 1:
-        a = a[..., 0]
-    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] != 3):
-        raise ValueError(f"an image must be (3, H, W), (H, W, 3) or (H, W), got shape {a.shape}")
-    if a.dtype != np.uint8:
-        a = np.round(np.clip(a.astype(np.float64), 0, 1) * 255).astype(np.uint8)
-    return Image.fromarray(a).convert("RGB")
+MIN_SIDE = 256  # small images are enlarged (nearest) to this many display pixels, maps drawn smooth at it
+PANEL_INCHES = 2.3  # height of one panel
+NO_IMAGE = 0.5  # grey level of the canvas when a map has no image to lie on
+OUTLINE = dict(colors="white", linewidths=1.4,
+               path_effects=[patheffects.withStroke(linewidth=2.6, foreground="black")])
+PROBE = dict(color="white", path_effects=[patheffects.withStroke(linewidth=2.5, foreground="black")])
+SCALE_LABEL = "map value (min-max normalised)"
 
 
-def overlay(image, M, *, threshold=0.4, alpha=0.5, cmap="jet"):
-    """Map M (h, w) over image at pixel level (eq. 9); pixels where the thresholded map is zero
-    keep the image's values exactly."""
-    M = torch.as_tensor(M)
+@dataclass
+class Panel:
+    """One Axes of a panel_figure: an image (None: a grey canvas of the map's or grid's aspect),
+    a 2-D map drawn over it with plot_overlay, a mask outline, and probes drawn on probe_grid
+    (latent points (row, col), boxes (top, left, bottom, right) end-exclusive)."""
+    title: str
+    image: object = None
+    map: object = None
+    mask: object = None
+    probes: tuple = ()
+    probe_grid: tuple = None
+
+
+def plot_overlay(map2d, image, *, ax=None, threshold=0.4, alpha=0.5, cmap="jet", mask=None, colorbar=True,
+                 normalize=True, label=SCALE_LABEL):
+    """Draw map2d (h, w) over image in ax (a new figure when None) and return ax.
+
+    The map is taken to the image's size at pixel level (eq. 9) and drawn where it is above
+    threshold (values <= threshold are transparent, as in the paper's figures), blended with
+    alpha; image None draws it on a grey canvas. mask (any size, 1 = inside) is outlined.
+    normalize=False: map2d is already on the [0, 1] colour scale (e.g. several maps normalised
+    together); it is resized and clamped, not normalised again. colorbar: the value scale, with
+    the transparent part marked, labelled `label`."""
+    M = torch.as_tensor(map2d)
     if M.dim() != 2:
-        raise ValueError(f"overlay takes one 2-D map, got shape {tuple(M.shape)} (maps of several recorded "
+        raise ValueError(f"plot_overlay takes one 2-D map, got shape {tuple(M.shape)} (maps of several recorded "
                          "images carry a batch axis first: pick one)")
-    base = to_pil(image)
-    heat = display.pixel_level(M.double(), (base.height, base.width), threshold).numpy()
-    colour = colormaps[cmap](heat)[..., :3] * 255
-    out = np.asarray(base).copy()
-    on = heat > 0
-    out[on] = np.round((1 - alpha) * out[on] + alpha * colour[on]).astype(np.uint8)
-    return Image.fromarray(out)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(PANEL_INCHES * 1.3, PANEL_INCHES), layout="constrained")
+    base = _show_image(ax, image, M.shape)
+    size = base.shape[:2]
+    M = M.double()
+    if normalize:
+        heat = display.pixel_level(M, size, threshold)
+    else:
+        heat = resize(M, size, "bicubic").clamp(0, 1)
+        heat = torch.where(heat <= threshold, torch.zeros_like(heat), heat)
+    heat = heat.numpy()
+    ax.imshow(np.ma.masked_where(heat <= threshold, heat), cmap=cmap, vmin=0, vmax=1, alpha=alpha,
+              interpolation="nearest")
+    if mask is not None:
+        outline_mask(ax, mask, size)
+    if colorbar:
+        add_colorbar(ax.figure, ax, cmap=cmap, threshold=threshold, label=label)
+    return ax
 
 
-def draw_probe(image, probe, grid_size, *, colour=PROBE_COLOUR):
-    """A copy of image with a probe drawn: a point (row, col) as a dot in its cell, a box (top,
-    left, bottom, right), end-exclusive, as an outline inside it. Coordinates are on a grid of
-    grid_size (rows, cols) laid over the image."""
-    img = to_pil(image)
-    sy, sx = img.height / grid_size[0], img.width / grid_size[1]
-    draw = ImageDraw.Draw(img)
+def outline_mask(ax, mask, size, what="mask"):
+    """The outline of mask (1 = inside, any size: nearest to `size`, the Axes' pixels) in ax."""
+    m = as_mask(mask, what).double()
+    m = resize(m, size, "nearest").numpy()
+    if 0 < m.sum() < m.size:  # a contour needs both sides
+        ax.contour(m, levels=[0.5], **OUTLINE)
+
+
+def draw_probe(ax, probe, grid_size, size, *, label=True):
+    """A point (row, col) as a dot in its cell, a box (top, left, bottom, right), end-exclusive,
+    as a rectangle around its cells; coordinates on a grid of grid_size laid over an Axes of
+    `size` (rows, cols) pixels; label: its coordinates beside it."""
+    sy, sx = size[0] / grid_size[0], size[1] / grid_size[1]
     if len(probe) == 2:
         r, c = probe
-        cy, cx = (r + 0.5) * sy, (c + 0.5) * sx
-        rad = max(2.0, 0.35 * min(sy, sx))
-        draw.ellipse((cx - rad, cy - rad, cx + rad, cy + rad), fill=colour, outline=PROBE_EDGE)
+        x, y = (c + 0.5) * sx - 0.5, (r + 0.5) * sy - 0.5
+        ax.plot([x], [y], marker="o", markersize=7, markerfacecolor="red", markeredgecolor="white",
+                markeredgewidth=1.5, linestyle="none")
+        anchor = (x + max(0.6 * sx, 6), y)
     elif len(probe) == 4:
         t, l, b, r = probe
-        box = (round(l * sx), round(t * sy), round(r * sx) - 1, round(b * sy) - 1)
-        width = max(2, round(min(img.size) / 64))
-        draw.rectangle(box, outline=colour, width=width)
+        ax.add_patch(Rectangle((l * sx - 0.5, t * sy - 0.5), (r - l) * sx, (b - t) * sy, fill=False,
+                               edgecolor="red", linewidth=2))
+        anchor = (l * sx, t * sy - 0.5 - 4)
     else:
         raise ValueError(f"a probe is a point (row, col) or a box (top, left, bottom, right), got {probe!r}")
-    return img
+    if label:
+        ax.annotate(str(tuple(int(v) for v in probe)), anchor, fontsize=7, va="center" if len(probe) == 2
+                    else "bottom", **PROBE)
 
 
-def overview_figure(image, reference_image, M_g, M_r, M_r_masked=None, *, title=None, threshold=0.4,
-                    alpha=0.5, tile=TILE):
-    """The generated image and M_g over it, the reference image and M_r over it, and, when given,
-    the inpainting-mask reference map (eq. 17) over it; images that are None are left out."""
-    panels = []
-    sides = (("generated", image, (("M_g", M_g),)),
-             ("reference", reference_image, (("M_r", M_r), ("M_r, masked", M_r_masked))))
-    for name, img, maps in sides:
-        base = _panel_base(img, maps[0][1].shape[-2:], tile)
-        if img is not None:
-            panels.append((name, base))
-        panels += [(label, overlay(base, M, threshold=threshold, alpha=alpha)) for label, M in maps if M is not None]
-    return compose([[p for _, p in panels]], column_labels=[label for label, _ in panels], title=title)
+def add_colorbar(fig, axes, *, cmap="jet", threshold=0.4, label=SCALE_LABEL):
+    """One colorbar of the [0, 1] colour scale beside `axes` (one Axes or several), the values
+    <= threshold, which the overlays leave transparent, greyed out."""
+    bar = fig.colorbar(ScalarMappable(Normalize(0, 1), cmap), ax=axes, fraction=0.05, pad=0.02, aspect=25)
+    if threshold > 0:
+        bar.ax.axhspan(0, threshold, facecolor="white", alpha=0.75, hatch="//", edgecolor="0.5", linewidth=0)
+        bar.ax.axhline(threshold, color="black", linewidth=0.8)
+        ticks = sorted({0.0, threshold, 1.0} | {t for t in (0.2, 0.4, 0.6, 0.8) if abs(t - threshold) > 0.08})
+        bar.set_ticks(ticks)
+        label = f"{label}\n<= {threshold:g}: not drawn"
+    bar.set_label(label, fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    return bar
 
 
-def split_figure(generated=None, reference=None, *, image=None, reference_image=None, column_labels,
-                 title=None, threshold=0.4, alpha=0.5, tile=TILE):
-    """Grid of maps split by time group or head (paper Figures 5-8): one column per group or
-    head, a row of generated maps (N, h, w) over image and a row of reference maps (N, hI, wI)
-    over reference_image; either row may be left out."""
-    rows, row_labels = [], []
-    for stack, img, label in ((generated, image, "generated"), (reference, reference_image, "reference")):
-        if stack is None:
-            continue
+def panel_figure(panels, *, title=None, threshold=0.4, alpha=0.5, cmap="jet", label=SCALE_LABEL):
+    """A row of Panels (paper Figures 2 and 9: the probe beside its map), with one colorbar when
+    any panel has a map; every map is normalised on its own (eq. 9). Returns the Figure."""
+    fig, axes = _figure(1, [_aspect(p) for p in panels], title)
+    for ax, p in zip(axes[0], panels):
+        if p.map is not None:
+            plot_overlay(p.map, p.image, ax=ax, threshold=threshold, alpha=alpha, cmap=cmap, mask=p.mask,
+                         colorbar=False)
+        else:
+            base = _show_image(ax, p.image, p.probe_grid)
+            if p.mask is not None:
+                outline_mask(ax, p.mask, base.shape[:2])
+        size = _pixels(ax)
+        for probe in p.probes:
+            draw_probe(ax, probe, p.probe_grid, size)
+        ax.set_title(p.title, fontsize=9)
+    if any(p.map is not None for p in panels):
+        add_colorbar(fig, axes[0].tolist(), cmap=cmap, threshold=threshold, label=label)
+    return fig
+
+
+def split_figure(stacks, *, column_labels, row_labels, images=None, masks=None, title=None, threshold=0.4,
+                 alpha=0.5, cmap="jet", label="map value (min-max over the row)"):
+    """Grid of maps split by time group or head (paper Figures 5-8): one row per stack (N, a, b)
+    (e.g. generated and reference maps), one column per group or head. Each row is min-max
+    normalised as a whole, so that its panels share one colour scale (one colorbar) and a
+    weaker group looks weaker; images/masks: one per row (or None). Returns the Figure."""
+    images = list(images) if images is not None else [None] * len(stacks)
+    masks = list(masks) if masks is not None else [None] * len(stacks)
+    if not stacks or len(row_labels) != len(stacks) or len(images) != len(stacks) or len(masks) != len(stacks):
+        raise ValueError(f"split_figure needs one row label, image and mask per stack: {len(stacks)} stacks, "
+                         f"{len(row_labels)} row labels, {len(images)} images, {len(masks)} masks")
+    for stack, name in zip(stacks, row_labels):
         if len(stack) != len(column_labels):
-            raise ValueError(f"{len(column_labels)} column labels for {len(stack)} {label} maps")
-        base = _panel_base(img, stack.shape[-2:], tile)
-        rows.append([overlay(base, M, threshold=threshold, alpha=alpha) for M in stack])
-        row_labels.append(label)
-    if not rows:
-        raise ValueError("split_figure needs generated and/or reference maps")
-    return compose(rows, column_labels=column_labels, row_labels=row_labels, title=title)
+            raise ValueError(f"{len(column_labels)} column labels for {len(stack)} maps in row {name!r}")
+    aspects = [max(_aspect(Panel("", img, stack[0])) for stack, img in zip(stacks, images))] * len(column_labels)
+    fig, axes = _figure(len(stacks), aspects, title)
+    for r, (stack, img, mask) in enumerate(zip(stacks, images, masks)):
+        shared = shared_scale(torch.as_tensor(stack).double())
+        for c, M in enumerate(shared):
+            plot_overlay(M, img, ax=axes[r, c], threshold=threshold, alpha=alpha, cmap=cmap, mask=mask,
+                         colorbar=False, normalize=False)
+            if r == 0:
+                axes[r, c].set_title(column_labels[c], fontsize=9)
+        axes[r, 0].set_ylabel(row_labels[r], fontsize=9)
+    add_colorbar(fig, axes.ravel().tolist(), cmap=cmap, threshold=threshold, label=label)
+    return fig
 
 
-def specific_reference_figure(image, reference_image, M_sr, probe, latent_size, *, title=None,
-                              threshold=0.4, alpha=0.5, tile=TILE):
-    """Paper Figures 2 and 9: the generated image with the probe point or box (latent
-    coordinates) drawn, beside the reference image with its specific-reference map M_sr."""
-    left = draw_probe(_panel_base(image, latent_size, tile), probe, latent_size)
-    right = overlay(_panel_base(reference_image, M_sr.shape, tile), M_sr, threshold=threshold, alpha=alpha)
-    kind = "point" if len(probe) == 2 else "box"
-    return compose([[left, right]], column_labels=[f"generated, {kind} {tuple(probe)}", "reference, M_sr"],
-                   title=title)
-
-
-def specific_generated_figure(reference_image, image, M_sg, patch, ref_grid, *, title=None,
-                              threshold=0.4, alpha=0.5, tile=TILE):
-    """The dual figure: reference patch (i, j) drawn on the reference image, beside the generated
-    image with the map of where that patch is used."""
-    i, j = patch
-    left = draw_probe(_panel_base(reference_image, ref_grid, tile), (i, j, i + 1, j + 1), ref_grid)
-    right = overlay(_panel_base(image, M_sg.shape, tile), M_sg, threshold=threshold, alpha=alpha)
-    return compose([[left, right]], column_labels=[f"reference, patch {(i, j)}", "generated, M_sg"],
-                   title=title)
+def save_figure(fig, path, formats=("png", "pdf"), dpi=200):
+    """Save fig as path.png, path.pdf (and any other matplotlib format), close it, return the
+    file names. The files carry no date, so that the same figure gives the same bytes; PDF text is
+    in TrueType (Type 42) fonts, as publishers ask."""
+    names = []
+    for fmt in formats:
+        target = f"{path}.{fmt}"
+        meta = {"CreationDate": None} if fmt == "pdf" else {"Date": None} if fmt == "svg" else None
+        with plt.rc_context({"pdf.fonttype": 42}):
+            fig.savefig(target, dpi=dpi, metadata=meta)
+        names.append(target)
+    plt.close(fig)
+    return names
 
 
 def time_labels(time_groups, num_steps):
@@ -141,48 +203,49 @@ def time_labels(time_groups, num_steps):
     return [f"steps {a}-{b - 1}" if b - 1 > a else f"step {a}" for a, b in zip(starts, starts[1:])]
 
 
-def compose(rows, *, column_labels=None, row_labels=None, title=None):
-    """Lay out rows of images on white in aligned columns (each image centred in its cell), with
-    column labels above the first row, row labels on the left and a title on top."""
-    font = ImageFont.load_default(size=_LABEL_SIZE)
-    line = _LABEL_SIZE + _PAD
-    ncols = max(len(row) for row in rows)
-    col_w = [max([row[c].width for row in rows if c < len(row)]
-                 + [_text_width(font, column_labels[c]) if column_labels else 0]) for c in range(ncols)]
-    row_h = [max(im.height for im in row) for row in rows]
-    left = max(_text_width(font, s) for s in row_labels) + _PAD if row_labels else 0
-    top = (line if title else 0) + (line if column_labels else 0)
-    width = max(_PAD + left + sum(col_w) + _PAD * ncols, _PAD + _text_width(font, title or "") + _PAD)
-    height = _PAD + top + sum(row_h) + _PAD * len(rows)
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
+def _figure(rows, aspects, title):
+    """Figure and (rows, len(aspects)) Axes, columns as wide as their width/height aspects."""
+    width = PANEL_INCHES * sum(aspects) + 1.2  # + the colorbar
+    height = PANEL_INCHES * rows + (0.5 if title else 0.2) + 0.3
+    fig, axes = plt.subplots(rows, len(aspects), figsize=(width, height), layout="constrained", squeeze=False,
+                             gridspec_kw={"width_ratios": aspects})
     if title:
-        draw.text((_PAD, _PAD), title, fill="black", font=font)
-    y = _PAD + top
-    for r, row in enumerate(rows):
-        if row_labels:
-            draw.text((_PAD, y + row_h[r] // 2), row_labels[r], fill="black", font=font, anchor="lm")
-        x = _PAD + left
-        for c, im in enumerate(row):
-            if r == 0 and column_labels:
-                draw.text((x + col_w[c] // 2, y - _PAD // 2), column_labels[c], fill="black", font=font,
-                          anchor="md")
-            canvas.paste(im, (x + (col_w[c] - im.width) // 2, y + (row_h[r] - im.height) // 2))
-            x += col_w[c] + _PAD
-        y += row_h[r] + _PAD
-    return canvas
+        fig.suptitle(title, fontsize=10)
+    return fig, axes
 
 
-def _panel_base(image, grid_size, tile):
-    """The image scaled to the panel height (nearest when enlarging, so pixels stay visible), or a
-    grey canvas of the grid's aspect ratio when there is no image."""
+def _show_image(ax, image, grid_size):
+    """Show image (enlarged with nearest to MIN_SIDE pixels when smaller, so its pixels stay
+    sharp) in ax without ticks, or a grey canvas of grid_size's aspect; returns the pixels."""
     if image is None:
         h, w = grid_size
-        return Image.new("RGB", (max(1, round(tile * w / h)), tile), NO_IMAGE)
-    img = to_pil(image)
-    size = (max(1, round(img.width * tile / img.height)), tile)
-    return img.resize(size, Image.NEAREST if tile >= img.height else Image.LANCZOS)
+        scale = MIN_SIDE / max(h, w)
+        base = np.full((max(1, round(h * scale)), max(1, round(w * scale)), 3), NO_IMAGE)
+    else:
+        pil = to_pil(image)
+        k = max(1, math.ceil(MIN_SIDE / max(pil.size)))
+        base = np.asarray(pil.resize((pil.width * k, pil.height * k), 0) if k > 1 else pil)  # 0: nearest
+    ax.imshow(base, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return base
 
 
-def _text_width(font, text):
-    return int(np.ceil(font.getlength(text)))
+def _pixels(ax):
+    """(rows, cols) of the first image shown in ax."""
+    return ax.images[0].get_array().shape[:2]
+
+
+def _aspect(panel):
+    """Width / height of a panel."""
+    if panel.image is not None:
+        w, h = to_pil(panel.image).size
+    else:
+        h, w = panel.map.shape[-2:] if panel.map is not None else panel.probe_grid
+    return w / h
+
+
+def shared_scale(stack):
+    """Min-max over the whole stack (not per map), so that its maps share one colour scale."""
+    lo, hi = stack.min(), stack.max()
+    return (stack - lo) / (hi - lo) if hi > lo else torch.zeros_like(stack)

@@ -20,6 +20,7 @@ int64 on the device; key_probes (Ru,Kr) and query_probes (Rw,Nq) are contiguous 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 import os
 from dataclasses import dataclass
@@ -238,6 +239,9 @@ def _resolve_backend(backend, q):
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "triton" if q.is_cuda and triton_available(q.device) else "torch"
+    if backend == "triton" and importlib.util.find_spec("triton") is None:
+        raise ValueError("backend='triton' needs the triton package, which is not installed: CUDA builds of "
+                         "torch bring it, else `pip install triton` (or use backend='torch')")
     if backend == "triton" and not triton_available(q.device):
         raise ValueError("backend='triton' needs CUDA tensors and an importable triton "
                          f"(or TRITON_INTERPRET=1 for CPU tensors); got a {q.device} tensor")

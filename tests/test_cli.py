@@ -166,6 +166,20 @@ def test_show_reproduces_the_report_figures(capsys, tmp_path):
     assert shown["IMACS_g"] == scores["IMACS_g"] and shown["IMACS_r"] == scores["IMACS_r"]
 
 
+def test_show_rerenders_with_the_runs_settings_and_images(capsys, tmp_path):
+    first, again = tmp_path / "run", tmp_path / "shown"
+    report.write_report(first, tiny_maps(), image=gradient_image(32, 32), reference=gradient_image(32, 24),
+                        settings={"pipeline": "paint-by-example", "model": "m", "steps": 4, "seed": 7}, threshold=0.6)
+    code, _, _ = cli(capsys, "show", first / "maps.safetensors", "--out", again)
+    assert code == 0
+    shown = json.loads((again / "scores.json").read_text())["settings"]
+    assert shown["pipeline"] == "paint-by-example" and shown["seed"] == 7 and shown["threshold"] == 0.6
+    for name in ("overview.png", "by_time.png", "specific_reference_point_3_4.png"):  # the run's images found
+        assert (first / name).read_bytes() == (again / name).read_bytes(), name
+    code, _, _ = cli(capsys, "show", first / "maps.safetensors", "--threshold", "0.2", "--out", tmp_path / "t")
+    assert json.loads((tmp_path / "t" / "scores.json").read_text())["settings"]["threshold"] == 0.2
+
+
 def test_show_without_images(capsys, tmp_path):
     tiny_maps().save(tmp_path / "maps.safetensors")
     code, _, _ = cli(capsys, "show", tmp_path / "maps.safetensors", "--out", tmp_path / "figures")
@@ -258,11 +272,12 @@ def test_run_end_to_end_writes_the_report(capsys, request, inputs, tmp_path, pip
                             "--ref-mask", inputs["ref_mask"], "--seed", 3, "--points", "3,4", "--boxes", "2,2,6,5",
                             "--patches", ",".join(map(str, patch)), "--protocol", protocol)
     assert code == 0, err
-    patch_figure = f"specific_generated_patch_{patch[0]}_{patch[1]}.png"
+    figures = ["overview", "by_time", "by_head", f"specific_generated_patch_{patch[0]}_{patch[1]}"]
+    if ref_grid != (1, 1):  # one reference token: no reference-side figures (the report says why)
+        figures += ["specific_reference_point_3_4", "specific_reference_box_2_2_6_5"]
     assert {p.name for p in out.iterdir()} == {
         "maps.safetensors", "scores.json", "report.md", "generated.png", "reference.png", "input.png", "mask.png",
-        "ref_mask.png", "overview.png", "by_time.png", "by_head.png", "specific_reference_point_3_4.png",
-        "specific_reference_box_2_2_6_5.png", patch_figure}
+        "ref_mask.png"} | {f"{stem}.{ext}" for stem in figures for ext in ("png", "pdf")}
     scores = json.loads((out / "scores.json").read_text())
     maps = AttributionMaps.load(out / "maps.safetensors")
     # reference.png and ref_mask.png are as the image encoder saw them: its processor's resize and
@@ -279,5 +294,20 @@ def test_run_end_to_end_writes_the_report(capsys, request, inputs, tmp_path, pip
     assert settings["latent_size"] == list(LATENT) and settings["ref_grid"] == list(ref_grid)
     assert settings["num_steps"] == 2 and settings["time_groups"] == 2 and settings["points"] == [[3, 4]]
     assert Image.open(out / "generated.png").size == (WIDTH, HEIGHT)
-    assert "![Specific-reference map M_sr of latent point (3, 4)](specific_reference_point_3_4.png)" in (
-        out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    if ref_grid != (1, 1):
+        assert "![Specific-reference map M_sr of latent point (3, 4)](specific_reference_point_3_4.png)" in md
+    else:
+        assert "reference grid is 1x1" in md
+    assert AttributionMaps.load(out / "maps.safetensors").settings["seed"] == 3
+    assert "Warning" not in err and "warn" not in err.lower(), err  # library warnings are silenced
+
+
+def test_run_quiet_prints_only_where_the_report_is(capsys, inputs, tiny_pipeline, tmp_path):
+    out = tmp_path / "report"
+    code, stdout, err = cli(capsys, *run_args(inputs, tiny_pipeline, out, "--quiet"))
+    assert code == 0, err
+    assert stdout.strip() == f"report written to {out / 'report.md'}"
+    assert "it/s" not in err and "s/it" not in err and "%|" not in err  # no progress bar
+    code, stdout, err = cli(capsys, *run_args(inputs, tiny_pipeline, tmp_path / "loud"))
+    assert "IMACS_g" in stdout and "100%|" in err  # diffusers' bar over the steps

@@ -20,5 +20,8 @@ def test_demo_smoke_run_writes_reports(tmp_path, capsys):
     scores = json.loads((tmp_path / "example_0" / "scores.json").read_text())
     assert scores["IMACS_g"] == summary["IMACS_g"] and scores["settings"]["num_steps"] == 3
     assert len(scores["settings"]["points"]) == run.POINTS
-    assert (tmp_path / "example_0" / "report.md").exists() and (tmp_path / "example_0" / "by_time.png").exists()
-    assert "correspondence accuracy" in capsys.readouterr().out
+    for name in ("report.md", "by_time.png", "by_time.pdf", "overview.pdf"):
+        assert (tmp_path / "example_0" / name).exists(), name
+    printed = capsys.readouterr()
+    assert "correspondence accuracy" in printed.out
+    assert "i2am demo: 100%" in printed.err and "example 0, trained" in printed.err  # the progress bars

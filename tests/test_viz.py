@@ -1,12 +1,16 @@
 """Figures (i2am.viz) and the report folder (i2am.report) on tiny maps fed through a Recorder."""
 import json
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
+from matplotlib.contour import ContourSet
 from PIL import Image
 
+import i2am
 from i2am import AttributionMaps, Recorder, display, report, viz
+from i2am.inputs import as_mask
 
 LATENT, REF_GRID = (8, 8), (4, 4)
 POINT, BOX, PATCH = (3, 4), (2, 2, 6, 5), (1, 2)
@@ -34,23 +38,31 @@ def gradient_image(h, w):
     return torch.stack([yy, xx, 0.5 * torch.ones_like(xx)])  # (3, H, W) floats in [0, 1]
 
 
-def pixels(img):
-    return np.asarray(img).astype(int)
-
-
-def find(canvas, tile):
-    """Top-left corners where tile appears verbatim in canvas."""
-    c, t = pixels(canvas), pixels(tile)
-    ys, xs = np.nonzero((c[: c.shape[0] - t.shape[0] + 1, : c.shape[1] - t.shape[1] + 1] == t[0, 0]).all(-1))
-    return [(y, x) for y, x in zip(ys, xs) if (c[y:y + t.shape[0], x:x + t.shape[1]] == t).all()]
-
-
 @pytest.fixture(scope="module")
 def maps():
     return tiny_maps()
 
 
-# ---- images in --------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+def heat_of(ax):
+    """The map layer plot_overlay drew (the image is the first layer): a masked (H, W) array."""
+    return ax.images[1].get_array()
+
+
+def contours(ax):
+    return [c for c in ax.collections if isinstance(c, ContourSet)]
+
+
+def outline_vertices(ax):
+    return np.concatenate([p.vertices for c in contours(ax) for p in c.get_paths()])
+
+
+# ---- images and masks in ----------------------------------------------------------------------
 @pytest.mark.parametrize("layout", ["chw", "hwc", "hw", "uint8", "pil"])
 def test_to_pil_accepts_the_image_layouts(layout):
     u = np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)
@@ -58,7 +70,7 @@ def test_to_pil_accepts_the_image_layouts(layout):
     given = {"chw": f.permute(2, 0, 1), "hwc": f, "hw": f[..., 0], "uint8": u, "pil": Image.fromarray(u)}[layout]
     out = viz.to_pil(given)
     assert out.mode == "RGB" and out.size == (5, 6)
-    np.testing.assert_array_equal(pixels(out), np.repeat(u[..., :1], 3, -1) if layout == "hw" else u)
+    np.testing.assert_array_equal(np.asarray(out), np.repeat(u[..., :1], 3, -1) if layout == "hw" else u)
 
 
 def test_to_pil_rejects_other_shapes():
@@ -66,116 +78,168 @@ def test_to_pil_rejects_other_shapes():
         viz.to_pil(torch.zeros(2, 4, 4, 4))
 
 
-# ---- overlay and probes -----------------------------------------------------------------------
+def mask_forms(m):
+    """One 0/1 mask (H, W) in every form a user may pass."""
+    u8 = (m * 255).astype(np.uint8)
+    return {"pil L": Image.fromarray(u8), "pil RGB": Image.fromarray(u8).convert("RGB"), "pil 1": Image.fromarray(
+        u8).convert("1"), "uint8": u8, "bool": m > 0, "float": m.astype(np.float32), "int": m.astype(np.int64),
+        "tensor": torch.from_numpy(m), "tensor 1xHxW": torch.from_numpy(m)[None], "HxWx1": m[..., None]}
+
+
+def test_every_mask_form_gives_the_same_mask():
+    m = np.zeros((6, 7))
+    m[1:4, 2:6] = 1
+    for name, given in mask_forms(m).items():
+        assert torch.equal(as_mask(given), torch.from_numpy(m > 0)), name
+
+
+def test_mask_rule_is_above_one_half_after_scaling():
+    assert as_mask(np.array([[0.5, 0.51]])).tolist() == [[False, True]]
+    assert as_mask(np.array([[127, 128]], dtype=np.uint8)).tolist() == [[False, True]]  # 128/255 > 0.5
+    assert as_mask(Image.fromarray(np.array([[127, 128]], dtype=np.uint8))).tolist() == [[False, True]]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.array([[0, 255.0]]), "values in \\[0, 1\\].*0 to 255"),
+    (np.array([[-1, 0.5]]), "values in \\[0, 1\\]"),
+    (np.array([[np.nan, 1]]), "values in \\[0, 1\\]"),
+    (np.zeros((2, 3, 4)), "must be 2-D \\(H, W\\)"),
+])
+def test_bad_masks_say_what_is_expected(bad, message):
+    with pytest.raises(ValueError, match=message):
+        as_mask(bad)
+
+
+# ---- plot_overlay -----------------------------------------------------------------------------
+def test_plot_overlay_draws_into_the_given_axes_and_returns_it(maps):
+    fig, axes = plt.subplots(1, 2)
+    ax = i2am.plot_overlay(maps.generated(), gradient_image(16, 16), ax=axes[1])
+    assert ax is axes[1] and len(ax.images) == 2 and not axes[0].images  # image and map, in that Axes only
+    assert len(fig.axes) == 3  # the two Axes and the colorbar
+
+
+def test_plot_overlay_without_axes_makes_a_figure(maps):
+    ax = i2am.plot_overlay(maps.generated(), None, colorbar=False)
+    assert ax.figure is not None and len(ax.figure.axes) == 1  # no colorbar asked for
+
+
 @pytest.mark.parametrize("threshold", [0.4, 0.0, 0.8])
-def test_overlay_changes_exactly_the_pixels_of_the_thresholded_map(maps, threshold):
-    image = Image.new("RGB", (40, 24), (90, 90, 90))  # jet never blends back to this grey
+def test_plot_overlay_leaves_values_at_or_below_threshold_transparent(maps, threshold):
+    image = Image.new("RGB", (40, 24), (90, 90, 90))
     M = maps.generated()
-    out = viz.overlay(image, M, threshold=threshold)
-    assert out.size == image.size
-    heat = display.pixel_level(M.double(), (24, 40), threshold).numpy()
-    changed = (pixels(out) != pixels(image)).any(-1)
-    assert changed.any()
-    np.testing.assert_array_equal(changed, heat > 0)
+    ax = i2am.plot_overlay(M, image, threshold=threshold)
+    heat = heat_of(ax)
+    size = ax.images[0].get_array().shape[:2]  # the image as shown: enlarged (nearest) to 256 px
+    assert size == (24 * 7, 40 * 7)
+    expect = display.pixel_level(M.double(), size, threshold).numpy()  # eq. 9 at the shown size
+    np.testing.assert_array_equal(np.ma.getmaskarray(heat), expect <= threshold)
+    np.testing.assert_allclose(heat.compressed(), expect[expect > threshold])
+    assert heat.mask.any() and not heat.mask.all()
+    assert ax.images[1].get_alpha() == 0.5 and ax.images[1].get_cmap().name == "jet"
 
 
-def test_overlay_takes_one_2d_map():
+def test_plot_overlay_colorbar_and_mask_outline(maps):
+    mask = np.zeros((32, 32))
+    mask[8:24, 10:26] = 1
+    ax = i2am.plot_overlay(maps.generated(), gradient_image(32, 32), mask=mask, threshold=0.4)
+    [bar_ax] = [a for a in ax.figure.axes if a is not ax]
+    assert "not drawn" in bar_ax.get_ylabel() and 0.4 in bar_ax.get_yticks()
+    assert bar_ax.get_ylim() == (0, 1)  # the value scale
+    [outline] = contours(ax)
+    assert list(outline.levels) == [0.5]
+    v = outline_vertices(ax)  # the mask's border, in the shown image's pixels (32 px enlarged 8x)
+    assert v[:, 0].min() == pytest.approx(10 * 8 - 0.5, abs=1) and v[:, 0].max() == pytest.approx(26 * 8 - 0.5, abs=1)
+    assert v[:, 1].min() == pytest.approx(8 * 8 - 0.5, abs=1) and v[:, 1].max() == pytest.approx(24 * 8 - 0.5, abs=1)
+
+
+def test_plot_overlay_pil_mask_equals_numpy_mask(maps):
+    m = np.zeros((32, 32))
+    m[8:24, 10:26] = 1
+    drawn = {name: outline_vertices(i2am.plot_overlay(maps.generated(), None, mask=given))
+             for name, given in mask_forms(m).items()}
+    for name, v in drawn.items():
+        np.testing.assert_array_equal(v, drawn["float"], err_msg=name)
+
+
+def test_plot_overlay_takes_one_2d_map():
     with pytest.raises(ValueError, match="one 2-D map, got shape \\(2, 8, 8\\)"):
-        viz.overlay(Image.new("RGB", (8, 8)), torch.rand(2, 8, 8))
+        i2am.plot_overlay(torch.rand(2, 8, 8), Image.new("RGB", (8, 8)))
 
 
-def test_overlay_blends_jet_with_alpha(maps):
-    image = Image.new("RGB", (16, 16), (0, 0, 0))
-    heat = display.pixel_level(maps.generated().double(), (16, 16)).numpy()
-    out = pixels(viz.overlay(image, maps.generated(), alpha=1.0))
-    from matplotlib import colormaps
-
-    expect = np.round(colormaps["jet"](heat)[..., :3] * 255)
-    np.testing.assert_array_equal(out[heat > 0], expect[heat > 0])
+def test_plot_overlay_normalize_false_keeps_the_callers_scale():
+    M = torch.linspace(0.2, 0.6, 8).expand(8, 8)  # a ramp: no bicubic overshoot
+    ax = i2am.plot_overlay(M, Image.new("RGB", (256, 256)), normalize=False, threshold=0.0)
+    assert heat_of(ax).max() == pytest.approx(0.6, abs=0.01) and heat_of(ax).min() == pytest.approx(0.2, abs=0.01)
 
 
-def test_box_is_drawn_inside_its_cells():
-    image = Image.new("RGB", (48, 64), (0, 0, 0))  # grid 8x6 over 64x48 pixels: 8x8-pixel cells
-    out = pixels(viz.draw_probe(image, (2, 1, 5, 4), (8, 6)))  # rows 2..4, cols 1..3
-    changed = (out != 0).any(-1)
-    ys, xs = np.nonzero(changed)
-    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (16, 39, 8, 31)
-    for edge in (out[16, 8:32], out[39, 8:32], out[16:40, 8], out[16:40, 31]):
-        assert (edge == viz.PROBE_COLOUR).all()
-    assert not changed[20:36, 12:28].any()  # only the outline
+# ---- probes and figures -----------------------------------------------------------------------
+def test_box_is_drawn_around_its_cells():
+    fig, ax = plt.subplots()
+    viz.draw_probe(ax, (2, 1, 5, 4), (8, 6), (64, 48))  # 8x8-pixel cells: rows 2..4, cols 1..3
+    [box] = ax.patches
+    assert (box.get_x(), box.get_y(), box.get_width(), box.get_height()) == (7.5, 15.5, 24, 24)
+    assert "(2, 1, 5, 4)" in [t.get_text() for t in ax.texts]
 
 
-def test_point_is_drawn_in_its_cell():
-    image = Image.new("RGB", (48, 64), (0, 0, 0))
-    out = pixels(viz.draw_probe(image, (5, 2), (8, 6)))
-    ys, xs = np.nonzero((out != 0).any(-1))
-    assert 40 <= ys.min() and ys.max() <= 47 and 16 <= xs.min() and xs.max() <= 23  # the cell's pixels
-    assert ys.mean() == pytest.approx(43.5, abs=0.25) and xs.mean() == pytest.approx(19.5, abs=0.25)  # centred
-    assert (out[44, 20] == viz.PROBE_COLOUR).all()
+def test_point_is_drawn_at_its_cell_centre():
+    fig, ax = plt.subplots()
+    viz.draw_probe(ax, (5, 2), (8, 6), (64, 48))
+    [line] = ax.lines
+    assert (line.get_xdata()[0], line.get_ydata()[0]) == (19.5, 43.5)  # pixel centres are integers
 
 
 def test_probe_must_be_a_point_or_a_box():
+    fig, ax = plt.subplots()
     with pytest.raises(ValueError, match="point .* or a box"):
-        viz.draw_probe(Image.new("RGB", (8, 8)), (1, 2, 3), (4, 4))
+        viz.draw_probe(ax, (1, 2, 3), (4, 4), (8, 8))
 
 
-# ---- figures ----------------------------------------------------------------------------------
-def test_specific_reference_figure_holds_the_probe_and_the_overlay(maps):
-    image, reference = gradient_image(16, 16), gradient_image(16, 12).flip(0)
-    M_sr = maps.specific_reference(BOX)
-    fig = viz.specific_reference_figure(image, reference, M_sr, BOX, maps.latent_size, tile=48)
-    left = viz.draw_probe(viz.to_pil(image).resize((48, 48), Image.NEAREST), BOX, maps.latent_size)
-    right = viz.overlay(viz.to_pil(reference).resize((36, 48), Image.NEAREST), M_sr)
-    [(y0, x0)], [(y1, x1)] = find(fig, left), find(fig, right)
-    assert y0 == y1 and x1 >= x0 + 48
-    assert fig.width >= 48 + 36 and fig.height > 48
-
-
-def test_specific_generated_figure_holds_the_patch_and_the_overlay(maps):
-    image, reference = gradient_image(16, 16), gradient_image(16, 12).flip(0)
-    M_sg = maps.specific_generated(PATCH)
-    fig = viz.specific_generated_figure(reference, image, M_sg, PATCH, maps.ref_grid, tile=48)
-    left = viz.draw_probe(viz.to_pil(reference).resize((36, 48), Image.NEAREST), (1, 2, 2, 3), maps.ref_grid)
-    right = viz.overlay(viz.to_pil(image).resize((48, 48), Image.NEAREST), M_sg)
-    assert find(fig, left) and find(fig, right)
-
-
-def test_split_figure_has_one_column_per_group_in_order(maps):
+def test_panel_figure_has_its_panels_probes_and_one_colorbar(maps):
     image, reference = gradient_image(16, 16), gradient_image(16, 12)
-    G = maps.generated(by="time")
-    R = maps.reference(by="time")
+    fig = viz.panel_figure([viz.Panel("generated", image, probes=[POINT], probe_grid=maps.latent_size),
+                            viz.Panel("M_sr", reference, maps.specific_reference(POINT), mask=torch.ones(4, 4))],
+                           title="a title")
+    panels, bars = fig.axes[:2], fig.axes[2:]
+    assert [a.get_title() for a in panels] == ["generated", "M_sr"] and len(bars) == 1
+    assert fig.get_suptitle() == "a title"
+    assert len(panels[0].lines) == 1 and len(panels[1].images) == 2
+    assert not contours(panels[1])  # a full mask has no outline
+
+
+def test_split_figure_rows_share_one_colour_scale():
+    ramp = torch.linspace(1, 3, 8).expand(8, 8)  # no bicubic overshoot
+    fig = viz.split_figure([torch.stack([ramp, 2 * ramp])], column_labels=["a", "b"], row_labels=["M_g"],
+                           images=[gradient_image(16, 16)], threshold=0.0)
+    a, b = (heat_of(ax) for ax in fig.axes[:2])
+    # one scale from the row's min (1) to its max (6), not each map to [0, 1]
+    assert b.max() == pytest.approx(1, abs=0.01) and a.max() == pytest.approx((3 - 1) / (6 - 1), abs=0.01)
+    assert len(fig.axes) == 3 and [ax.get_title() for ax in fig.axes[:2]] == ["a", "b"]
+
+
+def test_split_figure_lays_out_rows_and_columns(maps):
+    G, R = maps.generated(by="time"), maps.reference(by="time")
     labels = viz.time_labels(maps.time_groups, maps.num_steps)
-    fig = viz.split_figure(G, R, image=image, reference_image=reference, column_labels=labels, tile=48)
-    base = viz.to_pil(image).resize((48, 48), Image.NEAREST)
-    corners = [find(fig, viz.overlay(base, g))[0] for g in G]
-    assert [x for _, x in corners] == sorted(x for _, x in corners) and len({y for y, _ in corners}) == 1
-    ref_base = viz.to_pil(reference).resize((36, 48), Image.NEAREST)
-    assert all(find(fig, viz.overlay(ref_base, r))[0][0] > corners[0][0] + 48 for r in R)  # the row below
-    wider = viz.split_figure(torch.cat([G, G[:1]]), None, column_labels=labels + ["x"], tile=48)
-    narrower = viz.split_figure(G, None, column_labels=labels, tile=48)
-    assert wider.width > narrower.width + 48 and wider.height == narrower.height
-
-
-def test_split_figure_without_images_uses_a_grey_canvas(maps):
-    fig = viz.split_figure(maps.generated(by="head"), None, column_labels=["head 0", "head 1"], tile=32)
-    grey = Image.new("RGB", (32, 32), viz.NO_IMAGE)
-    assert find(fig, viz.overlay(grey, maps.generated(by="head")[1]))
+    fig = viz.split_figure([G, R], column_labels=labels, row_labels=["gen", "ref"],
+                           images=[gradient_image(16, 16), gradient_image(16, 12)])
+    grid = fig.axes[:4]
+    assert [a.get_title() for a in grid] == labels + ["", ""] and [grid[0].get_ylabel(), grid[2].get_ylabel()] == [
+        "gen", "ref"]
+    assert len(fig.axes) == 5  # one colorbar for the grid
 
 
 def test_split_figure_checks_its_labels(maps):
-    with pytest.raises(ValueError, match="3 column labels for 2"):
-        viz.split_figure(maps.generated(by="time"), column_labels=["a", "b", "c"])
+    with pytest.raises(ValueError, match="3 column labels for 2 maps"):
+        viz.split_figure([maps.generated(by="time")], column_labels=["a", "b", "c"], row_labels=["g"])
+    with pytest.raises(ValueError, match="one row label"):
+        viz.split_figure([maps.generated(by="time")], column_labels=["a", "b"], row_labels=[])
 
 
-def test_overview_figure_holds_every_panel(maps):
-    image, reference = gradient_image(16, 16), gradient_image(16, 12)
-    fig = viz.overview_figure(image, reference, maps.generated(), maps.reference(), maps.reference(masked=True),
-                              tile=48)
-    base, ref_base = (viz.to_pil(x).resize((w, 48), Image.NEAREST) for x, w in ((image, 48), (reference, 36)))
-    panels = [base, viz.overlay(base, maps.generated()), ref_base, viz.overlay(ref_base, maps.reference()),
-              viz.overlay(ref_base, maps.reference(masked=True))]
-    xs = [find(fig, p)[0][1] for p in panels]
-    assert xs == sorted(xs)
+def test_save_figure_writes_png_and_pdf_and_closes(tmp_path, maps):
+    fig = viz.panel_figure([viz.Panel("M_g", None, maps.generated())])
+    names = viz.save_figure(fig, tmp_path / "f")
+    assert names == [f"{tmp_path / 'f'}.png", f"{tmp_path / 'f'}.pdf"]
+    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "f.pdf").read_bytes()[:4] == b"%PDF"
+    assert not plt.fignum_exists(fig.number)
 
 
 def test_time_labels_follow_eq_10():
@@ -192,9 +256,11 @@ def test_report_folder(tmp_path, maps):
                                  settings={"steps": 4}, extra_scores={"accuracy": 0.75},
                                  extra_images={"input": image})
     names = {p.name for p in tmp_path.iterdir()}
-    assert names == {"maps.safetensors", "scores.json", "report.md", "generated.png", "reference.png", "input.png",
-                     "overview.png", "by_time.png", "by_head.png", "specific_reference_point_3_4.png",
-                     "specific_reference_box_2_2_6_5.png", "specific_generated_patch_1_2.png"}
+    figures = {f"{stem}.{ext}" for ext in ("png", "pdf") for stem in (
+        "overview", "by_time", "by_head", "specific_reference_point_3_4", "specific_reference_box_2_2_6_5",
+        "specific_generated_patch_1_2")}
+    assert names == {"maps.safetensors", "scores.json", "report.md", "generated.png", "reference.png",
+                     "input.png"} | figures
     saved = json.loads((tmp_path / "scores.json").read_text())
     assert saved == scores
     imacs = maps.imacs(ref_mask=ref_mask)
@@ -206,6 +272,10 @@ def test_report_folder(tmp_path, maps):
     for name in names - {"maps.safetensors", "scores.json", "report.md"}:
         assert f"{name}" in md
     assert "IMACS_g" in md and "accuracy" in md
+    legend = md[:md.index("## Scores")]  # the report opens with its legend
+    for term in ("M_g", "M_r", "M_sr", "not drawn", "White outline", "IMACS", "Protocol: **paper**", "docs/maps.md"):
+        assert term in legend, term
+    assert "1x1" not in md
     loaded = AttributionMaps.load(tmp_path / "maps.safetensors")
     assert torch.equal(loaded.generated(by="time"), maps.generated(by="time"))
 
@@ -216,7 +286,8 @@ def test_report_without_mask_or_images(tmp_path):
         rec.record("a.attn2", *(torch.randn(1, 2, n, 4) for n in (16, 5, 5)), step=t)
     scores = report.write_report(tmp_path, rec.maps())
     assert set(scores) == {"protocol", "settings"} and scores["protocol"] == "paper"
-    assert {p.name for p in tmp_path.glob("*.png")} == {"overview.png", "by_head.png"}  # one time group
+    assert {p.name for p in tmp_path.glob("*.p*")} == {"overview.png", "by_head.png", "overview.pdf",
+                                                       "by_head.pdf"}  # one time group
     assert "IMACS is not defined" in (tmp_path / "report.md").read_text()
 
 
@@ -237,3 +308,25 @@ def test_report_rerendered_into_its_own_folder(tmp_path, maps):
     report.write_report(tmp_path, AttributionMaps.load(tmp_path / "maps.safetensors"))
     assert (tmp_path / "overview.png").read_bytes() == before
     assert torch.equal(AttributionMaps.load(tmp_path / "maps.safetensors").generated(), maps.generated())
+
+
+def test_report_of_a_one_token_reference_leaves_out_the_reference_side(tmp_path):
+    """A 1x1 reference grid (Paint-by-Example): M_r and M_sr are one value; no panels for them."""
+    rec = Recorder(ref_grid=(1, 1), latent_size=(8, 8), num_steps=2, time_groups=2, points=[POINT],
+                   patches=[(0, 0)], mask=torch.ones(8, 8).tril())
+    for t in range(2):
+        rec.record("a.attn2", *(torch.randn(1, 2, n, 4) for n in (64, 2, 2)), step=t)
+    report.write_report(tmp_path, rec.maps(), image=gradient_image(16, 16), reference=gradient_image(16, 16))
+    assert {p.stem for p in tmp_path.glob("*.pdf")} == {"overview", "by_time", "by_head",
+                                                        "specific_generated_patch_0_0"}  # no M_sr figure
+    overview = plt.imread(tmp_path / "overview.png")
+    assert overview.shape[1] < 1.5 * overview.shape[0] * 2  # two panels (image, M_g) and a colorbar
+    assert "reference grid is 1x1" in (tmp_path / "report.md").read_text()
+
+
+def test_report_keeps_the_run_settings_in_the_maps_file(tmp_path, maps):
+    report.write_report(tmp_path, maps, settings={"pipeline": "paint-by-example", "seed": 3}, threshold=0.3)
+    loaded = AttributionMaps.load(tmp_path / "maps.safetensors")
+    assert loaded.settings == {"pipeline": "paint-by-example", "seed": 3, "threshold": 0.3, "alpha": 0.5}
+    again = report.write_report(tmp_path / "again", loaded)  # re-rendered maps keep them
+    assert again["settings"]["pipeline"] == "paint-by-example" and again["settings"]["seed"] == 3

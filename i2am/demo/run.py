@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ..report import write_report
 from ..tracing import trace
@@ -61,9 +62,13 @@ def analyse(pipe, ex, b, backend, steps=STEPS, protocol="paper"):
     return maps, image[0].cpu(), correspondence(maps, points, truth), best_single_patch(truth, encoder.grid)
 
 
-def run_demo(out="i2am-demo", device=None, backend="auto", examples=4, steps=STEPS, protocol="paper"):
+def run_demo(out="i2am-demo", device=None, backend="auto", examples=4, steps=STEPS, protocol="paper",
+             progress=True):
     """Write one report per example under `out` (its maps, figures and scores under `protocol`,
-    the IMACS of both protocols side by side), print the summary; returns the exit code 0."""
+    the IMACS of both protocols side by side), print the summary; returns the exit code 0.
+
+    progress: a bar over the examples, and diffusers' bar over the steps of each generation
+    (the trained model and its randomised copy)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
     pipe = model.load_pipeline(device=device)
@@ -74,7 +79,9 @@ def run_demo(out="i2am-demo", device=None, backend="auto", examples=4, steps=STE
                "time_groups": TIME_GROUPS, "points_per_example": POINTS}
     keys = ("IMACS_g", "IMACS_r", "correspondence_accuracy", "correspondence_accuracy_randomised",
             "correspondence_best_single_patch")
-    for b in range(examples):
+    for b in tqdm(range(examples), desc="i2am demo", unit="example", disable=not progress):
+        for p, which in ((pipe, "trained"), (randomised, "randomised attn2")):
+            p.set_progress_bar_config(disable=not progress, leave=False, desc=f"example {b}, {which}")
         maps, image, accuracy, baseline = analyse(pipe, ex, b, backend, steps, protocol)
         _, _, random_accuracy, _ = analyse(randomised, ex, b, backend, steps, protocol)
         scores = write_report(
@@ -82,13 +89,13 @@ def run_demo(out="i2am-demo", device=None, backend="auto", examples=4, steps=STE
             settings={"steps": steps, "guidance": GUIDANCE, "seed": SEED + b, "backend": backend},
             extra_scores={"correspondence_accuracy": accuracy, "correspondence_accuracy_randomised": random_accuracy,
                           "correspondence_best_single_patch": baseline},
-            extra_images={"target": ex["target"][b], "masked": ex["masked"][b]},
+            extra_images={"target": ex["target"][b], "masked": ex["masked"][b], "ref_mask": ex["ref_mask"][b, 0]},
             title=f"i2am demo, example {b}", compare_protocols=True)
         summary["examples"].append({**{k: scores[k] for k in keys}, "by_protocol": scores["by_protocol"]})
         both = "  ".join(f"{name}: IMACS_g {s['IMACS_g']:.3f} IMACS_r {s['IMACS_r']:.3f}"
                          for name, s in scores["by_protocol"].items())
-        print(f"example {b}: {both}  correspondence {accuracy:.2f} (randomised attn2: {random_accuracy:.2f}, best "
-              f"single patch: {baseline:.2f})", flush=True)
+        tqdm.write(f"example {b}: {both}  correspondence {accuracy:.2f} (randomised attn2: {random_accuracy:.2f}, "
+                   f"best single patch: {baseline:.2f})")
     for key in keys:
         summary[key] = sum(e[key] for e in summary["examples"]) / examples
     (out / "scores.json").write_text(json.dumps(summary, indent=2) + "\n")
