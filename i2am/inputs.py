@@ -33,7 +33,7 @@ def as_mask(mask, what="mask", *, batched=False):
         raise TypeError(f"{what} must hold numbers or bools, got {m.dtype}")
     m = m.double()
     if not torch.isfinite(m).all():
-        raise ValueError(f"{what} must hold finite values (1 = inside, 0 = outside), got NaN or inf")
+        raise ValueError(f"{what} must hold finite values in [0, 1] (1 = inside, 0 = outside), got NaN or inf")
     if m.min() < 0 or m.max() > 1:
         raise ValueError(f"{what} must hold values in [0, 1] (1 = inside; PIL images and uint8 arrays are "
                          f"read as 0-255), got values from {m.min().item():g} to {m.max().item():g}")
