@@ -67,7 +67,7 @@ class Paper:
         """(the masked reference map figures show, or None; its caption)."""
         if maps.mask is None:
             return None, ""
-        return maps.reference(masked=True), "M_r, masked: inpainting-mask query probe, eq. 17"
+        return maps.reference(masked=True), "M_r, mask probe (eq. 17)"
 
     def imacs(self, maps, ref_mask, gen_mask, lam, threshold):
         threshold = 0.4 if threshold is None else threshold
