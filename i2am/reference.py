@@ -1,7 +1,7 @@
 """The I2AM equations, materialised: the oracle every backend and map is tested against.
 
-Written to be read next to the paper (Park & Jang, "I2AM", ICLR 2025) and ../shared/SPEC.md
-sections 2-3. The per-call equations (softmaxes, call_maps) live in the kernel layer,
+Written to be read next to the paper (Park & Jang, "I2AM", ICLR 2025) and docs/maps.md.
+The per-call equations (softmaxes, call_maps) live in the kernel layer,
 i2am.kernels.testing, and are re-exported here. Everything here builds the full (Nq x Nk)
 probabilities and loops over layers, heads and time groups as the equations are printed;
 float64 by default. Never use it on real sizes: that is what the streaming backends are for.
