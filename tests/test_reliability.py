@@ -20,12 +20,7 @@ CPU_BACKENDS = ["torch", "reference", "triton"]  # triton: its CPU interpreter (
 REF_GRID = (4, 3)  # the patch_inpainting UNet's keys: CLS + 4 x 3 patches
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def qkv(B=2, H=2, Nq=24, Nk=13, d=40, dtype=torch.float32, seed=0):

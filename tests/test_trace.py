@@ -25,13 +25,7 @@ SOFTMAX = {"official": ("gen_query", "ref_key"), "paper": ("gen_key", "ref_query
 BUF_TOL = dict(rtol=1e-4, atol=1e-6)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared CPU: thread start-up costs more than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.cache
