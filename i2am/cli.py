@@ -237,8 +237,9 @@ def _eval(args):
 
     if len(set(args.protocol)) != len(args.protocol):
         raise UsageError(f"--protocol {' '.join(args.protocol)}: a protocol is given twice")
+    _check_out(args.out)
     steps = args.steps or (10 if args.demo else 50)
-    device = args.device or str(PartialState().device)
+    device = _check_device(args.device or str(PartialState().device), args.backend)
     if args.demo:
         task = DemoTask(samples=args.samples, steps=steps, device=device, backend=args.backend)
         samples = task.samples()

@@ -23,6 +23,8 @@ def test_bad_out_found_before_the_model_loads(capsys, inputs, tmp_path):
     tiny_maps().save(tmp_path / "maps.safetensors")
     code, _, err = cli(capsys, "show", tmp_path / "maps.safetensors", "--out", blocker / "figures")
     one_line_error(code, err, "--out", message)
+    code, _, err = cli(capsys, "eval", "--demo", "--out", blocker / "eval")
+    one_line_error(code, err, "--out", message)
 
 
 @pytest.mark.parametrize("extra, needles", [
@@ -37,7 +39,8 @@ def test_devices_and_backends_without_support_exit_2(capsys, monkeypatch, inputs
     code, _, err = cli(capsys, *run_args(inputs, tmp_path, tmp_path / "out"), *extra)
     one_line_error(code, err, *needles)
     if extra[0] == "--device":
-        for command in (["demo", "--out", tmp_path / "demo"], ["bench", "--quick"]):
+        for command in (["demo", "--out", tmp_path / "demo"], ["bench", "--quick"],
+                        ["eval", "--demo", "--out", tmp_path / "eval"]):
             code, _, err = cli(capsys, *command, *extra)
             one_line_error(code, err, *needles)
 
