@@ -1,4 +1,4 @@
-"""Side-by-side benchmark of one cross-attention call (`i2am bench`, SPEC section 6).
+"""Side-by-side benchmark of one cross-attention call (`i2am bench`).
 
 Every column runs on the same q, k, v in the same process: torch SDPA (the baseline), i2am
 with maps off, i2am with the default maps (gen query uniform; ref key uniform, masked and 4
@@ -48,7 +48,7 @@ class Row:
 
 
 def default_probes(nq, nref, device):
-    """The SPEC section 6 default maps: uniform and masked query probes plus 4 points."""
+    """The benchmark's default maps: uniform and masked query probes plus 4 points."""
     g = torch.Generator().manual_seed(0)
     qp = torch.zeros(6, nq)
     qp[0] = 1 / nq

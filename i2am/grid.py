@@ -40,7 +40,7 @@ def layer_grid(nq, latent_size):
 def pullback(m, grid, mode="bicubic"):
     """Resize_l^T m: latent-grid probes m (R, h, w) as weights (R, h_l*w_l) on a layer's grid.
 
-    ref[m] = sum_X m[X] Resize_l(P)[X] = sum_x (Resize_l^T m)[x] P[x] (SPEC eq. 14): the resize
+    ref[m] = sum_X m[X] Resize_l(P)[X] = sum_x (Resize_l^T m)[x] P[x] (eq. 14): the resize
     is linear, so its adjoint is the vector-Jacobian product, exact for every mode. Grad is
     enabled here because pipelines call the denoiser under no_grad or inference_mode.
     """

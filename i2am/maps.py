@@ -1,4 +1,4 @@
-"""AttributionMaps: integration of the recorded buffers into I2AM maps (SPEC section 3-4)."""
+"""AttributionMaps: integration of the recorded buffers into I2AM maps (docs/maps.md)."""
 import json
 from pathlib import Path
 
@@ -154,7 +154,7 @@ class AttributionMaps:
             if by != "time":
                 r = r.sum(1, keepdim=True)
             r = r.reshape(*r.shape[:-1], *lay["key_grid"])
-            if lay["key_grid"] != self.ref_grid:  # a layer's own key grid: to the common grid (SPEC 3b)
+            if lay["key_grid"] != self.ref_grid:  # a layer's own key grid: to the common grid (ref_grid='layer')
                 r = resize(r, self.ref_grid, self.resize).clamp_min(0)
             total = total + (r if by == "head" else r.sum(2, keepdim=True)) / heads
         return self._finish(total, by, len(names), normalize)

@@ -1,4 +1,4 @@
-"""Probes: every I2AM map is one weighted reduction of the attention (SPEC section 2).
+"""Probes: every I2AM map is one weighted reduction of the attention (docs/maps.md).
 
 Query probes live on the latent grid (h, w): uniform (eq. 15), the inpainting mask (eq. 17),
 one-hot points (M_sr, eq. 16) and boxes (a region's M_sr). Key probes live on the reference

@@ -7,7 +7,7 @@ Any code can feed it (layer name, step, q, k, v) without diffusers::
     maps = rec.maps()                                   # i2am.AttributionMaps
 
 Per layer it keeps gen (Br, G, H, Ru, Nq) and ref (Br, G, H, Rw, |K_ref|) at the layer's own
-resolution (SPEC section 3); nothing is stored per step. The protocol adds its own rows: under
+resolution; nothing is stored per step. The protocol adds its own rows: under
 "official" one key probe per context key (gen) and probes on the layer's own grid (ref).
 """
 import warnings
@@ -56,7 +56,7 @@ class Recorder:
             raise ValueError(f"convention must be one of {tuple(CONVENTIONS)}, got {convention!r}")
         self.protocol = protocols.get(protocol)
         self.protocol.check(convention)
-        # ref_grid="layer": each layer's reference keys lie on its own query grid (SPEC 3b); maps
+        # ref_grid="layer": each layer's reference keys lie on its own query grid; maps
         # are resized over the key axes to the common grid ref_size (default: the largest one)
         self.layer_grids = isinstance(ref_grid, str) and ref_grid == "layer"
         if not self.layer_grids and isinstance(ref_grid, str):
@@ -277,7 +277,7 @@ class Recorder:
 
     def _reference_keys(self, name, grid, nk, call_ref_keys=None):
         """(indices of the reference keys in grid order, their grid) of a layer with nk keys, by the
-        fit rule of SPEC 3b: hI*wI keys, or a leading CLS token and hI*wI keys; else ref_keys (this
+        fit rule: hI*wI keys, or a leading CLS token and hI*wI keys; else ref_keys (this
         call's, else the recorder's)."""
         key_grid = grid if self.layer_grids else self.ref_grid
         nref = key_grid[0] * key_grid[1]

@@ -31,7 +31,7 @@ def pullback(m, grid, mode="bicubic"):
 def generated(gens, size, mode="bicubic", by=None):
     """M_g (eq. 5, 10, 11). gens: one (G, N_l, h_l, w_l) buffer per layer of the set S.
 
-    M_g = 1/|S| sum_l 1/N_l sum_n clamp_min0(Resize(sum_tau gen[l, tau, n])) (SPEC section 3,
+    M_g = 1/|S| sum_l 1/N_l sum_n clamp_min0(Resize(sum_tau gen[l, tau, n])) (docs/maps.md,
     with each layer's own head count N_l); by="time" keeps tau (clamp per group), by="head"
     keeps n. The factors are the same in all three, so summing over the kept axis gives back
     the integrated reference map.

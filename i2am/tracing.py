@@ -1,4 +1,4 @@
-"""i2am.trace (this module: i2am.tracing): record I2AM maps while a diffusers pipeline runs as usual (SPEC section 4).
+"""i2am.trace (this module: i2am.tracing): record I2AM maps while a diffusers pipeline runs as usual.
 
     with i2am.trace(pipe, ref_grid=(16, 16), mask=mask, points=[(20, 30)]) as tc:
         image = pipe(...).images[0]
@@ -52,7 +52,7 @@ class trace(recording):
             (e.g. "up_blocks.*") and/or (h_l, w_l) resolutions; the others run as plain attention.
             Patterns that match no layer are an error on entering the block; resolutions are
             known only once the layers run.
-        convention: "official" (default) or "paper" (SPEC section 2).
+        convention: "official" (default) or "paper" (docs/maps.md, "The two softmax conventions").
         backend: "auto", "triton", "cuda", "torch" or "reference".
         cfg: whether batches are [uncond, cond]; default ``pipe.do_classifier_free_guidance``
             where the pipeline has it, else an even batch is (UNets); Flux: never (guidance-
