@@ -69,8 +69,8 @@ TUNE_MIN_NQ = 4096
 
 def _prune(configs, named_args, **kwargs):
     """Head dims of 256 (160 padded) only fit narrow key tiles (registers and shared memory),
-    the main pass at 128 (d 80-128), or with gen maps of one key probe, only under 32 scores a thread;
-    below TUNE_MIN_NQ queries a call is too short to gain from tuning: the smallest tile. Calls
+    the main pass at 128 (d 80-128), or with gen maps of one key probe, only under 32 scores a thread
+    (with both gen maps of one probe: only 32-key tiles, at 8 warps from d 80); below TUNE_MIN_NQ queries a call is too short to gain from tuning: the smallest tile. Calls
     are tuned once per power-of-two bucket of Nq (nq_bucket), and the choice is kept on disk."""
     args = {**named_args, **kwargs}
     if max(args["BLOCK_D"], args.get("BLOCK_DV", 0)) >= 256:
@@ -80,6 +80,10 @@ def _prune(configs, named_args, **kwargs):
         # gen tiles of running products: 32 scores a thread besides the map accumulators spill (sm_90a,
         # bench/triton_sass.py)
         configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 1024 * c.num_warps] or configs
+    if "BLOCK_DV" in args and args["ROWSUM"] and args["GEN_KEY"] and args["GEN_QUERY"]:  # two such tiles:
+        # 64x64 spills at 8 warps too (every map, d 40-128), 64x32 at 4 warps from d 80
+        wide = max(args["BLOCK_D"], args["BLOCK_DV"]) >= 128
+        configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 32 and (c.num_warps == 8 or not wide)] or configs
     return configs if args["nq_bucket"] >= TUNE_MIN_NQ else configs[-1:]
 
 
