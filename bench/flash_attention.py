@@ -34,9 +34,10 @@ def flash_attention_forward(Q, K, V, OUT, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv
         col_ok = cols < Nk
         kt = tl.load(k_base + cols[None, :] * sk_n + dims[:, None], mask=col_ok[None, :] & (dims[:, None] < D),
                      other=0.0)
-        t = tl.where(col_ok[None, :], tl.dot(q, kt) * qk_scale, -1.0e30)
-        m_new = tl.maximum(m_i, tl.max(t, 1))
-        p = tl.exp2(t - m_new[:, None])
+        # the scale folded into the exponential's shift (one FFMA a score), as in Triton's tutorial
+        qk = tl.where(col_ok[None, :], tl.dot(q, kt), -1.0e30)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + cols[:, None] * sv_n + dims[None, :], mask=col_ok[:, None] & (dims[None, :] < D),

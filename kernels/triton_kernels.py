@@ -69,15 +69,21 @@ TUNE_MIN_NQ = 4096
 
 def _prune(configs, named_args, **kwargs):
     """Head dims of 256 (160 padded) only fit narrow key tiles (registers and shared memory),
-    the main pass at 128 (d 80-128) only under 32 scores a thread;
-    below TUNE_MIN_NQ queries a call is too short to gain from tuning: the smallest tile. Calls
+    the main pass at 128 (d 80-128), or with gen maps of one key probe, only under 32 scores a thread
+    (with both gen maps of one probe: only 32-key tiles, at 8 warps from d 80); below TUNE_MIN_NQ queries a call is too short to gain from tuning: the smallest tile. Calls
     are tuned once per power-of-two bucket of Nq (nq_bucket), and the choice is kept on disk."""
     args = {**named_args, **kwargs}
     if max(args["BLOCK_D"], args.get("BLOCK_DV", 0)) >= 256:
         configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 32] or configs
-    if "BLOCK_DV" in args and max(args["BLOCK_D"], args["BLOCK_DV"]) >= 128:  # main_kernel at d >= 80:
-        # 32 scores a thread besides the map accumulators spill (sm_90a, bench/triton_sass.py)
+    if "BLOCK_DV" in args and (max(args["BLOCK_D"], args["BLOCK_DV"]) >= 128 or (
+            args["ROWSUM"] and (args["GEN_KEY"] or args["GEN_QUERY"]))):  # main_kernel at d >= 80 or with
+        # gen tiles of running products: 32 scores a thread besides the map accumulators spill (sm_90a,
+        # bench/triton_sass.py)
         configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 1024 * c.num_warps] or configs
+    if "BLOCK_DV" in args and args["ROWSUM"] and args["GEN_KEY"] and args["GEN_QUERY"]:  # two such tiles:
+        # 64x64 spills at 8 warps too (every map, d 40-128), 64x32 at 4 warps from d 80
+        wide = max(args["BLOCK_D"], args["BLOCK_DV"]) >= 128
+        configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 32 and (c.num_warps == 8 or not wide)] or configs
     return configs if args["nq_bucket"] >= TUNE_MIN_NQ else configs[-1:]
 
 
@@ -104,13 +110,12 @@ def _load_queries(q_base, rows, dims, sq_n, sq_d, Nq, D):
 
 
 @triton.jit
-def _scores(q, k_base, cols, dims, sk_n, sk_d, Nk, D, qk_scale, DOT_PRECISION: tl.constexpr):
-    """t = log2(e) * scale * q k^T for one key tile; keys past Nk score NEG."""
-    col_ok = cols < Nk
+def _qk(q, k_base, cols, dims, sk_n, sk_d, Nk, D, DOT_PRECISION: tl.constexpr):
+    """q k^T for one key tile, not yet scaled (t = qk_scale q k^T): the callers fold the scale
+    into the shift of their exponential, one FFMA a score; keys past Nk read as 0, the callers mask them."""
     kt = tl.load(k_base + cols[None, :] * sk_n + dims[:, None] * sk_d,
-                 mask=col_ok[None, :] & (dims[:, None] < D), other=0.0)
-    t = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-    return tl.where(col_ok[None, :], t, NEG)
+                 mask=(cols[None, :] < Nk) & (dims[:, None] < D), other=0.0)
+    return tl.dot(q, kt, input_precision=DOT_PRECISION)
 
 
 @triton.autotune(configs=CONFIGS, key=["nq_bucket", "Nk", "BLOCK_D", "NEED_COL"],
@@ -139,9 +144,9 @@ def stats_kernel(Q, K, REC, LSE_ROW, COL_MAX, COL_SUM,
         l_i = tl.zeros([BLOCK_M], tl.float32)
         for n0 in range(0, Nk, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
-            t = _scores(q, k_base, cols, dims, sk_n, sk_d, Nk, D, qk_scale, DOT_PRECISION)
-            r_shift = tl.max(t, 1)
-            p = tl.exp2(t - r_shift[:, None])
+            s = tl.where((cols < Nk)[None, :], _qk(q, k_base, cols, dims, sk_n, sk_d, Nk, D, DOT_PRECISION), NEG)
+            r_shift = tl.max(s, 1) * qk_scale  # qk_scale > 0: the row max of t
+            p = tl.exp2(s * qk_scale - r_shift[:, None])
             r_sum = tl.sum(p, 1)
             if NEED_COL:
                 # This block holds every row of (block, tile), so the tile's column sums are final
@@ -210,8 +215,8 @@ def col_exact_kernel(Q, K, REC, LSE_COL, sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_
         for qb in range(0, tl.cdiv(Nq, BLOCK_M)):
             rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
             q = _load_queries(q_base, rows, dims, sq_n, sq_d, Nq, D)
-            t = tl.where((rows < Nq)[:, None], _scores(q, k_base, cols, dims, sk_n, sk_d, Nk, D, qk_scale,
-                                                        DOT_PRECISION), NEG)
+            t = tl.where((rows < Nq)[:, None] & col_ok[None, :],
+                         _qk(q, k_base, cols, dims, sk_n, sk_d, Nk, D, DOT_PRECISION) * qk_scale, NEG)
             c_new = tl.maximum(c_max, tl.max(t, 0))
             c_sum = c_sum * tl.exp2(c_max - c_new) + tl.sum(tl.exp2(t - c_new[None, :]), 0)
             c_max = c_new
@@ -280,13 +285,22 @@ def _key_probes(U, cols, probes, su_k, Nk, Ru, ROWSUM: tl.constexpr):
 
 
 @triton.jit
-def _gen_update(g, w, u, probes, ROWSUM: tl.constexpr, MAP_PRECISION: tl.constexpr):
+def _gen_update(g, w, u, ROWSUM: tl.constexpr, MAP_PRECISION: tl.constexpr):
     """g[x, r] += sum_k w[x, k] u[k, r] over one key tile: an MMA, or with one probe (ROWSUM)
-    FFMA row sums into column 0 instead of a product padded to 16 probes."""
+    instead of a product padded to 16 probes, g is a (BLOCK_M, BLOCK_N) tile of running products,
+    one FFMA a score, summed over its row once per query block (_gen_final), not across lanes every tile."""
     if ROWSUM:
-        g += tl.where(probes[None, :] == 0, tl.sum(w * u[None, :], 1)[:, None], 0.0)
+        g += w * u[None, :]
     else:
         g = tl.dot(w, u, g, input_precision=MAP_PRECISION)
+    return g
+
+
+@triton.jit
+def _gen_final(g, probes, ROWSUM: tl.constexpr):
+    """The (BLOCK_M, BLOCK_U) gen accumulator of a query block (ROWSUM: its row sums in column 0)."""
+    if ROWSUM:
+        g = tl.where(probes[None, :] == 0, tl.sum(g, 1)[:, None], 0.0)
     return g
 
 
@@ -320,6 +334,7 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, C_SHIFT, FROM_P, B, U, UB, 
     dims = tl.arange(0, BLOCK_D)
     vdims = tl.arange(0, BLOCK_DV)
     probes = tl.arange(0, BLOCK_U)
+    G_N: tl.constexpr = BLOCK_N if ROWSUM else BLOCK_U  # the gen accumulators' width (_gen_update)
     if GEN_QUERY or REF_QUERY:  # the head's shift c and whether C comes from P (module docstring)
         c = tl.load(C_SHIFT + bh)
         from_p = tl.load(FROM_P + bh) != 0
@@ -338,20 +353,20 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, C_SHIFT, FROM_P, B, U, UB, 
             if REF_QUERY:
                 m_query = m_key.to(tl.float32) * a[None, :]
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-        gen_key = tl.zeros([BLOCK_M, BLOCK_U], tl.float32)
-        gen_query = tl.zeros([BLOCK_M, BLOCK_U], tl.float32)
+        gen_key = tl.zeros([BLOCK_M, G_N], tl.float32)
+        gen_query = tl.zeros([BLOCK_M, G_N], tl.float32)
         for n0 in range(0, Nk, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < Nk
-            t = _scores(q, k_base, cols, dims, sk_n, sk_d, Nk, D, qk_scale, DOT_PRECISION)
+            s = _qk(q, k_base, cols, dims, sk_n, sk_d, Nk, D, DOT_PRECISION)
             # lse_row is final, so P needs no rescaling: out = sum over tiles of P V.
-            p = tl.exp2(t - lse_row[:, None])
+            p = tl.where(col_ok[None, :], tl.exp2(s * qk_scale - lse_row[:, None]), 0.0)
             v = tl.load(v_base + cols[:, None] * sv_n + vdims[None, :] * sv_d,
                         mask=col_ok[:, None] & (vdims[None, :] < DV), other=0.0)
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
             if GEN_KEY:  # gen_key[r, x] = sum_k U[r, k] P[x, k]
                 ut = _key_probes(U, cols, probes, su_k, Nk, Ru, ROWSUM)
-                gen_key = _gen_update(gen_key, p, ut, probes, ROWSUM, MAP_PRECISION)
+                gen_key = _gen_update(gen_key, p, ut, ROWSUM, MAP_PRECISION)
             if REF_KEY:  # ref_key[r, k] = sum_x M[r, x] P[x, k]
                 _add_ref(RK, M, m_key, p, None, None, rows, cols, part_row, seen, Nq, Nk, Rw,
                          BLOCK_R, ONE_R, MAP_PRECISION, False)
@@ -362,10 +377,10 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, C_SHIFT, FROM_P, B, U, UB, 
                     w = p
                 else:
                     lse_col = tl.load(LSE_COL + bh * Nk + cols, mask=col_ok, other=0.0)
-                    w = tl.where(row_ok[:, None], tl.exp2(t - lse_col[None, :]), 0.0)
+                    w = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp2(s * qk_scale - lse_col[None, :]), 0.0)
                 if GEN_QUERY:  # gen_query = a * (w (U b)^T): U b precomputed per call, a once per block
                     ubt = _key_probes(ub_base, cols, probes, su_k, Nk, Ru, ROWSUM)
-                    gen_query = _gen_update(gen_query, w, ubt, probes, ROWSUM, MAP_PRECISION)
+                    gen_query = _gen_update(gen_query, w, ubt, ROWSUM, MAP_PRECISION)
                 if REF_QUERY:
                     b = tl.load(B + bh * Nk + cols, mask=col_ok, other=0.0)
                     _add_ref(RQ, M, m_query, w, a, b, rows, cols, part_row, seen, Nq, Nk, Rw,
@@ -373,9 +388,10 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, C_SHIFT, FROM_P, B, U, UB, 
         tl.store(o_base + rows[:, None] * so_n + vdims[None, :] * so_d, acc.to(OUT.dtype.element_ty),
                  mask=row_ok[:, None] & (vdims[None, :] < DV))
         if GEN_KEY:
-            _add_gen(gk_base, gen_key, rows, probes, sgk_r, sgk_n, Nq, Ru)
+            _add_gen(gk_base, _gen_final(gen_key, probes, ROWSUM), rows, probes, sgk_r, sgk_n, Nq, Ru)
         if GEN_QUERY:
-            _add_gen(gq_base, gen_query * a[:, None], rows, probes, sgq_r, sgq_n, Nq, Ru)
+            gen_query = _gen_final(gen_query, probes, ROWSUM) * a[:, None]
+            _add_gen(gq_base, gen_query, rows, probes, sgq_r, sgq_n, Nq, Ru)
         tl.debug_barrier()  # the next block re-reads the ref partials stored by other threads
 
 

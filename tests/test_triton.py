@@ -6,7 +6,7 @@ small shapes, one autotune config); with CUDA the same cases compile for the GPU
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 from cases import check_backend, make_case  # noqa: E402  (after the skip: triton may be absent)
 from i2am.kernels import attention_with_maps, backend_module  # noqa: E402
@@ -36,13 +36,43 @@ def test_map_subsets_accumulate_over_calls(names):
     check_backend("triton", case, calls=3, splits=3)
 
 
-@pytest.mark.parametrize("names,dtype", [(ALL, torch.float32), (ALL, torch.float16), (("gen_query",), torch.float32)])
-def test_blocks_of_extreme_scores_take_the_direct_exponential(names, dtype):
+@pytest.mark.parametrize("names,dtype,Ru", [(ALL, torch.float32, 2), (ALL, torch.float16, 2),
+                                             (("gen_query",), torch.float32, 2), (ALL, torch.float32, 1)])
+def test_blocks_of_extreme_scores_take_the_direct_exponential(names, dtype, Ru):
     """Queries 0-15 (the first interpreter block) score up to ~100 nats: their heads are past RANGE
     and compute C directly, and columns the stats pass's shift loses take the exact column pass."""
-    case = make_case(Nq=45, Nk=77, names=names, dtype=dtype, device=DEVICE)
+    case = make_case(Nq=45, Nk=77, names=names, dtype=dtype, Ru=Ru, device=DEVICE)
     case.q[:, :, :16] *= 20
     check_backend("triton", case, splits=2)
+
+
+@pytest.mark.parametrize("d,dtype", [(40, torch.float16), (80, torch.float32)])
+@pytest.mark.parametrize("names", [ALL, ("gen_query", "ref_key")])
+def test_one_key_probe_sums_a_tile_of_running_products(d, dtype, names):
+    """One key probe (the default gen maps): the gen maps keep a tile of running products over the
+    key tiles (77 keys: a masked last tile), summed once per query block; program 0 takes two
+    query blocks, so the tile must start afresh at each."""
+    case = make_case(Nq=45, Nk=77, d=d, dtype=dtype, Ru=1, Rw=6, names=names, seed=d, device=DEVICE)
+    check_backend("triton", case, splits=2)
+
+
+def test_one_probe_gen_tiles_prune_the_configs_that_spill():
+    """Tiles of running products take a register a score: sm_90a compiles of the main pass at 32
+    scores a thread spill with them (bench/triton_sass.py), and with both gen maps so do 64-key
+    tiles, and 4 warps from head dim 80; the launcher keeps the others."""
+    from i2am.kernels import triton_kernels as tk
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w)
+               for bm, bn, w in [(128, 64, 8), (128, 32, 8), (64, 64, 8), (64, 32, 8), (64, 64, 4), (64, 32, 4)]]
+
+    def kept(block_d, **maps):
+        args = dict(dict(GEN_KEY=False, GEN_QUERY=False), nq_bucket=4096, BLOCK_D=block_d, BLOCK_DV=block_d,
+                    ROWSUM=True, **maps)
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in tk._prune(configs, args)]
+
+    assert kept(64, GEN_QUERY=True) == [(128, 32, 8), (64, 64, 8), (64, 32, 8), (64, 32, 4)]
+    assert kept(64, GEN_KEY=True, GEN_QUERY=True) == [(128, 32, 8), (64, 32, 8), (64, 32, 4)]
+    assert kept(128, GEN_KEY=True, GEN_QUERY=True) == [(128, 32, 8), (64, 32, 8)]
+    assert len(kept(64)) == 6  # ref maps only: no gen tile
 
 
 @pytest.mark.parametrize("Ru,Rw", [(70, 70), (2, 70), (70, 3)])
