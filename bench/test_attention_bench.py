@@ -1,4 +1,4 @@
-"""pytest-benchmark suite: `pytest bench/` (CPU shapes; SPEC section 6 GPU shapes with CUDA).
+"""pytest-benchmark suite: `pytest bench/` (CPU shapes; the GPU shapes of bench/RESULTS.md with CUDA).
 
 Each parameter set times one column of i2am.benchmark on the same inputs, so the saved
 benchmark JSON holds SDPA and every i2am/naive/capture column side by side. No assertion is

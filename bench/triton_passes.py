@@ -2,7 +2,7 @@
 
     python bench/triton_passes.py [--reps N]      (CUDA; scripts/gpu_check.sh runs it)
 
-For a few SPEC section 6 shapes (fp16, B=2, second entry recorded, default maps) it profiles
+For a few of the benchmark's GPU shapes (fp16, B=2, second entry recorded, default maps) it profiles
 `attention_with_maps(backend="triton")` and SDPA on the same q, k, v with torch.profiler and
 prints one markdown table: device time per call of every kernel (stats, col_lse, main,
 ref_reduce, the unrecorded entry's SDPA, small torch ops) against the whole SDPA call, and the

@@ -2,7 +2,7 @@
 
     python bench/triton_sass.py [d ...]        (default d: 40 64 80 128)
 
-For the SPEC section 6 default maps (gen query uniform; ref key: uniform, mask, 4 points) on an
+For the benchmark's default maps (gen query uniform; ref key: uniform, mask, 4 points) on an
 fp16 call in the diffusers layout, each autotune config of the stats and main kernels is
 compiled the way a launch specialises it (integer arguments equal to 1 become constants,
 pointers and multiples of 16 get the divisibility hint), beside a plain one-pass
@@ -171,7 +171,7 @@ def resources(compiled):
 
 def call_args(d, dtype="fp16", maps=("gen_query", "ref_key"), H=8, Nq=4096, Nk=1025, Ru=1, Rw=6):
     """(arguments, tile constants, map constants) of the stats and main kernels for one recorded
-    entry of a (2, Nq, H*d) call in `dtype`; the default maps are SPEC section 6's."""
+    entry of a (2, Nq, H*d) call in `dtype`; the benchmark's default maps."""
     q = (Nq * H * d, d, H * d, 1)  # (B, H, N, d) strides of a (B, N, H*d) tensor
     k = (Nk * H * d, d, H * d, 1)
     gen = (H * Ru * Nq, Ru * Nq, Nq, 1)

@@ -1,4 +1,4 @@
-"""attention_with_maps: the one public op of the kernel layer (SPEC section 4).
+"""attention_with_maps: the one public op of the kernel layer.
 
 This wrapper checks and normalises the arguments, allocates (or takes) the float32 map
 buffers, sends unrecorded batch entries to plain SDPA and the recorded ones to a backend.
@@ -6,7 +6,7 @@ Every backend module exposes the same function::
 
     run(q, k, v, out, maps, *, scale, ref_idx, record_idx, key_probes, query_probes)
 
-With query_rows (SPEC 3c) a backend sees only those rows: q and out are the row views
+With query_rows (joint attention) a backend sees only those rows: q and out are the row views
 q[:, :, rows] and out[:, :, rows] (P rows are independent, and C over the rows is the attention
 of those rows alone), and this wrapper writes the other rows with SDPA. A backend with
 QUERY_ROWS = True (the reference) instead takes the whole call and query_rows=.

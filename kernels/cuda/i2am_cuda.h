@@ -1,4 +1,4 @@
-/* C ABI of libi2am_cuda: attention with I2AM attribution maps (../../../shared/SPEC.md).
+/* C ABI of libi2am_cuda: attention with I2AM attribution maps (docs/maps.md).
  *
  * One call computes out = softmax(scale q k^T) v for the recorded batch entries and ADDS the
  * requested maps into float32 buffers, with exactly the semantics of kernels/api.py:

@@ -10,7 +10,7 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kBlockQ = 16 * kWarps;  // query rows of a block: one 16-row mma tile per warp
 constexpr int kProbeTile = 16;        // probe rows per main-pass launch: one mma M tile
 
-// The two softmaxes of SPEC section 2, used to index per-softmax arrays.
+// The two softmaxes (over keys and over queries), used to index per-softmax arrays.
 enum Softmax { kOverKeys = 0 /* P */, kOverQueries = 1 /* C */ };
 
 struct Strides { int64_t b, h, n, c; };  // elements, for (B, H, N, C) views
