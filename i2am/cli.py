@@ -225,8 +225,6 @@ def _demo(args):
 
 
 def _eval(args):
-    import torch
-
     try:
         from accelerate import PartialState
         from .evaluation import DemoTask, PipelineTask, evaluate, load_dataset
@@ -254,8 +252,7 @@ def _eval(args):
             samples = load_dataset(args.data)
         except DatasetError as err:
             raise UsageError(str(err)) from err
-        dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
-            torch.float16 if torch.device(device).type == "cuda" else torch.float32)
+        dtype = _dtype(args.dtype, device)
         loader = _LOADERS[args.pipeline]
         settings = {"pipeline": args.pipeline, "model": args.model, "data": args.data,
                     "dtype": str(dtype).removeprefix("torch.")}
@@ -325,6 +322,8 @@ def _run(args):
 
     _check_out(args.out)
     device = _check_device(args.device, args.backend)
+    if args.time_groups > args.steps:
+        raise UsageError(f"--time-groups {args.time_groups} is more than the {args.steps} --steps")
     if args.pipeline == "flux-kontext":
         return _run_kontext(args, device)
     for option in ("image", "mask"):
@@ -337,13 +336,10 @@ def _run(args):
         raise UsageError(f"--mask is {_wxh(mask_image)} but --image is {_wxh(image)}: they must be the same size")
     mask = _binary(mask_image, "--mask")
     ref_mask_image = _ref_mask_image(args, reference)
-    if args.time_groups > args.steps:
-        raise UsageError(f"--time-groups {args.time_groups} is more than the {args.steps} --steps")
     if args.pipeline == "ip-adapter" and not args.ip_adapter:
         raise UsageError("--pipeline ip-adapter needs --ip-adapter FILE (the adapter weights)")
 
-    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
-        torch.float16 if torch.device(device).type == "cuda" else torch.float32)
+    dtype = _dtype(args.dtype, device)
     with _loading_bars(not args.quiet):
         pipe, ref_grid, inputs = _LOADERS[args.pipeline](args, reference, device, dtype)
     latent = (image.height // pipe.vae_scale_factor, image.width // pipe.vae_scale_factor)
@@ -402,14 +398,11 @@ def _run_kontext(args, device):
     ref_mask_image = _ref_mask_image(args, reference)
     if ref_mask_image is not None and mask_image is None:
         raise UsageError("--ref-mask gives IMACS_r, which needs --mask (the edited region) with flux-kontext")
-    if args.time_groups > args.steps:
-        raise UsageError(f"--time-groups {args.time_groups} is more than the {args.steps} --steps")
-    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
-        torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+    dtype = _dtype(args.dtype, device, cuda="bfloat16")
     _locate(args.model)
     from diffusers import FluxKontextPipeline
 
-    with _local_only(FluxKontextPipeline, args.model):
+    with _local_only(FluxKontextPipeline, args.model), _loading_bars(not args.quiet):
         pipe = flux.load_kontext(args.model, device=device, dtype=dtype)
     height, width = flux.edit_size(pipe, reference)
     if height == 0 or width == 0:
@@ -424,6 +417,7 @@ def _run_kontext(args, device):
     ref_mask = None if ref_mask_image is None else _binary(ref_mask_image, "--ref-mask")
 
     generator = torch.Generator("cpu").manual_seed(args.seed)
+    pipe.set_progress_bar_config(disable=args.quiet)
     with trace(pipe, time_groups=args.time_groups, mask=mask, points=args.points, boxes=args.boxes,
                patches=args.patches, convention=args.convention, backend=args.backend) as traced:
         generated = pipe(**flux.kontext_call(reference, args.prompt, height, width), num_inference_steps=args.steps,
@@ -437,7 +431,7 @@ def _run_kontext(args, device):
     scores = write_report(args.out, traced.maps(), image=generated, reference=reference, ref_mask=ref_mask,
                           settings=settings, extra_images=extra_images, threshold=args.threshold,
                           alpha=args.alpha)
-    _print_scores(scores, args.out)
+    _print_scores(scores, args.out, quiet=args.quiet)
 
 
 # ---- pipelines: each returns (pipe on device, ref_grid, the pipeline call's reference inputs) ----
@@ -543,6 +537,15 @@ def _library_warnings_silenced():
         finally:
             for logger, level in zip(loggers, levels):
                 logger.setLevel(level)
+
+
+def _dtype(name, device, cuda="float16"):
+    """The torch dtype of --dtype; auto: `cuda` on a CUDA device, else float32."""
+    import torch
+
+    if name == "auto":
+        name = cuda if torch.device(device).type == "cuda" else "float32"
+    return getattr(torch, name)
 
 
 @contextmanager

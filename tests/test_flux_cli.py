@@ -60,3 +60,14 @@ def test_other_pipelines_still_need_image_and_mask(capsys, tmp_path):
     code, _, err = run(capsys, "run", "--pipeline", "paint-by-example", "--model", tmp_path, "--reference",
                        tmp_path / "r.png", "--out", tmp_path / "o")
     assert code == 2 and "needs --image" in err
+
+
+def test_run_flux_kontext_quiet_prints_only_where_the_report_is(capsys, kontext_model, tmp_path):
+    tiny_models.image(1, (24, 16)).save(tmp_path / "photo.png")
+    out = tmp_path / "report"
+    code, stdout, err = run(capsys, "run", "--pipeline", "flux-kontext", "--model", kontext_model, "--reference",
+                            tmp_path / "photo.png", "--prompt", "a red hat", "--steps", 2, "--time-groups", 2,
+                            "--out", out, "--quiet")
+    assert code == 0, err
+    assert stdout.strip() == f"report written to {out / 'report.md'}"
+    assert "it/s" not in err and "s/it" not in err and "%|" not in err  # no progress bar
