@@ -15,7 +15,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from ..report import imacs_scores
