@@ -20,7 +20,7 @@ from . import protocols
 from .finite import describe, nonfinite_groups
 from .grid import RESIZE_MODES, layer_grid, pullback
 from .integers import as_int, int_tuple, int_tuples
-from .kernels import BACKENDS, prepare
+from .kernels import BACKENDS, prepare, query_row_range
 from .layers import check_layers, layer_selected
 from .maps import AttributionMaps
 from .probes import key_probes, mask_2d, query_probes
@@ -144,10 +144,9 @@ class Recorder:
         if self.ref_grid is None and not self.layer_grids:
             raise ValueError("the recorder needs ref_grid (hI, wI) before the first call")
         B, H, Nq = q.shape[:3]
-        rows = query_rows  # normalised as the kernel's MapsCall keeps it; other values: its error
-        if isinstance(rows, slice) and rows.step in (None, 1):
-            rows = slice(*rows.indices(Nq)[:2])
-            Nq = max(0, rows.stop - rows.start)
+        rows = None if query_rows is None else query_row_range(query_rows, Nq)  # as the MapsCall keeps it
+        if rows is not None:
+            Nq = rows.stop - rows.start
         grid = layer_grid(Nq, self.latent_size) if grid is None else _pair(grid, "grid")
         if grid[0] * grid[1] != Nq:
             raise ValueError(f"layer {layer!r}: grid {grid} does not hold its Nq={Nq} queries")

@@ -85,7 +85,7 @@ def _unrecorded(q, k, v, scale, ref_keys, query_rows, key_probes, query_probes, 
     scale = d ** -0.5 if scale is None else _check_scale(scale)
     _resolve_backend(backend, q)
     kr = _index(ref_keys, Nk, "ref_keys", torch.device("cpu")).numel()
-    rows = _rows(query_rows, Nq)
+    rows = query_row_range(query_rows, Nq)
     Nq = rows.stop - rows.start
     probes = {"gen": _probes(key_probes, kr, "key_probes", "|ref_keys|", _device(key_probes)).shape[0],
               "ref": _probes(query_probes, Nq, "query_probes", _nq_name(query_rows), _device(query_probes)).shape[0]}
@@ -198,7 +198,7 @@ def prepare(q, k, v, *, scale=None, ref_keys=None, query_rows=None, record=None,
             query_probes=None, gen=("query",), ref=("key",), backend="auto"):
     """Check and normalise the arguments of attention_with_maps (same meaning) into a MapsCall."""
     B, H, Nq, Nk, d = _check_qkv(q, k, v)
-    rows = _rows(query_rows, Nq)
+    rows = query_row_range(query_rows, Nq)
     Nq = rows.stop - rows.start
     scale = d ** -0.5 if scale is None else _check_scale(scale)
     dev = q.device
@@ -306,8 +306,9 @@ def _index(sel, n, what, device, unique=False):
     return idx.to(device)
 
 
-def _rows(sel, n):
-    """query_rows as slice(start, stop) within range(n): None is all rows."""
+def query_row_range(sel, n):
+    """query_rows as slice(start, stop) within range(n): None is all rows; anything but a
+    non-empty slice with step 1 is an error."""
     if sel is None:
         return slice(0, n)
     if not isinstance(sel, slice):
