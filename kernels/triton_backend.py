@@ -19,8 +19,8 @@ import torch
 import triton
 
 from . import torch_backend
-from .triton_kernels import (EXACT_BLOCK_N, EXACT_CONFIG, MIN_BLOCK_M, col_exact_kernel, col_lse_kernel, main_kernel,
-                             ref_reduce_kernel, stats_kernel)
+from .triton_kernels import (EXACT_BLOCK_N, EXACT_CONFIG, MIN_BLOCK_M, MIN_BLOCK_N, col_exact_kernel, col_lse_kernel,
+                             main_kernel, ref_reduce_kernel, row_exact_kernel, stats_kernel)
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_PROBES = 64  # probes one launch reduces: gen maps keep (BLOCK_M, probes) accumulators
@@ -62,15 +62,19 @@ def _launch(q, k, v, out, maps, scale, ref_idx, record_idx, key_probes, query_pr
     lse_row = torch.empty(BH, Nq, **f32)
     unused = lse_row  # the pointer passed for disabled inputs and outputs, never touched
     col_max = col_sum = lse_col = unused
-    if need_col:
-        col_max, col_sum = torch.empty(2, BH, most, Nk, **f32)
+    if need_col:  # partial column sums, and one shift per key tile of each
+        col_max = torch.empty(BH, most, triton.cdiv(Nk, MIN_BLOCK_N), **f32)
+        col_sum = torch.empty(BH, most, Nk, **f32)
         lse_col = torch.empty(BH, Nk, **f32)
     stats_kernel[grid](q, k, record_idx, lse_row, col_max, col_sum, *q.stride(), *k.stride(),
                        NEED_COL=need_col, **shared)
     if need_col:
-        col_lse_kernel[(triton.cdiv(Nk, REDUCE_BLOCK), BH)](col_max, col_sum, lse_col, Nk,
-                                                           _used(stats_kernel, split_count), BLOCK=REDUCE_BLOCK)
         exact = {n: shared[n] for n in ("H", "Nq", "Nk", "qk_scale", "D", "ALIGN", "BLOCK_D", "DOT_PRECISION")}
+        row_exact_kernel[(triton.cdiv(Nq, EXACT_CONFIG["BLOCK_M"]), BH)](
+            q, k, record_idx, lse_row, *q.stride(), *k.stride(), **exact, **EXACT_CONFIG)
+        col_lse_kernel[(triton.cdiv(Nk, REDUCE_BLOCK), BH)](
+            col_max, col_sum, lse_col, Nk, _used(stats_kernel, split_count),
+            stats_kernel.best_config.kwargs["BLOCK_N"], BLOCK=REDUCE_BLOCK)
         col_exact_kernel[(triton.cdiv(Nk, EXACT_BLOCK_N), BH)](q, k, record_idx, lse_col, *q.stride(), *k.stride(),
                                                               **exact, **EXACT_CONFIG)
 

@@ -61,7 +61,8 @@ else:  # 8 warps keep the extra map accumulators out of local memory (sm_90 comp
     CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=2)
                for bm, bn, w in [(128, 64, 8), (128, 32, 8), (64, 64, 8), (64, 32, 8), (64, 64, 4), (64, 32, 4)]]
 MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in CONFIGS)
-# col_exact_kernel: usually a check of one key tile, so one small config
+MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in CONFIGS)
+# col_exact_kernel and row_exact_kernel: usually a check of one key tile or query block, so one small config
 EXACT_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4) if INTERPRET else dict(BLOCK_M=64, BLOCK_N=64, num_warps=4)
 EXACT_BLOCK_N = EXACT_CONFIG["BLOCK_N"]
 TUNE_MIN_NQ = 4096
@@ -118,6 +119,25 @@ def _qk(q, k_base, cols, dims, sk_n, sk_d, Nk, D, DOT_PRECISION: tl.constexpr):
     return tl.dot(q, kt, input_precision=DOT_PRECISION)
 
 
+@triton.jit
+def _row_lse(q, k_base, dims, sk_n, sk_d, Nk, qk_scale, D, DOT_PRECISION: tl.constexpr,
+             BLOCK_N: tl.constexpr):
+    """lse_row of one query block by an online pass over the key tiles, one shift per row: with
+    running max m and sum l = sum 2^(t - m), a tile of row max r and row sums r_sum = sum 2^(t - r)
+    gives m' = max(m, r) and l' = l 2^(m - m') + r_sum 2^(r - m')."""
+    m_i = tl.full([q.shape[0]], NEG, tl.float32)
+    l_i = tl.zeros([q.shape[0]], tl.float32)
+    for n0 in range(0, Nk, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        s = tl.where((cols < Nk)[None, :], _qk(q, k_base, cols, dims, sk_n, sk_d, Nk, D, DOT_PRECISION), NEG)
+        r_shift = tl.max(s, 1) * qk_scale  # qk_scale > 0: the row max of t
+        r_sum = tl.sum(tl.exp2(s * qk_scale - r_shift[:, None]), 1)
+        m_new = tl.maximum(m_i, r_shift)
+        l_i = l_i * tl.exp2(m_i - m_new) + r_sum * tl.exp2(r_shift - m_new)
+        m_i = m_new
+    return m_i + tl.log2(l_i)
+
+
 @triton.autotune(configs=CONFIGS, key=["nq_bucket", "Nk", "BLOCK_D", "NEED_COL"],
                  prune_configs_by={"early_config_prune": _prune}, cache_results=True)
 @triton.jit
@@ -126,72 +146,101 @@ def stats_kernel(Q, K, REC, LSE_ROW, COL_MAX, COL_SUM,
                  H, Nq, Nk, nq_bucket, qk_scale, D: tl.constexpr, ALIGN: tl.constexpr,
                  NEED_COL: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """lse_row, and with NEED_COL the program's partial column statistics: for each key tile one
+    shift c_max (the largest tile maximum its query blocks have seen) and the column sums
+    sum_x 2^(t[x, k] - c_max) over its query blocks."""
     split, bh = tl.program_id(0), tl.program_id(1)
     n_splits = tl.num_programs(0)
     q_base = _head(Q, REC, bh, H, sq_b, sq_h, ALIGN)
     k_base = _head(K, REC, bh, H, sk_b, sk_h, ALIGN)
     sq_n, sk_n = _aligned(sq_n, ALIGN), _aligned(sk_n, ALIGN)
     dims = tl.arange(0, BLOCK_D)
-    first = tl.arange(0, 16) == 0  # the row of the column-sum product that holds w
+    n_tiles = tl.cdiv(Nk, BLOCK_N)
     for qb in range(split, tl.cdiv(Nq, BLOCK_M), n_splits):
         rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < Nq
         q = _load_queries(q_base, rows, dims, sq_n, sq_d, Nq, D)
-        # Online row log-sum-exp: with running max m and sum l = sum 2^(t - m), a tile whose
-        # row sums are r_sum = sum 2^(t - r_shift) gives m' = max(m, r_shift) and
-        # l' = l 2^(m - m') + r_sum 2^(r_shift - m'). The keys' (max, sum) merge the same way.
-        m_i = tl.full([BLOCK_M], NEG, tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        for n0 in range(0, Nk, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            s = tl.where((cols < Nk)[None, :], _qk(q, k_base, cols, dims, sk_n, sk_d, Nk, D, DOT_PRECISION), NEG)
-            r_shift = tl.max(s, 1) * qk_scale  # qk_scale > 0: the row max of t
-            p = tl.exp2(s * qk_scale - r_shift[:, None])
-            r_sum = tl.sum(p, 1)
-            if NEED_COL:
-                # This block holds every row of (block, tile), so the tile's column sums are final
-                # for the block. They come from the row exponentials at one shift per tile, g =
-                # the largest row max: sum_x 2^(t - g) = sum_x w[x] p[x, k], w = 2^(r_shift - g),
-                # one (16 x BLOCK_M) x (BLOCK_M x BLOCK_N) product with w in its first row (a
-                # reduction on the tensor cores, not a second softmax). Only terms below float32's
-                # 2^-126 are lost: col_lse_kernel flags the columns where that could matter.
-                g = tl.max(tl.where(row_ok, r_shift, NEG))
-                w = tl.exp2(tl.where(row_ok, r_shift - g, NEG))
-                c_sum_t = tl.dot(tl.where(first[:, None], w[None, :], 0.0), p, input_precision=DOT_PRECISION)
+        if NEED_COL:
+            # One shift per tile for the whole block, g = the tile's largest t (rows past Nq read
+            # q = 0, so t = 0 there: g stays an upper bound), serves the rows and the columns:
+            # p = 2^(t - g) sums to the tile's row sums and, by one (16 x BLOCK_M) x (BLOCK_M x
+            # BLOCK_N) product with the block's valid rows as ones in its first row, to its column
+            # sums (a reduction on the tensor cores, not a second softmax). The rows merge at one
+            # running shift m (l' = l 2^(m - m') + r_sum 2^(g - m')), the columns into the
+            # program's partial at its tile shift. Only terms below float32's 2^-126 of 2^g are
+            # lost: a row or a column whose sum ends below 2^-RANGE is flagged (+inf) and redone
+            # exactly (row_exact_kernel, col_exact_kernel).
+            ones = tl.where((tl.arange(0, 16) == 0)[:, None] & row_ok[None, :], 1.0, 0.0)
+            m_b = NEG
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            seen = qb > split  # the program's first block starts afresh
+            for n0 in range(0, Nk, BLOCK_N):
+                cols = n0 + tl.arange(0, BLOCK_N)
+                s = tl.where((cols < Nk)[None, :], _qk(q, k_base, cols, dims, sk_n, sk_d, Nk, D, DOT_PRECISION), NEG)
+                g = tl.max(s) * qk_scale
+                p = tl.exp2(s * qk_scale - g)
+                c_sum_t = tl.dot(ones, p, input_precision=DOT_PRECISION)
+                tile = (bh * n_splits + split) * n_tiles + n0 // BLOCK_N
                 at = (bh * n_splits + split) * Nk + cols[None, :] + tl.zeros([16, 1], tl.int32)
-                c_ok = first[:, None] & (cols[None, :] < Nk)
-                seen = qb > split  # the program's first block starts afresh
-                c_max = tl.where(seen, tl.load(COL_MAX + at, mask=c_ok, other=NEG), NEG)
+                c_ok = (tl.arange(0, 16) == 0)[:, None] & (cols[None, :] < Nk)
+                c_max = tl.where(seen, tl.load(COL_MAX + tile), NEG)
                 c_sum = tl.where(seen, tl.load(COL_SUM + at, mask=c_ok, other=0.0), 0.0)
                 c_new = tl.maximum(c_max, g)
                 c_sum = c_sum * tl.exp2(c_max - c_new) + c_sum_t * tl.exp2(g - c_new)
-                tl.store(COL_MAX + at, c_new, mask=c_ok)
+                tl.store(COL_MAX + tile, c_new)
                 tl.store(COL_SUM + at, c_sum, mask=c_ok)
-            m_new = tl.maximum(m_i, r_shift)
-            l_i = l_i * tl.exp2(m_i - m_new) + r_sum * tl.exp2(r_shift - m_new)
-            m_i = m_new
-        tl.store(LSE_ROW + bh * Nq + rows, m_i + tl.log2(l_i), mask=row_ok)
+                m_new = tl.maximum(m_b, g)
+                l_i = l_i * tl.exp2(m_b - m_new) + tl.sum(p, 1) * tl.exp2(g - m_new)
+                m_b = m_new
+            lse = tl.where(l_i >= TINY, m_b + tl.log2(l_i), float("inf"))
+        else:
+            lse = _row_lse(q, k_base, dims, sk_n, sk_d, Nk, qk_scale, D, DOT_PRECISION, BLOCK_N)
+        tl.store(LSE_ROW + bh * Nq + rows, lse, mask=row_ok)
         tl.debug_barrier()  # the next block re-reads the column partials stored by other threads
 
 
 @triton.jit
-def col_lse_kernel(COL_MAX, COL_SUM, LSE_COL, Nk, n_splits, BLOCK: tl.constexpr):
-    """lse_col[k] = m + log2 S, S = sum_s l_s[k] 2^(m_s[k] - m), m = max_s m_s[k], where (m_s, l_s)
-    are the partial (max, sum) of split s; the splits are summed in order. The terms the stats
-    pass lost are below Nq 2^-126 of 2^m, so S >= 2^-RANGE keeps them below Nq 2^(RANGE - 126)
-    of the sum; a column with a smaller S gets lse_col = +inf, for col_exact_kernel to redo."""
+def col_lse_kernel(COL_MAX, COL_SUM, LSE_COL, Nk, n_splits, TILE_N, BLOCK: tl.constexpr):
+    """lse_col[k] = m + log2 S, S = sum_s l_s[k] 2^(m_s[k] - m), m = max_s m_s[k], where l_s are the
+    partial column sums of split s at its shift m_s of k's key tile (TILE_N keys, the stats pass's
+    BLOCK_N); the splits are summed in order. The terms the stats pass lost are below Nq 2^-126
+    of 2^m, so S >= 2^-RANGE keeps them below Nq 2^(RANGE - 126) of the sum; a column with a
+    smaller S gets lse_col = +inf, for col_exact_kernel to redo."""
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     col_ok = cols < Nk
     at = tl.program_id(1) * n_splits * Nk + cols
+    n_tiles = tl.cdiv(Nk, TILE_N)
+    tile = tl.program_id(1) * n_splits * n_tiles + cols // TILE_N
     m = tl.full([BLOCK], NEG, tl.float32)
     for s in range(n_splits):
-        m = tl.maximum(m, tl.load(COL_MAX + at + s * Nk, mask=col_ok, other=NEG))
+        m = tl.maximum(m, tl.load(COL_MAX + tile + s * n_tiles, mask=col_ok, other=NEG))
     total = tl.zeros([BLOCK], tl.float32)
     for s in range(n_splits):
-        c_max = tl.load(COL_MAX + at + s * Nk, mask=col_ok, other=NEG)
+        c_max = tl.load(COL_MAX + tile + s * n_tiles, mask=col_ok, other=NEG)
         total += tl.load(COL_SUM + at + s * Nk, mask=col_ok, other=1.0) * tl.exp2(c_max - m)
     lse = tl.where(total >= TINY, m + tl.log2(tl.maximum(total, 1.0e-38)), float("inf"))
     tl.store(LSE_COL + tl.program_id(1) * Nk + cols, lse, mask=col_ok)
+
+
+@triton.jit
+def row_exact_kernel(Q, K, REC, LSE_ROW, sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, H, Nq, Nk, qk_scale,
+                     D: tl.constexpr, ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The rows the stats pass flagged (+inf), if any in this query block: lse_row from their own
+    shift per row (_row_lse); a rare path (rows whose scores all lie about RANGE bits below the
+    block's largest), run only where needed."""
+    bh = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < Nq
+    lse = tl.load(LSE_ROW + bh * Nq + rows, mask=row_ok, other=0.0)
+    if tl.max(lse) == float("inf"):
+        q_base = _head(Q, REC, bh, H, sq_b, sq_h, ALIGN)
+        k_base = _head(K, REC, bh, H, sk_b, sk_h, ALIGN)
+        sq_n, sk_n = _aligned(sq_n, ALIGN), _aligned(sk_n, ALIGN)
+        dims = tl.arange(0, BLOCK_D)
+        q = _load_queries(q_base, rows, dims, sq_n, sq_d, Nq, D)
+        exact = _row_lse(q, k_base, dims, sk_n, sk_d, Nk, qk_scale, D, DOT_PRECISION, BLOCK_N)
+        tl.store(LSE_ROW + bh * Nq + rows, exact, mask=row_ok & (lse == float("inf")))
 
 
 @triton.jit

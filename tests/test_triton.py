@@ -141,3 +141,19 @@ def test_columns_far_below_every_row_take_the_exact_column_pass(dtype):
     case.k[:, :, [3, 5], 0] = -10.0  # scores ~ 8 * 2 / 4 = 4 nats for the others, -20 nats for these
     case.scale = 4.0  # ... scaled to ~16 and ~-80 nats: 96 nats = 138 bits apart
     check_backend("triton", case, splits=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rows_far_below_their_block_take_the_exact_row_pass(dtype):
+    """Queries 3 and 5 score ~400 bits below the other queries of their block on every key: at the
+    stats pass's one shift per tile their row sums vanish in float32, so the stats pass must flag
+    them and row_exact_kernel redo them (without it their lse_row is +inf: P, out and every map
+    on those rows are 0 instead of a softmax)."""
+    case = make_case(Nq=40, Nk=9, d=16, names=ALL, dtype=dtype, device=DEVICE)
+    for x in (case.q, case.k):
+        x[..., 0] = 0.0
+    case.q[..., 0] = 8.0
+    case.q[:, :, [3, 5], 0] = -30.0
+    case.k[:, :, :, 0] = 2.0  # scores ~ 8 * 2 / 4 = 4 nats for the others, -15 nats for these
+    case.scale = 4.0  # ... scaled to ~16 and ~-240 nats: about 370 bits apart
+    check_backend("triton", case, splits=2)

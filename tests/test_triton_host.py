@@ -18,7 +18,8 @@ from cases import check_backend, make_case  # noqa: E402
 from i2am import Recorder  # noqa: E402
 from i2am.kernels import attention_with_maps, backend_module  # noqa: E402
 
-KERNELS = ("stats_kernel", "col_lse_kernel", "col_exact_kernel", "main_kernel", "ref_reduce_kernel")
+KERNELS = ("stats_kernel", "row_exact_kernel", "col_lse_kernel", "col_exact_kernel", "main_kernel",
+           "ref_reduce_kernel")
 HOST_READS = ("aten._local_scalar_dense.default", "aten.is_nonzero.default", "aten.item.default")
 
 
@@ -39,7 +40,7 @@ class StubKernel:
 
     def __init__(self, name, launches, block_m=16):
         self.name, self.launches = name, launches
-        self.best_config = type("Config", (), {"kwargs": {"BLOCK_M": block_m}})()
+        self.best_config = type("Config", (), {"kwargs": {"BLOCK_M": block_m, "BLOCK_N": 64}})()
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
