@@ -12,9 +12,12 @@ Queries come in blocks of BLOCK_M rows and keys in tiles of BLOCK_N. A grid row 
 `n_splits` programs shares the query blocks of one bh (program s takes blocks s, s+n_splits,
 ...), so scratch that is kept per program is O(n_splits * Nk), never O(Nq * Nk).
 
-1. stats_kernel: per query block, an online pass over the key tiles gives lse_row; per key
-   tile it also merges the block's column sums into the program's partial column statistics
-   (only when C is needed): the row exponentials at one shift per tile, summed by an MMA.
+1. stats_kernel: per query block, an online pass over the key tiles gives lse_row; when C is
+   needed it also merges the block's column sums into the program's partial column statistics
+   per key tile: one exponential at one shift per tile for the whole block, summed over keys for
+   the rows and by an MMA over queries for the columns. Rows whose sums lost too much below
+   float32's range at that shift are flagged; row_exact_kernel redoes those (if any) with a
+   shift per row.
 2. col_lse_kernel: merges the n_splits partial column statistics into lse_col, in a fixed order,
    and flags the columns whose sums lost too much below float32's range; col_exact_kernel redoes
    those (if any) with their own exponential.
