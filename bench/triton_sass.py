@@ -186,13 +186,15 @@ def call_args(d, dtype="fp16", maps=("gen_query", "ref_key"), H=8, Nq=4096, Nk=1
         args.update(zip((prefix + s for s in ("_b", "_h", "_n", "_d")), strides))
     for prefix in ("sgk", "sgq"):
         args.update(zip((prefix + s for s in ("_i", "_h", "_r", "_n")), gen))
-    block, precision = max(16, triton.next_power_of_2(d)), "ieee" if dtype == "fp32" else "tf32"
+    precision = "ieee" if dtype == "fp32" else "tf32"
     flags = {name.upper(): name in maps for name in ("gen_key", "gen_query", "ref_key", "ref_query")}
     block_r = triton_backend._pow2(min(Rw, triton_backend.MAX_PROBES))  # as the launcher
     align = math.gcd(16 // (4 if dtype == "fp32" else 2), *q[:3], *k[:3])  # as triton_backend._alignment
-    return (args, dict(D=d, ALIGN=align, BLOCK_D=block, DOT_PRECISION=precision),
+    block_d, block_d2 = triton_backend.head_tiles(d)  # the head dim's tiles, as the launcher
+    return (args, dict(D=d, ALIGN=align, BLOCK_D=block_d, BLOCK_D2=block_d2, DOT_PRECISION=precision),
             dict(flags, DV=d, BLOCK_U=triton_backend._pow2(min(Ru, triton_backend.MAX_PROBES)), BLOCK_R=block_r,
-                 ROWSUM=Ru == 1, ONE_R=Rw <= block_r, BLOCK_DV=block, MAP_PRECISION=precision))
+                 ROWSUM=Ru == 1, ONE_R=Rw <= block_r, BLOCK_DV=block_d, BLOCK_DV2=block_d2,
+                 MAP_PRECISION=precision))
 
 
 def fa2_args(d, dtype="fp16", H=8, Nq=4096, Nk=1025):
@@ -201,7 +203,7 @@ def fa2_args(d, dtype="fp16", H=8, Nq=4096, Nk=1025):
     fa2 = dict(Q=args["Q"], K=args["K"], V=args["V"], OUT=args["OUT"], H=H, Nq=Nq, Nk=Nk, qk_scale=args["qk_scale"])
     for x in "qkvo":
         fa2.update({f"s{x}_{s}": args[f"s{x}_{s}"] for s in "bhn"})
-    return fa2, dict(D=d, BLOCK_D=tiles["BLOCK_D"], ALIGN=tiles["ALIGN"])
+    return fa2, dict(D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), ALIGN=tiles["ALIGN"])  # one padded tile
 
 
 def measure(d, cfg):

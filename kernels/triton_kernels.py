@@ -72,22 +72,22 @@ TUNE_MIN_NQ = 4096
 
 
 def _prune(configs, named_args, **kwargs):
-    """Head dims of 256 (160 padded) only fit narrow key tiles (registers and shared memory),
-    the main pass at 128 (d 80-128), or with gen maps of one key probe, only under 32 scores a thread
-    (with both gen maps of one probe: only 32-key tiles, at 8 warps from d 80); below TUNE_MIN_NQ queries a call is too short to gain from tuning: the smallest tile. Calls
-    are tuned once per power-of-two bucket of Nq (nq_bucket), and the choice is kept on disk."""
+    """Head dims over 128 only fit narrow key tiles (registers and shared memory), the main pass
+    over 64 (d 80-128), or with gen maps of one key probe, only under 32 scores a thread (with both
+    gen maps of one probe: only 32-key tiles, at 8 warps from d 80); below TUNE_MIN_NQ queries a
+    call is too short to gain from tuning: the smallest tile. Calls are tuned once per power-of-two
+    bucket of Nq (nq_bucket), and the choice is kept on disk."""
     args = {**named_args, **kwargs}
-    if max(args["BLOCK_D"], args.get("BLOCK_DV", 0)) >= 256:
+    head = max(args["D"], args.get("DV", 0))
+    if head > 128:
         configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 32] or configs
-    if "BLOCK_DV" in args and (max(args["BLOCK_D"], args["BLOCK_DV"]) >= 128 or (
-            args["ROWSUM"] and (args["GEN_KEY"] or args["GEN_QUERY"]))):  # main_kernel at d >= 80 or with
-        # gen tiles of running products: 32 scores a thread besides the map accumulators spill (sm_90a,
-        # bench/triton_sass.py)
+    if "DV" in args and (head > 64 or (args["ROWSUM"] and (args["GEN_KEY"] or args["GEN_QUERY"]))):  # main_kernel
+        # at d >= 80 or with gen tiles of running products: 32 scores a thread besides the map
+        # accumulators spill (sm_90a, bench/triton_sass.py)
         configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 1024 * c.num_warps] or configs
-    if "BLOCK_DV" in args and args["ROWSUM"] and args["GEN_KEY"] and args["GEN_QUERY"]:  # two such tiles:
+    if "DV" in args and args["ROWSUM"] and args["GEN_KEY"] and args["GEN_QUERY"]:  # two such tiles:
         # 64x64 spills at 8 warps too (every map, d 40-128), 64x32 at 4 warps from d 80
-        wide = max(args["BLOCK_D"], args["BLOCK_DV"]) >= 128
-        configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 32 and (c.num_warps == 8 or not wide)] or configs
+        configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 32 and (c.num_warps == 8 or head <= 64)] or configs
     return configs if args["nq_bucket"] >= TUNE_MIN_NQ else configs[-1:]
 
 
@@ -107,24 +107,42 @@ def _aligned(stride, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _load_queries(q_base, rows, dims, sq_n, sq_d, Nq, D):
-    """(BLOCK_M, BLOCK_D) query tile; masked rows and head-dim padding read as 0."""
-    mask = (rows[:, None] < Nq) & (dims[None, :] < D)
-    return tl.load(q_base + rows[:, None] * sq_n + dims[None, :] * sq_d, mask=mask, other=0.0)
+def _load_queries(q_base, rows, sq_n, sq_d, Nq, D, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
+    """The (BLOCK_M, D) query tile as two tiles of power-of-two widths, head dims [0, BLOCK_D) and
+    [BLOCK_D, BLOCK_D + BLOCK_D2) (BLOCK_D2 = 0: the first only; the second is then the first again,
+    unused), so that d = 80 takes 64 + 16 columns instead of 128; masked rows and padding read as 0."""
+    dims = tl.arange(0, BLOCK_D)
+    q = tl.load(q_base + rows[:, None] * sq_n + dims[None, :] * sq_d, mask=(rows[:, None] < Nq) & (dims[None, :] < D),
+                other=0.0)
+    q2 = q
+    if BLOCK_D2 > 0:
+        dims2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        q2 = tl.load(q_base + rows[:, None] * sq_n + dims2[None, :] * sq_d,
+                     mask=(rows[:, None] < Nq) & (dims2[None, :] < D), other=0.0)
+    return q, q2
 
 
 @triton.jit
-def _qk(q, k_base, cols, dims, sk_n, sk_d, Nk, D, DOT_PRECISION: tl.constexpr):
-    """q k^T for one key tile, not yet scaled (t = qk_scale q k^T): the callers fold the scale
-    into the shift of their exponential, one FFMA a score; keys past Nk read as 0, the callers mask them."""
+def _qk(q, q2, k_base, cols, sk_n, sk_d, Nk, D, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    """q k^T for one key tile (q in _load_queries' two tiles), not yet scaled (t = qk_scale q k^T):
+    the callers fold the scale into the shift of their exponential, one FFMA a score; keys past Nk
+    read as 0, the callers mask them."""
+    dims = tl.arange(0, BLOCK_D)
     kt = tl.load(k_base + cols[None, :] * sk_n + dims[:, None] * sk_d,
                  mask=(cols[None, :] < Nk) & (dims[:, None] < D), other=0.0)
-    return tl.dot(q, kt, input_precision=DOT_PRECISION)
+    s = tl.dot(q, kt, input_precision=DOT_PRECISION)
+    if BLOCK_D2 > 0:
+        dims2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        kt2 = tl.load(k_base + cols[None, :] * sk_n + dims2[:, None] * sk_d,
+                      mask=(cols[None, :] < Nk) & (dims2[:, None] < D), other=0.0)
+        s = tl.dot(q2, kt2, s, input_precision=DOT_PRECISION)
+    return s
 
 
 @triton.jit
-def _row_lse(q, k_base, dims, sk_n, sk_d, Nk, qk_scale, D, DOT_PRECISION: tl.constexpr,
-             BLOCK_N: tl.constexpr):
+def _row_lse(q, q2, k_base, sk_n, sk_d, Nk, qk_scale, D, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+             DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """lse_row of one query block by an online pass over the key tiles, one shift per row: with
     running max m and sum l = sum 2^(t - m), a tile of row max r and row sums r_sum = sum 2^(t - r)
     gives m' = max(m, r) and l' = l 2^(m - m') + r_sum 2^(r - m')."""
@@ -132,7 +150,8 @@ def _row_lse(q, k_base, dims, sk_n, sk_d, Nk, qk_scale, D, DOT_PRECISION: tl.con
     l_i = tl.zeros([q.shape[0]], tl.float32)
     for n0 in range(0, Nk, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        s = tl.where((cols < Nk)[None, :], _qk(q, k_base, cols, dims, sk_n, sk_d, Nk, D, DOT_PRECISION), NEG)
+        s = _qk(q, q2, k_base, cols, sk_n, sk_d, Nk, D, BLOCK_D, BLOCK_D2, DOT_PRECISION)
+        s = tl.where((cols < Nk)[None, :], s, NEG)
         r_shift = tl.max(s, 1) * qk_scale  # qk_scale > 0: the row max of t
         r_sum = tl.sum(tl.exp2(s * qk_scale - r_shift[:, None]), 1)
         m_new = tl.maximum(m_i, r_shift)
@@ -141,13 +160,14 @@ def _row_lse(q, k_base, dims, sk_n, sk_d, Nk, qk_scale, D, DOT_PRECISION: tl.con
     return m_i + tl.log2(l_i)
 
 
-@triton.autotune(configs=CONFIGS, key=["nq_bucket", "Nk", "BLOCK_D", "NEED_COL"],
+@triton.autotune(configs=CONFIGS, key=["nq_bucket", "Nk", "D", "NEED_COL"],
                  prune_configs_by={"early_config_prune": _prune}, cache_results=True)
 @triton.jit
 def stats_kernel(Q, K, REC, LSE_ROW, COL_MAX, COL_SUM,
                  sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d,
                  H, Nq, Nk, nq_bucket, qk_scale, D: tl.constexpr, ALIGN: tl.constexpr,
-                 NEED_COL: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 NEED_COL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """lse_row, and with NEED_COL the program's partial column statistics: for each key tile one
     shift c_max (the largest tile maximum its query blocks have seen) and the column sums
@@ -157,12 +177,11 @@ def stats_kernel(Q, K, REC, LSE_ROW, COL_MAX, COL_SUM,
     q_base = _head(Q, REC, bh, H, sq_b, sq_h, ALIGN)
     k_base = _head(K, REC, bh, H, sk_b, sk_h, ALIGN)
     sq_n, sk_n = _aligned(sq_n, ALIGN), _aligned(sk_n, ALIGN)
-    dims = tl.arange(0, BLOCK_D)
     n_tiles = tl.cdiv(Nk, BLOCK_N)
     for qb in range(split, tl.cdiv(Nq, BLOCK_M), n_splits):
         rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < Nq
-        q = _load_queries(q_base, rows, dims, sq_n, sq_d, Nq, D)
+        q, q2 = _load_queries(q_base, rows, sq_n, sq_d, Nq, D, BLOCK_D, BLOCK_D2)
         if NEED_COL:
             # One shift per tile for the whole block, g = the tile's largest t (rows past Nq read
             # q = 0, so t = 0 there: g stays an upper bound), serves the rows and the columns:
@@ -179,7 +198,8 @@ def stats_kernel(Q, K, REC, LSE_ROW, COL_MAX, COL_SUM,
             seen = qb > split  # the program's first block starts afresh
             for n0 in range(0, Nk, BLOCK_N):
                 cols = n0 + tl.arange(0, BLOCK_N)
-                s = tl.where((cols < Nk)[None, :], _qk(q, k_base, cols, dims, sk_n, sk_d, Nk, D, DOT_PRECISION), NEG)
+                s = _qk(q, q2, k_base, cols, sk_n, sk_d, Nk, D, BLOCK_D, BLOCK_D2, DOT_PRECISION)
+                s = tl.where((cols < Nk)[None, :], s, NEG)
                 g = tl.max(s) * qk_scale
                 p = tl.exp2(s * qk_scale - g)
                 c_sum_t = tl.dot(ones, p, input_precision=DOT_PRECISION)
@@ -197,7 +217,7 @@ def stats_kernel(Q, K, REC, LSE_ROW, COL_MAX, COL_SUM,
                 m_b = m_new
             lse = tl.where(l_i >= TINY, m_b + tl.log2(l_i), float("inf"))
         else:
-            lse = _row_lse(q, k_base, dims, sk_n, sk_d, Nk, qk_scale, D, DOT_PRECISION, BLOCK_N)
+            lse = _row_lse(q, q2, k_base, sk_n, sk_d, Nk, qk_scale, D, BLOCK_D, BLOCK_D2, DOT_PRECISION, BLOCK_N)
         tl.store(LSE_ROW + bh * Nq + rows, lse, mask=row_ok)
         tl.debug_barrier()  # the next block re-reads the column partials stored by other threads
 
@@ -227,7 +247,8 @@ def col_lse_kernel(COL_MAX, COL_SUM, LSE_COL, Nk, n_splits, TILE_N, BLOCK: tl.co
 
 @triton.jit
 def row_exact_kernel(Q, K, REC, LSE_ROW, sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, H, Nq, Nk, qk_scale,
-                     D: tl.constexpr, ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     D: tl.constexpr, ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The rows the stats pass flagged (+inf), if any in this query block: lse_row from their own
     shift per row (_row_lse); a rare path (rows whose scores all lie about RANGE bits below the
@@ -240,15 +261,15 @@ def row_exact_kernel(Q, K, REC, LSE_ROW, sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_
         q_base = _head(Q, REC, bh, H, sq_b, sq_h, ALIGN)
         k_base = _head(K, REC, bh, H, sk_b, sk_h, ALIGN)
         sq_n, sk_n = _aligned(sq_n, ALIGN), _aligned(sk_n, ALIGN)
-        dims = tl.arange(0, BLOCK_D)
-        q = _load_queries(q_base, rows, dims, sq_n, sq_d, Nq, D)
-        exact = _row_lse(q, k_base, dims, sk_n, sk_d, Nk, qk_scale, D, DOT_PRECISION, BLOCK_N)
+        q, q2 = _load_queries(q_base, rows, sq_n, sq_d, Nq, D, BLOCK_D, BLOCK_D2)
+        exact = _row_lse(q, q2, k_base, sk_n, sk_d, Nk, qk_scale, D, BLOCK_D, BLOCK_D2, DOT_PRECISION, BLOCK_N)
         tl.store(LSE_ROW + bh * Nq + rows, exact, mask=row_ok & (lse == float("inf")))
 
 
 @triton.jit
 def col_exact_kernel(Q, K, REC, LSE_COL, sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, H, Nq, Nk, qk_scale,
-                     D: tl.constexpr, ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     D: tl.constexpr, ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The columns col_lse_kernel flagged (+inf), if any in this key tile: lse_col from their own
     online (max, sum) over every query, a second exponential per score; a rare path (columns
@@ -261,18 +282,43 @@ def col_exact_kernel(Q, K, REC, LSE_COL, sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_
         q_base = _head(Q, REC, bh, H, sq_b, sq_h, ALIGN)
         k_base = _head(K, REC, bh, H, sk_b, sk_h, ALIGN)
         sq_n, sk_n = _aligned(sq_n, ALIGN), _aligned(sk_n, ALIGN)
-        dims = tl.arange(0, BLOCK_D)
         c_max = tl.full([BLOCK_N], NEG, tl.float32)
         c_sum = tl.zeros([BLOCK_N], tl.float32)
         for qb in range(0, tl.cdiv(Nq, BLOCK_M)):
             rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-            q = _load_queries(q_base, rows, dims, sq_n, sq_d, Nq, D)
+            q, q2 = _load_queries(q_base, rows, sq_n, sq_d, Nq, D, BLOCK_D, BLOCK_D2)
             t = tl.where((rows < Nq)[:, None] & col_ok[None, :],
-                         _qk(q, k_base, cols, dims, sk_n, sk_d, Nk, D, DOT_PRECISION) * qk_scale, NEG)
+                         _qk(q, q2, k_base, cols, sk_n, sk_d, Nk, D, BLOCK_D, BLOCK_D2, DOT_PRECISION) * qk_scale, NEG)
             c_new = tl.maximum(c_max, tl.max(t, 0))
             c_sum = c_sum * tl.exp2(c_max - c_new) + tl.sum(tl.exp2(t - c_new[None, :]), 0)
             c_max = c_new
         tl.store(LSE_COL + bh * Nk + cols, c_max + tl.log2(c_sum), mask=col_ok & (lse == float("inf")))
+
+
+@triton.jit
+def _pv(p, v_base, cols, col_ok, sv_n, sv_d, DV, acc, acc2, BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    """acc += P V over one key tile, V's head dims in two tiles as q's (_load_queries): acc2 holds
+    [BLOCK_DV, BLOCK_DV + BLOCK_DV2) when BLOCK_DV2 > 0."""
+    vdims = tl.arange(0, BLOCK_DV)
+    v = tl.load(v_base + cols[:, None] * sv_n + vdims[None, :] * sv_d, mask=col_ok[:, None] & (vdims[None, :] < DV),
+                other=0.0)
+    p = p.to(v.dtype)
+    acc = tl.dot(p, v, acc, input_precision=DOT_PRECISION)
+    if BLOCK_DV2 > 0:
+        vdims2 = BLOCK_DV + tl.arange(0, BLOCK_DV2)
+        v2 = tl.load(v_base + cols[:, None] * sv_n + vdims2[None, :] * sv_d,
+                     mask=col_ok[:, None] & (vdims2[None, :] < DV), other=0.0)
+        acc2 = tl.dot(p, v2, acc2, input_precision=DOT_PRECISION)
+    return acc, acc2
+
+
+@triton.jit
+def _store_out(o_base, acc, rows, first, so_n, so_d, Nq, DV, WIDTH: tl.constexpr):
+    """out[rows, first:first + WIDTH] = acc (its columns below DV)."""
+    vdims = first + tl.arange(0, WIDTH)
+    tl.store(o_base + rows[:, None] * so_n + vdims[None, :] * so_d, acc.to(o_base.dtype.element_ty),
+             mask=(rows[:, None] < Nq) & (vdims[None, :] < DV))
 
 
 @triton.jit
@@ -357,7 +403,7 @@ def _gen_final(g, probes, ROWSUM: tl.constexpr):
 
 
 @triton.autotune(configs=CONFIGS,
-                 key=["nq_bucket", "Nk", "Ru", "Rw", "BLOCK_D", "BLOCK_DV", "GEN_KEY", "GEN_QUERY",
+                 key=["nq_bucket", "Nk", "Ru", "Rw", "D", "DV", "GEN_KEY", "GEN_QUERY",
                       "REF_KEY", "REF_QUERY"],
                  prune_configs_by={"early_config_prune": _prune}, restore_value=["GK", "GQ"], cache_results=True)
 @triton.jit
@@ -366,7 +412,8 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, C_SHIFT, FROM_P, B, U, UB, 
                 so_b, so_h, so_n, so_d, su_k, sub_h, sgk_i, sgk_h, sgk_r, sgk_n, sgq_i, sgq_h, sgq_r, sgq_n,
                 H, Nq, Nk, nq_bucket, Ru, Rw, qk_scale, D: tl.constexpr, DV: tl.constexpr, ALIGN: tl.constexpr,
                 GEN_KEY: tl.constexpr, GEN_QUERY: tl.constexpr, REF_KEY: tl.constexpr,
-                REF_QUERY: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                REF_QUERY: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr,
+                BLOCK_DV2: tl.constexpr,
                 BLOCK_U: tl.constexpr, BLOCK_R: tl.constexpr, ROWSUM: tl.constexpr, ONE_R: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, MAP_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr):
@@ -383,8 +430,6 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, C_SHIFT, FROM_P, B, U, UB, 
     gq_base = GQ + i * sgq_i + h * sgq_h
     ub_base = UB + bh * sub_h
     part_row = (bh * n_splits + split) * Rw
-    dims = tl.arange(0, BLOCK_D)
-    vdims = tl.arange(0, BLOCK_DV)
     probes = tl.arange(0, BLOCK_U)
     G_N: tl.constexpr = BLOCK_N if ROWSUM else BLOCK_U  # the gen accumulators' width (_gen_update)
     if GEN_QUERY or REF_QUERY:  # the head's shift c and whether C comes from P (module docstring)
@@ -394,7 +439,7 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, C_SHIFT, FROM_P, B, U, UB, 
         rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < Nq
         seen = qb > split  # the program's partials start afresh at its first block
-        q = _load_queries(q_base, rows, dims, sq_n, sq_d, Nq, D)
+        q, q2 = _load_queries(q_base, rows, sq_n, sq_d, Nq, D, BLOCK_D, BLOCK_D2)
         lse_row = tl.load(LSE_ROW + bh * Nq + rows, mask=row_ok, other=0.0)
         if GEN_QUERY or REF_QUERY:
             a = tl.exp2(tl.where(from_p, tl.where(row_ok, lse_row - c, NEG), 0.0))
@@ -404,18 +449,17 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, C_SHIFT, FROM_P, B, U, UB, 
             m_key = _load_probe_rows(M, tl.arange(0, BLOCK_R), rows, Nq, Rw)
             if REF_QUERY:
                 m_query = m_key.to(tl.float32) * a[None, :]
-        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)  # out, head dims as in _load_queries
+        acc2 = tl.zeros([BLOCK_M, BLOCK_DV2 if BLOCK_DV2 > 0 else BLOCK_DV], tl.float32)
         gen_key = tl.zeros([BLOCK_M, G_N], tl.float32)
         gen_query = tl.zeros([BLOCK_M, G_N], tl.float32)
         for n0 in range(0, Nk, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < Nk
-            s = _qk(q, k_base, cols, dims, sk_n, sk_d, Nk, D, DOT_PRECISION)
+            s = _qk(q, q2, k_base, cols, sk_n, sk_d, Nk, D, BLOCK_D, BLOCK_D2, DOT_PRECISION)
             # lse_row is final, so P needs no rescaling: out = sum over tiles of P V.
             p = tl.where(col_ok[None, :], tl.exp2(s * qk_scale - lse_row[:, None]), 0.0)
-            v = tl.load(v_base + cols[:, None] * sv_n + vdims[None, :] * sv_d,
-                        mask=col_ok[:, None] & (vdims[None, :] < DV), other=0.0)
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+            acc, acc2 = _pv(p, v_base, cols, col_ok, sv_n, sv_d, DV, acc, acc2, BLOCK_DV, BLOCK_DV2, DOT_PRECISION)
             if GEN_KEY:  # gen_key[r, x] = sum_k U[r, k] P[x, k]
                 ut = _key_probes(U, cols, probes, su_k, Nk, Ru, ROWSUM)
                 gen_key = _gen_update(gen_key, p, ut, ROWSUM, MAP_PRECISION)
@@ -437,8 +481,9 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, C_SHIFT, FROM_P, B, U, UB, 
                     b = tl.load(B + bh * Nk + cols, mask=col_ok, other=0.0)
                     _add_ref(RQ, M, m_query, w, a, b, rows, cols, part_row, seen, Nq, Nk, Rw,
                              BLOCK_R, ONE_R, MAP_PRECISION, True)
-        tl.store(o_base + rows[:, None] * so_n + vdims[None, :] * so_d, acc.to(OUT.dtype.element_ty),
-                 mask=row_ok[:, None] & (vdims[None, :] < DV))
+        _store_out(o_base, acc, rows, 0, so_n, so_d, Nq, DV, BLOCK_DV)
+        if BLOCK_DV2 > 0:
+            _store_out(o_base, acc2, rows, BLOCK_DV, so_n, so_d, Nq, DV, BLOCK_DV2)
         if GEN_KEY:
             _add_gen(gk_base, _gen_final(gen_key, probes, ROWSUM), rows, probes, sgk_r, sgk_n, Nq, Ru)
         if GEN_QUERY:

@@ -64,8 +64,8 @@ def test_one_probe_gen_tiles_prune_the_configs_that_spill():
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w)
                for bm, bn, w in [(128, 64, 8), (128, 32, 8), (64, 64, 8), (64, 32, 8), (64, 64, 4), (64, 32, 4)]]
 
-    def kept(block_d, **maps):
-        args = dict(dict(GEN_KEY=False, GEN_QUERY=False), nq_bucket=4096, BLOCK_D=block_d, BLOCK_DV=block_d,
+    def kept(d, **maps):
+        args = dict(dict(GEN_KEY=False, GEN_QUERY=False), nq_bucket=4096, D=d, DV=d,
                     ROWSUM=True, **maps)
         return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in tk._prune(configs, args)]
 
