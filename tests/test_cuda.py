@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cases import check_backend, expected, make_case
-from i2am.kernels import attention_with_maps, cuda_backend
+from cases import assert_map_close, check_backend, expected, make_case
+from i2am.kernels import attention_with_maps, cuda_backend, torch_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL = ("gen_query", "gen_key", "ref_key", "ref_query")
@@ -188,6 +188,29 @@ def test_emulated_float64_computes_in_float32(emulated):
     torch.testing.assert_close(out.float(), want_out, rtol=2e-4, atol=2e-5)
     for n in ALL:
         torch.testing.assert_close(maps[n], want[n], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_emulated_c_from_p_or_by_its_own_exponential(emulated, monkeypatch, dtype):
+    """By default C is P times the rank-one factors; a range of -1 (I2AM_C_FROM_P_RANGE=-1) takes
+    every head's C by its own exponential. Both match the reference, and closely each other."""
+    case = make_case(Nq=45, Nk=77, d=40, dtype=dtype, names=ALL, seed=3)
+    check_backend("cuda", case, library=emulated)
+    shared = _run(emulated, case)
+    monkeypatch.setattr(torch_backend, "C_FROM_P_RANGE", -1.0)
+    check_backend("cuda", case, library=emulated)
+    direct = _run(emulated, case)
+    assert not torch.equal(shared[1]["gen_query"], direct[1]["gen_query"])  # the two paths did run
+    for n in ("gen_query", "ref_query"):
+        assert_map_close(shared[1][n], direct[1][n], dtype, n)
+
+
+def test_emulated_extreme_scores_take_the_direct_exponential(emulated):
+    """Queries 0-15 score up to ~100 nats: the head's c lies far past the range above its smallest
+    lse_col, so C is computed directly (from P it would lose whole columns)."""
+    case = make_case(Nq=45, Nk=77, d=40, names=ALL)
+    case.q[:, :, :16] *= 20
+    check_backend("cuda", case, library=emulated)
 
 
 def test_emulated_bits_do_not_depend_on_thread_interleaving(emulated, monkeypatch):

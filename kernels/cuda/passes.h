@@ -27,6 +27,9 @@ void launch_normalize_rows(const float* src, float* dst, float* scale, int rows,
 // lse_col[ih][k] from the per-slot (max, sum) partials of the stats pass.
 void launch_column_lse(const Params& p, int n_record, cudaStream_t stream);
 
+// Per (entry, head): head_shift, from_p and col_factor (params.cuh) from lse_row and lse_col.
+void launch_c_from_p(const Params& p, int n_record, cudaStream_t stream);
+
 // map[i][h][r][j] += m_scale[r] * sum over slots of part[ih][slot][r][ref_idx[j]].
 void launch_reduce_ref(const float* part, const int64_t* ref_idx, const float* m_scale, float* map,
                        const Strides& map_strides, int n_record, int heads, int slots, int rows, int nk, int n_ref,
