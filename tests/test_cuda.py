@@ -193,7 +193,8 @@ def test_emulated_float64_computes_in_float32(emulated):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_emulated_c_from_p_or_by_its_own_exponential(emulated, monkeypatch, dtype):
     """By default C is P times the rank-one factors; a range of -1 (I2AM_C_FROM_P_RANGE=-1) takes
-    every head's C by its own exponential. Both match the reference, and closely each other."""
+    every head's C by its own exponential, and every row's and column's log-sum-exp from the
+    exact pass. Both match the reference, and closely each other."""
     case = make_case(Nq=45, Nk=77, d=40, dtype=dtype, names=ALL, seed=3)
     check_backend("cuda", case, library=emulated)
     shared = _run(emulated, case)
@@ -210,6 +211,26 @@ def test_emulated_extreme_scores_take_the_direct_exponential(emulated):
     lse_col, so C is computed directly (from P it would lose whole columns)."""
     case = make_case(Nq=45, Nk=77, d=40, names=ALL)
     case.q[:, :, :16] *= 20
+    check_backend("cuda", case, library=emulated)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_emulated_rows_far_below_their_warp_take_the_exact_pass(emulated, dtype):
+    """Odd queries score up to ~100 nats: at the shift their warp shares, the even rows' sums
+    vanish below float's range; those rows are redone with their own shift."""
+    case = make_case(Nq=45, Nk=77, d=40, dtype=dtype, names=ALL, seed=7)
+    case.q[:, :, 1::2] *= 20
+    check_backend("cuda", case, library=emulated)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_emulated_columns_far_below_every_row_take_the_exact_pass(emulated, dtype):
+    """Key 5 scores ~170 log2 units below the others for every query: its column sum vanishes at
+    every shared shift, so its lse_col comes from the exact pass (C of key 5 is a full softmax)."""
+    case = make_case(Nq=45, Nk=77, d=40, dtype=dtype, names=ALL, seed=8)
+    case.q[..., 0] = 16
+    case.k[..., 0] = 24
+    case.k[..., 5, 0] = -24
     check_backend("cuda", case, library=emulated)
 
 

@@ -114,6 +114,7 @@ Plan make_plan(const i2am_problem& pr, char* workspace, int sm_count) {
     choose_slots(p, pr.n_record, sm_count);
     p.need_c = pr.maps[I2AM_GEN_QUERY] || pr.maps[I2AM_REF_QUERY];
     p.c_range = float(pr.c_from_p_range);
+    p.tiny = pr.c_from_p_range < 0 ? INFINITY : std::exp2(-float(pr.c_from_p_range));
     p.n_u = gen_requested(pr) ? pr.n_key_probes : 0;
     p.n_m = ref_requested(pr) ? pr.n_query_probes : 0;
     const int gen_ids[2] = {I2AM_GEN_KEY, I2AM_GEN_QUERY}, ref_ids[2] = {I2AM_REF_KEY, I2AM_REF_QUERY};
@@ -179,8 +180,10 @@ void run(const i2am_problem& pr, const Plan& plan, cudaStream_t stream) {
     }
     if (p.n_m) launch_normalize_rows(pr.query_probes, plan.m, plan.m_scale, p.n_m, p.nq, stream);
     launch_attention(Pass::kStats, pr.dtype, p, plan, stream);
+    launch_exact_lse(ExactLse::kRows, pr.dtype, p, plan.n_record, stream);
     if (p.need_c) {
         launch_column_lse(p, plan.n_record, stream);
+        launch_exact_lse(ExactLse::kColumns, pr.dtype, p, plan.n_record, stream);
         launch_c_from_p(p, plan.n_record, stream);
     }
     for (int chunk = 0; chunk < plan.probe_chunks; ++chunk) {

@@ -42,6 +42,7 @@ struct Params {
     // or P lose below float's 2^-126 is below 2^(c_range - 126) of a map value. A head whose
     // c - min lse_col exceeds c_range takes the direct exponential 2^(s - lse_col) instead.
     float c_range;
+    float tiny;                // 2^-c_range (+inf for c_range < 0): row and column sums kept at a shared shift
     float* head_shift;         // [Br][H]      c
     int* from_p;               // [Br][H]      1 where C comes from P
     float* col_factor;         // [Br][H][Nk]  b where C comes from P

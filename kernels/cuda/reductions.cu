@@ -9,13 +9,13 @@ namespace {
 
 constexpr int kThreadsPerBlock = 256;
 
-__global__ void column_lse(const MaxSum* part, float* lse_col, int slots, int nk, int64_t n) {
+__global__ void column_lse(const MaxSum* part, float* lse_col, int slots, int nk, float tiny, int64_t n) {
     const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // ih * nk + key
     if (idx >= n) return;
     const MaxSum* p = part + idx / nk * slots * nk + idx % nk;
     MaxSum c = p[0];
     for (int s = 1; s < slots; ++s) c = merge(c, p[int64_t(s) * nk]);
-    lse_col[idx] = c.m + log2f(c.l);
+    lse_col[idx] = c.l >= tiny ? c.m + log2f(c.l) : INFINITY;  // +inf: redone by exact_lse
 }
 
 // One warp per (entry, head): max and min are exact in any order, so this is deterministic too.
@@ -54,7 +54,7 @@ __global__ void reduce_ref(const float* part, const int64_t* ref_idx, const floa
 void launch_column_lse(const Params& p, int n_record, cudaStream_t stream) {
     const int64_t n = int64_t(n_record) * p.heads * p.nk;
     launch_kernel(column_lse, dim3(blocks_for(n, kThreadsPerBlock)), kThreadsPerBlock, 0, stream,
-                  static_cast<const MaxSum*>(p.col_part), p.lse_col, p.slots, p.nk, n);
+                  static_cast<const MaxSum*>(p.col_part), p.lse_col, p.slots, p.nk, p.tiny, n);
     check_launch("column_lse");
 }
 

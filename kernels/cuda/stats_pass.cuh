@@ -1,5 +1,12 @@
 // Pass 1: each query row's log2-sum-exp2 over all keys (for P), and when a query-softmax map
 // is requested, each key column's (max, sum) over the block's run of query rows (for C).
+//
+// One exponential a score serves both: per key block each warp takes one shift W, its largest
+// score there, and e = 2^(s - W) gives its rows' sums and its columns' sums at the same shift.
+// Rows and columns far below W lose their terms to float's range: a row (or column) whose sum
+// at the largest shift it met is below p.tiny = 2^-c_range is written as +inf, and
+// launch_exact_lse redoes it with its own shift. Where the sum is at least 2^-c_range, each
+// lost term is below 2^(-126 + c_range) of it.
 #pragma once
 
 #include "scores.cuh"
@@ -11,26 +18,34 @@ struct StatsSmem {
     using Cfg = Tiles<T, D>;
     static constexpr size_t kQ = size_t(kBlockQ) * Cfg::kLdD * sizeof(T);
     static constexpr size_t kK = size_t(Cfg::kBlockK) * Cfg::kLdD * sizeof(T);
-    static constexpr size_t kCols = size_t(kWarps) * Cfg::kBlockK * sizeof(MaxSum);
-    static constexpr size_t kBytes = kQ + kK + kCols;
+    static constexpr size_t kCols = size_t(kWarps) * Cfg::kBlockK * sizeof(float);  // column sums at W
+    static constexpr size_t kShifts = size_t(kWarps) * sizeof(float);             // the warps' W
+    static constexpr size_t kBytes = kQ + kK + kCols + kShifts;
 };
 
-// Column (max, sum) of the warp's 16 rows for each key of s, written by lanes g == 0 to cols.
+// Sums over the warp's 16 rows of e for each key of the block, written by lanes g == 0.
 template <int kTiles>
-__device__ void warp_column_stats(const float (&s)[kTiles][4], const bool (&row_ok)[2], MaxSum* cols) {
+__device__ void warp_column_sums(const float (&e)[kTiles][4], float* cols) {
     const LaneCoords ln;
 #pragma unroll
     for (int nt = 0; nt < kTiles; ++nt) {
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
-            const float v0 = row_ok[0] ? s[nt][c] : -INFINITY, v1 = row_ok[1] ? s[nt][2 + c] : -INFINITY;
-            float m = fmaxf(v0, v1);
-            for (int mask = 4; mask < 32; mask *= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, mask));
-            float l = m == -INFINITY ? 0.f : exp2f(v0 - m) + exp2f(v1 - m);
+            float l = e[nt][c] + e[nt][2 + c];
             for (int mask = 4; mask < 32; mask *= 2) l += __shfl_xor_sync(0xffffffffu, l, mask);
-            if (ln.g == 0) cols[nt * 8 + 2 * ln.t + c] = {m, l};
+            if (ln.g == 0) cols[nt * 8 + 2 * ln.t + c] = l;
         }
     }
+}
+
+// The block's (max, sum) of one key column: the warps' sums rescaled to the largest W.
+__device__ inline MaxSum block_column(const float* cols, const float* shifts, int key, int block_k) {
+    float m = shifts[0];
+    for (int w = 1; w < kWarps; ++w) m = fmaxf(m, shifts[w]);
+    if (m == -INFINITY) return {m, 0.f};
+    float l = 0.f;
+    for (int w = 0; w < kWarps; ++w) l += cols[w * block_k + key] * exp2f(shifts[w] - m);
+    return {m, l};
 }
 
 template <class T, int D>
@@ -40,7 +55,8 @@ __global__ void __launch_bounds__(kThreads) stats_pass(Params p) {
     unsigned char* smem = dynamic_smem();
     T* q_tile = reinterpret_cast<T*>(smem);
     T* k_tile = reinterpret_cast<T*>(smem + StatsSmem<T, D>::kQ);
-    MaxSum* col_tile = reinterpret_cast<MaxSum*>(smem + StatsSmem<T, D>::kQ + StatsSmem<T, D>::kK);  // [warp][key]
+    float* col_tile = reinterpret_cast<float*>(smem + StatsSmem<T, D>::kQ + StatsSmem<T, D>::kK);  // [warp][key]
+    float* shifts = col_tile + kWarps * kBlockK;                                                  // [warp]
 
     const BlockHead bh(p);
     const LaneCoords ln;
@@ -54,7 +70,9 @@ __global__ void __launch_bounds__(kThreads) stats_pass(Params p) {
         const bool row_ok[2] = {xw < p.nq, xw + 8 < p.nq};
         __syncthreads();  // the previous run's readers of q_tile are done
         load_tile<T, kBlockQ>(q_tile, Cfg::kLdD, q + x0 * p.qs.n, p.qs.n, p.qs.c, p.q_vec, p.nq - x0, p.d, d16);
-        MaxSum row[2] = {{-INFINITY, 0.f}, {-INFINITY, 0.f}};  // over this lane's columns only
+        // The rows' sums over this lane's columns at the shift m, the largest W so far (the
+        // same in every lane of the warp).
+        float m = -INFINITY, l[2] = {0.f, 0.f};
 
         for (int k0 = 0; k0 < p.nk; k0 += kBlockK) {
             __syncthreads();  // readers of k_tile and col_tile of the previous key block are done
@@ -62,26 +80,36 @@ __global__ void __launch_bounds__(kThreads) stats_pass(Params p) {
             __syncthreads();
             float s[kTiles][4];
             warp_scores<T, D>(s, q_tile + 16 * ln.warp * Cfg::kLdD, k_tile, k0, p);
-
+            float w = -INFINITY;  // W: the largest score of the warp's valid rows
 #pragma unroll
-            for (int j = 0; j < 2; ++j) {  // online update of rows g and g+8
-                float m = row[j].m;
+            for (int nt = 0; nt < kTiles; ++nt)
 #pragma unroll
-                for (int nt = 0; nt < kTiles; ++nt) m = fmaxf(m, fmaxf(s[nt][2 * j], s[nt][2 * j + 1]));
-                if (m == -INFINITY) continue;  // no valid key in this lane's columns yet
-                float l = row[j].l * exp2f(row[j].m - m);
+                for (int e = 0; e < 4; ++e) {
+                    if (!row_ok[e / 2]) s[nt][e] = -INFINITY;
+                    w = fmaxf(w, s[nt][e]);
+                }
+            for (int mask = 1; mask < 32; mask *= 2) w = fmaxf(w, __shfl_xor_sync(0xffffffffu, w, mask));
+            const float shift = w == -INFINITY ? 0.f : w;  // no valid score: every e below is 0
+            float r[2] = {0.f, 0.f};
 #pragma unroll
-                for (int nt = 0; nt < kTiles; ++nt) l += exp2f(s[nt][2 * j] - m) + exp2f(s[nt][2 * j + 1] - m);
-                row[j] = {m, l};
+            for (int nt = 0; nt < kTiles; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    s[nt][e] = exp2f(s[nt][e] - shift);  // s now holds e = 2^(s - W)
+                    r[e / 2] += s[nt][e];
+                }
+            if (w != -INFINITY) {  // rows: (m, l) and (W, r) to the larger shift, one exponential
+                for (int j = 0; j < 2; ++j) l[j] = merge({m, l[j]}, {w, r[j]}).l;
+                m = fmaxf(m, w);
             }
 
             if (!p.need_c) continue;
-            warp_column_stats<kTiles>(s, row_ok, col_tile + ln.warp * kBlockK);
+            warp_column_sums<kTiles>(s, col_tile + ln.warp * kBlockK);
+            if (ln.g == 0 && ln.t == 0) shifts[ln.warp] = w;
             __syncthreads();
             const int key = k0 + int(threadIdx.x);
             if (threadIdx.x < kBlockK && key < p.nk) {  // merge warps, then this run's earlier blocks
-                MaxSum c = col_tile[threadIdx.x];
-                for (int w = 1; w < kWarps; ++w) c = merge(c, col_tile[w * kBlockK + threadIdx.x]);
+                const MaxSum c = block_column(col_tile, shifts, threadIdx.x, kBlockK);
                 col_part[key] = qb == bh.first_block(p) ? c : merge(col_part[key], c);
             }
         }
@@ -89,8 +117,8 @@ __global__ void __launch_bounds__(kThreads) stats_pass(Params p) {
         float* lse_row = p.lse_row + bh.ih * p.nq;
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-            for (int mask = 1; mask < 4; mask *= 2) row[j] = merge(row[j], shfl_xor(row[j], mask));
-            if (ln.t == 0 && row_ok[j]) lse_row[xw + 8 * j] = row[j].m + log2f(row[j].l);
+            for (int mask = 1; mask < 4; mask *= 2) l[j] += __shfl_xor_sync(0xffffffffu, l[j], mask);
+            if (ln.t == 0 && row_ok[j]) lse_row[xw + 8 * j] = l[j] >= p.tiny ? m + log2f(l[j]) : INFINITY;
         }
     }
 }
