@@ -88,7 +88,12 @@ struct MainBlock {
             sm.col[threadIdx.x] = key < p.nk ? (c_from_p ? p.col_factor : p.lse_col)[bh.ih * p.nk + key] : 0.f;
     }
 
+    // How this head's C tile is made: none needed, from P, or by its own exponential.
+    enum CTile { kNoC, kFromP, kDirect };
+
     // The warp's rows of P and C; zero outside the valid rows and keys. a: the rows' a[x].
+    // One instance per CTile, so that the C-from-P tile holds no exponential, not even predicated off.
+    template <CTile kC>
     __device__ void write_softmaxes(const float (&s)[kTiles][4], const bool (&row_ok)[2], const float (&lse_row)[2],
                                     const float (&a)[2]) {
 #pragma unroll
@@ -100,12 +105,19 @@ struct MainBlock {
                 const int at = (16 * ln.warp + ln.g + 8 * j) * Cfg::kLdK + col;
                 const float pv = ok ? exp2f(s[nt][e] - lse_row[j]) : 0.f;
                 sm.pc[kOverKeys][at] = from_float<T>(pv);
-                if (!p.need_c) continue;
+                if (kC == kNoC) continue;
                 // a b = 2^(lse_row - lse_col) first: it underflows only where C < 2^-126 anyway
-                const float cv = c_from_p ? pv * (a[j] * sm.col[col]) : ok ? exp2f(s[nt][e] - sm.col[col]) : 0.f;
+                const float cv = kC == kFromP ? pv * (a[j] * sm.col[col]) : ok ? exp2f(s[nt][e] - sm.col[col]) : 0.f;
                 sm.pc[kOverQueries][at] = from_float<T>(cv);
             }
         }
+    }
+
+    __device__ void write_softmaxes(const float (&s)[kTiles][4], const bool (&row_ok)[2], const float (&lse_row)[2],
+                                    const float (&a)[2]) {
+        if (!p.need_c) write_softmaxes<kNoC>(s, row_ok, lse_row, a);
+        else if (c_from_p) write_softmaxes<kFromP>(s, row_ok, lse_row, a);
+        else write_softmaxes<kDirect>(s, row_ok, lse_row, a);
     }
 
     // out += P V and gen += P U^T, C U^T over the warp's 16 rows.
