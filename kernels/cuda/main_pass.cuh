@@ -227,7 +227,7 @@ __global__ void __launch_bounds__(kThreads) main_pass(Params p) {
 
         for (int k0 = 0; k0 < p.nk; k0 += MainBlock<T, D>::kBlockK) {
             blk.load_key_block(k0);  // its previous readers finished before the last block barrier
-            __syncthreads();         // tiles loaded; also: the last key block's readers of P, C are done
+            tiles_landed();          // also the Q and M tiles'; and the last key block's readers of P, C are done
             float s[MainBlock<T, D>::kTiles][4];
             warp_scores<T, D>(s, blk.sm.q + 16 * ln.warp * Tiles<T, D>::kLdD, blk.sm.k, k0, p);
             blk.write_softmaxes(s, row_ok, lse_row, a);

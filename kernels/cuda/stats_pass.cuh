@@ -77,7 +77,7 @@ __global__ void __launch_bounds__(kThreads) stats_pass(Params p) {
         for (int k0 = 0; k0 < p.nk; k0 += kBlockK) {
             __syncthreads();  // readers of k_tile and col_tile of the previous key block are done
             load_tile<T, kBlockK>(k_tile, Cfg::kLdD, k + k0 * p.ks.n, p.ks.n, p.ks.c, p.k_vec, p.nk - k0, p.d, d16);
-            __syncthreads();
+            tiles_landed();  // and the Q tile's, at the first key block
             float s[kTiles][4];
             warp_scores<T, D>(s, q_tile + 16 * ln.warp * Cfg::kLdD, k_tile, k0, p);
             float w = -INFINITY;  // W: the largest score of the warp's valid rows
