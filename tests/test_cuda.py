@@ -234,6 +234,14 @@ def test_emulated_columns_far_below_every_row_take_the_exact_pass(emulated, dtyp
     check_backend("cuda", case, library=emulated)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_emulated_key_tiles_prefetched_without_column_barrier(emulated, dtype):
+    """Without C maps the stats pass's key loop has one barrier a key block: the next key tile's
+    cp.async must start only after every warp has read the tile it overwrites (5 key blocks)."""
+    case = make_case(Nq=45, Nk=257, d=40, dtype=dtype, names=("gen_key", "ref_key"), seed=9)
+    check_backend("cuda", case, library=emulated)
+
+
 def test_emulated_bits_do_not_depend_on_thread_interleaving(emulated, monkeypatch):
     case = make_case(Nq=45, Nk=77, d=40, dtype=torch.bfloat16, names=ALL)
     runs = []

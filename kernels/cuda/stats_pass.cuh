@@ -17,10 +17,10 @@ template <class T, int D>
 struct StatsSmem {
     using Cfg = Tiles<T, D>;
     static constexpr size_t kQ = size_t(kBlockQ) * Cfg::kLdD * sizeof(T);
-    static constexpr size_t kK = size_t(Cfg::kBlockK) * Cfg::kLdD * sizeof(T);
+    static constexpr size_t kK = size_t(Cfg::kBlockK) * Cfg::kLdD * sizeof(T);  // two: one lands, one is read
     static constexpr size_t kCols = size_t(kWarps) * Cfg::kBlockK * sizeof(float);  // column sums at W
     static constexpr size_t kShifts = size_t(kWarps) * sizeof(float);             // the warps' W
-    static constexpr size_t kBytes = kQ + kK + kCols + kShifts;
+    static constexpr size_t kBytes = kQ + 2 * kK + kCols + kShifts;
 };
 
 // Sums over the warp's 16 rows of e for each key of the block, written by lanes g == 0.
@@ -54,8 +54,9 @@ __global__ void __launch_bounds__(kThreads) stats_pass(Params p) {
     constexpr int kBlockK = Cfg::kBlockK, kTiles = kBlockK / 8;
     unsigned char* smem = dynamic_smem();
     T* q_tile = reinterpret_cast<T*>(smem);
-    T* k_tile = reinterpret_cast<T*>(smem + StatsSmem<T, D>::kQ);
-    float* col_tile = reinterpret_cast<float*>(smem + StatsSmem<T, D>::kQ + StatsSmem<T, D>::kK);  // [warp][key]
+    T* const k_tiles[2] = {reinterpret_cast<T*>(smem + StatsSmem<T, D>::kQ),
+                           reinterpret_cast<T*>(smem + StatsSmem<T, D>::kQ + StatsSmem<T, D>::kK)};
+    float* col_tile = reinterpret_cast<float*>(smem + StatsSmem<T, D>::kQ + 2 * StatsSmem<T, D>::kK);  // [warp][key]
     float* shifts = col_tile + kWarps * kBlockK;                                                  // [warp]
 
     const BlockHead bh(p);
@@ -64,22 +65,27 @@ __global__ void __launch_bounds__(kThreads) stats_pass(Params p) {
     const T* k = bh.at<T>(p.k, p.ks);
     const int d16 = round_up(p.d, 16);
     MaxSum* col_part = p.col_part + (bh.ih * p.slots + bh.slot) * p.nk;
+    const auto load_keys = [&](int k0, T* tile) {
+        load_tile<T, kBlockK>(tile, Cfg::kLdD, k + k0 * p.ks.n, p.ks.n, p.ks.c, p.k_vec, p.nk - k0, p.d, d16);
+    };
 
     for (int qb = bh.first_block(p); qb < bh.end_block(p); ++qb) {
         const int x0 = qb * kBlockQ, xw = x0 + 16 * ln.warp + ln.g;  // xw: the lane's first row
         const bool row_ok[2] = {xw < p.nq, xw + 8 < p.nq};
-        __syncthreads();  // the previous run's readers of q_tile are done
+        __syncthreads();  // the previous run's readers of q_tile and the key tiles are done
         load_tile<T, kBlockQ>(q_tile, Cfg::kLdD, q + x0 * p.qs.n, p.qs.n, p.qs.c, p.q_vec, p.nq - x0, p.d, d16);
+        load_keys(0, k_tiles[0]);
         // The rows' sums over this lane's columns at the shift m, the largest W so far (the
         // same in every lane of the warp).
         float m = -INFINITY, l[2] = {0.f, 0.f};
 
-        for (int k0 = 0; k0 < p.nk; k0 += kBlockK) {
-            __syncthreads();  // readers of k_tile and col_tile of the previous key block are done
-            load_tile<T, kBlockK>(k_tile, Cfg::kLdD, k + k0 * p.ks.n, p.ks.n, p.ks.c, p.k_vec, p.nk - k0, p.d, d16);
-            tiles_landed();  // and the Q tile's, at the first key block
+        for (int k0 = 0, cur = 0; k0 < p.nk; k0 += kBlockK, cur ^= 1) {
+            // This key block's tile has landed (at the first, Q's too); the readers of the other
+            // tile and of col_tile in the previous key block are done.
+            tiles_landed();
+            if (k0 + kBlockK < p.nk) load_keys(k0 + kBlockK, k_tiles[cur ^ 1]);  // lands while this block runs
             float s[kTiles][4];
-            warp_scores<T, D>(s, q_tile + 16 * ln.warp * Cfg::kLdD, k_tile, k0, p);
+            warp_scores<T, D>(s, q_tile + 16 * ln.warp * Cfg::kLdD, k_tiles[cur], k0, p);
             float w = -INFINITY;  // W: the largest score of the warp's valid rows
 #pragma unroll
             for (int nt = 0; nt < kTiles; ++nt)
