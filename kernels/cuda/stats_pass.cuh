@@ -23,19 +23,43 @@ struct StatsSmem {
     static constexpr size_t kBytes = kQ + 2 * kK + kCols + kShifts;
 };
 
-// Sums over the warp's 16 rows of e for each key of the block, written by lanes g == 0.
+// Reduce-scatter over the lanes of one t (lane bits 2-4, masks kMask .. 4): of the kN values
+// v[0 .. kN) (value indices base ..) each lane keeps the half its mask bit names, added to its
+// partner's copy, until one value is left; masks left over then add it in full.
+template <int kVals, int kN, int kMask>
+__device__ void sum_over_lanes_of_t(float (&v)[kVals], int& base) {
+    if constexpr (kMask >= 4) {
+        if constexpr (kN == 1) {
+            v[0] += __shfl_xor_sync(0xffffffffu, v[0], kMask);
+        } else {
+            const bool hi = threadIdx.x & kMask;
+#pragma unroll
+            for (int i = 0; i < kN / 2; ++i) {
+                const float keep = hi ? v[i + kN / 2] : v[i], send = hi ? v[i] : v[i + kN / 2];
+                v[i] = keep + __shfl_xor_sync(0xffffffffu, send, kMask);
+            }
+            if (hi) base += kN / 2;
+        }
+        sum_over_lanes_of_t<kVals, kN == 1 ? 1 : kN / 2, kMask / 2>(v, base);
+    }
+}
+
+// Sums over the warp's 16 rows of e for each key of the block, into cols[key]: each column's
+// value i = 2 nt + c (key 8 nt + 2t + c) of the lanes of one t, reduce-scattered over them
+// (14 shuffles for 64 keys, where a full reduction of each would take 48).
 template <int kTiles>
 __device__ void warp_column_sums(const float (&e)[kTiles][4], float* cols) {
+    constexpr int kVals = 2 * kTiles, kLeft = kVals >= 8 ? kVals / 8 : 1;  // values a lane ends with
     const LaneCoords ln;
+    float v[kVals];
 #pragma unroll
-    for (int nt = 0; nt < kTiles; ++nt) {
+    for (int nt = 0; nt < kTiles; ++nt)
 #pragma unroll
-        for (int c = 0; c < 2; ++c) {
-            float l = e[nt][c] + e[nt][2 + c];
-            for (int mask = 4; mask < 32; mask *= 2) l += __shfl_xor_sync(0xffffffffu, l, mask);
-            if (ln.g == 0) cols[nt * 8 + 2 * ln.t + c] = l;
-        }
-    }
+        for (int c = 0; c < 2; ++c) v[2 * nt + c] = e[nt][c] + e[nt][2 + c];
+    int base = 0;
+    sum_over_lanes_of_t<kVals, kVals, 16>(v, base);
+#pragma unroll
+    for (int i = 0; i < kLeft; ++i) cols[(base + i) / 2 * 8 + 2 * ln.t + (base + i) % 2] = v[i];
 }
 
 // The block's (max, sum) of one key column: the warps' sums rescaled to the largest W.
