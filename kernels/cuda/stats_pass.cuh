@@ -128,7 +128,7 @@ __global__ void __launch_bounds__(kThreads) stats_pass(Params p) {
                     s[nt][e] = exp2f(s[nt][e] - shift);  // s now holds e = 2^(s - W)
                     r[e / 2] += s[nt][e];
                 }
-            if (w != -INFINITY) {  // rows: (m, l) and (W, r) to the larger shift, one exponential
+            if (w != -INFINITY) {  // rows: (m, l) and (W, r) to the larger shift (one exponential a row)
                 for (int j = 0; j < 2; ++j) l[j] = merge({m, l[j]}, {w, r[j]}).l;
                 m = fmaxf(m, w);
             }
