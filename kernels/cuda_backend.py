@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from . import torch_backend
+
 LIB_ENV = "I2AM_CUDA_LIB"
 LIB_NAME = "libi2am_cuda.so"
 BUILD_HINT = (
@@ -36,7 +38,7 @@ class Problem(ctypes.Structure):
         ("nk", ctypes.c_int32), ("d", ctypes.c_int32), ("dv", ctypes.c_int32),
         ("n_record", ctypes.c_int32), ("n_ref", ctypes.c_int32),
         ("n_key_probes", ctypes.c_int32), ("n_query_probes", ctypes.c_int32),
-        ("scale", ctypes.c_double),
+        ("scale", ctypes.c_double), ("c_from_p_range", ctypes.c_double),
         ("q", ctypes.c_void_p), ("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("out", ctypes.c_void_p),
         ("q_stride", _Strides), ("k_stride", _Strides), ("v_stride", _Strides), ("out_stride", _Strides),
         ("record_idx", ctypes.c_void_p), ("ref_idx", ctypes.c_void_p),
@@ -125,6 +127,7 @@ def _call(lib, q, k, v, out, maps, scale, ref_idx, record_idx, key_probes, query
     p.n_record, p.n_ref = record_idx.numel(), ref_idx.numel()
     p.n_key_probes, p.n_query_probes = key_probes.shape[0], query_probes.shape[0]
     p.scale = float(scale)
+    p.c_from_p_range = torch_backend.C_FROM_P_RANGE  # read per call: tests and benchmarks change it
     for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
         setattr(p, name, t.data_ptr())
         setattr(p, f"{name}_stride", _Strides(*t.stride()))

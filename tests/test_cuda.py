@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cases import check_backend, expected, make_case
-from i2am.kernels import attention_with_maps, cuda_backend
+from cases import assert_map_close, check_backend, expected, make_case
+from i2am.kernels import attention_with_maps, cuda_backend, torch_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL = ("gen_query", "gen_key", "ref_key", "ref_query")
@@ -188,6 +188,58 @@ def test_emulated_float64_computes_in_float32(emulated):
     torch.testing.assert_close(out.float(), want_out, rtol=2e-4, atol=2e-5)
     for n in ALL:
         torch.testing.assert_close(maps[n], want[n], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_emulated_c_from_p_or_by_its_own_exponential(emulated, monkeypatch, dtype):
+    """By default C is P times the rank-one factors; a range of -1 (I2AM_C_FROM_P_RANGE=-1) takes
+    every head's C by its own exponential, and every row's and column's log-sum-exp from the
+    exact pass. Both match the reference, and closely each other."""
+    case = make_case(Nq=45, Nk=77, d=40, dtype=dtype, names=ALL, seed=3)
+    check_backend("cuda", case, library=emulated)
+    shared = _run(emulated, case)
+    monkeypatch.setattr(torch_backend, "C_FROM_P_RANGE", -1.0)
+    check_backend("cuda", case, library=emulated)
+    direct = _run(emulated, case)
+    assert not torch.equal(shared[1]["gen_query"], direct[1]["gen_query"])  # the two paths did run
+    for n in ("gen_query", "ref_query"):
+        assert_map_close(shared[1][n], direct[1][n], dtype, n)
+
+
+def test_emulated_extreme_scores_take_the_direct_exponential(emulated):
+    """Queries 0-15 score up to ~100 nats: the head's c lies far past the range above its smallest
+    lse_col, so C is computed directly (from P it would lose whole columns)."""
+    case = make_case(Nq=45, Nk=77, d=40, names=ALL)
+    case.q[:, :, :16] *= 20
+    check_backend("cuda", case, library=emulated)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_emulated_rows_far_below_their_warp_take_the_exact_pass(emulated, dtype):
+    """Odd queries score up to ~100 nats: at the shift their warp shares, the even rows' sums
+    vanish below float's range; those rows are redone with their own shift."""
+    case = make_case(Nq=45, Nk=77, d=40, dtype=dtype, names=ALL, seed=7)
+    case.q[:, :, 1::2] *= 20
+    check_backend("cuda", case, library=emulated)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_emulated_columns_far_below_every_row_take_the_exact_pass(emulated, dtype):
+    """Key 5 scores ~170 log2 units below the others for every query: its column sum vanishes at
+    every shared shift, so its lse_col comes from the exact pass (C of key 5 is a full softmax)."""
+    case = make_case(Nq=45, Nk=77, d=40, dtype=dtype, names=ALL, seed=8)
+    case.q[..., 0] = 16
+    case.k[..., 0] = 24
+    case.k[..., 5, 0] = -24
+    check_backend("cuda", case, library=emulated)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_emulated_key_tiles_prefetched_without_column_barrier(emulated, dtype):
+    """Without C maps the stats pass's key loop has one barrier a key block: the next key tile's
+    cp.async must start only after every warp has read the tile it overwrites (5 key blocks)."""
+    case = make_case(Nq=45, Nk=257, d=40, dtype=dtype, names=("gen_key", "ref_key"), seed=9)
+    check_backend("cuda", case, library=emulated)
 
 
 def test_emulated_bits_do_not_depend_on_thread_interleaving(emulated, monkeypatch):

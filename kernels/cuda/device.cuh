@@ -1,4 +1,4 @@
-// The device primitives the kernels use beyond plain C++: inline PTX (ldmatrix, mma), dynamic
+// The device primitives the kernels use beyond plain C++: inline PTX (cp.async, ldmatrix, mma), dynamic
 // shared memory and kernel launch. Tests build the library with I2AM_HOST_EMULATION, which
 // swaps in emulation/host_device.h to run the very same kernels on the CPU.
 #pragma once
@@ -18,6 +18,14 @@ namespace i2am {
 __device__ inline uint32_t smem_address(const void* p) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
+
+// cp.async (sm_80+): 16 bytes from global to shared memory without passing through registers,
+// bypassing L1 (.cg); they land once the issuing thread has passed cp_async_wait_all.
+__device__ inline void cp_async_16(void* smem, const void* gmem) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_address(smem)), "l"(gmem) : "memory");
+}
+
+__device__ inline void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
 // ldmatrix: lane l gives the address of row l % 8 of matrix l / 8; each matrix lands in one
 // register per lane as (row lane / 4, cols 2 (lane % 4) + {0, 1}), or transposed with .trans.

@@ -67,6 +67,8 @@ void validate(const i2am_problem* pr) {
     require(pr->n_record > 0 && pr->n_record <= pr->batch, "n_record must be in 1..batch");
     require(pr->n_ref > 0, "n_ref must be positive");
     require(std::isfinite(pr->scale) && pr->scale > 0, "scale must be positive and finite");
+    require(std::isfinite(pr->c_from_p_range) && pr->c_from_p_range < 128,
+            "c_from_p_range must be finite and below 128 (2^range must fit a float)");
     require(pr->q && pr->k && pr->v && pr->out && pr->record_idx && pr->ref_idx,
             "q, k, v, out, record_idx and ref_idx must be device pointers");
     require(!gen_requested(*pr) || (pr->key_probes && pr->n_key_probes > 0),
@@ -111,6 +113,8 @@ Plan make_plan(const i2am_problem& pr, char* workspace, int sm_count) {
     p.record_idx = pr.record_idx;
     choose_slots(p, pr.n_record, sm_count);
     p.need_c = pr.maps[I2AM_GEN_QUERY] || pr.maps[I2AM_REF_QUERY];
+    p.c_range = float(pr.c_from_p_range);
+    p.tiny = pr.c_from_p_range < 0 ? INFINITY : std::exp2(-float(pr.c_from_p_range));
     p.n_u = gen_requested(pr) ? pr.n_key_probes : 0;
     p.n_m = ref_requested(pr) ? pr.n_query_probes : 0;
     const int gen_ids[2] = {I2AM_GEN_KEY, I2AM_GEN_QUERY}, ref_ids[2] = {I2AM_REF_KEY, I2AM_REF_QUERY};
@@ -127,6 +131,9 @@ Plan make_plan(const i2am_problem& pr, char* workspace, int sm_count) {
     if (p.need_c) {
         p.col_part = arena.take<MaxSum>(heads_rec * p.slots * pr.nk);
         p.lse_col = arena.take<float>(heads_rec * pr.nk);
+        p.head_shift = arena.take<float>(heads_rec);
+        p.from_p = arena.take<int>(heads_rec);
+        p.col_factor = arena.take<float>(heads_rec * pr.nk);
     }
     if (p.n_u) {
         plan.u = arena.take<float>(int64_t(p.n_u) * pr.nk);
@@ -173,7 +180,12 @@ void run(const i2am_problem& pr, const Plan& plan, cudaStream_t stream) {
     }
     if (p.n_m) launch_normalize_rows(pr.query_probes, plan.m, plan.m_scale, p.n_m, p.nq, stream);
     launch_attention(Pass::kStats, pr.dtype, p, plan, stream);
-    if (p.need_c) launch_column_lse(p, plan.n_record, stream);
+    launch_exact_lse(ExactLse::kRows, pr.dtype, p, plan.n_record, stream);
+    if (p.need_c) {
+        launch_column_lse(p, plan.n_record, stream);
+        launch_exact_lse(ExactLse::kColumns, pr.dtype, p, plan.n_record, stream);
+        launch_c_from_p(p, plan.n_record, stream);
+    }
     for (int chunk = 0; chunk < plan.probe_chunks; ++chunk) {
         Params pc = p;  // probe rows r0 .. r0 + kProbeTile of both probe kinds
         pc.r0 = chunk * kProbeTile;

@@ -35,6 +35,9 @@ typedef struct i2am_problem {
     int32_t n_key_probes;           /* Ru: rows of key_probes */
     int32_t n_query_probes;         /* Rw: rows of query_probes */
     double scale;                   /* score scale, > 0 */
+    double c_from_p_range;          /* log2 spread of a head's scores up to which one exponential per
+                                       score serves both softmaxes (the Python binding passes 80);
+                                       negative: two exponentials everywhere */
     const void *q, *k, *v;          /* (B,H,Nq,d), (B,H,Nk,d), (B,H,Nk,dv) */
     void *out;                      /* (B,H,Nq,dv), dtype: rows record_idx are written */
     int64_t q_stride[4], k_stride[4], v_stride[4], out_stride[4];

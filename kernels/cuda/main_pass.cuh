@@ -1,5 +1,7 @@
 // Pass 2: out = P V and the map reductions, with the exact softmaxes of pass 1:
-//   P[x,k] = 2^(s[x,k] - lse_row[x]),  C[x,k] = 2^(s[x,k] - lse_col[k])   (log2 domain).
+//   P[x,k] = 2^(s[x,k] - lse_row[x]),  C[x,k] = P[x,k] a[x] b[k]   (log2 domain),
+// C from P by the rank-one factors of params.cuh (one exponential a score), or where a head's
+// scores spread too wide, C[x,k] = 2^(s[x,k] - lse_col[k]).
 // Per key block each warp writes its 16 rows of P and C to shared memory, then
 //   out  (16 x dv) += P V                 gen (16 x probes) += P U^T, C U^T   (the warp's rows)
 // and, after a block barrier, the ref maps sum over all the block's query rows:
@@ -20,11 +22,11 @@ struct MainSmem {
     static constexpr size_t kPC = size_t(kBlockQ) * Cfg::kLdK * sizeof(T);         // P, C each
     static constexpr size_t kU = size_t(kProbeTile) * Cfg::kLdK * sizeof(T);
     static constexpr size_t kM = size_t(kProbeTile) * Cfg::kLdQ * sizeof(T);
-    static constexpr size_t kLseCol = size_t(Cfg::kBlockK) * sizeof(float);
-    static constexpr size_t kBytes = kQ + 2 * kKV + 2 * kPC + kU + kM + kLseCol;
+    static constexpr size_t kCol = size_t(Cfg::kBlockK) * sizeof(float);
+    static constexpr size_t kBytes = kQ + 2 * kKV + 2 * kPC + kU + kM + kCol;
 
     T *q, *k, *v, *pc[2], *u, *m;  // pc[Softmax]: P and C tiles
-    float* lse_col;
+    float* col;                    // per key of the block: b where C comes from P, else lse_col
     __device__ explicit MainSmem(unsigned char* base) {
         q = reinterpret_cast<T*>(base);
         k = reinterpret_cast<T*>(base + kQ);
@@ -33,7 +35,7 @@ struct MainSmem {
         pc[kOverQueries] = reinterpret_cast<T*>(base + kQ + 2 * kKV + kPC);
         u = reinterpret_cast<T*>(base + kQ + 2 * kKV + 2 * kPC);
         m = reinterpret_cast<T*>(base + kQ + 2 * kKV + 2 * kPC + kU);
-        lse_col = reinterpret_cast<float*>(base + kQ + 2 * kKV + 2 * kPC + kU + kM);
+        col = reinterpret_cast<float*>(base + kQ + 2 * kKV + 2 * kPC + kU + kM);
     }
 };
 
@@ -50,11 +52,12 @@ struct MainBlock {
     const BlockHead bh;
     const LaneCoords ln;
     const int gen_rows, ref_rows;  // probe rows of this launch: [p.r0, p.r0 + rows)
+    const bool c_from_p;           // C = P a b in this head (params.cuh)
     bool gen[2], ref[2];           // per softmax: this launch adds to that map
 
     __device__ explicit MainBlock(const Params& params)
         : p(params), sm(dynamic_smem()), bh(params), gen_rows(max(0, min(kProbeTile, p.n_u - p.r0))),
-          ref_rows(max(0, min(kProbeTile, p.n_m - p.r0))) {
+          ref_rows(max(0, min(kProbeTile, p.n_m - p.r0))), c_from_p(p.need_c && p.from_p[bh.ih]) {
         for (int sx = 0; sx < 2; ++sx) {
             gen[sx] = gen_rows > 0 && p.gen[sx];
             ref[sx] = ref_rows > 0 && p.ref_part[sx];
@@ -70,7 +73,7 @@ struct MainBlock {
                                                      ref_rows, p.nq - x0);
     }
 
-    // Keys k0 .. k0 + kBlockK of K, V, the key probes and lse_col.
+    // Keys k0 .. k0 + kBlockK of K, V, the key probes and b or lse_col.
     __device__ void load_key_block(int k0) {
         load_tile<T, kBlockK>(sm.k, Cfg::kLdD, bh.at<T>(p.k, p.ks) + k0 * p.ks.n, p.ks.n, p.ks.c, p.k_vec,
                               p.nk - k0, p.d, round_up(p.d, 16));
@@ -82,11 +85,17 @@ struct MainBlock {
                                                      gen_rows, p.nk - k0);
         const int key = k0 + int(threadIdx.x);  // one key of the block per thread
         if (p.need_c && threadIdx.x < kBlockK)
-            sm.lse_col[threadIdx.x] = key < p.nk ? p.lse_col[bh.ih * p.nk + key] : 0.f;
+            sm.col[threadIdx.x] = key < p.nk ? (c_from_p ? p.col_factor : p.lse_col)[bh.ih * p.nk + key] : 0.f;
     }
 
-    // The warp's rows of P and C; zero outside the valid rows and keys.
-    __device__ void write_softmaxes(const float (&s)[kTiles][4], const bool (&row_ok)[2], const float (&lse_row)[2]) {
+    // How this head's C tile is made: none needed, from P, or by its own exponential.
+    enum CTile { kNoC, kFromP, kDirect };
+
+    // The warp's rows of P and C; zero outside the valid rows and keys. a: the rows' a[x].
+    // One instance per CTile, so that the C-from-P tile holds no exponential, not even predicated off.
+    template <CTile kC>
+    __device__ void write_softmaxes(const float (&s)[kTiles][4], const bool (&row_ok)[2], const float (&lse_row)[2],
+                                    const float (&a)[2]) {
 #pragma unroll
         for (int nt = 0; nt < kTiles; ++nt) {
 #pragma unroll
@@ -94,10 +103,21 @@ struct MainBlock {
                 const int j = e / 2, col = nt * 8 + 2 * ln.t + e % 2;
                 const bool ok = row_ok[j] && s[nt][e] != -INFINITY;  // -inf: key >= nk
                 const int at = (16 * ln.warp + ln.g + 8 * j) * Cfg::kLdK + col;
-                sm.pc[kOverKeys][at] = from_float<T>(ok ? exp2f(s[nt][e] - lse_row[j]) : 0.f);
-                if (p.need_c) sm.pc[kOverQueries][at] = from_float<T>(ok ? exp2f(s[nt][e] - sm.lse_col[col]) : 0.f);
+                const float pv = ok ? exp2f(s[nt][e] - lse_row[j]) : 0.f;
+                sm.pc[kOverKeys][at] = from_float<T>(pv);
+                if (kC == kNoC) continue;
+                // a b = 2^(lse_row - lse_col) first: it underflows only where C < 2^-126 anyway
+                const float cv = kC == kFromP ? pv * (a[j] * sm.col[col]) : ok ? exp2f(s[nt][e] - sm.col[col]) : 0.f;
+                sm.pc[kOverQueries][at] = from_float<T>(cv);
             }
         }
+    }
+
+    __device__ void write_softmaxes(const float (&s)[kTiles][4], const bool (&row_ok)[2], const float (&lse_row)[2],
+                                    const float (&a)[2]) {
+        if (!p.need_c) write_softmaxes<kNoC>(s, row_ok, lse_row, a);
+        else if (c_from_p) write_softmaxes<kFromP>(s, row_ok, lse_row, a);
+        else write_softmaxes<kDirect>(s, row_ok, lse_row, a);
     }
 
     // out += P V and gen += P U^T, C U^T over the warp's 16 rows.
@@ -196,18 +216,21 @@ __global__ void __launch_bounds__(kThreads) main_pass(Params p) {
         const bool row_ok[2] = {xw < p.nq, xw + 8 < p.nq};
         __syncthreads();  // the previous run's readers of the Q and M tiles are done
         blk.load_query_block(x0);
-        float lse_row[2];
+        float lse_row[2], a[2];
 #pragma unroll
-        for (int j = 0; j < 2; ++j) lse_row[j] = row_ok[j] ? p.lse_row[blk.bh.ih * p.nq + xw + 8 * j] : 0.f;
+        for (int j = 0; j < 2; ++j) {
+            lse_row[j] = row_ok[j] ? p.lse_row[blk.bh.ih * p.nq + xw + 8 * j] : 0.f;
+            a[j] = blk.c_from_p && row_ok[j] ? exp2f(lse_row[j] - p.head_shift[blk.bh.ih]) : 0.f;
+        }
         float out[MainBlock<T, D>::kOutTiles][4] = {};
         float gen_acc[2][MainBlock<T, D>::kGenTiles][4] = {};  // [softmax][probe tile]
 
         for (int k0 = 0; k0 < p.nk; k0 += MainBlock<T, D>::kBlockK) {
             blk.load_key_block(k0);  // its previous readers finished before the last block barrier
-            __syncthreads();         // tiles loaded; also: the last key block's readers of P, C are done
+            tiles_landed();          // also the Q and M tiles'; and the last key block's readers of P, C are done
             float s[MainBlock<T, D>::kTiles][4];
             warp_scores<T, D>(s, blk.sm.q + 16 * ln.warp * Tiles<T, D>::kLdD, blk.sm.k, k0, p);
-            blk.write_softmaxes(s, row_ok, lse_row);
+            blk.write_softmaxes(s, row_ok, lse_row, a);
             __syncwarp();  // a warp reads back only its own rows of P and C here
             blk.add_row_products(out, gen_acc);
             __syncthreads();  // every warp's rows of P and C are in place; K, V, U readers are done

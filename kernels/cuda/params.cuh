@@ -37,6 +37,15 @@ struct Params {
     MaxSum* col_part;          // [Br][H][slots][Nk] each key column over the slot's query rows
     float* lse_col;            // [Br][H][Nk]       merged over slots
     bool need_c;               // a map over the query softmax C is requested
+    // C from P (main_pass.cuh): with c the head's largest lse_row, C[x,k] = P[x,k] a[x] b[k],
+    // a[x] = 2^(lse_row[x] - c) <= 1, b[k] = 2^(c - lse_col[k]) <= 2^c_range, so whatever a, b
+    // or P lose below float's 2^-126 is below 2^(c_range - 126) of a map value. A head whose
+    // c - min lse_col exceeds c_range takes the direct exponential 2^(s - lse_col) instead.
+    float c_range;
+    float tiny;                // 2^-c_range (+inf for c_range < 0): row and column sums kept at a shared shift
+    float* head_shift;         // [Br][H]      c
+    int* from_p;               // [Br][H]      1 where C comes from P
+    float* col_factor;         // [Br][H][Nk]  b where C comes from P
 
     const float* u;            // [Ru][Nk] key probes scattered to key indices, rows / u_scale
     const float* u_scale;      // [Ru]

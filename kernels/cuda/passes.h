@@ -24,8 +24,17 @@ void launch_scatter_key_probes(const float* key_probes, const int64_t* ref_idx, 
 // row): exact, and keeps probe values near 1 when rounded to fp16/bf16 tiles.
 void launch_normalize_rows(const float* src, float* dst, float* scale, int rows, int cols, cudaStream_t stream);
 
-// lse_col[ih][k] from the per-slot (max, sum) partials of the stats pass.
+// lse_col[ih][k] from the per-slot (max, sum) partials of the stats pass; +inf where the sum
+// fell below p.tiny (stats_pass.cuh).
 void launch_column_lse(const Params& p, int n_record, cudaStream_t stream);
+
+// lse_row (kRows) or lse_col (kColumns) recomputed with each row's (column's) own shift where
+// it holds +inf; elsewhere left as it is. dtype: enum i2am_dtype of q and k.
+enum class ExactLse { kRows, kColumns };
+void launch_exact_lse(ExactLse which, int dtype, const Params& p, int n_record, cudaStream_t stream);
+
+// Per (entry, head): head_shift, from_p and col_factor (params.cuh) from lse_row and lse_col.
+void launch_c_from_p(const Params& p, int n_record, cudaStream_t stream);
 
 // map[i][h][r][j] += m_scale[r] * sum over slots of part[ih][slot][r][ref_idx[j]].
 void launch_reduce_ref(const float* part, const int64_t* ref_idx, const float* m_scale, float* map,

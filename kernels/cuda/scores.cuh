@@ -8,10 +8,12 @@
 
 namespace i2am {
 
+// The sum at the larger shift: one exponential, for the smaller side (exp2(-inf) = 0 drops an empty one).
 __device__ inline MaxSum merge(MaxSum a, MaxSum b) {
     const float m = fmaxf(a.m, b.m);
     if (m == -INFINITY) return {m, 0.f};
-    return {m, a.l * exp2f(a.m - m) + b.l * exp2f(b.m - m)};  // exp2(-inf) = 0 drops an empty side
+    const float f = exp2f(fminf(a.m, b.m) - m);
+    return {m, a.m >= b.m ? a.l + b.l * f : a.l * f + b.l};
 }
 
 __device__ inline MaxSum shfl_xor(MaxSum a, int mask) {

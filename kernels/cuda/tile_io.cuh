@@ -10,6 +10,9 @@ template <class T> __device__ inline T from_float(float x);
 template <> __device__ inline float from_float<float>(float x) { return x; }
 template <> __device__ inline __half from_float<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+__device__ inline float to_float(float x) { return x; }
+__device__ inline float to_float(__half x) { return __half2float(x); }
+__device__ inline float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 // D: head-dim bucket (64, 128, 256) that both d and dv fit in.
 template <class T, int D>
@@ -26,7 +29,8 @@ struct Tiles {
 };
 
 // tile[r][c] = src[r * row_stride + c * col_stride] for r < rows_valid, c < cols_valid, else 0,
-// for r < Rows and c < cols (a multiple of 16). vec: col_stride == 1 and 16-byte aligned rows.
+// for r < Rows and c < cols (a multiple of 16). vec: col_stride == 1 and 16-byte aligned rows;
+// those chunks go by cp.async, so the tile is complete only after tiles_landed().
 template <class T, int Rows>
 __device__ void load_tile(T* tile, int ld, const T* src, int64_t row_stride, int64_t col_stride, bool vec,
                           int rows_valid, int cols_valid, int cols) {
@@ -37,13 +41,19 @@ __device__ void load_tile(T* tile, int ld, const T* src, int64_t row_stride, int
         T* dst = tile + r * ld + c;
         const T* row = src + r * row_stride;
         if (vec && r < rows_valid && c + kVec <= cols_valid) {
-            *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(row + c);
+            cp_async_16(dst, row + c);
             continue;
         }
 #pragma unroll
         for (int e = 0; e < kVec; ++e)
             dst[e] = r < rows_valid && c + e < cols_valid ? row[(c + e) * col_stride] : from_float<T>(0.f);
     }
+}
+
+// The block's tile loads so far have landed and are visible to every thread.
+__device__ inline void tiles_landed() {
+    cp_async_wait_all();
+    __syncthreads();
 }
 
 // tile[r][c] = T(src[r * row_stride + c]) for r < rows_valid, c < cols_valid, else 0; fp32 probes.

@@ -33,9 +33,15 @@ struct Barrier {
     uint64_t generation = 0;
 };
 
+struct AsyncCopy {
+    void* dst;
+    unsigned char bytes[16];
+};
+
 struct Fiber {
     ucontext_t context;
     std::vector<char> stack;
+    std::vector<AsyncCopy> in_flight;  // cp.async copies issued and not yet waited for
     bool done = false;
 };
 
@@ -87,12 +93,14 @@ void check_full_warp() {
 
 void trampoline() {
     block.body(block.ctx);
+    if (!block.fibers[block.current].in_flight.empty()) fail("thread exited with cp.async copies not waited for");
     block.fibers[block.current].done = true;
     block.progress = true;
 }
 
 void start_fiber(Fiber& f) {
     f.done = false;
+    f.in_flight.clear();
     f.stack.resize(kStackBytes);
     getcontext(&f.context);
     f.context.uc_stack.ss_sp = f.stack.data();
@@ -149,6 +157,24 @@ void warp_exchange(const void* mine, void* all, size_t size) {
     warp_barrier();
     for (int l = 0; l < 32; ++l) std::memcpy(static_cast<unsigned char*>(all) + l * size, posts + l * kMaxPost, size);
     warp_barrier();  // no lane posts again before every lane has read
+}
+
+void cp_async_16(void* smem, const void* gmem) {
+    auto* dst = static_cast<unsigned char*>(smem);
+    const unsigned char* lo = block.smem.data();
+    if (dst < lo || dst + 16 > lo + block.smem.size()) fail("cp.async destination outside shared memory");
+    if (reinterpret_cast<uintptr_t>(dst) % 16 || reinterpret_cast<uintptr_t>(gmem) % 16)
+        fail("cp.async of 16 bytes between addresses not 16-byte aligned");
+    AsyncCopy copy{dst, {}};
+    std::memcpy(copy.bytes, gmem, 16);
+    std::memset(dst, 0xff, 16);  // NaN until it lands: an early reader fails
+    block.fibers[block.current].in_flight.push_back(copy);
+}
+
+void cp_async_wait_all() {
+    auto& in_flight = block.fibers[block.current].in_flight;
+    for (const AsyncCopy& c : in_flight) std::memcpy(c.dst, c.bytes, 16);
+    in_flight.clear();
 }
 
 void ldmatrix(uint32_t* r, int matrices, bool trans, const void* row) {

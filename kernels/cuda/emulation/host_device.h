@@ -32,6 +32,9 @@ void warp_barrier();
 // Every lane of the warp posts `size` bytes (at most 64); all[32 * size] receives all posts.
 void warp_exchange(const void* mine, void* all, size_t size);
 void ldmatrix(uint32_t* r, int matrices, bool trans, const void* row);
+// cp.async of 16 bytes: the destination reads as NaN until the issuing thread waits.
+void cp_async_16(void* smem, const void* gmem);
+void cp_async_wait_all();
 // mma.m16n8k16 with fp32 accumulators; `to_float` widens one 16-bit element.
 void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], float (*to_float)(uint16_t));
 float half_to_float(uint16_t bits);
@@ -42,6 +45,8 @@ void run_grid(dim3 grid, int threads, size_t smem, void (*body)(void*), void* ct
 
 }  // namespace emu
 
+inline void cp_async_16(void* smem, const void* gmem) { emu::cp_async_16(smem, gmem); }
+inline void cp_async_wait_all() { emu::cp_async_wait_all(); }
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) { emu::ldmatrix(r, 4, false, row); }
 inline void ldmatrix_x2(uint32_t (&r)[2], const void* row) { emu::ldmatrix(r, 2, false, row); }
 inline void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row) { emu::ldmatrix(r, 2, true, row); }
