@@ -123,21 +123,29 @@ def _load_queries(q_base, rows, sq_n, sq_d, Nq, D, BLOCK_D: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _qk(q, q2, k_base, cols, sk_n, sk_d, Nk, D, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+def _qk(q, q2, k_base, cols, key_ok, sk_n, sk_d, D, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
         DOT_PRECISION: tl.constexpr):
     """q k^T for one key tile (q in _load_queries' two tiles), not yet scaled (t = qk_scale q k^T):
-    the callers fold the scale into the shift of their exponential, one FFMA a score; keys past Nk
-    read as 0, the callers mask them."""
+    the callers fold the scale into the shift of their exponential, one FFMA a score. Keys where
+    key_ok is false (past Nk) read as 0, the callers mask them; in a whole tile key_ok is a
+    compile-time true (_whole_keys) and the loads take no mask."""
     dims = tl.arange(0, BLOCK_D)
-    kt = tl.load(k_base + cols[None, :] * sk_n + dims[:, None] * sk_d,
-                 mask=(cols[None, :] < Nk) & (dims[:, None] < D), other=0.0)
+    kt = tl.load(k_base + cols[None, :] * sk_n + dims[:, None] * sk_d, mask=key_ok[None, :] & (dims[:, None] < D),
+                 other=0.0)
     s = tl.dot(q, kt, input_precision=DOT_PRECISION)
     if BLOCK_D2 > 0:
         dims2 = BLOCK_D + tl.arange(0, BLOCK_D2)
         kt2 = tl.load(k_base + cols[None, :] * sk_n + dims2[:, None] * sk_d,
-                      mask=(cols[None, :] < Nk) & (dims2[:, None] < D), other=0.0)
+                      mask=key_ok[None, :] & (dims2[:, None] < D), other=0.0)
         s = tl.dot(q2, kt2, s, input_precision=DOT_PRECISION)
     return s
+
+
+@triton.jit
+def _key_mask(keys, n0, Nk, LAST: tl.constexpr):
+    """Which keys of the tile at n0 exist: in the LAST tile (Nk not a multiple of BLOCK_N) those
+    below Nk; in every other tile all, as a mask the compiler folds away (keys < BLOCK_N)."""
+    return keys < (Nk - n0 if LAST else keys.numel)
 
 
 @triton.jit
@@ -148,16 +156,45 @@ def _row_lse(q, q2, k_base, sk_n, sk_d, Nk, qk_scale, D, BLOCK_D: tl.constexpr, 
     gives m' = max(m, r) and l' = l 2^(m - m') + r_sum 2^(r - m')."""
     m_i = tl.full([q.shape[0]], NEG, tl.float32)
     l_i = tl.zeros([q.shape[0]], tl.float32)
+    keys = tl.arange(0, BLOCK_N)
     for n0 in range(0, Nk, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        s = _qk(q, q2, k_base, cols, sk_n, sk_d, Nk, D, BLOCK_D, BLOCK_D2, DOT_PRECISION)
-        s = tl.where((cols < Nk)[None, :], s, NEG)
+        key_ok = _key_mask(keys, n0, Nk, True)
+        s = _qk(q, q2, k_base, n0 + keys, key_ok, sk_n, sk_d, D, BLOCK_D, BLOCK_D2, DOT_PRECISION)
+        s = tl.where(key_ok[None, :], s, NEG)
         r_shift = tl.max(s, 1) * qk_scale  # qk_scale > 0: the row max of t
         r_sum = tl.sum(tl.exp2(s * qk_scale - r_shift[:, None]), 1)
         m_new = tl.maximum(m_i, r_shift)
         l_i = l_i * tl.exp2(m_i - m_new) + r_sum * tl.exp2(r_shift - m_new)
         m_i = m_new
     return m_i + tl.log2(l_i)
+
+
+@triton.jit
+def _stats_tile(q, q2, k_base, ones, m_b, l_i, seen, COL_MAX, COL_SUM, part, n0, keys, sk_n, sk_d, Nk, qk_scale, D,
+                BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                LAST: tl.constexpr):
+    """One key tile of stats_kernel's column statistics (derivation there): (m_b, l_i) updated, the
+    program's column partial of the tile merged. Only the LAST tile masks keys (_key_mask)."""
+    key_ok = _key_mask(keys, n0, Nk, LAST)
+    cols = n0 + keys
+    s = _qk(q, q2, k_base, cols, key_ok, sk_n, sk_d, D, BLOCK_D, BLOCK_D2, DOT_PRECISION)
+    if LAST:
+        s = tl.where(key_ok[None, :], s, NEG)
+    g = tl.max(s) * qk_scale
+    p = tl.exp2(s * qk_scale - g)
+    c_sum_t = tl.dot(ones, p, input_precision=DOT_PRECISION)
+    at = part * Nk + cols[None, :] + tl.zeros([16, 1], tl.int32)
+    c_ok = (tl.arange(0, 16) == 0)[:, None] & key_ok[None, :]
+    tile = part * tl.cdiv(Nk, BLOCK_N) + n0 // BLOCK_N
+    c_max = tl.where(seen, tl.load(COL_MAX + tile), NEG)
+    c_sum = tl.where(seen, tl.load(COL_SUM + at, mask=c_ok, other=0.0), 0.0)
+    c_new = tl.maximum(c_max, g)
+    c_sum = c_sum * tl.exp2(c_max - c_new) + c_sum_t * tl.exp2(g - c_new)
+    tl.store(COL_MAX + tile, c_new)
+    tl.store(COL_SUM + at, c_sum, mask=c_ok)
+    m_new = tl.maximum(m_b, g)
+    l_i = l_i * tl.exp2(m_b - m_new) + tl.sum(p, 1) * tl.exp2(g - m_new)
+    return m_new, l_i
 
 
 @triton.autotune(configs=CONFIGS, key=["nq_bucket", "Nk", "D", "NEED_COL"],
@@ -177,7 +214,7 @@ def stats_kernel(Q, K, REC, LSE_ROW, COL_MAX, COL_SUM,
     q_base = _head(Q, REC, bh, H, sq_b, sq_h, ALIGN)
     k_base = _head(K, REC, bh, H, sk_b, sk_h, ALIGN)
     sq_n, sk_n = _aligned(sq_n, ALIGN), _aligned(sk_n, ALIGN)
-    n_tiles = tl.cdiv(Nk, BLOCK_N)
+    keys = tl.arange(0, BLOCK_N)
     for qb in range(split, tl.cdiv(Nq, BLOCK_M), n_splits):
         rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < Nq
@@ -196,25 +233,14 @@ def stats_kernel(Q, K, REC, LSE_ROW, COL_MAX, COL_SUM,
             m_b = NEG
             l_i = tl.zeros([BLOCK_M], tl.float32)
             seen = qb > split  # the program's first block starts afresh
-            for n0 in range(0, Nk, BLOCK_N):
-                cols = n0 + tl.arange(0, BLOCK_N)
-                s = _qk(q, q2, k_base, cols, sk_n, sk_d, Nk, D, BLOCK_D, BLOCK_D2, DOT_PRECISION)
-                s = tl.where((cols < Nk)[None, :], s, NEG)
-                g = tl.max(s) * qk_scale
-                p = tl.exp2(s * qk_scale - g)
-                c_sum_t = tl.dot(ones, p, input_precision=DOT_PRECISION)
-                tile = (bh * n_splits + split) * n_tiles + n0 // BLOCK_N
-                at = (bh * n_splits + split) * Nk + cols[None, :] + tl.zeros([16, 1], tl.int32)
-                c_ok = (tl.arange(0, 16) == 0)[:, None] & (cols[None, :] < Nk)
-                c_max = tl.where(seen, tl.load(COL_MAX + tile), NEG)
-                c_sum = tl.where(seen, tl.load(COL_SUM + at, mask=c_ok, other=0.0), 0.0)
-                c_new = tl.maximum(c_max, g)
-                c_sum = c_sum * tl.exp2(c_max - c_new) + c_sum_t * tl.exp2(g - c_new)
-                tl.store(COL_MAX + tile, c_new)
-                tl.store(COL_SUM + at, c_sum, mask=c_ok)
-                m_new = tl.maximum(m_b, g)
-                l_i = l_i * tl.exp2(m_b - m_new) + tl.sum(p, 1) * tl.exp2(g - m_new)
-                m_b = m_new
+            part = bh * n_splits + split  # the program's row of the column partials
+            whole = Nk // BLOCK_N * BLOCK_N
+            for n0 in range(0, whole, BLOCK_N):
+                m_b, l_i = _stats_tile(q, q2, k_base, ones, m_b, l_i, seen, COL_MAX, COL_SUM, part, n0, keys, sk_n,
+                                       sk_d, Nk, qk_scale, D, BLOCK_D, BLOCK_D2, DOT_PRECISION, BLOCK_N, False)
+            if whole < Nk:
+                m_b, l_i = _stats_tile(q, q2, k_base, ones, m_b, l_i, seen, COL_MAX, COL_SUM, part, whole, keys, sk_n,
+                                       sk_d, Nk, qk_scale, D, BLOCK_D, BLOCK_D2, DOT_PRECISION, BLOCK_N, True)
             lse = tl.where(l_i >= TINY, m_b + tl.log2(l_i), float("inf"))
         else:
             lse = _row_lse(q, q2, k_base, sk_n, sk_d, Nk, qk_scale, D, BLOCK_D, BLOCK_D2, DOT_PRECISION, BLOCK_N)
@@ -287,8 +313,8 @@ def col_exact_kernel(Q, K, REC, LSE_COL, sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_
         for qb in range(0, tl.cdiv(Nq, BLOCK_M)):
             rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
             q, q2 = _load_queries(q_base, rows, sq_n, sq_d, Nq, D, BLOCK_D, BLOCK_D2)
-            t = tl.where((rows < Nq)[:, None] & col_ok[None, :],
-                         _qk(q, q2, k_base, cols, sk_n, sk_d, Nk, D, BLOCK_D, BLOCK_D2, DOT_PRECISION) * qk_scale, NEG)
+            t = _qk(q, q2, k_base, cols, col_ok, sk_n, sk_d, D, BLOCK_D, BLOCK_D2, DOT_PRECISION) * qk_scale
+            t = tl.where((rows < Nq)[:, None] & col_ok[None, :], t, NEG)
             c_new = tl.maximum(c_max, tl.max(t, 0))
             c_sum = c_sum * tl.exp2(c_max - c_new) + tl.sum(tl.exp2(t - c_new[None, :]), 0)
             c_max = c_new
@@ -456,7 +482,7 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, C_SHIFT, FROM_P, B, U, UB, 
         for n0 in range(0, Nk, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < Nk
-            s = _qk(q, q2, k_base, cols, sk_n, sk_d, Nk, D, BLOCK_D, BLOCK_D2, DOT_PRECISION)
+            s = _qk(q, q2, k_base, cols, cols < Nk, sk_n, sk_d, D, BLOCK_D, BLOCK_D2, DOT_PRECISION)
             # lse_row is final, so P needs no rescaling: out = sum over tiles of P V.
             p = tl.where(col_ok[None, :], tl.exp2(s * qk_scale - lse_row[:, None]), 0.0)
             acc, acc2 = _pv(p, v_base, cols, col_ok, sv_n, sv_d, DV, acc, acc2, BLOCK_DV, BLOCK_DV2, DOT_PRECISION)
