@@ -61,6 +61,7 @@ else:  # 8 warps keep the extra map accumulators out of local memory (sm_90 comp
     CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=2)
                for bm, bn, w in [(128, 64, 8), (128, 32, 8), (64, 64, 8), (64, 32, 8), (64, 64, 4), (64, 32, 4)]]
 MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in CONFIGS)
+MAX_BLOCK_N = max(c.kwargs["BLOCK_N"] for c in CONFIGS)  # the main pass's own buffers are padded to its multiples
 # col_exact_kernel: usually a check of one key tile, so one small config
 EXACT_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4) if INTERPRET else dict(BLOCK_M=64, BLOCK_N=64, num_warps=4)
 EXACT_BLOCK_N = EXACT_CONFIG["BLOCK_N"]
@@ -239,12 +240,12 @@ def _load_probe_rows(M, probes, rows, Nq, Rw):
 
 
 @triton.jit
-def _add_ref_block(PART, m, w, b, probes, cols, part_row, seen, Nk, Rw,
+def _add_ref_block(PART, m, w, b, probes, cols, part_row, seen, nk_pad, Rw,
                    MAP_PRECISION: tl.constexpr, SCALED: tl.constexpr):
     """PART[r, k] += b[k] sum_x m[r, x] w[x, k] for one block of probes (b only if SCALED; m
-    then carries the row factor a)."""
-    ptrs = PART + (part_row + probes[:, None]) * Nk + cols[None, :]
-    mask = (probes[:, None] < Rw) & (cols[None, :] < Nk)
+    then carries the row factor a). The partials' rows are padded to nk_pad keys: no key mask."""
+    ptrs = PART + (part_row + probes[:, None]) * nk_pad + cols[None, :]
+    mask = probes[:, None] < Rw
     acc = tl.where(seen, tl.load(ptrs, mask=mask, other=0.0), 0.0)
     if SCALED:
         acc += tl.dot(m, w, input_precision=MAP_PRECISION) * b[None, :]
@@ -256,31 +257,31 @@ def _add_ref_block(PART, m, w, b, probes, cols, part_row, seen, Nk, Rw,
 
 
 @triton.jit
-def _add_ref(PART, M, m, w, a, b, rows, cols, part_row, seen, Nq, Nk, Rw, BLOCK_R: tl.constexpr,
+def _add_ref(PART, M, m, w, a, b, rows, cols, part_row, seen, Nq, nk_pad, Rw, BLOCK_R: tl.constexpr,
              ONE_R: tl.constexpr, MAP_PRECISION: tl.constexpr, SCALED: tl.constexpr):
     """PART[r, k] += b[k] sum_x M[r, x] a[x] w[x, k] over this block's rows (a, b only if SCALED).
     ONE_R: every probe in one block, m (its rows, times a if SCALED) loaded once per query block;
     else BLOCK_R probes at a time, loaded here."""
     if ONE_R:
-        _add_ref_block(PART, m, w, b, tl.arange(0, BLOCK_R), cols, part_row, seen, Nk, Rw, MAP_PRECISION, SCALED)
+        _add_ref_block(PART, m, w, b, tl.arange(0, BLOCK_R), cols, part_row, seen, nk_pad, Rw, MAP_PRECISION, SCALED)
     else:
         for r0 in range(0, Rw, BLOCK_R):
             probes = r0 + tl.arange(0, BLOCK_R)
             mr = _load_probe_rows(M, probes, rows, Nq, Rw)
             if SCALED:
                 mr = mr.to(tl.float32) * a[None, :]
-            _add_ref_block(PART, mr, w, b, probes, cols, part_row, seen, Nk, Rw, MAP_PRECISION, SCALED)
+            _add_ref_block(PART, mr, w, b, probes, cols, part_row, seen, nk_pad, Rw, MAP_PRECISION, SCALED)
 
 
 @triton.jit
-def _key_probes(U, cols, probes, su_k, Nk, Ru, ROWSUM: tl.constexpr):
+def _key_probes(U, cols, probes, su_k, ROWSUM: tl.constexpr):
     """U^T tile (BLOCK_N, BLOCK_U): key probes on their keys, zero on the other keys; with one
-    probe (ROWSUM) just its (BLOCK_N,) column."""
+    probe (ROWSUM) just its (BLOCK_N,) column. U is zero-padded to whole key tiles and probe
+    blocks (triton_backend._probes_on_keys): no mask."""
     if ROWSUM:
-        u = tl.load(U + cols * su_k, mask=cols < Nk, other=0.0)
+        u = tl.load(U + cols * su_k)
     else:
-        u = tl.load(U + cols[:, None] * su_k + probes[None, :], mask=(cols[:, None] < Nk) & (probes[None, :] < Ru),
-                    other=0.0)
+        u = tl.load(U + cols[:, None] * su_k + probes[None, :])
     return u
 
 
@@ -312,7 +313,7 @@ def _gen_final(g, probes, ROWSUM: tl.constexpr):
 def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, C_SHIFT, FROM_P, B, U, UB, M, GK, GQ, RK, RQ,
                 sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                 so_b, so_h, so_n, so_d, su_k, sub_h, sgk_i, sgk_h, sgk_r, sgk_n, sgq_i, sgq_h, sgq_r, sgq_n,
-                H, Nq, Nk, nq_bucket, Ru, Rw, qk_scale, D: tl.constexpr, DV: tl.constexpr, ALIGN: tl.constexpr,
+                H, Nq, Nk, nk_pad, nq_bucket, Ru, Rw, qk_scale, D: tl.constexpr, DV: tl.constexpr, ALIGN: tl.constexpr,
                 GEN_KEY: tl.constexpr, GEN_QUERY: tl.constexpr, REF_KEY: tl.constexpr,
                 REF_QUERY: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_U: tl.constexpr, BLOCK_R: tl.constexpr, ROWSUM: tl.constexpr, ONE_R: tl.constexpr,
@@ -334,6 +335,7 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, C_SHIFT, FROM_P, B, U, UB, 
     dims = tl.arange(0, BLOCK_D)
     vdims = tl.arange(0, BLOCK_DV)
     probes = tl.arange(0, BLOCK_U)
+    keys = tl.arange(0, BLOCK_N)  # a key tile's offsets: the tile's start is added to the base pointers
     G_N: tl.constexpr = BLOCK_N if ROWSUM else BLOCK_U  # the gen accumulators' width (_gen_update)
     if GEN_QUERY or REF_QUERY:  # the head's shift c and whether C comes from P (module docstring)
         c = tl.load(C_SHIFT + bh)
@@ -356,19 +358,22 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, C_SHIFT, FROM_P, B, U, UB, 
         gen_key = tl.zeros([BLOCK_M, G_N], tl.float32)
         gen_query = tl.zeros([BLOCK_M, G_N], tl.float32)
         for n0 in range(0, Nk, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
+            cols = n0 + keys
             col_ok = cols < Nk
             s = _qk(q, k_base, cols, dims, sk_n, sk_d, Nk, D, DOT_PRECISION)
-            # lse_row is final, so P needs no rescaling: out = sum over tiles of P V.
-            p = tl.where(col_ok[None, :], tl.exp2(s * qk_scale - lse_row[:, None]), 0.0)
+            # lse_row is final, so P needs no rescaling: out = sum over tiles of P V. Keys past Nk
+            # (s = 0) need no mask, as every consumer of P reads 0 there (k, v, U, U b, b) or never
+            # reads them (the ref partials' padding); the clamp keeps them finite (2^-lse_row can
+            # overflow) and changes no real P (t <= lse_row).
+            p = tl.exp2(tl.minimum(s * qk_scale - lse_row[:, None], 0.0))
             v = tl.load(v_base + cols[:, None] * sv_n + vdims[None, :] * sv_d,
                         mask=col_ok[:, None] & (vdims[None, :] < DV), other=0.0)
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
             if GEN_KEY:  # gen_key[r, x] = sum_k U[r, k] P[x, k]
-                ut = _key_probes(U, cols, probes, su_k, Nk, Ru, ROWSUM)
+                ut = _key_probes(U + n0 * su_k, keys, probes, su_k, ROWSUM)
                 gen_key = _gen_update(gen_key, p, ut, ROWSUM, MAP_PRECISION)
             if REF_KEY:  # ref_key[r, k] = sum_x M[r, x] P[x, k]
-                _add_ref(RK, M, m_key, p, None, None, rows, cols, part_row, seen, Nq, Nk, Rw,
+                _add_ref(RK, M, m_key, p, None, None, rows, cols, part_row, seen, Nq, nk_pad, Rw,
                          BLOCK_R, ONE_R, MAP_PRECISION, False)
             if GEN_QUERY or REF_QUERY:
                 # C = P a b (then w = P), else C = 2^(t - lse_col) directly (w = C, a = b = 1);
@@ -379,11 +384,11 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, C_SHIFT, FROM_P, B, U, UB, 
                     lse_col = tl.load(LSE_COL + bh * Nk + cols, mask=col_ok, other=0.0)
                     w = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp2(s * qk_scale - lse_col[None, :]), 0.0)
                 if GEN_QUERY:  # gen_query = a * (w (U b)^T): U b precomputed per call, a once per block
-                    ubt = _key_probes(ub_base, cols, probes, su_k, Nk, Ru, ROWSUM)
+                    ubt = _key_probes(ub_base + n0 * su_k, keys, probes, su_k, ROWSUM)
                     gen_query = _gen_update(gen_query, w, ubt, ROWSUM, MAP_PRECISION)
                 if REF_QUERY:
-                    b = tl.load(B + bh * Nk + cols, mask=col_ok, other=0.0)
-                    _add_ref(RQ, M, m_query, w, a, b, rows, cols, part_row, seen, Nq, Nk, Rw,
+                    b = tl.load(B + bh * nk_pad + cols)
+                    _add_ref(RQ, M, m_query, w, a, b, rows, cols, part_row, seen, Nq, nk_pad, Rw,
                              BLOCK_R, ONE_R, MAP_PRECISION, True)
         tl.store(o_base + rows[:, None] * so_n + vdims[None, :] * so_d, acc.to(OUT.dtype.element_ty),
                  mask=row_ok[:, None] & (vdims[None, :] < DV))

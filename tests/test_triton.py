@@ -141,3 +141,16 @@ def test_columns_far_below_every_row_take_the_exact_column_pass(dtype):
     case.k[:, :, [3, 5], 0] = -10.0  # scores ~ 8 * 2 / 4 = 4 nats for the others, -20 nats for these
     case.scale = 4.0  # ... scaled to ~16 and ~-80 nats: 96 nats = 138 bits apart
     check_backend("triton", case, splits=2)
+
+
+@pytest.mark.parametrize("dtype,Ru", [(torch.float32, 2), (torch.float16, 1)])
+def test_rows_scoring_far_below_zero_keep_the_padded_keys_finite(dtype, Ru):
+    """Every score ~200 bits below zero: lse_row is too, so the keys past Nk of the last tile (77
+    keys: 51 of a 64-key tile; their score is 0) would get P = 2^-lse_row = inf (or an fp16 inf),
+    and inf times their zero value a NaN in out and every map. The main pass reads no key mask
+    there: its clamp must keep them finite."""
+    case = make_case(Nq=45, Nk=77, names=ALL, dtype=dtype, Ru=Ru, device=DEVICE)
+    gen = torch.Generator().manual_seed(3)
+    case.q = (-4.7 + 0.3 * torch.randn(case.q.shape, generator=gen)).to(case.q)
+    case.k = (4.7 + 0.3 * torch.randn(case.k.shape, generator=gen)).to(case.k)  # t ~ -9 * 4.7^2 ~ -200 bits
+    check_backend("triton", case, splits=2)
