@@ -240,13 +240,13 @@ def _load_probe_rows(M, probes, rows, Nq, Rw):
 
 
 @triton.jit
-def _add_ref_block(PART, m, w, b, probes, cols, part_row, seen, nk_pad, Rw,
+def _add_ref_block(PART, m, w, b, probes, cols, part_row, nk_pad, Rw,
                    MAP_PRECISION: tl.constexpr, SCALED: tl.constexpr):
     """PART[r, k] += b[k] sum_x m[r, x] w[x, k] for one block of probes (b only if SCALED; m
     then carries the row factor a). The partials' rows are padded to nk_pad keys: no key mask."""
     ptrs = PART + (part_row + probes[:, None]) * nk_pad + cols[None, :]
     mask = probes[:, None] < Rw
-    acc = tl.where(seen, tl.load(ptrs, mask=mask, other=0.0), 0.0)
+    acc = tl.load(ptrs, mask=mask)
     if SCALED:
         acc += tl.dot(m, w, input_precision=MAP_PRECISION) * b[None, :]
     elif m.dtype == tl.float16:  # P in [0, 1] and the probe rows scaled to [-1, 1]
@@ -257,20 +257,31 @@ def _add_ref_block(PART, m, w, b, probes, cols, part_row, seen, nk_pad, Rw,
 
 
 @triton.jit
-def _add_ref(PART, M, m, w, a, b, rows, cols, part_row, seen, Nq, nk_pad, Rw, BLOCK_R: tl.constexpr,
+def _add_ref(PART, M, m, w, a, b, rows, cols, part_row, Nq, nk_pad, Rw, BLOCK_R: tl.constexpr,
              ONE_R: tl.constexpr, MAP_PRECISION: tl.constexpr, SCALED: tl.constexpr):
     """PART[r, k] += b[k] sum_x M[r, x] a[x] w[x, k] over this block's rows (a, b only if SCALED).
     ONE_R: every probe in one block, m (its rows, times a if SCALED) loaded once per query block;
     else BLOCK_R probes at a time, loaded here."""
     if ONE_R:
-        _add_ref_block(PART, m, w, b, tl.arange(0, BLOCK_R), cols, part_row, seen, nk_pad, Rw, MAP_PRECISION, SCALED)
+        _add_ref_block(PART, m, w, b, tl.arange(0, BLOCK_R), cols, part_row, nk_pad, Rw, MAP_PRECISION, SCALED)
     else:
         for r0 in range(0, Rw, BLOCK_R):
             probes = r0 + tl.arange(0, BLOCK_R)
             mr = _load_probe_rows(M, probes, rows, Nq, Rw)
             if SCALED:
                 mr = mr.to(tl.float32) * a[None, :]
-            _add_ref_block(PART, mr, w, b, probes, cols, part_row, seen, nk_pad, Rw, MAP_PRECISION, SCALED)
+            _add_ref_block(PART, mr, w, b, probes, cols, part_row, nk_pad, Rw, MAP_PRECISION, SCALED)
+
+
+@triton.jit
+def _zero_ref(PART, part_row, nk_pad, Rw, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Zeroes the program's rows of a ref partial before its first query block, so that every
+    key tile after adds into it without asking whether it is the first."""
+    probes = tl.arange(0, BLOCK_R)
+    for r0 in range(0, Rw, BLOCK_R):
+        for n0 in range(0, nk_pad, BLOCK_N):
+            ptrs = PART + (part_row + r0 + probes[:, None]) * nk_pad + n0 + tl.arange(0, BLOCK_N)[None, :]
+            tl.store(ptrs, tl.zeros([BLOCK_R, BLOCK_N], tl.float32), mask=r0 + probes[:, None] < Rw)
 
 
 @triton.jit
@@ -340,10 +351,14 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, C_SHIFT, FROM_P, B, U, UB, 
     if GEN_QUERY or REF_QUERY:  # the head's shift c and whether C comes from P (module docstring)
         c = tl.load(C_SHIFT + bh)
         from_p = tl.load(FROM_P + bh) != 0
+    if REF_KEY:
+        _zero_ref(RK, part_row, nk_pad, Rw, BLOCK_R, BLOCK_N)
+    if REF_QUERY:
+        _zero_ref(RQ, part_row, nk_pad, Rw, BLOCK_R, BLOCK_N)
+    tl.debug_barrier()  # the key tiles read the zeros other threads stored
     for qb in range(split, tl.cdiv(Nq, BLOCK_M), n_splits):
         rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < Nq
-        seen = qb > split  # the program's partials start afresh at its first block
         q = _load_queries(q_base, rows, dims, sq_n, sq_d, Nq, D)
         lse_row = tl.load(LSE_ROW + bh * Nq + rows, mask=row_ok, other=0.0)
         if GEN_QUERY or REF_QUERY:
@@ -373,7 +388,7 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, C_SHIFT, FROM_P, B, U, UB, 
                 ut = _key_probes(U + n0 * su_k, keys, probes, su_k, ROWSUM)
                 gen_key = _gen_update(gen_key, p, ut, ROWSUM, MAP_PRECISION)
             if REF_KEY:  # ref_key[r, k] = sum_x M[r, x] P[x, k]
-                _add_ref(RK, M, m_key, p, None, None, rows, cols, part_row, seen, Nq, nk_pad, Rw,
+                _add_ref(RK, M, m_key, p, None, None, rows, cols, part_row, Nq, nk_pad, Rw,
                          BLOCK_R, ONE_R, MAP_PRECISION, False)
             if GEN_QUERY or REF_QUERY:
                 # C = P a b (then w = P), else C = 2^(t - lse_col) directly (w = C, a = b = 1);
@@ -388,7 +403,7 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, C_SHIFT, FROM_P, B, U, UB, 
                     gen_query = _gen_update(gen_query, w, ubt, ROWSUM, MAP_PRECISION)
                 if REF_QUERY:
                     b = tl.load(B + bh * nk_pad + cols)
-                    _add_ref(RQ, M, m_query, w, a, b, rows, cols, part_row, seen, Nq, nk_pad, Rw,
+                    _add_ref(RQ, M, m_query, w, a, b, rows, cols, part_row, Nq, nk_pad, Rw,
                              BLOCK_R, ONE_R, MAP_PRECISION, True)
         tl.store(o_base + rows[:, None] * so_n + vdims[None, :] * so_d, acc.to(OUT.dtype.element_ty),
                  mask=row_ok[:, None] & (vdims[None, :] < DV))
