@@ -71,7 +71,7 @@ TUNE_MIN_NQ = 4096
 def _prune(configs, named_args, **kwargs):
     """Head dims of 256 (160 padded) only fit narrow key tiles (registers and shared memory),
     the main pass at 128 (d 80-128), or with gen maps of one key probe, only under 32 scores a thread
-    (with both gen maps of one probe: only 32-key tiles, at 8 warps from d 80); below TUNE_MIN_NQ queries a call is too short to gain from tuning: the smallest tile. Calls
+    (from d 80, or with both gen maps of one probe: only 32-key tiles; with both from d 80, at 8 warps); below TUNE_MIN_NQ queries a call is too short to gain from tuning: the smallest tile. Calls
     are tuned once per power-of-two bucket of Nq (nq_bucket), and the choice is kept on disk."""
     args = {**named_args, **kwargs}
     if max(args["BLOCK_D"], args.get("BLOCK_DV", 0)) >= 256:
@@ -81,6 +81,9 @@ def _prune(configs, named_args, **kwargs):
         # gen tiles of running products: 32 scores a thread besides the map accumulators spill (sm_90a,
         # bench/triton_sass.py)
         configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 1024 * c.num_warps] or configs
+    if "BLOCK_DV" in args and args["ROWSUM"] and (args["GEN_KEY"] or args["GEN_QUERY"]) and max(
+            args["BLOCK_D"], args["BLOCK_DV"]) >= 128:  # a gen tile of running products from d 80: 64-key tiles spill
+        configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 32] or configs
     if "BLOCK_DV" in args and args["ROWSUM"] and args["GEN_KEY"] and args["GEN_QUERY"]:  # two such tiles:
         # 64x64 spills at 8 warps too (every map, d 40-128), 64x32 at 4 warps from d 80
         wide = max(args["BLOCK_D"], args["BLOCK_DV"]) >= 128
@@ -285,14 +288,15 @@ def _zero_ref(PART, part_row, nk_pad, Rw, BLOCK_R: tl.constexpr, BLOCK_N: tl.con
 
 
 @triton.jit
-def _key_probes(U, cols, probes, su_k, ROWSUM: tl.constexpr):
-    """U^T tile (BLOCK_N, BLOCK_U): key probes on their keys, zero on the other keys; with one
-    probe (ROWSUM) just its (BLOCK_N,) column. U is zero-padded to whole key tiles and probe
-    blocks (triton_backend._probes_on_keys): no mask."""
+def _key_probes(U, n0, keys, probes, su_k, ROWSUM: tl.constexpr):
+    """U^T tile (BLOCK_N, BLOCK_U) of the key tile at n0: key probes on their keys, zero on the
+    other keys; with one probe (ROWSUM) just its (BLOCK_N,) column, from a base at the tile's start
+    (fewer address instructions). U is zero-padded to whole key tiles and probe blocks
+    (triton_backend._probes_on_keys): no mask."""
     if ROWSUM:
-        u = tl.load(U + cols * su_k)
-    else:
-        u = tl.load(U + cols[:, None] * su_k + probes[None, :])
+        u = tl.load(U + n0 * su_k + keys * su_k)
+    else:  # (computed from the keys: offsets hoisted out of the key loop would hold registers)
+        u = tl.load(U + (n0 + keys)[:, None] * su_k + probes[None, :])
     return u
 
 
@@ -385,7 +389,7 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, C_SHIFT, FROM_P, B, U, UB, 
                         mask=col_ok[:, None] & (vdims[None, :] < DV), other=0.0)
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
             if GEN_KEY:  # gen_key[r, x] = sum_k U[r, k] P[x, k]
-                ut = _key_probes(U + n0 * su_k, keys, probes, su_k, ROWSUM)
+                ut = _key_probes(U, n0, keys, probes, su_k, ROWSUM)
                 gen_key = _gen_update(gen_key, p, ut, ROWSUM, MAP_PRECISION)
             if REF_KEY:  # ref_key[r, k] = sum_x M[r, x] P[x, k]
                 _add_ref(RK, M, m_key, p, None, None, rows, cols, part_row, Nq, nk_pad, Rw,
@@ -399,7 +403,7 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, C_SHIFT, FROM_P, B, U, UB, 
                     lse_col = tl.load(LSE_COL + bh * Nk + cols, mask=col_ok, other=0.0)
                     w = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp2(s * qk_scale - lse_col[None, :]), 0.0)
                 if GEN_QUERY:  # gen_query = a * (w (U b)^T): U b precomputed per call, a once per block
-                    ubt = _key_probes(ub_base + n0 * su_k, keys, probes, su_k, ROWSUM)
+                    ubt = _key_probes(ub_base, n0, keys, probes, su_k, ROWSUM)
                     gen_query = _gen_update(gen_query, w, ubt, ROWSUM, MAP_PRECISION)
                 if REF_QUERY:
                     b = tl.load(B + bh * nk_pad + cols)

@@ -59,7 +59,8 @@ def test_one_key_probe_sums_a_tile_of_running_products(d, dtype, names):
 def test_one_probe_gen_tiles_prune_the_configs_that_spill():
     """Tiles of running products take a register a score: sm_90a compiles of the main pass at 32
     scores a thread spill with them (bench/triton_sass.py), and with both gen maps so do 64-key
-    tiles, and 4 warps from head dim 80; the launcher keeps the others."""
+    tiles, and 4 warps from head dim 80 (with one gen map, 64-key tiles from head dim 80); the
+    launcher keeps the others."""
     from i2am.kernels import triton_kernels as tk
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w)
                for bm, bn, w in [(128, 64, 8), (128, 32, 8), (64, 64, 8), (64, 32, 8), (64, 64, 4), (64, 32, 4)]]
@@ -70,6 +71,7 @@ def test_one_probe_gen_tiles_prune_the_configs_that_spill():
         return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in tk._prune(configs, args)]
 
     assert kept(64, GEN_QUERY=True) == [(128, 32, 8), (64, 64, 8), (64, 32, 8), (64, 32, 4)]
+    assert kept(128, GEN_QUERY=True) == [(128, 32, 8), (64, 32, 8), (64, 32, 4)]
     assert kept(64, GEN_KEY=True, GEN_QUERY=True) == [(128, 32, 8), (64, 32, 8), (64, 32, 4)]
     assert kept(128, GEN_KEY=True, GEN_QUERY=True) == [(128, 32, 8), (64, 32, 8)]
     assert len(kept(64)) == 6  # ref maps only: no gen tile
