@@ -420,15 +420,16 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, C_SHIFT, FROM_P, B, U, UB, 
 
 
 @triton.jit
-def ref_reduce_kernel(PART, REF_IDX, M_SCALE, BUF, sb_i, sb_h, sb_r, sb_k, H, Rw, Kr, Nk, n_splits,
+def ref_reduce_kernel(PART, REF_IDX, M_SCALE, BUF, sb_i, sb_h, sb_r, sb_k, H, Rw, Kr, nk_pad, n_splits,
                       BLOCK: tl.constexpr):
-    """buf[i, h, r, j] += m_scale[r] sum_s PART[bh, s, r, ref_idx[j]], splits summed in order."""
+    """buf[i, h, r, j] += m_scale[r] sum_s PART[bh, s, r, ref_idx[j]], splits summed in order
+    (PART's rows padded to nk_pad keys)."""
     j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     r, bh = tl.program_id(1), tl.program_id(2)
     j_ok = j < Kr
     key = tl.load(REF_IDX + j, mask=j_ok, other=0)
     total = tl.zeros([BLOCK], tl.float32)
     for s in range(n_splits):
-        total += tl.load(PART + ((bh * n_splits + s) * Rw + r) * Nk + key, mask=j_ok, other=0.0)
+        total += tl.load(PART + ((bh * n_splits + s) * Rw + r) * nk_pad + key, mask=j_ok, other=0.0)
     ptrs = BUF + (bh // H) * sb_i + (bh % H) * sb_h + r * sb_r + j * sb_k
     tl.store(ptrs, tl.load(ptrs, mask=j_ok, other=0.0) + total * tl.load(M_SCALE + r), mask=j_ok)
