@@ -350,7 +350,7 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, C_SHIFT, FROM_P, B, U, UB, 
     dims = tl.arange(0, BLOCK_D)
     vdims = tl.arange(0, BLOCK_DV)
     probes = tl.arange(0, BLOCK_U)
-    keys = tl.arange(0, BLOCK_N)  # a key tile's offsets: the tile's start is added to the base pointers
+    keys = tl.arange(0, BLOCK_N)  # offsets within a key tile
     G_N: tl.constexpr = BLOCK_N if ROWSUM else BLOCK_U  # the gen accumulators' width (_gen_update)
     if GEN_QUERY or REF_QUERY:  # the head's shift c and whether C comes from P (module docstring)
         c = tl.load(C_SHIFT + bh)
@@ -381,9 +381,9 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, C_SHIFT, FROM_P, B, U, UB, 
             col_ok = cols < Nk
             s = _qk(q, k_base, cols, dims, sk_n, sk_d, Nk, D, DOT_PRECISION)
             # lse_row is final, so P needs no rescaling: out = sum over tiles of P V. Keys past Nk
-            # (s = 0) need no mask, as every consumer of P reads 0 there (k, v, U, U b, b) or never
-            # reads them (the ref partials' padding); the clamp keeps them finite (2^-lse_row can
-            # overflow) and changes no real P (t <= lse_row).
+            # (s = 0) need no mask, as every consumer of P reads 0 there (v, U, U b) or never reads
+            # them (the ref partials' padded columns); the clamp keeps them finite (2^-lse_row can
+            # overflow, and inf * 0 is NaN) and changes no real P (t <= lse_row).
             p = tl.exp2(tl.minimum(s * qk_scale - lse_row[:, None], 0.0))
             v = tl.load(v_base + cols[:, None] * sv_n + vdims[None, :] * sv_d,
                         mask=col_ok[:, None] & (vdims[None, :] < DV), other=0.0)
