@@ -69,25 +69,23 @@ TUNE_MIN_NQ = 4096
 
 
 def _prune(configs, named_args, **kwargs):
-    """Head dims of 256 (160 padded) only fit narrow key tiles (registers and shared memory),
-    the main pass at 128 (d 80-128), or with gen maps of one key probe, only under 32 scores a thread
-    (from d 80, or with both gen maps of one probe: only 32-key tiles; with both from d 80, at 8 warps); below TUNE_MIN_NQ queries a call is too short to gain from tuning: the smallest tile. Calls
+    """Head dims of 256 (160 padded) only fit narrow key tiles (registers and shared memory), the
+    main pass only under 32 scores a thread, at d 80-128 only 32-key tiles at 8 warps (with both gen
+    maps of one key probe: only 32-key tiles, 128-query blocks at d 80-128); below TUNE_MIN_NQ queries
+    a call is too short to gain from tuning: the smallest tile. Calls
     are tuned once per power-of-two bucket of Nq (nq_bucket), and the choice is kept on disk."""
     args = {**named_args, **kwargs}
     if max(args["BLOCK_D"], args.get("BLOCK_DV", 0)) >= 256:
         configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 32] or configs
-    if "BLOCK_DV" in args and (max(args["BLOCK_D"], args["BLOCK_DV"]) >= 128 or (
-            args["ROWSUM"] and (args["GEN_KEY"] or args["GEN_QUERY"]))):  # main_kernel at d >= 80 or with
-        # gen tiles of running products: 32 scores a thread besides the map accumulators spill (sm_90a,
-        # bench/triton_sass.py)
-        configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 1024 * c.num_warps] or configs
-    if "BLOCK_DV" in args and args["ROWSUM"] and (args["GEN_KEY"] or args["GEN_QUERY"]) and max(
-            args["BLOCK_D"], args["BLOCK_DV"]) >= 128:  # a gen tile of running products from d 80: 64-key tiles spill
-        configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 32] or configs
-    if "BLOCK_DV" in args and args["ROWSUM"] and args["GEN_KEY"] and args["GEN_QUERY"]:  # two such tiles:
-        # 64x64 spills at 8 warps too (every map, d 40-128), 64x32 at 4 warps from d 80
-        wide = max(args["BLOCK_D"], args["BLOCK_DV"]) >= 128
-        configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 32 and (c.num_warps == 8 or not wide)] or configs
+    if "BLOCK_DV" in args:  # main_kernel (sm_90a, bench/triton_sass.py): 32 scores a thread spill besides the
+        # map accumulators, and at d 80-128 so do 64-key tiles and 4 warps
+        wide = max(args["BLOCK_D"], args["BLOCK_DV"]) == 128
+        configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 1024 * c.num_warps and (
+            not wide or c.kwargs["BLOCK_N"] <= 32 and c.num_warps == 8)] or configs
+        if args["ROWSUM"] and args["GEN_KEY"] and args["GEN_QUERY"]:  # two gen tiles of running products:
+            # 64-key tiles spill at d 40-64 too, and 64-query blocks at d 80-128
+            configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 32 and (c.kwargs["BLOCK_M"] == 128 or not wide)
+                       ] or configs
     return configs if args["nq_bucket"] >= TUNE_MIN_NQ else configs[-1:]
 
 
@@ -320,6 +318,54 @@ def _gen_final(g, probes, ROWSUM: tl.constexpr):
     return g
 
 
+@triton.jit
+def _main_tile(acc, gen_key, gen_query, q, k_base, v_base, U, ub_base, B, LSE_COL, RK, RQ, M, m_key, m_query, a,
+               lse_row, from_p, n0, keys, rows, row_ok, dims, vdims, probes, part_row, bh, sk_n, sk_d, sv_n, sv_d,
+               su_k, Nq, Nk, nk_pad, Rw, qk_scale, D: tl.constexpr, DV: tl.constexpr, GEN_KEY: tl.constexpr,
+               GEN_QUERY: tl.constexpr, REF_KEY: tl.constexpr, REF_QUERY: tl.constexpr, BLOCK_R: tl.constexpr,
+               ROWSUM: tl.constexpr, ONE_R: tl.constexpr, DOT_PRECISION: tl.constexpr, MAP_PRECISION: tl.constexpr,
+               LAST: tl.constexpr):
+    """main_kernel on the key tile at n0: (acc, gen_key, gen_query) updated, the ref partials added
+    into. Only a LAST tile (Nk not a multiple of BLOCK_N) masks keys: in a whole tile the key mask
+    (keys < BLOCK_N) folds away, and so does every select on P."""
+    cols = n0 + keys
+    key_ok = keys < (Nk - n0 if LAST else keys.numel)
+    kt = tl.load(k_base + cols[None, :] * sk_n + dims[:, None] * sk_d, mask=key_ok[None, :] & (dims[:, None] < D),
+                 other=0.0)
+    s = tl.dot(q, kt, input_precision=DOT_PRECISION)  # t = qk_scale s, folded into the exponential's shift
+    # lse_row is final, so P needs no rescaling: out = sum over tiles of P V. Keys past Nk (s = 0)
+    # are masked: P = 2^-lse_row there can overflow, and inf * 0 is NaN in every consumer (v, U,
+    # U b read 0 there; the ref partials' padded columns are never read).
+    p = tl.exp2(s * qk_scale - lse_row[:, None])
+    if LAST:
+        p = tl.where(key_ok[None, :], p, 0.0)
+    v = tl.load(v_base + cols[:, None] * sv_n + vdims[None, :] * sv_d,
+                mask=key_ok[:, None] & (vdims[None, :] < DV), other=0.0)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    if GEN_KEY:  # gen_key[r, x] = sum_k U[r, k] P[x, k]
+        ut = _key_probes(U, n0, keys, probes, su_k, ROWSUM)
+        gen_key = _gen_update(gen_key, p, ut, ROWSUM, MAP_PRECISION)
+    if REF_KEY:  # ref_key[r, k] = sum_x M[r, x] P[x, k]
+        _add_ref(RK, M, m_key, p, None, None, rows, cols, part_row, Nq, nk_pad, Rw,
+                 BLOCK_R, ONE_R, MAP_PRECISION, False)
+    if GEN_QUERY or REF_QUERY:
+        # C = P a b (then w = P), else C = 2^(t - lse_col) directly (w = C, a = b = 1);
+        # rows past Nq get a = 0 or a zeroed C (their t is not a real score)
+        if from_p:
+            w = p
+        else:
+            lse_col = tl.load(LSE_COL + bh * Nk + cols, mask=key_ok, other=0.0)
+            w = tl.where(row_ok[:, None] & key_ok[None, :], tl.exp2(s * qk_scale - lse_col[None, :]), 0.0)
+        if GEN_QUERY:  # gen_query = a * (w (U b)^T): U b precomputed per call, a once per block
+            ubt = _key_probes(ub_base, n0, keys, probes, su_k, ROWSUM)
+            gen_query = _gen_update(gen_query, w, ubt, ROWSUM, MAP_PRECISION)
+        if REF_QUERY:
+            b = tl.load(B + bh * nk_pad + cols)
+            _add_ref(RQ, M, m_query, w, a, b, rows, cols, part_row, Nq, nk_pad, Rw,
+                     BLOCK_R, ONE_R, MAP_PRECISION, True)
+    return acc, gen_key, gen_query
+
+
 @triton.autotune(configs=CONFIGS,
                  key=["nq_bucket", "Nk", "Ru", "Rw", "BLOCK_D", "BLOCK_DV", "GEN_KEY", "GEN_QUERY",
                       "REF_KEY", "REF_QUERY"],
@@ -352,7 +398,8 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, C_SHIFT, FROM_P, B, U, UB, 
     probes = tl.arange(0, BLOCK_U)
     keys = tl.arange(0, BLOCK_N)  # offsets within a key tile
     G_N: tl.constexpr = BLOCK_N if ROWSUM else BLOCK_U  # the gen accumulators' width (_gen_update)
-    if GEN_QUERY or REF_QUERY:  # the head's shift c and whether C comes from P (module docstring)
+    from_p = True  # the head's shift c and whether C comes from P (module docstring), if C is needed
+    if GEN_QUERY or REF_QUERY:
         c = tl.load(C_SHIFT + bh)
         from_p = tl.load(FROM_P + bh) != 0
     if REF_KEY:
@@ -365,6 +412,7 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, C_SHIFT, FROM_P, B, U, UB, 
         row_ok = rows < Nq
         q = _load_queries(q_base, rows, dims, sq_n, sq_d, Nq, D)
         lse_row = tl.load(LSE_ROW + bh * Nq + rows, mask=row_ok, other=0.0)
+        a = 0.0  # the rows' factor of C, if C is needed
         if GEN_QUERY or REF_QUERY:
             a = tl.exp2(tl.where(from_p, tl.where(row_ok, lse_row - c, NEG), 0.0))
         m_key = 0.0  # the query-probe rows of this block when ONE_R: loaded once for all its key tiles
@@ -376,39 +424,18 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, C_SHIFT, FROM_P, B, U, UB, 
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         gen_key = tl.zeros([BLOCK_M, G_N], tl.float32)
         gen_query = tl.zeros([BLOCK_M, G_N], tl.float32)
-        for n0 in range(0, Nk, BLOCK_N):
-            cols = n0 + keys
-            col_ok = cols < Nk
-            s = _qk(q, k_base, cols, dims, sk_n, sk_d, Nk, D, DOT_PRECISION)
-            # lse_row is final, so P needs no rescaling: out = sum over tiles of P V. Keys past Nk
-            # (s = 0) need no mask, as every consumer of P reads 0 there (v, U, U b) or never reads
-            # them (the ref partials' padded columns); the clamp keeps them finite (2^-lse_row can
-            # overflow, and inf * 0 is NaN) and changes no real P (t <= lse_row).
-            p = tl.exp2(tl.minimum(s * qk_scale - lse_row[:, None], 0.0))
-            v = tl.load(v_base + cols[:, None] * sv_n + vdims[None, :] * sv_d,
-                        mask=col_ok[:, None] & (vdims[None, :] < DV), other=0.0)
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-            if GEN_KEY:  # gen_key[r, x] = sum_k U[r, k] P[x, k]
-                ut = _key_probes(U, n0, keys, probes, su_k, ROWSUM)
-                gen_key = _gen_update(gen_key, p, ut, ROWSUM, MAP_PRECISION)
-            if REF_KEY:  # ref_key[r, k] = sum_x M[r, x] P[x, k]
-                _add_ref(RK, M, m_key, p, None, None, rows, cols, part_row, Nq, nk_pad, Rw,
-                         BLOCK_R, ONE_R, MAP_PRECISION, False)
-            if GEN_QUERY or REF_QUERY:
-                # C = P a b (then w = P), else C = 2^(t - lse_col) directly (w = C, a = b = 1);
-                # rows past Nq get a = 0 or a zeroed C (their t is not a real score)
-                if from_p:
-                    w = p
-                else:
-                    lse_col = tl.load(LSE_COL + bh * Nk + cols, mask=col_ok, other=0.0)
-                    w = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp2(s * qk_scale - lse_col[None, :]), 0.0)
-                if GEN_QUERY:  # gen_query = a * (w (U b)^T): U b precomputed per call, a once per block
-                    ubt = _key_probes(ub_base, n0, keys, probes, su_k, ROWSUM)
-                    gen_query = _gen_update(gen_query, w, ubt, ROWSUM, MAP_PRECISION)
-                if REF_QUERY:
-                    b = tl.load(B + bh * nk_pad + cols)
-                    _add_ref(RQ, M, m_query, w, a, b, rows, cols, part_row, Nq, nk_pad, Rw,
-                             BLOCK_R, ONE_R, MAP_PRECISION, True)
+        for n0 in range(0, Nk - Nk % BLOCK_N, BLOCK_N):  # the whole key tiles
+            acc, gen_key, gen_query = _main_tile(
+                acc, gen_key, gen_query, q, k_base, v_base, U, ub_base, B, LSE_COL, RK, RQ, M, m_key, m_query, a,
+                lse_row, from_p, n0, keys, rows, row_ok, dims, vdims, probes, part_row, bh, sk_n, sk_d, sv_n, sv_d,
+                su_k, Nq, Nk, nk_pad, Rw, qk_scale, D, DV, GEN_KEY, GEN_QUERY, REF_KEY, REF_QUERY, BLOCK_R, ROWSUM,
+                ONE_R, DOT_PRECISION, MAP_PRECISION, False)
+        for n0 in tl.range(Nk - Nk % BLOCK_N, Nk, BLOCK_N, num_stages=1):  # the last, if Nk % BLOCK_N
+            acc, gen_key, gen_query = _main_tile(
+                acc, gen_key, gen_query, q, k_base, v_base, U, ub_base, B, LSE_COL, RK, RQ, M, m_key, m_query, a,
+                lse_row, from_p, n0, keys, rows, row_ok, dims, vdims, probes, part_row, bh, sk_n, sk_d, sv_n, sv_d,
+                su_k, Nq, Nk, nk_pad, Rw, qk_scale, D, DV, GEN_KEY, GEN_QUERY, REF_KEY, REF_QUERY, BLOCK_R, ROWSUM,
+                ONE_R, DOT_PRECISION, MAP_PRECISION, True)
         tl.store(o_base + rows[:, None] * so_n + vdims[None, :] * so_d, acc.to(OUT.dtype.element_ty),
                  mask=row_ok[:, None] & (vdims[None, :] < DV))
         if GEN_KEY:
