@@ -180,7 +180,8 @@ def call_args(d, dtype="fp16", maps=("gen_query", "ref_key"), H=8, Nq=4096, Nk=1
                 Ru=Ru, Rw=Rw, su_k=Ru)
     args.update({n: "*fp32" for n in ("LSE_ROW", "COL_MAX", "COL_SUM", "LSE_COL", "C_SHIFT", "B", "U", "UB", "GK", "GQ",
                                       "RK", "RQ")})
-    args.update(FROM_P="*i32", sub_h=Nk * Ru)
+    nk_pad = triton_backend._padded_keys(Nk)  # the main pass's own buffers, as the launcher pads them
+    args.update(FROM_P="*i32", nk_pad=nk_pad, sub_h=nk_pad * triton_backend._probe_width(Ru))
     args["M"] = "*fp32" if dtype == "fp32" else "*fp16"  # query probes: fp16 rows in [-1, 1] for fp16/bf16 calls
     for prefix, strides in (("sq", q), ("sk", k), ("sv", k), ("so", q)):
         args.update(zip((prefix + s for s in ("_b", "_h", "_n", "_d")), strides))

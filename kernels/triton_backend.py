@@ -19,8 +19,8 @@ import torch
 import triton
 
 from . import torch_backend
-from .triton_kernels import (EXACT_BLOCK_N, EXACT_CONFIG, MIN_BLOCK_M, MIN_BLOCK_N, col_exact_kernel, col_lse_kernel,
-                             main_kernel, ref_reduce_kernel, row_exact_kernel, stats_kernel)
+from .triton_kernels import (EXACT_BLOCK_N, EXACT_CONFIG, MAX_BLOCK_N, MIN_BLOCK_M, MIN_BLOCK_N, col_exact_kernel,
+                             col_lse_kernel, main_kernel, ref_reduce_kernel, row_exact_kernel, stats_kernel)
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_PROBES = 64  # probes one launch reduces: gen maps keep (BLOCK_M, probes) accumulators
@@ -46,9 +46,10 @@ def _launch(q, k, v, out, maps, scale, ref_idx, record_idx, key_probes, query_pr
     need_col = "gen_query" in maps or "ref_query" in maps
     refs = [n for n in ("ref_key", "ref_query") if n in maps]
     gens = [n for n in ("gen_key", "gen_query") if n in maps]
+    Nk_pad = _padded_keys(Nk)
     # The scratch holds the splits of the smallest query block; a launch takes as many as its
     # config's BLOCK_M needs (split_count), and the reductions read the count the chosen config used.
-    split_count = _split_counter(splits, Nq, Nk, BH, Rw * len(refs) + 2 * need_col, q.device)
+    split_count = _split_counter(splits, Nq, Nk_pad, BH, Rw * len(refs) + 2 * need_col, q.device)
     most = split_count(MIN_BLOCK_M)
     f32 = {"device": q.device, "dtype": torch.float32}
     fp32_dots = "ieee" if q.dtype == torch.float32 else "tf32"
@@ -80,15 +81,15 @@ def _launch(q, k, v, out, maps, scale, ref_idx, record_idx, key_probes, query_pr
         col_exact_kernel[(triton.cdiv(Nk, EXACT_BLOCK_N), BH)](q, k, record_idx, lse_col, *q.stride(), *k.stride(),
                                                               **exact, **EXACT_CONFIG)
 
-    partials = {n: torch.empty(BH, most, Rw, Nk, **f32) for n in refs}
+    partials = {n: torch.empty(BH, most, Rw, Nk_pad, **f32) for n in refs}
     M, m_scale = (_cached((query_probes,), q.dtype, lambda: _query_probes(query_probes, q.dtype)) if refs
                   else (unused, unused))
-    U = _cached((key_probes, ref_idx), Nk, lambda: _probes_on_keys(key_probes, ref_idx, Nk)) if gens else unused
+    U = _cached((key_probes, ref_idx), Nk, lambda: _probes_on_keys(key_probes, ref_idx, Nk_pad)) if gens else unused
     c_shift = from_p = b = UB = unused
     if need_col:
-        c_shift, from_p, b = _c_from_p(lse_row, lse_col)
+        c_shift, from_p, b = _c_from_p(lse_row, lse_col, Nk_pad)
         if "gen_query" in maps:
-            UB = U * b[:, :, None]  # (BH, Nk, Ru): the gen_query probes rescaled once per call
+            UB = U * b[:, :, None]  # (BH, Nk_pad, U's width): the gen_query probes rescaled once per call
     block_r = _pow2(min(Rw, MAX_PROBES))
     dv_tiles = head_tiles(dv)
     for a in range(0, Ru if gens else 1, MAX_PROBES):  # one launch unless over MAX_PROBES key probes
@@ -99,7 +100,7 @@ def _launch(q, k, v, out, maps, scale, ref_idx, record_idx, key_probes, query_pr
             q, k, v, out, record_idx, lse_row, lse_col, c_shift, from_p, b, U[:, a:] if gens else U,
             UB[:, :, a:] if gq is not None else UB, M, *(unused if t is None else t for t in (gk, gq, rk, rq)),
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), U.stride(0), UB.stride(0) if gq is not None else 0,
-            *_strides(gk), *_strides(gq), DV=dv, Ru=n_u, Rw=Rw,
+            *_strides(gk), *_strides(gq), nk_pad=Nk_pad, DV=dv, Ru=n_u, Rw=Rw,
             GEN_KEY=gk is not None, GEN_QUERY=gq is not None, REF_KEY=rk is not None, REF_QUERY=rq is not None,
             BLOCK_DV=dv_tiles[0], BLOCK_DV2=dv_tiles[1], BLOCK_U=_pow2(n_u), BLOCK_R=block_r, ROWSUM=n_u == 1,
             ONE_R=Rw <= block_r,
@@ -109,7 +110,7 @@ def _launch(q, k, v, out, maps, scale, ref_idx, record_idx, key_probes, query_pr
     for name, part in partials.items():
         buf = maps[name]
         ref_reduce_kernel[(triton.cdiv(Kr, REDUCE_BLOCK), Rw, BH)](
-            part, ref_idx, m_scale, buf, *buf.stride(), H, Rw, Kr, Nk, _used(main_kernel, split_count),
+            part, ref_idx, m_scale, buf, *buf.stride(), H, Rw, Kr, Nk_pad, _used(main_kernel, split_count),
             BLOCK=REDUCE_BLOCK)
 
 
@@ -135,13 +136,15 @@ def _used(kernel, split_count):
     return split_count(kernel.best_config.kwargs["BLOCK_M"])
 
 
-def _c_from_p(lse_row, lse_col):
+def _c_from_p(lse_row, lse_col, Nk_pad):
     """Per (entry, head): the shift c (the largest lse_row), whether C comes from P there
     (c - min lse_col <= RANGE, triton_kernels' docstring) and b[k] = 2^(c - lse_col[k]) where it
-    does, 1 elsewhere: the C-probe rescaling, once per call instead of per key tile."""
+    does, 1 elsewhere: the C-probe rescaling, once per call instead of per key tile; b padded
+    with zeros to Nk_pad keys."""
     c = lse_row.amax(1)
     from_p = c - lse_col.amin(1) <= torch_backend.C_FROM_P_RANGE
-    return c, from_p.int(), torch.where(from_p[:, None], torch.exp2(c[:, None] - lse_col), 1.0)
+    b = torch.where(from_p[:, None], torch.exp2(c[:, None] - lse_col), 1.0)
+    return c, from_p.int(), torch.nn.functional.pad(b, (0, Nk_pad - lse_col.shape[1]))
 
 
 def _query_probes(query_probes, dtype):
@@ -155,11 +158,28 @@ def _query_probes(query_probes, dtype):
     return (query_probes / torch.where(m_scale > 0, m_scale, 1.0)[:, None]).half(), m_scale
 
 
-def _probes_on_keys(key_probes, ref_idx, Nk):
-    """(Nk, Ru): key probe weights placed on their keys, zero elsewhere, so that gen maps reduce
-    whole key tiles. index_put_ with accumulate sums repeated keys in a fixed (sorted) order."""
-    U = key_probes.new_zeros(Nk, key_probes.shape[0])
-    return U.index_put_((ref_idx,), key_probes.T, accumulate=True)
+def _probes_on_keys(key_probes, ref_idx, Nk_pad):
+    """(Nk_pad, width): key probe weights placed on their keys, zero elsewhere (the padding too),
+    so that gen maps reduce whole key tiles, and the probe blocks of every launch (BLOCK_U wide)
+    load without a mask: width is 1 for one probe, else a multiple of 16 (aligned rows). index_put_
+    with accumulate sums repeated keys in a fixed (sorted) order."""
+    Ru = key_probes.shape[0]
+    U = key_probes.new_zeros(Nk_pad, _probe_width(Ru))
+    U[:, :Ru].index_put_((ref_idx,), key_probes.T, accumulate=True)
+    return U
+
+
+def _padded_keys(Nk):
+    """The key count of the main pass's own buffers (U, U b, b, the ref partials): whole key
+    tiles of every config, so that they load without a key mask, in aligned rows."""
+    return triton.cdiv(Nk, MAX_BLOCK_N) * MAX_BLOCK_N
+
+
+def _probe_width(Ru):
+    """U's columns for Ru key probes: 1 for one, else every launch's probe block (MAX_PROBES
+    probes, the last one padded to BLOCK_U) in full, a multiple of 16."""
+    last = (Ru - 1) // MAX_PROBES * MAX_PROBES  # the first probe of the last launch
+    return Ru if Ru == 1 else last + _pow2(Ru - last)
 
 
 def _split_counter(splits, Nq, Nk, BH, partial_rows, device):

@@ -65,6 +65,7 @@ else:  # 8 warps keep the extra map accumulators out of local memory (sm_90 comp
                for bm, bn, w in [(128, 64, 8), (128, 32, 8), (64, 64, 8), (64, 32, 8), (64, 64, 4), (64, 32, 4)]]
 MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in CONFIGS)
 MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in CONFIGS)
+MAX_BLOCK_N = max(c.kwargs["BLOCK_N"] for c in CONFIGS)  # the main pass's own buffers are padded to its multiples
 # col_exact_kernel and row_exact_kernel: usually a check of one key tile or query block, so one small config
 EXACT_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4) if INTERPRET else dict(BLOCK_M=64, BLOCK_N=64, num_warps=4)
 EXACT_BLOCK_N = EXACT_CONFIG["BLOCK_N"]
@@ -72,22 +73,25 @@ TUNE_MIN_NQ = 4096
 
 
 def _prune(configs, named_args, **kwargs):
-    """Head dims over 128 only fit narrow key tiles (registers and shared memory), the main pass
-    over 64 (d 80-128), or with gen maps of one key probe, only under 32 scores a thread (with both
-    gen maps of one probe: only 32-key tiles, at 8 warps from d 80); below TUNE_MIN_NQ queries a
+    """Head dims over 128 only fit narrow key tiles (registers and shared memory); the main pass
+    only under 32 scores a thread, at d 80-128 only 32-key tiles at 8 warps (with both gen maps of
+    one key probe: only 32-key tiles, 128-query blocks at d 80-128); below TUNE_MIN_NQ queries a
     call is too short to gain from tuning: the smallest tile. Calls are tuned once per power-of-two
     bucket of Nq (nq_bucket), and the choice is kept on disk."""
     args = {**named_args, **kwargs}
     head = max(args["D"], args.get("DV", 0))
     if head > 128:
         configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 32] or configs
-    if "DV" in args and (head > 64 or (args["ROWSUM"] and (args["GEN_KEY"] or args["GEN_QUERY"]))):  # main_kernel
-        # at d >= 80 or with gen tiles of running products: 32 scores a thread besides the map
-        # accumulators spill (sm_90a, bench/triton_sass.py)
-        configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 1024 * c.num_warps] or configs
-    if "DV" in args and args["ROWSUM"] and args["GEN_KEY"] and args["GEN_QUERY"]:  # two such tiles:
-        # 64x64 spills at 8 warps too (every map, d 40-128), 64x32 at 4 warps from d 80
-        configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 32 and (c.num_warps == 8 or head <= 64)] or configs
+    if "DV" in args:  # main_kernel (sm_90a, bench/triton_sass.py): 32 scores a thread spill besides the
+        # map accumulators, and at d 80-128 so do 64-key tiles and 4 warps with some map sets (at d 80
+        # and 96 the default maps would fit 4 warps, but all four maps or two gen_key probes spill there)
+        wide = 64 < head <= 128
+        configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 1024 * c.num_warps and (
+            not wide or c.kwargs["BLOCK_N"] <= 32 and c.num_warps == 8)] or configs
+        if args["ROWSUM"] and args["GEN_KEY"] and args["GEN_QUERY"]:  # two gen tiles of running products:
+            # 64-key tiles spill at d 40-64 too, and 64-query blocks at d 80-128
+            configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 32 and (c.kwargs["BLOCK_M"] == 128 or not wide)
+                       ] or configs
     return configs if args["nq_bucket"] >= TUNE_MIN_NQ else configs[-1:]
 
 
@@ -363,13 +367,13 @@ def _load_probe_rows(M, probes, rows, Nq, Rw):
 
 
 @triton.jit
-def _add_ref_block(PART, m, w, b, probes, cols, part_row, seen, Nk, Rw,
+def _add_ref_block(PART, m, w, b, probes, cols, part_row, nk_pad, Rw,
                    MAP_PRECISION: tl.constexpr, SCALED: tl.constexpr):
     """PART[r, k] += b[k] sum_x m[r, x] w[x, k] for one block of probes (b only if SCALED; m
-    then carries the row factor a)."""
-    ptrs = PART + (part_row + probes[:, None]) * Nk + cols[None, :]
-    mask = (probes[:, None] < Rw) & (cols[None, :] < Nk)
-    acc = tl.where(seen, tl.load(ptrs, mask=mask, other=0.0), 0.0)
+    then carries the row factor a). The partials' rows are padded to nk_pad keys: no key mask."""
+    ptrs = PART + (part_row + probes[:, None]) * nk_pad + cols[None, :]
+    mask = probes[:, None] < Rw
+    acc = tl.load(ptrs, mask=mask)
     if SCALED:
         acc += tl.dot(m, w, input_precision=MAP_PRECISION) * b[None, :]
     elif m.dtype == tl.float16:  # P in [0, 1] and the probe rows scaled to [-1, 1]
@@ -380,31 +384,43 @@ def _add_ref_block(PART, m, w, b, probes, cols, part_row, seen, Nk, Rw,
 
 
 @triton.jit
-def _add_ref(PART, M, m, w, a, b, rows, cols, part_row, seen, Nq, Nk, Rw, BLOCK_R: tl.constexpr,
+def _add_ref(PART, M, m, w, a, b, rows, cols, part_row, Nq, nk_pad, Rw, BLOCK_R: tl.constexpr,
              ONE_R: tl.constexpr, MAP_PRECISION: tl.constexpr, SCALED: tl.constexpr):
     """PART[r, k] += b[k] sum_x M[r, x] a[x] w[x, k] over this block's rows (a, b only if SCALED).
     ONE_R: every probe in one block, m (its rows, times a if SCALED) loaded once per query block;
     else BLOCK_R probes at a time, loaded here."""
     if ONE_R:
-        _add_ref_block(PART, m, w, b, tl.arange(0, BLOCK_R), cols, part_row, seen, Nk, Rw, MAP_PRECISION, SCALED)
+        _add_ref_block(PART, m, w, b, tl.arange(0, BLOCK_R), cols, part_row, nk_pad, Rw, MAP_PRECISION, SCALED)
     else:
         for r0 in range(0, Rw, BLOCK_R):
             probes = r0 + tl.arange(0, BLOCK_R)
             mr = _load_probe_rows(M, probes, rows, Nq, Rw)
             if SCALED:
                 mr = mr.to(tl.float32) * a[None, :]
-            _add_ref_block(PART, mr, w, b, probes, cols, part_row, seen, Nk, Rw, MAP_PRECISION, SCALED)
+            _add_ref_block(PART, mr, w, b, probes, cols, part_row, nk_pad, Rw, MAP_PRECISION, SCALED)
 
 
 @triton.jit
-def _key_probes(U, cols, probes, su_k, Nk, Ru, ROWSUM: tl.constexpr):
-    """U^T tile (BLOCK_N, BLOCK_U): key probes on their keys, zero on the other keys; with one
-    probe (ROWSUM) just its (BLOCK_N,) column."""
+def _zero_ref(PART, part_row, nk_pad, Rw, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Zeroes the program's rows of a ref partial before its first query block, so that every
+    key tile after adds into it without asking whether it is the first."""
+    probes = tl.arange(0, BLOCK_R)
+    for r0 in range(0, Rw, BLOCK_R):
+        for n0 in range(0, nk_pad, BLOCK_N):
+            ptrs = PART + (part_row + r0 + probes[:, None]) * nk_pad + n0 + tl.arange(0, BLOCK_N)[None, :]
+            tl.store(ptrs, tl.zeros([BLOCK_R, BLOCK_N], tl.float32), mask=r0 + probes[:, None] < Rw)
+
+
+@triton.jit
+def _key_probes(U, n0, keys, probes, su_k, ROWSUM: tl.constexpr):
+    """U^T tile (BLOCK_N, BLOCK_U) of the key tile at n0: key probes on their keys, zero on the
+    other keys; with one probe (ROWSUM) just its (BLOCK_N,) column, from a base at the tile's start
+    (fewer address instructions). U is zero-padded to whole key tiles and probe blocks
+    (triton_backend._probes_on_keys): no mask."""
     if ROWSUM:
-        u = tl.load(U + cols * su_k, mask=cols < Nk, other=0.0)
-    else:
-        u = tl.load(U + cols[:, None] * su_k + probes[None, :], mask=(cols[:, None] < Nk) & (probes[None, :] < Ru),
-                    other=0.0)
+        u = tl.load(U + n0 * su_k + keys * su_k)
+    else:  # (computed from the keys: offsets hoisted out of the key loop would hold registers)
+        u = tl.load(U + (n0 + keys)[:, None] * su_k + probes[None, :])
     return u
 
 
@@ -428,6 +444,51 @@ def _gen_final(g, probes, ROWSUM: tl.constexpr):
     return g
 
 
+@triton.jit
+def _main_tile(acc, acc2, gen_key, gen_query, q, q2, k_base, v_base, U, ub_base, B, LSE_COL, RK, RQ, M, m_key,
+               m_query, a, lse_row, from_p, n0, keys, rows, row_ok, probes, part_row, bh, sk_n, sk_d, sv_n, sv_d,
+               su_k, Nq, Nk, nk_pad, Rw, qk_scale, D: tl.constexpr, DV: tl.constexpr, GEN_KEY: tl.constexpr,
+               GEN_QUERY: tl.constexpr, REF_KEY: tl.constexpr, REF_QUERY: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr, BLOCK_R: tl.constexpr,
+               ROWSUM: tl.constexpr, ONE_R: tl.constexpr, DOT_PRECISION: tl.constexpr, MAP_PRECISION: tl.constexpr,
+               LAST: tl.constexpr):
+    """main_kernel on the key tile at n0: (acc, acc2, gen_key, gen_query) updated, the ref partials
+    added into. Only a LAST tile (Nk not a multiple of BLOCK_N) masks keys: in a whole tile the key
+    mask folds away (_key_mask), and so does every select on P."""
+    cols = n0 + keys
+    key_ok = _key_mask(keys, n0, Nk, LAST)
+    s = _qk(q, q2, k_base, cols, key_ok, sk_n, sk_d, D, BLOCK_D, BLOCK_D2, DOT_PRECISION)
+    # lse_row is final, so P needs no rescaling: out = sum over tiles of P V. Keys past Nk (s = 0)
+    # are masked: P = 2^-lse_row there can overflow, and inf * 0 is NaN in every consumer (v, U,
+    # U b read 0 there; the ref partials' padded columns are never read).
+    p = tl.exp2(s * qk_scale - lse_row[:, None])
+    if LAST:
+        p = tl.where(key_ok[None, :], p, 0.0)
+    acc, acc2 = _pv(p, v_base, cols, key_ok, sv_n, sv_d, DV, acc, acc2, BLOCK_DV, BLOCK_DV2, DOT_PRECISION)
+    if GEN_KEY:  # gen_key[r, x] = sum_k U[r, k] P[x, k]
+        ut = _key_probes(U, n0, keys, probes, su_k, ROWSUM)
+        gen_key = _gen_update(gen_key, p, ut, ROWSUM, MAP_PRECISION)
+    if REF_KEY:  # ref_key[r, k] = sum_x M[r, x] P[x, k]
+        _add_ref(RK, M, m_key, p, None, None, rows, cols, part_row, Nq, nk_pad, Rw,
+                 BLOCK_R, ONE_R, MAP_PRECISION, False)
+    if GEN_QUERY or REF_QUERY:
+        # C = P a b (then w = P), else C = 2^(t - lse_col) directly (w = C, a = b = 1);
+        # rows past Nq get a = 0 or a zeroed C (their t is not a real score)
+        if from_p:
+            w = p
+        else:
+            lse_col = tl.load(LSE_COL + bh * Nk + cols, mask=key_ok, other=0.0)
+            w = tl.where(row_ok[:, None] & key_ok[None, :], tl.exp2(s * qk_scale - lse_col[None, :]), 0.0)
+        if GEN_QUERY:  # gen_query = a * (w (U b)^T): U b precomputed per call, a once per block
+            ubt = _key_probes(ub_base, n0, keys, probes, su_k, ROWSUM)
+            gen_query = _gen_update(gen_query, w, ubt, ROWSUM, MAP_PRECISION)
+        if REF_QUERY:
+            b = tl.load(B + bh * nk_pad + cols)
+            _add_ref(RQ, M, m_query, w, a, b, rows, cols, part_row, Nq, nk_pad, Rw,
+                     BLOCK_R, ONE_R, MAP_PRECISION, True)
+    return acc, acc2, gen_key, gen_query
+
+
 @triton.autotune(configs=CONFIGS,
                  key=["nq_bucket", "Nk", "Ru", "Rw", "D", "DV", "GEN_KEY", "GEN_QUERY",
                       "REF_KEY", "REF_QUERY"],
@@ -436,7 +497,7 @@ def _gen_final(g, probes, ROWSUM: tl.constexpr):
 def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, C_SHIFT, FROM_P, B, U, UB, M, GK, GQ, RK, RQ,
                 sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                 so_b, so_h, so_n, so_d, su_k, sub_h, sgk_i, sgk_h, sgk_r, sgk_n, sgq_i, sgq_h, sgq_r, sgq_n,
-                H, Nq, Nk, nq_bucket, Ru, Rw, qk_scale, D: tl.constexpr, DV: tl.constexpr, ALIGN: tl.constexpr,
+                H, Nq, Nk, nk_pad, nq_bucket, Ru, Rw, qk_scale, D: tl.constexpr, DV: tl.constexpr, ALIGN: tl.constexpr,
                 GEN_KEY: tl.constexpr, GEN_QUERY: tl.constexpr, REF_KEY: tl.constexpr,
                 REF_QUERY: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_DV2: tl.constexpr,
@@ -457,16 +518,23 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, C_SHIFT, FROM_P, B, U, UB, 
     ub_base = UB + bh * sub_h
     part_row = (bh * n_splits + split) * Rw
     probes = tl.arange(0, BLOCK_U)
+    keys = tl.arange(0, BLOCK_N)  # offsets within a key tile
     G_N: tl.constexpr = BLOCK_N if ROWSUM else BLOCK_U  # the gen accumulators' width (_gen_update)
-    if GEN_QUERY or REF_QUERY:  # the head's shift c and whether C comes from P (module docstring)
+    from_p = True  # the head's shift c and whether C comes from P (module docstring), if C is needed
+    if GEN_QUERY or REF_QUERY:
         c = tl.load(C_SHIFT + bh)
         from_p = tl.load(FROM_P + bh) != 0
+    if REF_KEY:
+        _zero_ref(RK, part_row, nk_pad, Rw, BLOCK_R, BLOCK_N)
+    if REF_QUERY:
+        _zero_ref(RQ, part_row, nk_pad, Rw, BLOCK_R, BLOCK_N)
+    tl.debug_barrier()  # the key tiles read the zeros other threads stored
     for qb in range(split, tl.cdiv(Nq, BLOCK_M), n_splits):
         rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < Nq
-        seen = qb > split  # the program's partials start afresh at its first block
         q, q2 = _load_queries(q_base, rows, sq_n, sq_d, Nq, D, BLOCK_D, BLOCK_D2)
         lse_row = tl.load(LSE_ROW + bh * Nq + rows, mask=row_ok, other=0.0)
+        a = 0.0  # the rows' factor of C, if C is needed
         if GEN_QUERY or REF_QUERY:
             a = tl.exp2(tl.where(from_p, tl.where(row_ok, lse_row - c, NEG), 0.0))
         m_key = 0.0  # the query-probe rows of this block when ONE_R: loaded once for all its key tiles
@@ -479,34 +547,18 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, C_SHIFT, FROM_P, B, U, UB, 
         acc2 = tl.zeros([BLOCK_M, BLOCK_DV2 if BLOCK_DV2 > 0 else BLOCK_DV], tl.float32)
         gen_key = tl.zeros([BLOCK_M, G_N], tl.float32)
         gen_query = tl.zeros([BLOCK_M, G_N], tl.float32)
-        for n0 in range(0, Nk, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            col_ok = cols < Nk
-            s = _qk(q, q2, k_base, cols, cols < Nk, sk_n, sk_d, D, BLOCK_D, BLOCK_D2, DOT_PRECISION)
-            # lse_row is final, so P needs no rescaling: out = sum over tiles of P V.
-            p = tl.where(col_ok[None, :], tl.exp2(s * qk_scale - lse_row[:, None]), 0.0)
-            acc, acc2 = _pv(p, v_base, cols, col_ok, sv_n, sv_d, DV, acc, acc2, BLOCK_DV, BLOCK_DV2, DOT_PRECISION)
-            if GEN_KEY:  # gen_key[r, x] = sum_k U[r, k] P[x, k]
-                ut = _key_probes(U, cols, probes, su_k, Nk, Ru, ROWSUM)
-                gen_key = _gen_update(gen_key, p, ut, ROWSUM, MAP_PRECISION)
-            if REF_KEY:  # ref_key[r, k] = sum_x M[r, x] P[x, k]
-                _add_ref(RK, M, m_key, p, None, None, rows, cols, part_row, seen, Nq, Nk, Rw,
-                         BLOCK_R, ONE_R, MAP_PRECISION, False)
-            if GEN_QUERY or REF_QUERY:
-                # C = P a b (then w = P), else C = 2^(t - lse_col) directly (w = C, a = b = 1);
-                # rows past Nq get a = 0 or a zeroed C (their t is not a real score)
-                if from_p:
-                    w = p
-                else:
-                    lse_col = tl.load(LSE_COL + bh * Nk + cols, mask=col_ok, other=0.0)
-                    w = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp2(s * qk_scale - lse_col[None, :]), 0.0)
-                if GEN_QUERY:  # gen_query = a * (w (U b)^T): U b precomputed per call, a once per block
-                    ubt = _key_probes(ub_base, cols, probes, su_k, Nk, Ru, ROWSUM)
-                    gen_query = _gen_update(gen_query, w, ubt, ROWSUM, MAP_PRECISION)
-                if REF_QUERY:
-                    b = tl.load(B + bh * Nk + cols, mask=col_ok, other=0.0)
-                    _add_ref(RQ, M, m_query, w, a, b, rows, cols, part_row, seen, Nq, Nk, Rw,
-                             BLOCK_R, ONE_R, MAP_PRECISION, True)
+        for n0 in range(0, Nk - Nk % BLOCK_N, BLOCK_N):  # the whole key tiles
+            acc, acc2, gen_key, gen_query = _main_tile(
+                acc, acc2, gen_key, gen_query, q, q2, k_base, v_base, U, ub_base, B, LSE_COL, RK, RQ, M, m_key,
+                m_query, a, lse_row, from_p, n0, keys, rows, row_ok, probes, part_row, bh, sk_n, sk_d, sv_n, sv_d,
+                su_k, Nq, Nk, nk_pad, Rw, qk_scale, D, DV, GEN_KEY, GEN_QUERY, REF_KEY, REF_QUERY, BLOCK_D, BLOCK_D2,
+                BLOCK_DV, BLOCK_DV2, BLOCK_R, ROWSUM, ONE_R, DOT_PRECISION, MAP_PRECISION, False)
+        for n0 in tl.range(Nk - Nk % BLOCK_N, Nk, BLOCK_N, num_stages=1):  # the last, if Nk % BLOCK_N
+            acc, acc2, gen_key, gen_query = _main_tile(
+                acc, acc2, gen_key, gen_query, q, q2, k_base, v_base, U, ub_base, B, LSE_COL, RK, RQ, M, m_key,
+                m_query, a, lse_row, from_p, n0, keys, rows, row_ok, probes, part_row, bh, sk_n, sk_d, sv_n, sv_d,
+                su_k, Nq, Nk, nk_pad, Rw, qk_scale, D, DV, GEN_KEY, GEN_QUERY, REF_KEY, REF_QUERY, BLOCK_D, BLOCK_D2,
+                BLOCK_DV, BLOCK_DV2, BLOCK_R, ROWSUM, ONE_R, DOT_PRECISION, MAP_PRECISION, True)
         _store_out(o_base, acc, rows, 0, so_n, so_d, Nq, DV, BLOCK_DV)
         if BLOCK_DV2 > 0:
             _store_out(o_base, acc2, rows, BLOCK_DV, so_n, so_d, Nq, DV, BLOCK_DV2)
@@ -519,15 +571,16 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, C_SHIFT, FROM_P, B, U, UB, 
 
 
 @triton.jit
-def ref_reduce_kernel(PART, REF_IDX, M_SCALE, BUF, sb_i, sb_h, sb_r, sb_k, H, Rw, Kr, Nk, n_splits,
+def ref_reduce_kernel(PART, REF_IDX, M_SCALE, BUF, sb_i, sb_h, sb_r, sb_k, H, Rw, Kr, nk_pad, n_splits,
                       BLOCK: tl.constexpr):
-    """buf[i, h, r, j] += m_scale[r] sum_s PART[bh, s, r, ref_idx[j]], splits summed in order."""
+    """buf[i, h, r, j] += m_scale[r] sum_s PART[bh, s, r, ref_idx[j]], splits summed in order
+    (PART's rows padded to nk_pad keys)."""
     j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     r, bh = tl.program_id(1), tl.program_id(2)
     j_ok = j < Kr
     key = tl.load(REF_IDX + j, mask=j_ok, other=0)
     total = tl.zeros([BLOCK], tl.float32)
     for s in range(n_splits):
-        total += tl.load(PART + ((bh * n_splits + s) * Rw + r) * Nk + key, mask=j_ok, other=0.0)
+        total += tl.load(PART + ((bh * n_splits + s) * Rw + r) * nk_pad + key, mask=j_ok, other=0.0)
     ptrs = BUF + (bh // H) * sb_i + (bh % H) * sb_h + r * sb_r + j * sb_k
     tl.store(ptrs, tl.load(ptrs, mask=j_ok, other=0.0) + total * tl.load(M_SCALE + r), mask=j_ok)

@@ -16,7 +16,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize("d", [40, 80, 160])
-@pytest.mark.parametrize("Nk", [1, 7, 77, 257])
+@pytest.mark.parametrize("Nk", [1, 7, 77, 128, 257])  # 128: whole key tiles only (64 in the interpreter)
 def test_matches_reference(d, Nk):
     case = make_case(Nq=45, Nk=Nk, d=d, names=ALL, seed=d + Nk, device=DEVICE)
     check_backend("triton", case, splits=2)  # 3 query blocks of 16 in the interpreter: 2 + 1
@@ -57,9 +57,10 @@ def test_one_key_probe_sums_a_tile_of_running_products(d, dtype, names):
 
 
 def test_one_probe_gen_tiles_prune_the_configs_that_spill():
-    """Tiles of running products take a register a score: sm_90a compiles of the main pass at 32
-    scores a thread spill with them (bench/triton_sass.py), and with both gen maps so do 64-key
-    tiles, and 4 warps from head dim 80; the launcher keeps the others."""
+    """sm_90a compiles of the main pass (bench/triton_sass.py) at 32 scores a thread spill, and at
+    head dims 80-128 so do 64-key tiles and 4 warps; tiles of running products take a register a
+    score: with both gen maps, 64-key tiles spill, and 64-query blocks from head dim 80. The
+    launcher keeps the others."""
     from i2am.kernels import triton_kernels as tk
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w)
                for bm, bn, w in [(128, 64, 8), (128, 32, 8), (64, 64, 8), (64, 32, 8), (64, 64, 4), (64, 32, 4)]]
@@ -70,9 +71,11 @@ def test_one_probe_gen_tiles_prune_the_configs_that_spill():
         return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in tk._prune(configs, args)]
 
     assert kept(64, GEN_QUERY=True) == [(128, 32, 8), (64, 64, 8), (64, 32, 8), (64, 32, 4)]
+    assert kept(128, GEN_QUERY=True) == [(128, 32, 8), (64, 32, 8)]
     assert kept(64, GEN_KEY=True, GEN_QUERY=True) == [(128, 32, 8), (64, 32, 8), (64, 32, 4)]
-    assert kept(128, GEN_KEY=True, GEN_QUERY=True) == [(128, 32, 8), (64, 32, 8)]
-    assert len(kept(64)) == 6  # ref maps only: no gen tile
+    assert kept(128, GEN_KEY=True, GEN_QUERY=True) == [(128, 32, 8)]
+    assert kept(64) == [(128, 32, 8), (64, 64, 8), (64, 32, 8), (64, 32, 4)]  # ref maps only: no gen tile
+    assert kept(256) == [(128, 32, 8), (64, 32, 8), (64, 32, 4)]
 
 
 @pytest.mark.parametrize("Ru,Rw", [(70, 70), (2, 70), (70, 3)])
@@ -156,4 +159,17 @@ def test_rows_far_below_their_block_take_the_exact_row_pass(dtype):
     case.q[:, :, [3, 5], 0] = -30.0
     case.k[:, :, :, 0] = 2.0  # scores ~ 8 * 2 / 4 = 4 nats for the others, -15 nats for these
     case.scale = 4.0  # ... scaled to ~16 and ~-240 nats: about 370 bits apart
+    check_backend("triton", case, splits=2)
+
+
+@pytest.mark.parametrize("dtype,Ru", [(torch.float32, 2), (torch.float16, 1)])
+def test_rows_scoring_far_below_zero_keep_the_padded_keys_finite(dtype, Ru):
+    """Every score ~200 bits below zero: lse_row is too, so the keys past Nk of the last tile (77
+    keys: 51 of a 64-key tile; their score is 0) would get P = 2^-lse_row = inf (or an fp16 inf),
+    and inf times their zero value a NaN in out and every map: the main pass's last tile must
+    mask them (its whole tiles have no key mask)."""
+    case = make_case(Nq=45, Nk=77, names=ALL, dtype=dtype, Ru=Ru, device=DEVICE)
+    gen = torch.Generator().manual_seed(3)
+    case.q = (-4.7 + 0.3 * torch.randn(case.q.shape, generator=gen)).to(case.q)
+    case.k = (4.7 + 0.3 * torch.randn(case.k.shape, generator=gen)).to(case.k)  # t ~ -9 * 4.7^2 ~ -200 bits
     check_backend("triton", case, splits=2)

@@ -35,7 +35,7 @@ SCRIPT = textwrap.dedent("""
     ts.compile_sm90(tk.col_lse_kernel, dict(COL_MAX="*fp32", COL_SUM="*fp32", LSE_COL="*fp32", Nk=1025,
                                             n_splits=3, TILE_N=32), dict(BLOCK=128), 4)
     ts.compile_sm90(tk.ref_reduce_kernel, dict(PART="*fp32", REF_IDX="*i64", M_SCALE="*fp32", BUF="*fp32", sb_i=8 * 6 * 1024,
-                                               sb_h=6 * 1024, sb_r=1024, sb_k=1, H=8, Rw=6, Kr=1024, Nk=1025,
+                                               sb_h=6 * 1024, sb_r=1024, sb_k=1, H=8, Rw=6, Kr=1024, nk_pad=1088,
                                                n_splits=3), dict(BLOCK=128), 4)
     # more than one key probe (an MMA, not row sums) and more query probes than one block holds
     args, tiles, maps = ts.call_args(80, "fp16", ALL, Ru=2, Rw=70)
