@@ -111,6 +111,14 @@ def _aligned(stride, ALIGN: tl.constexpr):
 
 
 @triton.jit
+def _heads(Q, K, REC, bh, H, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, ALIGN: tl.constexpr):
+    """Two tensors' (q and k, or v and out) base pointers of program row bh and their row strides,
+    known aligned (_head, _aligned)."""
+    return (_head(Q, REC, bh, H, sq_b, sq_h, ALIGN), _head(K, REC, bh, H, sk_b, sk_h, ALIGN),
+            _aligned(sq_n, ALIGN), _aligned(sk_n, ALIGN))
+
+
+@triton.jit
 def _load_queries(q_base, rows, sq_n, sq_d, Nq, D, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
     """The (BLOCK_M, D) query tile as two tiles of power-of-two widths, head dims [0, BLOCK_D) and
     [BLOCK_D, BLOCK_D + BLOCK_D2) (BLOCK_D2 = 0: the first only; the second is then the first again,
@@ -215,9 +223,7 @@ def stats_kernel(Q, K, REC, LSE_ROW, COL_MAX, COL_SUM,
     sum_x 2^(t[x, k] - c_max) over its query blocks."""
     split, bh = tl.program_id(0), tl.program_id(1)
     n_splits = tl.num_programs(0)
-    q_base = _head(Q, REC, bh, H, sq_b, sq_h, ALIGN)
-    k_base = _head(K, REC, bh, H, sk_b, sk_h, ALIGN)
-    sq_n, sk_n = _aligned(sq_n, ALIGN), _aligned(sk_n, ALIGN)
+    q_base, k_base, sq_n, sk_n = _heads(Q, K, REC, bh, H, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, ALIGN)
     keys = tl.arange(0, BLOCK_N)
     for qb in range(split, tl.cdiv(Nq, BLOCK_M), n_splits):
         rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -288,9 +294,7 @@ def row_exact_kernel(Q, K, REC, LSE_ROW, sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_
     row_ok = rows < Nq
     lse = tl.load(LSE_ROW + bh * Nq + rows, mask=row_ok, other=0.0)
     if tl.max(lse) == float("inf"):
-        q_base = _head(Q, REC, bh, H, sq_b, sq_h, ALIGN)
-        k_base = _head(K, REC, bh, H, sk_b, sk_h, ALIGN)
-        sq_n, sk_n = _aligned(sq_n, ALIGN), _aligned(sk_n, ALIGN)
+        q_base, k_base, sq_n, sk_n = _heads(Q, K, REC, bh, H, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, ALIGN)
         q, q2 = _load_queries(q_base, rows, sq_n, sq_d, Nq, D, BLOCK_D, BLOCK_D2)
         exact = _row_lse(q, q2, k_base, sk_n, sk_d, Nk, qk_scale, D, BLOCK_D, BLOCK_D2, DOT_PRECISION, BLOCK_N)
         tl.store(LSE_ROW + bh * Nq + rows, exact, mask=row_ok & (lse == float("inf")))
@@ -309,9 +313,7 @@ def col_exact_kernel(Q, K, REC, LSE_COL, sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_
     col_ok = cols < Nk
     lse = tl.load(LSE_COL + bh * Nk + cols, mask=col_ok, other=0.0)
     if tl.max(lse) == float("inf"):
-        q_base = _head(Q, REC, bh, H, sq_b, sq_h, ALIGN)
-        k_base = _head(K, REC, bh, H, sk_b, sk_h, ALIGN)
-        sq_n, sk_n = _aligned(sq_n, ALIGN), _aligned(sk_n, ALIGN)
+        q_base, k_base, sq_n, sk_n = _heads(Q, K, REC, bh, H, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, ALIGN)
         c_max = tl.full([BLOCK_N], NEG, tl.float32)
         c_sum = tl.zeros([BLOCK_N], tl.float32)
         for qb in range(0, tl.cdiv(Nq, BLOCK_M)):
@@ -506,12 +508,8 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, C_SHIFT, FROM_P, B, U, UB, 
                 BLOCK_N: tl.constexpr):
     split, bh = tl.program_id(0), tl.program_id(1)
     n_splits = tl.num_programs(0)
-    q_base = _head(Q, REC, bh, H, sq_b, sq_h, ALIGN)
-    k_base = _head(K, REC, bh, H, sk_b, sk_h, ALIGN)
-    v_base = _head(V, REC, bh, H, sv_b, sv_h, ALIGN)
-    o_base = _head(OUT, REC, bh, H, so_b, so_h, ALIGN)
-    sq_n, sk_n = _aligned(sq_n, ALIGN), _aligned(sk_n, ALIGN)
-    sv_n, so_n = _aligned(sv_n, ALIGN), _aligned(so_n, ALIGN)
+    q_base, k_base, sq_n, sk_n = _heads(Q, K, REC, bh, H, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, ALIGN)
+    v_base, o_base, sv_n, so_n = _heads(V, OUT, REC, bh, H, sv_b, sv_h, sv_n, so_b, so_h, so_n, ALIGN)
     i, h = bh // H, bh % H
     gk_base = GK + i * sgk_i + h * sgk_h
     gq_base = GQ + i * sgq_i + h * sgq_h
