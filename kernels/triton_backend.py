@@ -3,8 +3,9 @@
 Passes (kernels and their derivation in triton_kernels.py), per recorded entry and head:
   1. statistics over query blocks: the row log-sum-exp (softmax over keys) and, only when
      gen_query/ref_query are requested, per-program partial column (max, sum-exp) statistics;
-  2. only then, a fixed-order reduction of the partials to the column log-sum-exp, and an
-     exact pass over the (rare) columns whose partial sums fell below float32's range;
+  2. only then, exact passes over the (rare) rows whose sums fell below float32's range at the
+     stats pass's shared shift, a fixed-order reduction of the partials to the column
+     log-sum-exp, and an exact pass over the (rare) columns whose partial sums did;
   3. the main pass: out = P V, gen maps added straight into their buffers, ref maps into
      per-program partials;
   4. a fixed-order reduction of the ref partials, gathered at the reference keys and added.
