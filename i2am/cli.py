@@ -317,7 +317,6 @@ def _show(args):
 def _run(args):
     import torch
 
-    from .report import write_report
     from .tracing import trace
 
     _check_out(args.out)
@@ -368,12 +367,17 @@ def _run(args):
     settings.update(device=device, dtype=str(dtype).removeprefix("torch."))
     if args.pipeline == "ip-adapter":
         settings.update(prompt=args.prompt, ip_adapter=args.ip_adapter, ip_adapter_scale=args.ip_adapter_scale)
-    extra_images = {"input": image, "mask": mask_image}
-    if ref_mask_image is not None:
-        extra_images["ref_mask"] = ref_mask_image
-    scores = write_report(args.out, traced.maps(), image=generated, reference=seen_reference, ref_mask=ref_mask,
-                          settings=settings, extra_images=extra_images, threshold=args.threshold,
-                          alpha=args.alpha)
+    _report(args, traced.maps(), generated, seen_reference, ref_mask, settings,
+            {"input": image, "mask": mask_image, "ref_mask": ref_mask_image})
+
+
+def _report(args, maps, generated, reference, ref_mask, settings, extra_images):
+    """The run's report (write_report) with the input images that were given, and its scores printed."""
+    from .report import write_report
+
+    extra_images = {name: im for name, im in extra_images.items() if im is not None}
+    scores = write_report(args.out, maps, image=generated, reference=reference, ref_mask=ref_mask, settings=settings,
+                          extra_images=extra_images, threshold=args.threshold, alpha=args.alpha)
     _print_scores(scores, args.out, quiet=args.quiet)
 
 
@@ -382,7 +386,6 @@ def _run_kontext(args, device):
     import torch
 
     from .integrations import flux
-    from .report import write_report
     from .tracing import trace
 
     if args.image is not None:
@@ -425,13 +428,8 @@ def _run_kontext(args, device):
     settings = {key: getattr(args, key) for key in (
         "pipeline", "model", "mask", "reference", "ref_mask", "prompt", "steps", "guidance", "seed", "backend")}
     settings.update(device=device, dtype=str(dtype).removeprefix("torch."), height=height, width=width)
-    extra_images = {} if mask_image is None else {"mask": mask_image}
-    if ref_mask_image is not None:
-        extra_images["ref_mask"] = ref_mask_image
-    scores = write_report(args.out, traced.maps(), image=generated, reference=reference, ref_mask=ref_mask,
-                          settings=settings, extra_images=extra_images, threshold=args.threshold,
-                          alpha=args.alpha)
-    _print_scores(scores, args.out, quiet=args.quiet)
+    _report(args, traced.maps(), generated, reference, ref_mask, settings,
+            {"mask": mask_image, "ref_mask": ref_mask_image})
 
 
 # ---- pipelines: each returns (pipe on device, ref_grid, the pipeline call's reference inputs) ----
