@@ -119,28 +119,28 @@ def _heads(Q, K, REC, bh, H, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, ALIGN: tl.const
 
 
 @triton.jit
-def _load_queries(q_base, rows, sq_n, sq_d, Nq, D, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
-    """The (BLOCK_M, D) query tile as two tiles of power-of-two widths, head dims [0, BLOCK_D) and
-    [BLOCK_D, BLOCK_D + BLOCK_D2) (BLOCK_D2 = 0: the first only; the second is then the first again,
-    unused), so that d = 80 takes 64 + 16 columns instead of 128; masked rows and padding read as 0."""
+def _head_dim_tiles(base, idx, idx_ok, s_n, s_d, D, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
+    """The (len(idx), D) rows idx of a q or v head as two tiles of power-of-two widths, head dims
+    [0, BLOCK_D) and [BLOCK_D, BLOCK_D + BLOCK_D2) (BLOCK_D2 = 0: the first only; the second is
+    then the first again, unused), so that d = 80 takes 64 + 16 columns instead of 128; rows not
+    idx_ok and the padding read as 0."""
     dims = tl.arange(0, BLOCK_D)
-    q = tl.load(q_base + rows[:, None] * sq_n + dims[None, :] * sq_d, mask=(rows[:, None] < Nq) & (dims[None, :] < D),
-                other=0.0)
-    q2 = q
+    x = tl.load(base + idx[:, None] * s_n + dims[None, :] * s_d, mask=idx_ok[:, None] & (dims[None, :] < D), other=0.0)
+    x2 = x
     if BLOCK_D2 > 0:
         dims2 = BLOCK_D + tl.arange(0, BLOCK_D2)
-        q2 = tl.load(q_base + rows[:, None] * sq_n + dims2[None, :] * sq_d,
-                     mask=(rows[:, None] < Nq) & (dims2[None, :] < D), other=0.0)
-    return q, q2
+        x2 = tl.load(base + idx[:, None] * s_n + dims2[None, :] * s_d, mask=idx_ok[:, None] & (dims2[None, :] < D),
+                     other=0.0)
+    return x, x2
 
 
 @triton.jit
 def _qk(q, q2, k_base, cols, key_ok, sk_n, sk_d, D, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
         DOT_PRECISION: tl.constexpr):
-    """q k^T for one key tile (q in _load_queries' two tiles), not yet scaled (t = qk_scale q k^T):
+    """q k^T for one key tile (q in _head_dim_tiles' two tiles), not yet scaled (t = qk_scale q k^T):
     the callers fold the scale into the shift of their exponential, one FFMA a score. Keys where
     key_ok is false (past Nk) read as 0, the callers mask them; in a whole tile key_ok is a
-    compile-time true (_whole_keys) and the loads take no mask."""
+    compile-time true (_key_mask) and the loads take no mask."""
     dims = tl.arange(0, BLOCK_D)
     kt = tl.load(k_base + cols[None, :] * sk_n + dims[:, None] * sk_d, mask=key_ok[None, :] & (dims[:, None] < D),
                  other=0.0)
@@ -170,7 +170,7 @@ def _row_lse(q, q2, k_base, sk_n, sk_d, Nk, qk_scale, D, BLOCK_D: tl.constexpr, 
     l_i = tl.zeros([q.shape[0]], tl.float32)
     keys = tl.arange(0, BLOCK_N)
     for n0 in range(0, Nk, BLOCK_N):
-        key_ok = _key_mask(keys, n0, Nk, True)
+        key_ok = n0 + keys < Nk
         s = _qk(q, q2, k_base, n0 + keys, key_ok, sk_n, sk_d, D, BLOCK_D, BLOCK_D2, DOT_PRECISION)
         s = tl.where(key_ok[None, :], s, NEG)
         r_shift = tl.max(s, 1) * qk_scale  # qk_scale > 0: the row max of t
@@ -228,7 +228,7 @@ def stats_kernel(Q, K, REC, LSE_ROW, COL_MAX, COL_SUM,
     for qb in range(split, tl.cdiv(Nq, BLOCK_M), n_splits):
         rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < Nq
-        q, q2 = _load_queries(q_base, rows, sq_n, sq_d, Nq, D, BLOCK_D, BLOCK_D2)
+        q, q2 = _head_dim_tiles(q_base, rows, rows < Nq, sq_n, sq_d, D, BLOCK_D, BLOCK_D2)
         if NEED_COL:
             # One shift per tile for the whole block, g = the tile's largest t (rows past Nq read
             # q = 0, so t = 0 there: g stays an upper bound), serves the rows and the columns:
@@ -295,7 +295,7 @@ def row_exact_kernel(Q, K, REC, LSE_ROW, sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_
     lse = tl.load(LSE_ROW + bh * Nq + rows, mask=row_ok, other=0.0)
     if tl.max(lse) == float("inf"):
         q_base, k_base, sq_n, sk_n = _heads(Q, K, REC, bh, H, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, ALIGN)
-        q, q2 = _load_queries(q_base, rows, sq_n, sq_d, Nq, D, BLOCK_D, BLOCK_D2)
+        q, q2 = _head_dim_tiles(q_base, rows, rows < Nq, sq_n, sq_d, D, BLOCK_D, BLOCK_D2)
         exact = _row_lse(q, q2, k_base, sk_n, sk_d, Nk, qk_scale, D, BLOCK_D, BLOCK_D2, DOT_PRECISION, BLOCK_N)
         tl.store(LSE_ROW + bh * Nq + rows, exact, mask=row_ok & (lse == float("inf")))
 
@@ -318,7 +318,7 @@ def col_exact_kernel(Q, K, REC, LSE_COL, sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_
         c_sum = tl.zeros([BLOCK_N], tl.float32)
         for qb in range(0, tl.cdiv(Nq, BLOCK_M)):
             rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-            q, q2 = _load_queries(q_base, rows, sq_n, sq_d, Nq, D, BLOCK_D, BLOCK_D2)
+            q, q2 = _head_dim_tiles(q_base, rows, rows < Nq, sq_n, sq_d, D, BLOCK_D, BLOCK_D2)
             t = _qk(q, q2, k_base, cols, col_ok, sk_n, sk_d, D, BLOCK_D, BLOCK_D2, DOT_PRECISION) * qk_scale
             t = tl.where((rows < Nq)[:, None] & col_ok[None, :], t, NEG)
             c_new = tl.maximum(c_max, tl.max(t, 0))
@@ -330,17 +330,12 @@ def col_exact_kernel(Q, K, REC, LSE_COL, sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_
 @triton.jit
 def _pv(p, v_base, cols, col_ok, sv_n, sv_d, DV, acc, acc2, BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,
         DOT_PRECISION: tl.constexpr):
-    """acc += P V over one key tile, V's head dims in two tiles as q's (_load_queries): acc2 holds
+    """acc += P V over one key tile, V's head dims in two tiles as q's (_head_dim_tiles): acc2 holds
     [BLOCK_DV, BLOCK_DV + BLOCK_DV2) when BLOCK_DV2 > 0."""
-    vdims = tl.arange(0, BLOCK_DV)
-    v = tl.load(v_base + cols[:, None] * sv_n + vdims[None, :] * sv_d, mask=col_ok[:, None] & (vdims[None, :] < DV),
-                other=0.0)
+    v, v2 = _head_dim_tiles(v_base, cols, col_ok, sv_n, sv_d, DV, BLOCK_DV, BLOCK_DV2)
     p = p.to(v.dtype)
     acc = tl.dot(p, v, acc, input_precision=DOT_PRECISION)
     if BLOCK_DV2 > 0:
-        vdims2 = BLOCK_DV + tl.arange(0, BLOCK_DV2)
-        v2 = tl.load(v_base + cols[:, None] * sv_n + vdims2[None, :] * sv_d,
-                     mask=col_ok[:, None] & (vdims2[None, :] < DV), other=0.0)
         acc2 = tl.dot(p, v2, acc2, input_precision=DOT_PRECISION)
     return acc, acc2
 
@@ -530,7 +525,7 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, C_SHIFT, FROM_P, B, U, UB, 
     for qb in range(split, tl.cdiv(Nq, BLOCK_M), n_splits):
         rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < Nq
-        q, q2 = _load_queries(q_base, rows, sq_n, sq_d, Nq, D, BLOCK_D, BLOCK_D2)
+        q, q2 = _head_dim_tiles(q_base, rows, rows < Nq, sq_n, sq_d, D, BLOCK_D, BLOCK_D2)
         lse_row = tl.load(LSE_ROW + bh * Nq + rows, mask=row_ok, other=0.0)
         a = 0.0  # the rows' factor of C, if C is needed
         if GEN_QUERY or REF_QUERY:
@@ -541,7 +536,7 @@ def main_kernel(Q, K, V, OUT, REC, LSE_ROW, LSE_COL, C_SHIFT, FROM_P, B, U, UB, 
             m_key = _load_probe_rows(M, tl.arange(0, BLOCK_R), rows, Nq, Rw)
             if REF_QUERY:
                 m_query = m_key.to(tl.float32) * a[None, :]
-        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)  # out, head dims as in _load_queries
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)  # out, head dims as in _head_dim_tiles
         acc2 = tl.zeros([BLOCK_M, BLOCK_DV2 if BLOCK_DV2 > 0 else BLOCK_DV], tl.float32)
         gen_key = tl.zeros([BLOCK_M, G_N], tl.float32)
         gen_query = tl.zeros([BLOCK_M, G_N], tl.float32)
