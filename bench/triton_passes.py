@@ -38,8 +38,7 @@ def kernel_times(fn, reps, device):
 
 def short(name):
     """Triton kernels by their Python name, others cut to a readable length."""
-    for k in ("stats_kernel", "row_exact_kernel", "col_lse_kernel", "col_exact_kernel", "main_kernel",
-              "ref_reduce_kernel"):
+    for k in ("stats_kernel", "exact_lse_kernel", "col_lse_kernel", "main_kernel", "ref_reduce_kernel"):
         if k in name:
             return k
     return name if len(name) <= 60 else name[:57] + "..."

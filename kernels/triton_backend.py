@@ -20,8 +20,8 @@ import torch
 import triton
 
 from . import torch_backend
-from .triton_kernels import (EXACT_BLOCK_N, EXACT_CONFIG, MAX_BLOCK_N, MIN_BLOCK_M, MIN_BLOCK_N, col_exact_kernel,
-                             col_lse_kernel, main_kernel, ref_reduce_kernel, row_exact_kernel, stats_kernel)
+from .triton_kernels import (EXACT_CONFIG, MAX_BLOCK_N, MIN_BLOCK_M, MIN_BLOCK_N, col_lse_kernel, exact_lse_kernel,
+                             main_kernel, ref_reduce_kernel, stats_kernel)
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_PROBES = 64  # probes one launch reduces: gen maps keep (BLOCK_M, probes) accumulators
@@ -72,15 +72,15 @@ def _launch(q, k, v, out, maps, scale, ref_idx, record_idx, key_probes, query_pr
     stats_kernel[grid](q, k, record_idx, lse_row, col_max, col_sum, *q.stride(), *k.stride(),
                        NEED_COL=need_col, **shared)
     if need_col:
-        exact = {n: shared[n] for n in ("H", "Nq", "Nk", "qk_scale", "D", "ALIGN", "BLOCK_D", "BLOCK_D2",
-                                        "DOT_PRECISION")}
-        row_exact_kernel[(triton.cdiv(Nq, EXACT_CONFIG["BLOCK_M"]), BH)](
-            q, k, record_idx, lse_row, *q.stride(), *k.stride(), **exact, **EXACT_CONFIG)
+        exact = {n: shared[n] for n in ("H", "qk_scale", "D", "ALIGN", "BLOCK_D", "BLOCK_D2", "DOT_PRECISION")}
+        # the rows, then the columns, whose sums the stats pass's shared shifts lost
+        exact_lse_kernel[(triton.cdiv(Nq, EXACT_CONFIG["BLOCK_M"]), BH)](
+            q, k, record_idx, lse_row, *q.stride(), *k.stride(), Na=Nq, Nb=Nk, **exact, **EXACT_CONFIG)
         col_lse_kernel[(triton.cdiv(Nk, REDUCE_BLOCK), BH)](
             col_max, col_sum, lse_col, Nk, _used(stats_kernel, split_count),
             stats_kernel.best_config.kwargs["BLOCK_N"], BLOCK=REDUCE_BLOCK)
-        col_exact_kernel[(triton.cdiv(Nk, EXACT_BLOCK_N), BH)](q, k, record_idx, lse_col, *q.stride(), *k.stride(),
-                                                              **exact, **EXACT_CONFIG)
+        exact_lse_kernel[(triton.cdiv(Nk, EXACT_CONFIG["BLOCK_M"]), BH)](
+            k, q, record_idx, lse_col, *k.stride(), *q.stride(), Na=Nk, Nb=Nq, **exact, **EXACT_CONFIG)
 
     partials = {n: torch.empty(BH, most, Rw, Nk_pad, **f32) for n in refs}
     M, m_scale = (_cached((query_probes,), q.dtype, lambda: _query_probes(query_probes, q.dtype)) if refs

@@ -16,11 +16,11 @@ Queries come in blocks of BLOCK_M rows and keys in tiles of BLOCK_N. A grid row 
    needed it also merges the block's column sums into the program's partial column statistics
    per key tile: one exponential at one shift per tile for the whole block, summed over keys for
    the rows and by an MMA over queries for the columns. Rows whose sums lost too much below
-   float32's range at that shift are flagged; row_exact_kernel redoes those (if any) with a
+   float32's range at that shift are flagged; exact_lse_kernel redoes those (if any) with a
    shift per row.
 2. col_lse_kernel: merges the n_splits partial column statistics into lse_col, in a fixed order,
-   and flags the columns whose sums lost too much below float32's range; col_exact_kernel redoes
-   those (if any) with their own exponential.
+   and flags the columns whose sums lost too much below float32's range; exact_lse_kernel, with
+   the roles of q and k swapped, redoes those (if any) with their own exponential.
 3. main_kernel: recomputes t, now with exact P (C from P, below): out = P V; gen maps as P U^T, C U^T
    (U: key probes placed on their keys), kept in registers over the key tiles and added into
    the caller's buffer (every element belongs to one program); ref maps as M P, M C (M: query
@@ -54,7 +54,7 @@ from .torch_backend import C_FROM_P_RANGE
 
 NEG = tl.constexpr(-1.0e30)  # the score of masked entries: 2^(NEG - finite) == 0 without inf - inf
 RANGE = tl.constexpr(C_FROM_P_RANGE)  # log2 spread up to which C is taken from P (docstring above)
-# the smallest column sum (at the stats pass's shift) kept; RANGE < 0 sends every column to col_exact_kernel
+# the smallest column sum (at the stats pass's shift) kept; RANGE < 0 sends every column to exact_lse_kernel
 TINY = tl.constexpr(2.0 ** -C_FROM_P_RANGE if C_FROM_P_RANGE >= 0 else float("inf"))
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -66,9 +66,8 @@ else:  # 8 warps keep the extra map accumulators out of local memory (sm_90 comp
 MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in CONFIGS)
 MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in CONFIGS)
 MAX_BLOCK_N = max(c.kwargs["BLOCK_N"] for c in CONFIGS)  # the main pass's own buffers are padded to its multiples
-# col_exact_kernel and row_exact_kernel: usually a check of one key tile or query block, so one small config
+# exact_lse_kernel: usually a check of one query block or key tile, so one small config
 EXACT_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4) if INTERPRET else dict(BLOCK_M=64, BLOCK_N=64, num_warps=4)
-EXACT_BLOCK_N = EXACT_CONFIG["BLOCK_N"]
 TUNE_MIN_NQ = 4096
 
 
@@ -238,7 +237,7 @@ def stats_kernel(Q, K, REC, LSE_ROW, COL_MAX, COL_SUM,
             # running shift m (l' = l 2^(m - m') + r_sum 2^(g - m')), the columns into the
             # program's partial at its tile shift. Only terms below float32's 2^-126 of 2^g are
             # lost: a row or a column whose sum ends below 2^-RANGE is flagged (+inf) and redone
-            # exactly (row_exact_kernel, col_exact_kernel).
+            # exactly (exact_lse_kernel).
             ones = tl.where((tl.arange(0, 16) == 0)[:, None] & row_ok[None, :], 1.0, 0.0)
             m_b = NEG
             l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -264,7 +263,7 @@ def col_lse_kernel(COL_MAX, COL_SUM, LSE_COL, Nk, n_splits, TILE_N, BLOCK: tl.co
     partial column sums of split s at its shift m_s of k's key tile (TILE_N keys, the stats pass's
     BLOCK_N); the splits are summed in order. The terms the stats pass lost are below Nq 2^-126
     of 2^m, so S >= 2^-RANGE keeps them below Nq 2^(RANGE - 126) of the sum; a column with a
-    smaller S gets lse_col = +inf, for col_exact_kernel to redo."""
+    smaller S gets lse_col = +inf, for exact_lse_kernel to redo."""
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     col_ok = cols < Nk
     at = tl.program_id(1) * n_splits * Nk + cols
@@ -282,49 +281,22 @@ def col_lse_kernel(COL_MAX, COL_SUM, LSE_COL, Nk, n_splits, TILE_N, BLOCK: tl.co
 
 
 @triton.jit
-def row_exact_kernel(Q, K, REC, LSE_ROW, sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, H, Nq, Nk, qk_scale,
+def exact_lse_kernel(A, B, REC, LSE, sa_b, sa_h, sa_n, sa_d, sb_b, sb_h, sb_n, sb_d, H, Na, Nb, qk_scale,
                      D: tl.constexpr, ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The rows the stats pass flagged (+inf), if any in this query block: lse_row from their own
-    shift per row (_row_lse); a rare path (rows whose scores all lie about RANGE bits below the
-    block's largest), run only where needed."""
+                     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The entries of LSE flagged (+inf), if any in this block of BLOCK_M: lse[i] = log2 sum_j
+    2^(qk_scale <a[i], b[j]>) from their own shift (_row_lse). With (A, B) = (q, k) that is lse_row
+    of the rows the stats pass flagged, with (k, q) lse_col of the columns col_lse_kernel flagged; a
+    rare path (scores all about RANGE bits below the shared shift), run only where needed."""
     bh = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < Nq
-    lse = tl.load(LSE_ROW + bh * Nq + rows, mask=row_ok, other=0.0)
+    idx = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ok = idx < Na
+    lse = tl.load(LSE + bh * Na + idx, mask=ok, other=0.0)
     if tl.max(lse) == float("inf"):
-        q_base, k_base, sq_n, sk_n = _heads(Q, K, REC, bh, H, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, ALIGN)
-        q, q2 = _head_dim_tiles(q_base, rows, rows < Nq, sq_n, sq_d, D, BLOCK_D, BLOCK_D2)
-        exact = _row_lse(q, q2, k_base, sk_n, sk_d, Nk, qk_scale, D, BLOCK_D, BLOCK_D2, DOT_PRECISION, BLOCK_N)
-        tl.store(LSE_ROW + bh * Nq + rows, exact, mask=row_ok & (lse == float("inf")))
-
-
-@triton.jit
-def col_exact_kernel(Q, K, REC, LSE_COL, sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, H, Nq, Nk, qk_scale,
-                     D: tl.constexpr, ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The columns col_lse_kernel flagged (+inf), if any in this key tile: lse_col from their own
-    online (max, sum) over every query, a second exponential per score; a rare path (columns
-    whose scores all lie about RANGE bits below a row's largest), run only where needed."""
-    bh = tl.program_id(1)
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < Nk
-    lse = tl.load(LSE_COL + bh * Nk + cols, mask=col_ok, other=0.0)
-    if tl.max(lse) == float("inf"):
-        q_base, k_base, sq_n, sk_n = _heads(Q, K, REC, bh, H, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, ALIGN)
-        c_max = tl.full([BLOCK_N], NEG, tl.float32)
-        c_sum = tl.zeros([BLOCK_N], tl.float32)
-        for qb in range(0, tl.cdiv(Nq, BLOCK_M)):
-            rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-            q, q2 = _head_dim_tiles(q_base, rows, rows < Nq, sq_n, sq_d, D, BLOCK_D, BLOCK_D2)
-            t = _qk(q, q2, k_base, cols, col_ok, sk_n, sk_d, D, BLOCK_D, BLOCK_D2, DOT_PRECISION) * qk_scale
-            t = tl.where((rows < Nq)[:, None] & col_ok[None, :], t, NEG)
-            c_new = tl.maximum(c_max, tl.max(t, 0))
-            c_sum = c_sum * tl.exp2(c_max - c_new) + tl.sum(tl.exp2(t - c_new[None, :]), 0)
-            c_max = c_new
-        tl.store(LSE_COL + bh * Nk + cols, c_max + tl.log2(c_sum), mask=col_ok & (lse == float("inf")))
+        a_base, b_base, sa_n, sb_n = _heads(A, B, REC, bh, H, sa_b, sa_h, sa_n, sb_b, sb_h, sb_n, ALIGN)
+        a, a2 = _head_dim_tiles(a_base, idx, ok, sa_n, sa_d, D, BLOCK_D, BLOCK_D2)
+        exact = _row_lse(a, a2, b_base, sb_n, sb_d, Nb, qk_scale, D, BLOCK_D, BLOCK_D2, DOT_PRECISION, BLOCK_N)
+        tl.store(LSE + bh * Na + idx, exact, mask=ok & (lse == float("inf")))
 
 
 @triton.jit

@@ -135,7 +135,7 @@ def test_splits_stay_within_query_blocks_and_scratch_cap():
 def test_columns_far_below_every_row_take_the_exact_column_pass(dtype):
     """Keys 3 and 5 score ~150 bits below every query's best key: at the stats pass's one shift
     per tile their column sums vanish in float32, so col_lse_kernel must flag them and
-    col_exact_kernel redo them (without it, C on those keys is inf or NaN)."""
+    exact_lse_kernel redo them (without it, C on those keys is inf or NaN)."""
     case = make_case(Nq=40, Nk=9, d=16, names=ALL, dtype=dtype, device=DEVICE)
     for x in (case.q, case.k):
         x[..., 0] = 0.0
@@ -150,7 +150,7 @@ def test_columns_far_below_every_row_take_the_exact_column_pass(dtype):
 def test_rows_far_below_their_block_take_the_exact_row_pass(dtype):
     """Queries 3 and 5 score ~400 bits below the other queries of their block on every key: at the
     stats pass's one shift per tile their row sums vanish in float32, so the stats pass must flag
-    them and row_exact_kernel redo them (without it their lse_row is +inf: P, out and every map
+    them and exact_lse_kernel redo them (without it their lse_row is +inf: P, out and every map
     on those rows are 0 instead of a softmax)."""
     case = make_case(Nq=40, Nk=9, d=16, names=ALL, dtype=dtype, device=DEVICE)
     for x in (case.q, case.k):

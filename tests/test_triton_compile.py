@@ -27,11 +27,11 @@ SCRIPT = textwrap.dedent("""
             shared = ts.compile_sm90(fn, args, consts, w).metadata.shared
             assert shared <= 227 * 1024, (fn.fn.__name__, dtype, d, shared)
     args, tiles, _ = ts.call_args(40)
-    exact = {n: args[n] for n in ("Q", "K", "REC", "LSE_COL", "H", "Nq", "Nk", "qk_scale")}
-    exact.update({p + s: args[p + s] for p in ("sq", "sk") for s in ("_b", "_h", "_n", "_d")})
-    ts.compile_sm90(tk.col_exact_kernel, exact, dict(tiles, BLOCK_M=64, BLOCK_N=64), 4)
-    exact["LSE_ROW"] = exact.pop("LSE_COL")
-    ts.compile_sm90(tk.row_exact_kernel, exact, dict(tiles, BLOCK_M=64, BLOCK_N=64), 4)
+    exact = dict(A=args["Q"], B=args["K"], REC=args["REC"], LSE="*fp32", H=args["H"], Na=args["Nq"], Nb=args["Nk"],
+                 qk_scale=args["qk_scale"])
+    exact.update({"sa" + s: args["sq" + s] for s in ("_b", "_h", "_n", "_d")})
+    exact.update({"sb" + s: args["sk" + s] for s in ("_b", "_h", "_n", "_d")})
+    ts.compile_sm90(tk.exact_lse_kernel, exact, dict(tiles, BLOCK_M=64, BLOCK_N=64), 4)
     ts.compile_sm90(tk.col_lse_kernel, dict(COL_MAX="*fp32", COL_SUM="*fp32", LSE_COL="*fp32", Nk=1025,
                                             n_splits=3, TILE_N=32), dict(BLOCK=128), 4)
     ts.compile_sm90(tk.ref_reduce_kernel, dict(PART="*fp32", REF_IDX="*i64", M_SCALE="*fp32", BUF="*fp32", sb_i=8 * 6 * 1024,
