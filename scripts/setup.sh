@@ -15,4 +15,5 @@ fi
 "$VPY" -m pip install -q --upgrade pip
 "$VPY" -c "import torch" 2>/dev/null || "$VPY" -m pip install -q "torch==2.13.0"
 "$VPY" -m pip install -q -e ".[test]"
+"$VPY" -m pip freeze > .venv/i2am-freeze.txt  # what this set-up resolved, for a failing CI to name
 echo "$want" > "$stamp"
