@@ -157,9 +157,12 @@ class MapsCall:
                     out[r, :, other] = _sdpa(q[:, :, other][r], k[r], v[r], self.scale)
             module.run(q[:, :, rows], k, v, out[:, :, rows], maps, **args)
         if q.device.type == "cpu":
-            # a query row holding NaN has only NaN scores: CPU SDPA treats it as fully masked and
-            # returns zeros (its maps keep the NaN, to be reported)
-            out.masked_fill_(q.isnan().any(-1, keepdim=True), 0)
+            # a query row holding NaN has only NaN scores: CPU SDPA answers zeros or NaN depending
+            # on the torch release, so such rows take SDPA's own answer (their maps keep the NaN,
+            # to be reported)
+            nan_rows = q.isnan().any(-1, keepdim=True)
+            if nan_rows.any():
+                out.copy_(torch.where(nan_rows, _sdpa(q, k, v, self.scale).to(out.dtype), out))
         return out
 
 
