@@ -8,7 +8,9 @@ Every backend module exposes the same function::
 
 With query_rows (joint attention) a backend sees only those rows: q and out are the row views
 q[:, :, rows] and out[:, :, rows] (P rows are independent, and C over the rows is the attention
-of those rows alone), and this wrapper writes the other rows with SDPA. A backend with
+of those rows alone), and this wrapper writes the other rows with SDPA. Rows that are no
+contiguous range (the left half-rows of a side-by-side latent) reach the backend as a copy of
+those rows of q, O(Nr d) like q itself, and their out rows are scattered back. A backend with
 QUERY_ROWS = True (the reference) instead takes the whole call and query_rows=.
 
 q (B,H,Nq,d), k (B,H,Nk,d), v (B,H,Nk,dv): the caller's tensors, any strides, one dtype and
@@ -48,9 +50,10 @@ def attention_with_maps(q, k, v, *, scale=None, ref_keys=None, query_rows=None, 
         q, k, v: (B, H, Nq, d), (B, H, Nk, d), (B, H, Nk, dv); any float dtype and strides.
         scale: score scale, default d ** -0.5.
         ref_keys: the reference-grid keys, a slice or an index tensor into Nk (default all).
-        query_rows: a slice of Nq, the rows that form the generated grid (default all): the
-            softmax over queries runs over these rows only, gen maps and query_probes have
-            their count (Nr) of columns; out still holds every row (joint attention, DiTs).
+        query_rows: the rows that form the generated grid, a slice or an index tensor into Nq
+            (default all; no row twice): the softmax over queries runs over these rows only, gen
+            maps and query_probes have their count (Nr) of columns, in this order; out still
+            holds every row (joint attention, DiTs).
         record: batch indices whose maps are computed (default all); the others cost plain
             attention only.
         key_probes: (Ru, Kr) weights over the reference keys, default one uniform row 1/Kr.
@@ -85,8 +88,7 @@ def _unrecorded(q, k, v, scale, ref_keys, query_rows, key_probes, query_probes, 
     scale = d ** -0.5 if scale is None else _check_scale(scale)
     _resolve_backend(backend, q)
     kr = _index(ref_keys, Nk, "ref_keys", torch.device("cpu")).numel()
-    rows = query_row_range(query_rows, Nq)
-    Nq = rows.stop - rows.start
+    Nq = _row_count(query_row_range(query_rows, Nq))
     probes = {"gen": _probes(key_probes, kr, "key_probes", "|ref_keys|", _device(key_probes)).shape[0],
               "ref": _probes(query_probes, Nq, "query_probes", _nq_name(query_rows), _device(query_probes)).shape[0]}
     size = {"gen": Nq, "ref": kr}
@@ -119,7 +121,7 @@ class MapsCall:
     query_probes: torch.Tensor
     shapes: dict  # {map name: buffer shape}
     backend: str
-    query_rows: slice = None  # the rows with maps (step 1), None: all
+    query_rows: object = None  # the rows with maps: None (all), a slice (step 1) or an index tensor
 
     def matches(self, q, k, v, scale=None):
         """Whether q, k, v (and scale) have the signature these arguments were checked for."""
@@ -141,21 +143,32 @@ class MapsCall:
         Nq = q.shape[2]
         out = _empty_like_q(q, v.shape[-1])
         u = self.unrecorded_idx
-        if isinstance(u, slice) or u.numel():
-            out[u] = _sdpa(q[u], k[u], v[u], self.scale)
         module, rows = backend_module(self.backend), self.query_rows
         args = {"scale": self.scale, "ref_idx": self.ref_idx, "record_idx": self.record_idx,
                 "key_probes": self.key_probes, "query_probes": self.query_probes}
+        r = self.record_idx if isinstance(u, slice) or u.numel() else slice(None)
         if rows is None:
             module.run(q, k, v, out, maps, **args)
         elif getattr(module, "QUERY_ROWS", False):
             module.run(q, k, v, out, maps, query_rows=rows, **args)
-        else:  # the backend runs the rows (views); SDPA the recorded entries' other rows
-            r = self.record_idx if isinstance(u, slice) or u.numel() else slice(None)
+        elif isinstance(rows, slice):  # the backend runs the rows (views); SDPA the recorded entries' other rows
             for other in (slice(0, rows.start), slice(rows.stop, Nq)):
                 if other.stop > other.start:
                     out[r, :, other] = _sdpa(q[:, :, other][r], k[r], v[r], self.scale)
             module.run(q[:, :, rows], k, v, out[:, :, rows], maps, **args)
+        else:  # strided rows: the backend runs a copy of them, SDPA a copy of the others; both
+            # scatter every entry's rows back, the unrecorded entries' rows rewritten below
+            others = torch.ones(Nq, dtype=torch.bool, device=rows.device).index_fill_(0, rows, False)
+            for idx, run in ((rows, module.run), (others.nonzero().flatten(), None)):
+                if idx.numel():
+                    part = _empty_like_q(q[:, :, idx], v.shape[-1])
+                    if run is None:
+                        part[r] = _sdpa(q[:, :, idx][r], k[r], v[r], self.scale)
+                    else:
+                        run(q[:, :, idx], k, v, part, maps, **args)
+                    out[:, :, idx] = part
+        if isinstance(u, slice) or u.numel():
+            out[u] = _sdpa(q[u], k[u], v[u], self.scale)
         if q.device.type == "cpu":
             # a query row holding NaN has only NaN scores: CPU SDPA answers zeros or NaN depending
             # on the torch release, so such rows take SDPA's own answer (their maps keep the NaN,
@@ -202,7 +215,7 @@ def prepare(q, k, v, *, scale=None, ref_keys=None, query_rows=None, record=None,
     """Check and normalise the arguments of attention_with_maps (same meaning) into a MapsCall."""
     B, H, Nq, Nk, d = _check_qkv(q, k, v)
     rows = query_row_range(query_rows, Nq)
-    Nq = rows.stop - rows.start
+    Nq = _row_count(rows)
     scale = d ** -0.5 if scale is None else _check_scale(scale)
     dev = q.device
     ref_idx = _index(ref_keys, Nk, "ref_keys", dev)
@@ -215,7 +228,7 @@ def prepare(q, k, v, *, scale=None, ref_keys=None, query_rows=None, record=None,
                   Nq if n.startswith("gen") else ref_idx.numel()) for n in names}
     return MapsCall(_signature(q, k, v, scale), scale, ref_idx, record_idx, _complement(record_idx, B),
                     key_probes, query_probes, shapes, _resolve_backend(backend, q),
-                    None if query_rows is None else rows)
+                    None if query_rows is None else rows if isinstance(rows, slice) else rows.to(dev))
 
 
 def _signature(q, k, v, scale):
@@ -293,7 +306,7 @@ def _index(sel, n, what, device, unique=False):
     if sel is None:
         idx = torch.arange(n)
     elif isinstance(sel, slice):
-        idx = torch.arange(n)[sel]
+        idx = torch.tensor(range(n)[sel], dtype=torch.long)  # any step, reversed ones too
     else:
         idx = torch.as_tensor(sel).reshape(-1)
         if idx.numel() and (idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool):
@@ -306,21 +319,32 @@ def _index(sel, n, what, device, unique=False):
             raise ValueError(f"{what} must not repeat an index, got {idx.tolist()}")
     if what != "record" and idx.numel() == 0:
         raise ValueError(f"{what} selects no index out of {n}")
-    return idx.to(device)
+    return idx.contiguous().to(device)  # a strided slice or view is a strided tensor: backends read it flat
 
 
 def query_row_range(sel, n):
-    """query_rows as slice(start, stop) within range(n): None is all rows; anything but a
-    non-empty slice with step 1 is an error."""
+    """query_rows within range(n): a slice(start, stop) when they are one contiguous range in
+    order (None is all rows), else their int64 index tensor on the CPU (a strided slice, a
+    sequence or an integer tensor, as ref_keys; no row twice)."""
     if sel is None:
         return slice(0, n)
-    if not isinstance(sel, slice):
-        raise TypeError(f"query_rows must be a slice of the {n} queries (e.g. slice(512, 4608)), "
-                        f"got {type(sel).__name__}")
-    start, stop, step = sel.indices(n)
-    if step != 1 or stop <= start:
-        raise ValueError(f"query_rows must be a non-empty slice with step 1 of range(0, {n}), got {sel}")
-    return slice(start, stop)
+    if isinstance(sel, slice) and sel.step in (None, 1):
+        start, stop, _ = sel.indices(n)
+        if stop <= start:
+            raise ValueError(f"query_rows must select at least one of the {n} queries, got {sel}")
+        return slice(start, stop)
+    idx = _index(sel, n, "query_rows", torch.device("cpu"), unique=True)
+    return _as_range(idx) or idx
+
+
+def _as_range(idx):
+    """slice(a, a + len) when idx is exactly a, a + 1, ..., else None."""
+    a = int(idx[0])
+    return slice(a, a + idx.numel()) if torch.equal(idx, torch.arange(a, a + idx.numel())) else None
+
+
+def _row_count(rows):
+    return rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
 
 
 def _nq_name(query_rows):

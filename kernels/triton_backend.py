@@ -35,6 +35,9 @@ def run(q, k, v, out, maps, *, scale, ref_idx, record_idx, key_probes, query_pro
     if q.dtype not in DTYPES:  # float64: the streaming torch backend (it computes in float32 too)
         return torch_backend.run(q, k, v, out, maps, scale=scale, ref_idx=ref_idx, record_idx=record_idx,
                                  key_probes=key_probes, query_probes=query_probes)
+    # the kernels read indices and probe rows flat: strided views (a slice's step) as contiguous copies
+    ref_idx, record_idx, key_probes, query_probes = (t.contiguous() for t in (ref_idx, record_idx, key_probes,
+                                                                                query_probes))
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():  # launch on q's GPU
         _launch(q, k, v, out, maps, scale, ref_idx, record_idx, key_probes, query_probes, splits)
 

@@ -52,7 +52,10 @@ import triton.language as tl
 
 from .torch_backend import C_FROM_P_RANGE
 
-NEG = tl.constexpr(-1.0e30)  # the score of masked entries: 2^(NEG - finite) == 0 without inf - inf
+NEG = tl.constexpr(-1.0e30)  # a running max's start (log2 units): 2^(NEG - finite) == 0 without inf - inf
+# an unscaled score of a masked key: -inf at any positive scale (-1e30 times a scale below 1e-28
+# would be a few hundred bits or less, and 2^-14 of a masked key is no zero)
+MASKED = tl.constexpr(float("-inf"))
 RANGE = tl.constexpr(C_FROM_P_RANGE)  # log2 spread up to which C is taken from P (docstring above)
 # the smallest column sum (at the stats pass's shift) kept; RANGE < 0 sends every column to exact_lse_kernel
 TINY = tl.constexpr(2.0 ** -C_FROM_P_RANGE if C_FROM_P_RANGE >= 0 else float("inf"))
@@ -171,7 +174,7 @@ def _row_lse(q, q2, k_base, sk_n, sk_d, Nk, qk_scale, D, BLOCK_D: tl.constexpr, 
     for n0 in range(0, Nk, BLOCK_N):
         key_ok = n0 + keys < Nk
         s = _qk(q, q2, k_base, n0 + keys, key_ok, sk_n, sk_d, D, BLOCK_D, BLOCK_D2, DOT_PRECISION)
-        s = tl.where(key_ok[None, :], s, NEG)
+        s = tl.where(key_ok[None, :], s, MASKED)
         r_shift = tl.max(s, 1) * qk_scale  # qk_scale > 0: the row max of t
         r_sum = tl.sum(tl.exp2(s * qk_scale - r_shift[:, None]), 1)
         m_new = tl.maximum(m_i, r_shift)
@@ -190,7 +193,7 @@ def _stats_tile(q, q2, k_base, ones, m_b, l_i, seen, COL_MAX, COL_SUM, part, n0,
     cols = n0 + keys
     s = _qk(q, q2, k_base, cols, key_ok, sk_n, sk_d, D, BLOCK_D, BLOCK_D2, DOT_PRECISION)
     if LAST:
-        s = tl.where(key_ok[None, :], s, NEG)
+        s = tl.where(key_ok[None, :], s, MASKED)
     g = tl.max(s) * qk_scale
     p = tl.exp2(s * qk_scale - g)
     c_sum_t = tl.dot(ones, p, input_precision=DOT_PRECISION)

@@ -11,6 +11,7 @@ import torch
 from i2am import reference
 from i2am.kernels import backend_module
 
+REFERENCE_ERRORS = 2
 TOL = {torch.float32: (2e-4, 2e-5), torch.float16: (2e-2, 2e-3), torch.bfloat16: (5e-2, 2e-2)}
 # maps: rtol, and atol as a fraction of the map's largest value (maps scale like 1/Nq or 1/Nk)
 MAP_TOL = {torch.float32: (1e-4, 1e-5), torch.float16: (1e-2, 1e-3), torch.bfloat16: (3e-2, 1e-2)}
@@ -61,10 +62,18 @@ def make_case(B=2, H=2, Nq=37, Nk=77, d=40, dv=None, *, dtype=torch.float32, dev
                 torch.rand(Rw, Nq, generator=gen).to(device) / Nq, tuple(names))
 
 
-def expected(case):
+def expected(case, dtype=torch.float64):
     return reference.call_maps(case.q, case.k, case.v, scale=case.scale, ref_idx=case.ref_idx,
                                record_idx=case.record_idx, key_probes=case.key_probes,
-                               query_probes=case.query_probes, names=case.names)
+                               query_probes=case.query_probes, names=case.names, dtype=dtype)
+
+
+def assert_within_reference_error(got, gold, plain, floor, name=""):
+    """FlagAttention's criterion: a backend is at most REFERENCE_ERRORS times as far from the
+    float64 value `gold` as the materialised equations computed in the inputs' own dtype
+    (`plain`) are, or within `floor` (float32, where that error is a few ulps)."""
+    err, own = ((x.double() - gold.double()).abs().max().item() for x in (got, plain))
+    assert err <= REFERENCE_ERRORS * own + floor, f"{name}: error {err:.3g}, the reference's own {own:.3g}"
 
 
 def assert_map_close(got, want, dtype, name=""):
@@ -94,3 +103,102 @@ def check_backend(backend, case, calls=1, **kwargs):
     torch.testing.assert_close(out.cpu()[rec].float(), want_out[rec], rtol=rtol, atol=atol)
     for n in case.names:
         assert_map_close(maps[n].cpu(), prefill[n] + calls * want[n], q.dtype, n)
+    if q.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        plain_out, plain = expected(case, q.dtype)
+        assert_within_reference_error(out.cpu()[rec], want_out[rec], plain_out.cpu()[rec], atol, "out")
+        for n in case.names:
+            got = (maps[n].cpu() - prefill[n]) / calls
+            floor = MAP_TOL[q.dtype][1] * want[n].abs().max().item()
+            assert_within_reference_error(got, want[n], plain[n].cpu(), floor, n)
+
+
+# ---- joint attention through the op: query_rows and ref_keys of one sequence -------------------
+
+def poison(monkeypatch):
+    """torch.empty inside the op returns NaN-filled floats: an element nobody writes fails."""
+    from i2am.kernels import api
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(api.torch, "empty", nan_empty)
+
+
+def layout(kind, n_text, grid_gen, grid_ref):
+    """(Nq, query_rows, ref_keys) of a joint sequence; every token is a query and a key. The
+    side-by-side kinds put the two grids of one height beside each other in one latent (in-context
+    editors): the rows and keys are every other half-row, index tensors."""
+    g, r = grid_gen[0] * grid_gen[1], grid_ref[0] * grid_ref[1]
+    if kind == "text, gen, ref":
+        return n_text + g + r, slice(n_text, n_text + g), slice(n_text + g, n_text + g + r)
+    if kind == "ref, gen":
+        return r + g, slice(r, r + g), slice(0, r)
+    if kind == "text, ref, gen, text":
+        return 2 * n_text + r + g, slice(n_text + r, n_text + r + g), slice(n_text, n_text + r)
+    if kind in ("text, gen | ref", "ref | gen"):
+        assert grid_gen[0] == grid_ref[0], "side by side: one height"
+        w = grid_gen[1] + grid_ref[1]
+        token = torch.arange(grid_gen[0] * w).view(grid_gen[0], w)
+        left, right = token[:, :grid_gen[1]].flatten(), token[:, grid_gen[1]:].flatten()
+        if kind == "ref | gen":  # the reference on the left: grids of one width
+            left, right = token[:, grid_gen[1]:].flatten(), token[:, :grid_gen[1]].flatten()
+            return g + r, left, right
+        return n_text + g + r, n_text + left, n_text + right
+    raise ValueError(kind)
+
+
+def joint_case(kind, *, B=2, H=2, d=40, n_text=5, grid_gen=(3, 4), grid_ref=(4, 3), dtype=torch.float32,
+               strided=True, seed=0, Ru=2, Rw=3, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    N, rows, ref = layout(kind, n_text, grid_gen, grid_ref)
+    if strided:
+        q, k, v = (diffusers_layout(B, H, N, d, dtype, device, gen) for _ in range(3))
+    else:
+        q, k, v = (torch.randn(B, H, N, d, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
+    q = q * 2
+    Nr, Kr = (len(range(N)[x]) if isinstance(x, slice) else x.numel() for x in (rows, ref))
+    return dict(q=q, k=k, v=v, query_rows=rows, ref_keys=ref,
+                key_probes=torch.rand(Ru, Kr, generator=gen) / Kr, query_probes=torch.rand(Rw, Nr, generator=gen) / Nr)
+
+
+def joint_expected(q, k, v, *, query_rows, ref_keys, key_probes, query_probes, record, scale=None):
+    """Definitions in float64: s = scale q k^T; P = softmax over all keys; C = softmax over the
+    query_rows of s[rows]; maps on the rows and reference keys only."""
+    q, k, v = (t.double().cpu() for t in (q, k, v))
+    s = (q.shape[-1] ** -0.5 if scale is None else scale) * torch.einsum("bhqd,bhkd->bhqk", q, k)
+    out = s.softmax(-1) @ v
+    s = s[record][:, :, query_rows]
+    P = s.softmax(-1)[..., ref_keys]
+    C = s.softmax(-2)[..., ref_keys]
+    u, m = key_probes.double(), query_probes.double()
+    maps = {"gen_query": u @ C.transpose(-1, -2), "gen_key": u @ P.transpose(-1, -2),
+            "ref_key": m @ P, "ref_query": m @ C}
+    return out, maps
+
+
+def check_op(case, backend, *, record=None, tol=(1e-4, 1e-5), **kw):
+    """prepare() and one call of the op on a joint case, every convention; out (every row, every
+    entry) and the maps against joint_expected, the buffers pre-filled with random values."""
+    import torch.nn.functional as F
+
+    from i2am.kernels import prepare
+
+    B = case["q"].shape[0]
+    rec = list(range(B)) if record is None else record
+    call = prepare(**case, record=record, gen=("query", "key"), ref=("key", "query"), backend=backend, **kw)
+    want_out, want = joint_expected(**case, record=rec, **kw)
+    gen = torch.Generator().manual_seed(1)  # buffers start at random values of the maps' scale
+    prefill = {n: torch.rand(s, generator=gen) * want[n].abs().max().float() for n, s in call.shapes.items()}
+    maps = {n: t.clone().to(case["q"].device) for n, t in prefill.items()}
+    out = call(case["q"], case["k"], case["v"], maps)
+    rtol, atol = tol
+    torch.testing.assert_close(out.double().cpu(), want_out, rtol=rtol, atol=atol)  # every row, all entries
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(case["q"], case["k"], case["v"], **kw),
+                               rtol=rtol, atol=atol)
+    for n in want:
+        got = maps[n].cpu() - prefill[n]
+        torch.testing.assert_close(got.double(), want[n], rtol=rtol, atol=atol * want[n].abs().max().item(),
+                                   msg=lambda m: f"{n}: {m}")
+    return out, maps

@@ -3,14 +3,11 @@
 Without a GPU: CMake compiles the library with nvcc (warnings are errors), the loader and the C
 ABI report errors clearly, and the very same kernel source, built as the host emulation
 (-DI2AM_HOST_EMULATION=ON: threads as fibers, ldmatrix/mma emulated from the PTX tables), runs
-on CPU tensors against the reference. With a GPU (marked gpu): the case matrix of the torch
-backend tests against the reference, determinism and agreement with the triton backend.
+on CPU tensors against the reference. The case matrix every backend passes is in test_backends.py
+(there the emulation stands in for a GPU); here the emulation's and the kernels' own cases, and with
+a GPU (marked gpu): larger shapes, determinism and agreement with the triton backend.
 """
 import dataclasses
-import os
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,64 +15,8 @@ import torch
 from cases import assert_map_close, check_backend, expected, make_case
 from i2am.kernels import attention_with_maps, cuda_backend, torch_backend
 
-ROOT = Path(__file__).resolve().parents[1]
 ALL = ("gen_query", "gen_key", "ref_key", "ref_query")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def cmake_build(build_dir, *options):
-    """Configure and build the repository's CMakeLists.txt in build_dir; returns the library folder."""
-    lib_dir = build_dir / "lib"
-    jobs = str(min(8, os.cpu_count() or 1))
-    for cmd in (["cmake", "-S", str(ROOT), "-B", str(build_dir), f"-DI2AM_LIB_DIR={lib_dir}", "-DI2AM_WERROR=ON",
-                 *options],
-                ["cmake", "--build", str(build_dir), "-j", jobs]):
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-6000:]}\n{r.stderr[-6000:]}"
-    return lib_dir
-
-
-def require_toolchain():
-    missing = [tool for tool in ("cmake", "nvcc") if shutil.which(tool) is None]
-    if missing:
-        pytest.skip(f"building the CUDA library needs {' and '.join(missing)} on PATH")
-
-
-@pytest.fixture(scope="module")
-def built_library(tmp_path_factory):
-    """libi2am_cuda.so compiled from this checkout: for the GPU present, else sm_80 as a compile check."""
-    require_toolchain()
-    arch = "native" if torch.cuda.is_available() else "80-real"
-    lib_dir = cmake_build(tmp_path_factory.mktemp("cuda"), f"-DCMAKE_CUDA_ARCHITECTURES={arch}")
-    return lib_dir / cuda_backend.LIB_NAME
-
-
-@pytest.fixture(scope="module")
-def emulated(tmp_path_factory):
-    if torch.cuda.is_available():  # it stands in for a GPU; spend no device time on it
-        pytest.skip("a GPU is present: the gpu-marked tests run the real kernels")
-    require_toolchain()  # the emulation compiles with the host compiler but uses the toolkit headers
-    lib_dir = cmake_build(tmp_path_factory.mktemp("emulation"), "-DI2AM_HOST_EMULATION=ON")
-    return cuda_backend.load_library(lib_dir / "libi2am_emulated.so")
-
-
-@pytest.fixture(scope="module")
-def gpu_library(request):
-    """The library for GPU tests: $I2AM_CUDA_LIB, else built from this checkout, else the installed one."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    if os.environ.get(cuda_backend.LIB_ENV):
-        return cuda_backend.load_library()
-    if shutil.which("cmake") and shutil.which("nvcc"):
-        return cuda_backend.load_library(request.getfixturevalue("built_library"))
-    if cuda_backend.library_path().is_file():
-        return cuda_backend.load_library()
-    pytest.skip(f"no CUDA library: {cuda_backend.BUILD_HINT}")
-
-
-def matrix_dtype(d, Nk):
-    """Each head dim and each Nk of the case matrix meets every dtype."""
-    return DTYPES[((40, 80, 160).index(d) + (1, 7, 77, 257).index(Nk)) % 3]
 
 
 # ---- build and errors (no GPU needed) ----------------------------------------------------------
@@ -138,21 +79,6 @@ def _run(lib, case, bypass_device_check=False):
 
 
 # ---- the kernels in the host emulation (no GPU needed) -----------------------------------------
-
-@pytest.mark.parametrize("d", [40, 80, 160])
-@pytest.mark.parametrize("Nk", [1, 7, 77, 257])
-def test_emulated_matches_reference(emulated, d, Nk):
-    case = make_case(Nq=45, Nk=Nk, d=d, dtype=matrix_dtype(d, Nk), names=ALL, seed=d + Nk)
-    check_backend("cuda", case, library=emulated)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("ref", ["tail", "index", "all"])
-def test_emulated_strided_ref_keys_record_subset(emulated, dtype, ref):
-    case = make_case(B=3, H=3, Nq=6 * 5, Nk=1 + 4 * 3, d=80, dv=40, dtype=dtype, ref=ref, record=[2, 0],
-                     strided=True, names=ALL)
-    check_backend("cuda", case, library=emulated)
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sms", [1, 3])
@@ -255,23 +181,6 @@ def test_emulated_bits_do_not_depend_on_thread_interleaving(emulated, monkeypatc
 # ---- the kernels on a GPU ----------------------------------------------------------------------
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("d", [40, 80, 160])
-@pytest.mark.parametrize("Nk", [1, 7, 77, 257])
-def test_gpu_matches_reference(gpu_library, d, Nk):
-    case = make_case(Nq=45, Nk=Nk, d=d, dtype=matrix_dtype(d, Nk), names=ALL, seed=d + Nk, device="cuda")
-    check_backend("cuda", case, library=gpu_library)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("ref", ["tail", "index", "all"])
-def test_gpu_strided_ref_keys_record_subset(gpu_library, dtype, ref):
-    case = make_case(B=3, H=3, Nq=6 * 5, Nk=1 + 4 * 3, d=80, dv=40, dtype=dtype, ref=ref, record=[2, 0],
-                     strided=True, names=ALL, device="cuda")
-    check_backend("cuda", case, library=gpu_library)
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_gpu_larger_shapes_accumulate(gpu_library, dtype, d):
@@ -301,18 +210,3 @@ def test_gpu_agrees_with_triton(gpu_library, monkeypatch, dtype):
     torch.testing.assert_close(out_c, out_t, rtol=2e-2, atol=2e-2)
     for n in ALL:
         torch.testing.assert_close(maps_c[n], maps_t[n], rtol=3e-2, atol=3e-4, msg=lambda m, n=n: f"{n}: {m}")
-
-
-@pytest.mark.parametrize("kind,dtype", [("text, gen, ref", torch.float16), ("ref, gen", torch.float32),
-                                        ("text, ref, gen, text", torch.bfloat16)])
-def test_emulated_query_rows_through_the_op(emulated, monkeypatch, kind, dtype):
-    """query_rows (SPEC 3c) in the op's wrapper: the kernel sees the row views of diffusers-layout
-    q and out (offset, often off 16-byte alignment) and writes only those rows."""
-    import functools
-
-    from test_query_rows import check, joint_case, poison
-
-    poison(monkeypatch)
-    monkeypatch.setattr(cuda_backend, "run", functools.partial(cuda_backend.run, library=emulated))
-    tol = {torch.float32: (1e-4, 1e-5), torch.float16: (2e-2, 2e-3), torch.bfloat16: (5e-2, 2e-2)}[dtype]
-    check(joint_case(kind, d=40, dtype=dtype, seed=4), "cuda", record=[1], tol=tol)

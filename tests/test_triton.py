@@ -15,21 +15,6 @@ ALL = ("gen_query", "gen_key", "ref_key", "ref_query")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("d", [40, 80, 160])
-@pytest.mark.parametrize("Nk", [1, 7, 77, 128, 257])  # 128: whole key tiles only (64 in the interpreter)
-def test_matches_reference(d, Nk):
-    case = make_case(Nq=45, Nk=Nk, d=d, names=ALL, seed=d + Nk, device=DEVICE)
-    check_backend("triton", case, splits=2)  # 3 query blocks of 16 in the interpreter: 2 + 1
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("ref", ["tail", "index", "all"])
-def test_strided_dtypes_ref_keys_record_subset(dtype, ref):
-    case = make_case(B=3, H=3, Nq=6 * 5, Nk=1 + 4 * 3, d=80, dv=40, dtype=dtype, ref=ref, record=[2, 0],
-                     strided=True, names=ALL, device=DEVICE)
-    check_backend("triton", case)
-
-
 @pytest.mark.parametrize("names", [("gen_query",), ("ref_key",), ("gen_key", "ref_query")])
 def test_map_subsets_accumulate_over_calls(names):
     case = make_case(Nq=20, Nk=17, names=names, device=DEVICE)
