@@ -37,7 +37,7 @@ def test_peak_extra_memory_below_a_quarter_of_one_score_tensor():
 JOINT = textwrap.dedent("""
     import resource, torch
     from i2am.kernels import attention_with_maps
-    H, N, rows, refs = 4, 8704, slice(512, 4608), slice(4608, 8704)  # a Kontext layer's joint sequence
+    H, N, rows, refs = 4, 8704, ROWS, REFS
     q, k, v = (torch.randn(1, H, N, 64) for _ in range(3))
     probes = torch.rand(6, 4096)
     attention_with_maps(q[:, :, :64], k[:, :, :64], v[:, :, :64], backend="torch")  # warm-up
@@ -49,8 +49,17 @@ JOINT = textwrap.dedent("""
 """)
 
 
+LAYOUTS = {  # 512 text tokens, then a Kontext layer's two 64 x 64 grids, one after the other or side by side
+    "sequence": ("slice(512, 4608)", "slice(4608, 8704)"),
+    "side by side": ("512 + torch.arange(8192).view(64, 128)[:, :64].flatten()",
+                     "512 + torch.arange(8192).view(64, 128)[:, 64:].flatten()"),
+}
+
+
 @pytest.mark.slow
-def test_joint_attention_with_query_rows_stays_bounded_by_the_chunk():
-    extra = peak_extra_memory(JOINT)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_joint_attention_with_query_rows_stays_bounded_by_the_chunk(layout):
+    rows, refs = LAYOUTS[layout]
+    extra = peak_extra_memory(JOINT.replace("ROWS", rows).replace("REFS", refs))
     scores = 4 * 4096 * 8704 * 4  # one (H, rows, Nk) float32 score tensor of the generated rows: 544 MiB
     assert extra < scores / 4, f"peak extra memory {extra / 2**20:.0f} MiB"
