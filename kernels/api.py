@@ -122,6 +122,7 @@ class MapsCall:
     shapes: dict  # {map name: buffer shape}
     backend: str
     query_rows: object = None  # the rows with maps: None (all), a slice (step 1) or an index tensor
+    other_rows: object = None  # with an index tensor of query_rows: the other rows (a slice or an index tensor)
 
     def matches(self, q, k, v, scale=None):
         """Whether q, k, v (and scale) have the signature these arguments were checked for."""
@@ -158,9 +159,8 @@ class MapsCall:
             module.run(q[:, :, rows], k, v, out[:, :, rows], maps, **args)
         else:  # strided rows: the backend runs a copy of them, SDPA a copy of the others; both
             # scatter every entry's rows back, the unrecorded entries' rows rewritten below
-            others = torch.ones(Nq, dtype=torch.bool, device=rows.device).index_fill_(0, rows, False)
-            for idx, run in ((rows, module.run), (others.nonzero().flatten(), None)):
-                if idx.numel():
+            for idx, run in ((rows, module.run), (self.other_rows, None)):
+                if isinstance(idx, slice) or idx.numel():
                     part = _empty_like_q(q[:, :, idx], v.shape[-1])
                     if run is None:
                         part[r] = _sdpa(q[:, :, idx][r], k[r], v[r], self.scale)
@@ -226,9 +226,11 @@ def prepare(q, k, v, *, scale=None, ref_keys=None, query_rows=None, record=None,
     names += [f"ref_{c}" for c in _conventions(ref, "ref")]
     shapes = {n: (record_idx.numel(), H, (key_probes if n.startswith("gen") else query_probes).shape[0],
                   Nq if n.startswith("gen") else ref_idx.numel()) for n in names}
+    strided = isinstance(rows, torch.Tensor)
     return MapsCall(_signature(q, k, v, scale), scale, ref_idx, record_idx, _complement(record_idx, B),
                     key_probes, query_probes, shapes, _resolve_backend(backend, q),
-                    None if query_rows is None else rows if isinstance(rows, slice) else rows.to(dev))
+                    None if query_rows is None else rows.to(dev) if strided else rows,
+                    _complement(rows.to(dev), q.shape[2]) if strided else None)
 
 
 def _signature(q, k, v, scale):
@@ -390,8 +392,8 @@ def _buffers(accumulate, shapes, device):
 
 
 def _complement(idx, n):
-    """The batch entries not in idx: a slice when they are contiguous (the CFG uncond half), so
-    that q[u] is a view, not a copy of the inputs."""
+    """The indices of range(n) not in idx (batch entries, query rows): a slice when they are
+    contiguous (the CFG uncond half), so that q[u] is a view, not a copy of the inputs."""
     keep = torch.ones(n, dtype=torch.bool)
     keep[idx.cpu()] = False
     rest = keep.nonzero().flatten()

@@ -85,3 +85,19 @@ def test_the_kernel_layer_never_imports_the_analysis_layer():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
             assert not any(n == "i2am" or n.startswith("i2am.") for n in names), f"{path.name} imports {names}"
+
+
+def test_slices_with_any_step_are_their_indices():
+    """A reversed or strided slice of ref_keys, record or query_rows selects what range() does."""
+    q = torch.randn(3, 2, 11, 8)
+    for sel in (slice(None, None, -1), slice(9, 0, -3), slice(1, None, 4)):
+        idx = torch.tensor(range(11)[sel])
+        _, by_slice = attention_with_maps(q, q, q, ref_keys=sel, query_rows=sel, gen=("query", "key"),
+                                          ref=("key", "query"), backend="torch")
+        _, by_index = attention_with_maps(q, q, q, ref_keys=idx, query_rows=idx, gen=("query", "key"),
+                                          ref=("key", "query"), backend="torch")
+        for n in by_slice:
+            assert torch.equal(by_slice[n], by_index[n]), (sel, n)
+    _, maps = attention_with_maps(q, q, q, record=slice(None, None, -2), backend="torch")
+    _, want = attention_with_maps(q, q, q, record=[2, 0], backend="torch")
+    assert torch.equal(maps["gen_query"], want["gen_query"])
