@@ -11,7 +11,8 @@ import torch
 from i2am import reference
 from i2am.kernels import backend_module
 
-REFERENCE_ERRORS = 2
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the device of the contract suite's cases
+REFERENCE_ERRORS = 2  # FlagAttention's factor (assert_within_reference_error)
 TOL = {torch.float32: (2e-4, 2e-5), torch.float16: (2e-2, 2e-3), torch.bfloat16: (5e-2, 2e-2)}
 # maps: rtol, and atol as a fraction of the map's largest value (maps scale like 1/Nq or 1/Nk)
 MAP_TOL = {torch.float32: (1e-4, 1e-5), torch.float16: (1e-2, 1e-3), torch.bfloat16: (3e-2, 1e-2)}

@@ -24,7 +24,7 @@ def one_thread():
 
 # ---- the backends of the op, for the contract suite (test_backends.py) and the CUDA tests -------
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+GPU = torch.cuda.is_available()  # the suite's cases lie on the GPU when there is one
 
 
 @pytest.fixture(scope="session")
@@ -76,7 +76,7 @@ class Backend:
 
     def __init__(self, name, library=None):
         self.name, self.options = name, ({} if library is None else {"library": library})
-        self.dtypes = (torch.float16, torch.float32) if name == "triton" and DEVICE == "cpu" else \
+        self.dtypes = (torch.float16, torch.float32) if name == "triton" and not GPU else \
             (torch.float16, torch.bfloat16, torch.float32)  # the interpreter has no bfloat16 dots
 
     def tiles(self, case, rows=12, splits=None):
@@ -102,5 +102,5 @@ def backend(request):
     if request.param == "triton":
         pytest.importorskip("triton")
     if request.param == "cuda":
-        return Backend("cuda", request.getfixturevalue("gpu_library" if DEVICE == "cuda" else "emulated"))
+        return Backend("cuda", request.getfixturevalue("gpu_library" if GPU else "emulated"))
     return Backend(request.param)

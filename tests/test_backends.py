@@ -10,8 +10,7 @@ internals (tiling, passes, emulation, host overhead) stay in that backend's file
 import pytest
 import torch
 
-from cases import check_backend, check_op, joint_case, make_case, poison
-from conftest import DEVICE
+from cases import DEVICE, check_backend, check_op, joint_case, make_case, poison
 
 ALL = ("gen_query", "gen_key", "ref_key", "ref_query")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)

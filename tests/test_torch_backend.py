@@ -1,10 +1,10 @@
-"""The streaming torch backend against the materialised reference (SPEC sections 2 and 5)."""
+"""The streaming torch backend against the materialised reference (SPEC sections 2 and 5): its
+chunking and its two ways to C. The case matrix every backend passes is in test_backends.py."""
 import os
 import subprocess
 import sys
 
 import pytest
-import torch
 
 from cases import check_backend, make_case
 from i2am.kernels import torch_backend

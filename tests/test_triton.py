@@ -1,7 +1,8 @@
 """The fused Triton backend against the materialised reference (SPEC sections 2 and 5).
 
 Without CUDA these run in Triton's CPU interpreter (TRITON_INTERPRET=1, set in conftest.py;
-small shapes, one autotune config); with CUDA the same cases compile for the GPU.
+small shapes, one autotune config); with CUDA the same cases compile for the GPU. The case matrix
+every backend passes is in test_backends.py; here the launcher's and the kernels' own cases.
 """
 import pytest
 import torch
