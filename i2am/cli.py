@@ -1,15 +1,15 @@
 """The `i2am` command: run an analysis of a pipeline, re-render saved maps, the demo, benchmarks,
 data-set evaluation.
 
-Exit codes: 0 success, 2 bad arguments (argparse errors and UsageError: missing files, a mask
-of the wrong size, a probe off the grid, a model that is not available locally), 1 failure.
+Argument parsing and printing only: the work, and the rules for what users pass, are the
+library's (i2am.pipelines, i2am.inputs, ...). Exit codes: 0 success, 2 bad arguments (argparse
+errors and the library's InputError: missing files, a mask of the wrong size, a probe off the
+grid, a model that is not available locally), 1 failure.
 """
 import argparse
 import importlib
-import json
 import logging
 import math
-import os
 import re
 import sys
 import traceback
@@ -17,15 +17,18 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+from . import pipelines
+from .inputs import InputError, binary_mask, check_device, check_out, command_line_spelling, open_image, same_size
+from .probes import check_probes
 from .protocols import PROTOCOLS
 
-PIPELINES = ("paint-by-example", "sd-inpaint-patch", "ip-adapter", "flux-kontext")
+PIPELINES = tuple(pipelines.KINDS)
 BACKENDS = ("auto", "torch", "triton", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
-class UsageError(Exception):
-    """A bad argument found after parsing; main reports it and exits with 2."""
+class UsageError(InputError):
+    """A bad combination of the command's options, found after parsing: exit 2."""
 
 
 def main(argv=None):
@@ -35,9 +38,9 @@ def main(argv=None):
 
     matplotlib.use("Agg")  # the figures are files: never an interactive backend
     try:
-        with _library_warnings_silenced():
+        with _library_warnings_silenced(), command_line_spelling():
             return args.handler(args) or 0
-    except UsageError as err:
+    except InputError as err:
         print(f"i2am {args.command}: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # a failure, not a usage error: keep the traceback for the bug report
@@ -209,8 +212,8 @@ examples:
 def _demo(args):
     """Hands over to i2am.demo.run_demo(out=, device=, backend=, protocol=) -> exit code (None: 0) once the
     demo package provides it."""
-    _check_out(args.out)
-    _check_device(args.device, args.backend)
+    check_out(args.out)
+    check_device(args.device, args.backend)
     try:
         demo = importlib.import_module("i2am.demo")
     except ModuleNotFoundError as err:
@@ -230,44 +233,25 @@ def _eval(args):
         from .evaluation import DemoTask, PipelineTask, evaluate, load_dataset
     except ModuleNotFoundError as err:
         raise UsageError(f"i2am eval needs {err.name}: pip install 'i2am[eval]'") from err
-    from .evaluation.datasets import DatasetError
-    from .evaluation.runner import SettingsMismatch
 
-    if len(set(args.protocol)) != len(args.protocol):
-        raise UsageError(f"--protocol {' '.join(args.protocol)}: a protocol is given twice")
-    _check_out(args.out)
+    check_out(args.out)
     steps = args.steps or (10 if args.demo else 50)
-    device = _check_device(args.device or str(PartialState().device), args.backend)
+    device = check_device(args.device or str(PartialState().device), args.backend)
     if args.demo:
         task = DemoTask(samples=args.samples, steps=steps, device=device, backend=args.backend)
         samples = task.samples()
     else:
         if not (args.pipeline and args.model):
             raise UsageError("--data needs --pipeline and --model (the model to evaluate)")
-        if args.time_groups > steps:
-            raise UsageError(f"--time-groups {args.time_groups} is more than the {steps} --steps")
-        if args.pipeline == "ip-adapter" and not args.ip_adapter:
-            raise UsageError("--pipeline ip-adapter needs --ip-adapter FILE (the adapter weights)")
-        try:
-            samples = load_dataset(args.data)
-        except DatasetError as err:
-            raise UsageError(str(err)) from err
-        dtype = _dtype(args.dtype, device)
-        loader = _LOADERS[args.pipeline]
-        settings = {"pipeline": args.pipeline, "model": args.model, "data": args.data,
-                    "dtype": str(dtype).removeprefix("torch.")}
-        if args.pipeline == "ip-adapter":
-            settings.update(prompt=args.prompt, ip_adapter=args.ip_adapter, ip_adapter_scale=args.ip_adapter_scale)
-        task = PipelineTask(
-            lambda reference: loader(args, reference, device, dtype),
-            lambda pipe, image: _as_encoded(pipe.feature_extractor, image),
-            steps=steps, guidance=args.guidance, time_groups=args.time_groups, convention=args.convention,
-            backend=args.backend, settings=settings)
-    try:
-        evaluate(task, samples, args.out, protocols=args.protocol, seed=args.seed,
-                 inception_weights=args.inception_weights, save_maps=args.save_maps, device=device)
-    except SettingsMismatch as err:
-        raise UsageError(str(err)) from err
+        _check_time_groups(args.time_groups, steps)
+        pipelines.check_protocols_of(args.pipeline, args.protocol)
+        samples = load_dataset(args.data)
+        task = PipelineTask(args.pipeline, args.model, device=device, dtype=args.dtype, prompt=args.prompt,
+                            steps=steps, guidance=args.guidance, time_groups=args.time_groups,
+                            convention=args.convention, backend=args.backend, settings={"data": args.data},
+                            **_load_options(args))
+    evaluate(task, samples, args.out, protocols=args.protocol, seed=args.seed,
+             inception_weights=args.inception_weights, save_maps=args.save_maps, device=device)
     if PartialState().is_main_process:
         print(f"summary written to {Path(args.out) / 'summary.md'}")
 
@@ -276,7 +260,7 @@ def _bench(args):
     from . import benchmark
 
     if args.device:
-        _check_device(args.device, "auto")
+        check_device(args.device, "auto")
     benchmark.main(quick=args.quick, device=args.device, json_path=args.json, plot_path=args.plot,
                    pipeline=not args.no_pipeline)
 
@@ -285,7 +269,7 @@ def _show(args):
     from .maps import AttributionMaps
     from .report import write_report
 
-    _check_out(args.out)
+    check_out(args.out)
     path = Path(args.maps)
     if not path.is_file():
         raise UsageError(f"maps file not found: {path}")
@@ -301,10 +285,14 @@ def _show(args):
     for option, name in (("image", "generated.png"), ("reference", "reference.png"), ("ref_mask", "ref_mask.png")):
         if getattr(args, option) is None and (path.parent / name).is_file():  # the run's report folder
             setattr(args, option, str(path.parent / name))
-    image = _open_image(args.image, "--image") if args.image else None
-    reference = _open_image(args.reference, "--reference") if args.reference else None
-    ref_mask_image = _ref_mask_image(args, reference)
-    ref_mask = None if ref_mask_image is None else _binary(ref_mask_image, "--ref-mask")
+    image = open_image(args.image, "image") if args.image else None
+    reference = open_image(args.reference, "reference") if args.reference else None
+    ref_mask = None
+    if args.ref_mask:
+        ref_mask_image = open_image(args.ref_mask, "ref_mask", mode="L")
+        if reference is not None:
+            same_size(ref_mask_image, "ref_mask", reference, "reference")
+        ref_mask = binary_mask(ref_mask_image, "ref_mask")
     if ref_mask is not None and maps.mask is None:
         raise UsageError("--ref-mask gives IMACS_r, which needs maps traced with an inpainting mask; these have none")
     shown = {key: maps.settings.get(key, default) if getattr(args, key) is None else getattr(args, key)
@@ -317,206 +305,45 @@ def _show(args):
 def _run(args):
     import torch
 
+    from .report import write_report
     from .tracing import trace
 
-    _check_out(args.out)
-    device = _check_device(args.device, args.backend)
-    if args.time_groups > args.steps:
-        raise UsageError(f"--time-groups {args.time_groups} is more than the {args.steps} --steps")
-    if args.pipeline == "flux-kontext":
-        return _run_kontext(args, device)
-    for option in ("image", "mask"):
-        if getattr(args, option) is None:
-            raise UsageError(f"--pipeline {args.pipeline} needs --{option}")
-    image = _open_image(args.image, "--image")
-    reference = _open_image(args.reference, "--reference")
-    mask_image = _open_image(args.mask, "--mask", mode="L")
-    if mask_image.size != image.size:
-        raise UsageError(f"--mask is {_wxh(mask_image)} but --image is {_wxh(image)}: they must be the same size")
-    mask = _binary(mask_image, "--mask")
-    ref_mask_image = _ref_mask_image(args, reference)
-    if args.pipeline == "ip-adapter" and not args.ip_adapter:
-        raise UsageError("--pipeline ip-adapter needs --ip-adapter FILE (the adapter weights)")
-
-    dtype = _dtype(args.dtype, device)
-    with _loading_bars(not args.quiet):
-        pipe, ref_grid, inputs = _LOADERS[args.pipeline](args, reference, device, dtype)
-    latent = (image.height // pipe.vae_scale_factor, image.width // pipe.vae_scale_factor)
-    if image.height % pipe.vae_scale_factor or image.width % pipe.vae_scale_factor:
-        raise UsageError(f"--image is {_wxh(image)}: its sides must be multiples of the VAE scale factor "
-                         f"{pipe.vae_scale_factor}")
-    _check_probes(args, latent, ref_grid)
-    # the report shows the reference, and scores its mask, as the encoder saw it: the
-    # feature_extractor's resize and crop decide which reference pixels each patch covers
-    seen_reference = _as_encoded(pipe.feature_extractor, reference)
-    if ref_mask_image is not None:
-        ref_mask_image = _as_encoded(pipe.feature_extractor, ref_mask_image).convert("L")
-    ref_mask = None if ref_mask_image is None else _binary(ref_mask_image, "--ref-mask, cropped as the reference,")
+    check_out(args.out)
+    device = check_device(args.device, args.backend)
+    _check_time_groups(args.time_groups, args.steps)
+    pipelines.check_protocols_of(args.pipeline, [args.protocol])
+    given = pipelines.read(args.pipeline, image=args.image, mask=args.mask, reference=args.reference,
+                           ref_mask=args.ref_mask, prompt=args.prompt)  # checked before the model loads
+    pipe = pipelines.load(args.pipeline, args.model, device=device, dtype=args.dtype, progress=not args.quiet,
+                          **_load_options(args))
+    x = pipelines.inputs(args.pipeline, pipe, **given)
+    check_probes(x.latent_size, x.ref_grid, args.points, args.boxes, args.patches)
 
     generator = torch.Generator("cpu").manual_seed(args.seed)
-    pipe.set_progress_bar_config(disable=args.quiet)
-    with trace(pipe, ref_grid=ref_grid, time_groups=args.time_groups, mask=mask, points=args.points,
+    with trace(pipe, ref_grid=x.ref_grid, time_groups=args.time_groups, mask=x.mask, points=args.points,
                boxes=args.boxes, patches=args.patches, convention=args.convention, protocol=args.protocol,
                backend=args.backend) as traced:
-        generated = pipe(image=image, mask_image=mask_image, height=image.height, width=image.width,
-                         num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator,
-                         **inputs).images[0]
+        generated = pipe(**x.call, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                         generator=generator).images[0]
     settings = {key: getattr(args, key) for key in (
-        "pipeline", "model", "image", "mask", "reference", "ref_mask", "steps", "guidance", "seed",
-        "backend")}  # the protocol is in the maps' own settings
-    settings.update(device=device, dtype=str(dtype).removeprefix("torch."))
-    if args.pipeline == "ip-adapter":
-        settings.update(prompt=args.prompt, ip_adapter=args.ip_adapter, ip_adapter_scale=args.ip_adapter_scale)
-    _report(args, traced.maps(), generated, seen_reference, ref_mask, settings,
-            {"input": image, "mask": mask_image, "ref_mask": ref_mask_image})
-
-
-def _report(args, maps, generated, reference, ref_mask, settings, extra_images):
-    """The run's report (write_report) with the input images that were given, and its scores printed."""
-    from .report import write_report
-
-    extra_images = {name: im for name, im in extra_images.items() if im is not None}
-    scores = write_report(args.out, maps, image=generated, reference=reference, ref_mask=ref_mask, settings=settings,
-                          extra_images=extra_images, threshold=args.threshold, alpha=args.alpha)
+        "pipeline", "model", "image", "mask", "reference", "ref_mask", "prompt", "steps", "guidance", "seed",
+        "backend") if key != "image" or args.image is not None}  # the protocol is in the maps' own settings
+    settings.update(_load_options(args), device=device, dtype=str(pipe.dtype).removeprefix("torch."),
+                    height=x.call["height"], width=x.call["width"])
+    extra_images = {name: im for name, im in x.images.items() if im is not None}
+    scores = write_report(args.out, traced.maps(), image=generated, reference=x.reference, ref_mask=x.ref_mask,
+                          settings=settings, extra_images=extra_images, threshold=args.threshold, alpha=args.alpha)
     _print_scores(scores, args.out, quiet=args.quiet)
 
 
-def _run_kontext(args, device):
-    """flux-kontext: the pipeline edits --reference; both grids are its packed token grid."""
-    import torch
-
-    from .integrations import flux
-    from .tracing import trace
-
-    if args.image is not None:
-        raise UsageError("--pipeline flux-kontext edits --reference and takes no --image")
-    if args.protocol != "paper":
-        raise UsageError(f"--protocol {args.protocol} reproduces the authors' UNet code; flux-kontext is traced "
-                         "under --protocol paper")
-    reference = _open_image(args.reference, "--reference")
-    mask_image = None if args.mask is None else _open_image(args.mask, "--mask", mode="L")
-    if mask_image is not None and mask_image.size != reference.size:
-        raise UsageError(f"--mask is {_wxh(mask_image)} but --reference is {_wxh(reference)}: they must be the "
-                         "same size")
-    ref_mask_image = _ref_mask_image(args, reference)
-    if ref_mask_image is not None and mask_image is None:
-        raise UsageError("--ref-mask gives IMACS_r, which needs --mask (the edited region) with flux-kontext")
-    dtype = _dtype(args.dtype, device, cuda="bfloat16")
-    _locate(args.model)
-    from diffusers import FluxKontextPipeline
-
-    with _local_only(FluxKontextPipeline, args.model), _loading_bars(not args.quiet):
-        pipe = flux.load_kontext(args.model, device=device, dtype=dtype)
-    height, width = flux.edit_size(pipe, reference)
-    if height == 0 or width == 0:
-        raise UsageError(f"--reference is {_wxh(reference)}: flux-kontext needs sides of at least "
-                         f"{pipe.vae_scale_factor * 2} pixels")
-    grid = flux.token_grid(pipe, height, width)
-    _check_probes(args, grid, grid)
-    reference = reference.crop((0, 0, width, height))  # the floored size, as the pipeline encodes it
-    crop = (lambda m: None if m is None else m.crop((0, 0, width, height)))
-    mask_image, ref_mask_image = crop(mask_image), crop(ref_mask_image)
-    mask = None if mask_image is None else _binary(mask_image, "--mask")
-    ref_mask = None if ref_mask_image is None else _binary(ref_mask_image, "--ref-mask")
-
-    generator = torch.Generator("cpu").manual_seed(args.seed)
-    pipe.set_progress_bar_config(disable=args.quiet)
-    with trace(pipe, time_groups=args.time_groups, mask=mask, points=args.points, boxes=args.boxes,
-               patches=args.patches, convention=args.convention, backend=args.backend) as traced:
-        generated = pipe(**flux.kontext_call(reference, args.prompt, height, width), num_inference_steps=args.steps,
-                         guidance_scale=args.guidance, generator=generator).images[0]
-    settings = {key: getattr(args, key) for key in (
-        "pipeline", "model", "mask", "reference", "ref_mask", "prompt", "steps", "guidance", "seed", "backend")}
-    settings.update(device=device, dtype=str(dtype).removeprefix("torch."), height=height, width=width)
-    _report(args, traced.maps(), generated, reference, ref_mask, settings,
-            {"mask": mask_image, "ref_mask": ref_mask_image})
+def _load_options(args):
+    """The pipeline's own load options (ip-adapter's weights and scale) from the parsed arguments."""
+    return {name: getattr(args, name) for name in pipelines.KINDS[args.pipeline].options}
 
 
-# ---- pipelines: each returns (pipe on device, ref_grid, the pipeline call's reference inputs) ----
-def _paint_by_example(args, reference, device, dtype):
-    import diffusers
-    from diffusers import AutoencoderKL, PaintByExamplePipeline, UNet2DConditionModel
-    from diffusers.pipelines.deprecated.paint_by_example import PaintByExampleImageEncoder
-    from transformers import CLIPImageProcessor
-
-    # diffusers no longer resolves the deprecated PaintByExampleImageEncoder that model_index.json
-    # names, so the pipeline is assembled from its components (without a safety checker)
-    _locate(args.model, unused=("safety_checker",))
-    with _local_only(PaintByExamplePipeline, args.model):
-        parts = {name: cls.from_pretrained(args.model, subfolder=name, local_files_only=True) for name, cls in (
-            ("vae", AutoencoderKL), ("unet", UNet2DConditionModel), ("image_encoder", PaintByExampleImageEncoder),
-            ("feature_extractor", CLIPImageProcessor))}
-        # any scheduler class reads scheduler_config.json; the one it names is built from it
-        config = diffusers.DDIMScheduler.load_config(args.model, subfolder="scheduler", local_files_only=True)
-    scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
-    pipe = PaintByExamplePipeline(**parts, scheduler=scheduler, safety_checker=None, requires_safety_checker=False)
-    return pipe.to(device, dtype), (1, 1), {"example_image": reference}
-
-
-def _sd_inpaint_patch(args, reference, device, dtype):
-    import torch
-    from diffusers import StableDiffusionInpaintPipeline
-
-    # the reference tokens replace the prompt: a text encoder is neither needed nor loaded
-    _locate(args.model, unused=("text_encoder", "tokenizer"))
-    with _local_only(StableDiffusionInpaintPipeline, args.model):
-        pipe = StableDiffusionInpaintPipeline.from_pretrained(args.model, torch_dtype=dtype, text_encoder=None,
-                                                              tokenizer=None, local_files_only=True).to(device)
-    encoder, processor = pipe.image_encoder, pipe.feature_extractor
-    for name, part in (("image_encoder", encoder), ("feature_extractor", processor)):
-        if part is None:
-            raise UsageError(f"model {args.model!r} has no {name} component: sd-inpaint-patch encodes the "
-                             "reference with the pipeline's image_encoder (a transformers vision model) "
-                             "preprocessed by its feature_extractor")
-    pixels = processor(images=reference, return_tensors="pt").pixel_values.to(device, encoder.dtype)
-    with torch.no_grad():
-        tokens = encoder(pixel_values=pixels).last_hidden_state.to(dtype)
-    if tokens.shape[-1] != pipe.unet.config.cross_attention_dim:
-        raise UsageError(f"the image_encoder's tokens have width {tokens.shape[-1]} but the UNet cross-attends "
-                         f"to width {pipe.unet.config.cross_attention_dim}")
-    config = encoder.config
-    ref_grid = tuple(s // p for s, p in zip(_pair(config.image_size), _pair(config.patch_size)))
-    return pipe, ref_grid, {"prompt_embeds": tokens, "negative_prompt_embeds": torch.zeros_like(tokens)}
-
-
-def _ip_adapter(args, reference, device, dtype):
-    from diffusers import StableDiffusionInpaintPipeline
-    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
-
-    weights = Path(args.ip_adapter)
-    if not weights.is_file():
-        raise UsageError(f"--ip-adapter file not found: {weights}")
-    _locate(args.model)
-    with _local_only(StableDiffusionInpaintPipeline, args.model):
-        pipe = StableDiffusionInpaintPipeline.from_pretrained(args.model, torch_dtype=dtype, local_files_only=True)
-        pipe.load_ip_adapter(str(weights.parent), subfolder="", weight_name=weights.name, local_files_only=True)
-    pipe.set_ip_adapter_scale(args.ip_adapter_scale)
-    tokens = {p.num_tokens[0] for p in pipe.unet.attn_processors.values() if isinstance(p, IPAdapterAttnProcessor2_0)}
-    return pipe.to(device), (1, tokens.pop()), {"prompt": args.prompt, "ip_adapter_image": reference}
-
-
-_LOADERS = {"paint-by-example": _paint_by_example, "sd-inpaint-patch": _sd_inpaint_patch, "ip-adapter": _ip_adapter}
-
-
-def _locate(model, unused=()):
-    """Fail early, naming what is missing, when `model` is a folder that is not there or lacks a
-    component its model_index.json lists (diffusers' own error names only a file); `unused`
-    components may be missing. A model id is looked up in the local Hugging Face cache later."""
-    folder = Path(model)
-    if not folder.is_dir():
-        if folder.is_absolute() or model.startswith(".") or model.count("/") > 1:
-            raise UsageError(f"model folder not found: {model}")
-        return
-    index = folder / "model_index.json"
-    if not index.is_file():
-        raise UsageError(f"{folder} is not a diffusers pipeline folder (save_pretrained): no model_index.json")
-    entries = json.loads(index.read_text())
-    missing = [name for name, entry in entries.items()
-               if not name.startswith("_") and isinstance(entry, list) and entry[0] is not None
-               and name not in unused and not (folder / name).is_dir()]
-    if missing:
-        raise UsageError(f"model folder {folder} lacks {', '.join(missing)}: listed in its model_index.json "
-                         "but not there")
+def _check_time_groups(time_groups, steps):
+    if time_groups > steps:
+        raise UsageError(f"--time-groups {time_groups} is more than the {steps} --steps")
 
 
 @contextmanager
@@ -535,139 +362,6 @@ def _library_warnings_silenced():
         finally:
             for logger, level in zip(loggers, levels):
                 logger.setLevel(level)
-
-
-def _dtype(name, device, cuda="float16"):
-    """The torch dtype of --dtype; auto: `cuda` on a CUDA device, else float32."""
-    import torch
-
-    if name == "auto":
-        name = cuda if torch.device(device).type == "cuda" else "float32"
-    return getattr(torch, name)
-
-
-@contextmanager
-def _loading_bars(shown):
-    """diffusers' and transformers' loading bars on or off (--quiet), as they were after."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    libraries = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
-    for lib, _ in libraries:
-        lib.enable_progress_bar() if shown else lib.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for lib, enabled in libraries:
-            lib.enable_progress_bar() if enabled else lib.disable_progress_bar()
-
-
-@contextmanager
-def _local_only(cls, model):
-    """Loading errors (nothing local: no download is ever tried) as a UsageError naming the model."""
-    try:
-        with warnings.catch_warnings():  # torch_dtype works in every supported diffusers; newer ones call it dtype
-            warnings.filterwarnings("ignore", "`torch_dtype` is deprecated", FutureWarning)
-            yield
-    except (OSError, ValueError) as err:
-        where = "the folder" if Path(model).is_dir() else "the local Hugging Face cache (no download is tried)"
-        raise UsageError(f"cannot load {cls.__name__} {model!r} from {where}: {err}") from err
-
-
-# ---- argument checks --------------------------------------------------------------------------
-def _check_out(out):
-    """The report folder can be made and written, checked before any work is done."""
-    path = Path(out)
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UsageError(f"--out {path}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {path}: {existing} is not writable")
-
-
-def _check_device(device, backend):
-    """The torch device of a run (default: cuda when available, else cpu), checked to exist and to
-    support the backend."""
-    import torch
-
-    from .kernels import triton_available
-
-    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
-    if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
-        missing = "is available" if dev.index is None else "with that index"
-        raise UsageError(f"--device {name}: no CUDA device {missing}")
-    if (backend == "triton" and not triton_available(dev)) or (backend == "cuda" and dev.type != "cuda"):
-        raise UsageError(f"--backend {backend} needs a CUDA device{' and triton installed' * (backend == 'triton')} "
-                         f"(this run's device is {name}); use --backend auto or torch")
-    if backend == "cuda":
-        from .kernels.cuda_backend import CudaBackendError, load_library
-
-        try:
-            load_library()
-        except CudaBackendError as err:
-            raise UsageError(f"--backend cuda: {err}") from None
-    return name
-
-
-def _check_probes(args, latent, ref_grid):
-    h, w = latent
-    for r, c in args.points:
-        if not (0 <= r < h and 0 <= c < w):
-            raise UsageError(f"point {r},{c} is off the latent grid {h}x{w} (rows 0..{h - 1}, cols 0..{w - 1})")
-    for t, l, b, r in args.boxes:
-        if not (0 <= t < b <= h and 0 <= l < r <= w):
-            raise UsageError(f"box {t},{l},{b},{r} must satisfy 0 <= top < bottom <= {h} and "
-                             f"0 <= left < right <= {w} (end-exclusive, latent grid {h}x{w})")
-    for i, j in args.patches:
-        if not (0 <= i < ref_grid[0] and 0 <= j < ref_grid[1]):
-            raise UsageError(f"patch {i},{j} is off the reference grid {ref_grid[0]}x{ref_grid[1]}")
-
-
-def _ref_mask_image(args, reference):
-    """The --ref-mask image, checked to be the reference's size, or None."""
-    if not args.ref_mask:
-        return None
-    mask = _open_image(args.ref_mask, "--ref-mask", mode="L")
-    if reference is not None and mask.size != reference.size:
-        raise UsageError(f"--ref-mask is {_wxh(mask)} but --reference is {_wxh(reference)}: they must be the same size")
-    return mask
-
-
-def _as_encoded(processor, image):
-    """image resized and cropped as the reference encoder's processor does it, not normalised."""
-    if processor is None:
-        return image
-    from .inputs import to_pil
-
-    return to_pil(processor(images=image.convert("RGB"), do_normalize=False, return_tensors="pt").pixel_values[0])
-
-
-def _binary(mask_image, what):
-    from .inputs import as_mask
-
-    mask = as_mask(mask_image, what).float()
-    if mask.sum() == 0 or mask.sum() == mask.numel():
-        raise UsageError(f"{what} is {'empty' if mask.sum() == 0 else 'white everywhere'}: it must mark "
-                         "a region (white) and leave the rest black")
-    return mask
-
-
-def _open_image(path, what, mode="RGB"):
-    from PIL import Image, UnidentifiedImageError
-
-    if not Path(path).is_file():
-        raise UsageError(f"{what} file not found: {path}")
-    try:
-        with Image.open(path) as img:
-            return img.convert(mode)
-    except (OSError, UnidentifiedImageError) as err:
-        raise UsageError(f"cannot read {what} {path}: {err}") from err
 
 
 def _print_scores(scores, out, quiet=False):
@@ -733,14 +427,6 @@ def _ints(n, form):
         return values
     parse.__name__ = form  # argparse names the type in its messages
     return parse
-
-
-def _pair(x):
-    return (x, x) if isinstance(x, int) else tuple(x)
-
-
-def _wxh(img):
-    return f"{img.width}x{img.height}"
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import torch
 
 from .grid import resize
 from .integers import int_tuple
-from .inputs import as_mask
+from .inputs import InputError, as_mask, coords
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def query_probes(size, mask=None, points=(), boxes=()):
     for p in points:
         r, c = _ints(p, 2, "point (row, col)")
         if not (0 <= r < h and 0 <= c < w):
-            raise ValueError(f"point {(r, c)} is off the latent grid {h}x{w} (rows 0..{h - 1}, cols 0..{w - 1})")
+            raise InputError(f"point {coords((r, c))} is off the latent grid {h}x{w} (rows 0..{h - 1}, cols 0..{w - 1})")
         one = torch.zeros(h, w)
         one[r, c] = 1.0
         labels.append(("point", (r, c)))
@@ -64,7 +64,7 @@ def query_probes(size, mask=None, points=(), boxes=()):
     for bx in boxes:
         t, l, b, r = _ints(bx, 4, "box (top, left, bottom, right)")
         if not (0 <= t < b <= h and 0 <= l < r <= w):
-            raise ValueError(f"box {(t, l, b, r)} must satisfy 0 <= top < bottom <= {h} and "
+            raise InputError(f"box {coords((t, l, b, r))} must satisfy 0 <= top < bottom <= {h} and "
                              f"0 <= left < right <= {w} (end-exclusive, latent grid {h}x{w})")
         ind = torch.zeros(h, w)
         ind[t:b, l:r] = 1.0 / ((b - t) * (r - l))
@@ -80,13 +80,20 @@ def key_probes(ref_grid, patches=()):
     for p in patches:
         i, j = _ints(p, 2, "patch (i, j)")
         if not (0 <= i < hI and 0 <= j < wI):
-            raise ValueError(f"patch {(i, j)} is off the reference grid {hI}x{wI} "
+            raise InputError(f"patch {coords((i, j))} is off the reference grid {hI}x{wI} "
                              f"(rows 0..{hI - 1}, cols 0..{wI - 1})")
         one = torch.zeros(hI, wI)
         one[i, j] = 1.0
         labels.append(("patch", (i, j)))
         rows.append(one)
     return _unique(ProbeSet(tuple(labels), torch.stack(rows)))
+
+
+def check_probes(size, ref_grid, points=(), boxes=(), patches=()):
+    """The probes of a run checked before it: points and boxes on the latent grid `size`, patches
+    on the reference grid, each given once (the rules query_probes and key_probes apply)."""
+    query_probes(size, points=points, boxes=boxes)
+    key_probes(ref_grid, patches)
 
 
 def _ints(p, n, what):

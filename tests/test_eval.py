@@ -19,7 +19,8 @@ from PIL import Image
 from i2am.cli import main
 from i2am.evaluation import load_dataset
 from i2am.evaluation.datasets import DatasetError
-from i2am.evaluation.tasks import as_uint8, check_protocols
+from i2am.evaluation.tasks import as_uint8
+from i2am.inputs import check_protocols
 
 import tiny_models
 from eval_worker import TinyFeatures

@@ -12,8 +12,8 @@ from PIL import Image
 
 import i2am
 import tiny_models as tm
-from i2am import cli, report
-from i2am.inputs import as_mask
+from i2am import report
+from i2am.inputs import as_mask, binary_mask, open_image
 from i2am.kernels import attention_with_maps
 from test_viz import gradient_image, tiny_maps
 
@@ -63,7 +63,7 @@ def test_imacs_and_report_take_pil_masks(tmp_path):
 def test_command_line_masks_follow_the_rule(tmp_path):
     grey = np.array([[0, 100, 128, 255]] * 2, dtype=np.uint8)  # 128/255 > 0.5 is inside, 100/255 is not
     Image.fromarray(grey).save(tmp_path / "m.png")
-    read = cli._binary(cli._open_image(tmp_path / "m.png", "--mask", mode="L"), "--mask")
+    read = binary_mask(open_image(tmp_path / "m.png", "mask", mode="L"), "mask")
     assert torch.equal(read, as_mask(grey).float()) and read[0].tolist() == [0, 0, 1, 1]
 
 

@@ -10,8 +10,9 @@ metrics    SSIM, LPIPS, FID, KID from torchmetrics
 runner     evaluate: sharding (accelerate), resumable per-sample results, gathering
 summary    summary.md: the table row, correlations (scipy), scatter plots
 """
+from ..protocols import PROTOCOLS
 from .datasets import Sample, load_dataset
 from .runner import evaluate
-from .tasks import PROTOCOLS, DemoTask, PipelineTask
+from .tasks import DemoTask, PipelineTask
 
 __all__ = ["PROTOCOLS", "DemoTask", "PipelineTask", "Sample", "evaluate", "load_dataset"]

@@ -22,10 +22,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..inputs import InputError
+
 PAIRS_FILE = "test_pairs.txt"
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     """A manifest or folder that does not describe samples; the message names the file."""
 
 

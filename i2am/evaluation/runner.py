@@ -17,14 +17,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..inputs import InputError, check_protocols
 from ..report import imacs_scores
 from . import metrics, summary
-from .tasks import as_uint8, check_protocols
+from .tasks import as_uint8
 
 SETTINGS_FILE, SAMPLES_FILE, RESULTS_DIR = "settings.json", "samples.jsonl", "samples"
 
 
-class SettingsMismatch(ValueError):
+class SettingsMismatch(InputError):
     """The output folder holds results made with other settings: resuming would mix them."""
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..protocols import PROTOCOLS
+from .. import pipelines
+from ..inputs import InputError, as_mask, open_image
 from ..tracing import trace
 from ..viz import to_pil
 from .datasets import Sample
@@ -25,18 +26,6 @@ class Generation:
     scores: dict = field(default_factory=dict)  # task-specific per-sample scores (the demo's correspondence)
 
 
-def check_protocols(protocols):
-    protocols, known = list(protocols), ", ".join(PROTOCOLS)
-    if not protocols:
-        raise ValueError(f"no protocol given: choose one or more of {known}")
-    for p in protocols:
-        if p not in PROTOCOLS:
-            raise ValueError(f"unknown protocol {p!r}: choose one or more of {known}")
-    if len(set(protocols)) != len(protocols):
-        raise ValueError(f"protocol given twice: {' '.join(protocols)}")
-    return protocols
-
-
 def _trace(target, generate, protocol, **settings):
     """generate() under i2am.trace(target, protocol=protocol, **settings) -> (its result, the maps)."""
     with trace(target, protocol=protocol, **settings) as traced:
@@ -47,24 +36,8 @@ def _trace(target, generate, protocol, **settings):
 def as_uint8(image):
     """(3, H, W) uint8 tensor from a path, a PIL image or a float tensor in [0, 1]."""
     if isinstance(image, (str, Path)):
-        image = _open(image, "RGB")
+        image = open_image(image, "image")
     return torch.from_numpy(np.array(to_pil(image))).permute(2, 0, 1).contiguous()
-
-
-def as_mask(mask):
-    """Binary float (H, W) from a path, a PIL image (white = 1) or a tensor (> 0.5 = 1)."""
-    if isinstance(mask, torch.Tensor):
-        return (mask.squeeze() > 0.5).float()
-    if isinstance(mask, (str, Path)):
-        mask = _open(mask, "L")
-    return torch.from_numpy(np.asarray(mask.convert("L")) > 127).float()
-
-
-def _open(path, mode):
-    from PIL import Image
-
-    with Image.open(path) as img:
-        return img.convert(mode)
 
 
 class DemoTask:
@@ -116,46 +89,40 @@ class DemoTask:
                              points=[tuple(p) for p in points.tolist()], backend=self.backend)
         scores = {"correspondence_accuracy": run.correspondence(maps, points, truth),
                   "correspondence_best_single_patch": run.best_single_patch(truth, encoder.grid)}
-        return Generation(as_uint8(image.cpu()), maps, as_mask(sample.ref_mask), scores)
+        return Generation(as_uint8(image.cpu()), maps, as_mask(sample.ref_mask).float(), scores)
 
 
 class PipelineTask:
-    """A diffusers pipeline as `i2am run` loads it.
-
-    load(reference) -> (pipe, ref_grid, the pipeline call's reference inputs), as `i2am run`'s
-    loaders return them; seen(pipe, image) -> the reference-side image as the model's encoder
-    sees it (resized and cropped), which is where the reference mask is scored.
-    """
+    """A pipeline of i2am.pipelines (`kind`, as `i2am run` loads it), loaded once at construction:
+    each sample is only prepared (pipelines.inputs) and generated. options: the kind's load
+    options (ip-adapter's ip_adapter and ip_adapter_scale); prompt: the prompt of samples without
+    their own."""
 
     correlated = ()
 
-    def __init__(self, load, seen, *, steps=50, guidance=5.0, time_groups=5, convention="official",
-                 backend="auto", settings=None):
-        self.load, self.seen = load, seen
+    def __init__(self, kind, model, *, device="cpu", dtype="auto", prompt="", steps=50, guidance=5.0,
+                 time_groups=5, convention="official", backend="auto", settings=None, **options):
+        self.kind, self.prompt = kind, prompt
+        self.pipe = pipelines.load(kind, model, device=device, dtype=dtype, progress=False, **options)
         self.steps, self.guidance, self.time_groups = steps, guidance, time_groups
         self.convention, self.backend = convention, backend
-        self.settings = {**(settings or {}), "steps": steps, "guidance": guidance, "time_groups": time_groups,
-                         "convention": convention, "backend": backend}
+        own = {"pipeline": kind, "model": str(model), "dtype": str(self.pipe.dtype).removeprefix("torch."),
+               **({"prompt": prompt} if pipelines.KINDS[kind].takes_prompt else {}), **options}
+        self.settings = {**own, **(settings or {}), "steps": steps, "guidance": guidance,
+                         "time_groups": time_groups, "convention": convention, "backend": backend}
 
     def run(self, sample, protocol, seed):
-        image, mask_image = _open(sample.image, "RGB"), _open(sample.mask, "L")
-        if mask_image.size != image.size:
-            raise ValueError(f"sample {sample.id}: its mask is {mask_image.size} but its image is {image.size}")
-        reference = _open(sample.reference, "RGB")
-        # the loader takes the reference: a model encoding it at load time is loaded per sample
-        pipe, ref_grid, inputs = self.load(reference)
-        pipe.set_progress_bar_config(disable=True)
-        if sample.prompt:
-            inputs = {**inputs, "prompt": sample.prompt}
+        pipe = self.pipe
+        try:
+            x = pipelines.inputs(self.kind, pipe, image=sample.image, mask=sample.mask, reference=sample.reference,
+                                 ref_mask=sample.ref_mask, prompt=sample.prompt or self.prompt)
+        except InputError as err:
+            raise InputError(f"sample {sample.id}: {err}") from err
 
         def generate():
-            return pipe(image=image, mask_image=mask_image, height=image.height, width=image.width,
-                        num_inference_steps=self.steps, guidance_scale=self.guidance,
-                        generator=torch.Generator("cpu").manual_seed(seed), **inputs).images[0]
+            return pipe(**x.call, num_inference_steps=self.steps, guidance_scale=self.guidance,
+                        generator=torch.Generator("cpu").manual_seed(seed)).images[0]
 
-        generated, maps = _trace(pipe, generate, protocol, ref_grid=ref_grid, time_groups=self.time_groups,
-                                 mask=as_mask(mask_image), convention=self.convention, backend=self.backend)
-        ref_mask = None
-        if sample.ref_mask is not None:
-            ref_mask = as_mask(self.seen(pipe, _open(sample.ref_mask, "L")).convert("L"))
-        return Generation(as_uint8(generated), maps, ref_mask)
+        generated, maps = _trace(pipe, generate, protocol, ref_grid=x.ref_grid, time_groups=self.time_groups,
+                                 mask=x.mask, convention=self.convention, backend=self.backend)
+        return Generation(as_uint8(generated), maps, x.ref_mask)

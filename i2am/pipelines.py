@@ -1,0 +1,323 @@
+"""The image-to-image pipelines i2am analyses: load one once, prepare each sample's inputs.
+
+    pipe = pipelines.load("sd-inpaint-patch", "./my-model", device="cuda")
+    x = pipelines.inputs("sd-inpaint-patch", pipe, image="person.png", mask="mask.png", reference="cloth.png")
+    with i2am.trace(pipe, ref_grid=x.ref_grid, mask=x.mask, points=[(20, 30)]) as tc:
+        generated = pipe(**x.call, num_inference_steps=50).images[0]
+
+Models come from a local folder (save_pretrained) or the local Hugging Face cache; nothing is
+downloaded. Each kind is one entry of KINDS (how to load it, how to prepare a sample); a new
+pipeline is one more entry. Bad arguments raise i2am.inputs.InputError naming the argument.
+"""
+import json
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .inputs import InputError, arg, binary_mask, check_protocols, open_image, same_size, to_pil
+from .protocols import PROTOCOLS
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """One sample prepared for a pipeline: its call's keyword arguments and what a trace and a
+    report of it need."""
+    call: dict  # pipe(**call, num_inference_steps=..., guidance_scale=..., generator=...)
+    latent_size: tuple  # (h, w) of the maps' queries
+    ref_grid: tuple  # (hI, wI) of the reference tokens
+    reference: object  # the reference (PIL) as the model saw it: resized and cropped by its encoder
+    mask: Optional[torch.Tensor] = None  # 0/1 float (H, W) for i2am.trace: the region filled or edited
+    ref_mask: Optional[torch.Tensor] = None  # 0/1 float on `reference`: gives IMACS_r
+    images: dict = field(default_factory=dict)  # the input images as the model used them, for a report
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One pipeline i2am knows: load(model, device, dtype, **options) -> pipe on device, and
+    prepare(pipe, given) -> Inputs, where `given` holds the sample's opened images and prompt."""
+    load: Callable
+    prepare: Callable
+    options: tuple = ()  # the load keywords it takes beyond model, device and dtype
+    cuda_dtype: str = "float16"  # dtype "auto" on a CUDA device (float32 elsewhere)
+    protocols: tuple = tuple(PROTOCOLS)
+    takes_prompt: bool = False
+    edits_reference: bool = False  # no image: the pipeline edits its reference
+
+
+def load(kind, model, *, device="cpu", dtype="auto", progress=True, **options):
+    """The pipeline of `kind` from `model` (a save_pretrained folder or a cached model id) on
+    `device`; dtype: a torch dtype, its name, or "auto" (the kind's on CUDA, else float32);
+    progress: the libraries' loading bars and the pipeline's step bar. options: ip-adapter's
+    ip_adapter (the weights file) and ip_adapter_scale."""
+    entry = kind_of(kind)
+    unknown = set(options) - set(entry.options)
+    if unknown:
+        raise InputError(f"the {kind} pipeline takes no {', '.join(arg(o) for o in sorted(unknown))}")
+    with _loading_bars(progress):
+        pipe = entry.load(model, device, torch_dtype(dtype, device, entry.cuda_dtype), **options)
+    pipe.set_progress_bar_config(disable=not progress)
+    return pipe
+
+
+def inputs(kind, pipe, *, reference, image=None, mask=None, ref_mask=None, prompt=""):
+    """One sample's Inputs for `pipe` (from load(kind, ...)). Images are file paths or PIL images;
+    masks are white (1) where the image is filled (flux-kontext: the edited region of the
+    reference, optional) and on the reference's relevant region (ref_mask, optional)."""
+    return kind_of(kind).prepare(pipe, read(kind, reference=reference, image=image, mask=mask, ref_mask=ref_mask,
+                                            prompt=prompt))
+
+
+def read(kind, *, reference, image=None, mask=None, ref_mask=None, prompt=""):
+    """The sample's images opened and checked (sizes, masks that mark a region) before any model
+    is loaded: {"reference", "image", "mask", "ref_mask", "prompt"}, absent ones None."""
+    entry = kind_of(kind)
+    if prompt and not entry.takes_prompt:
+        raise InputError(f"the {kind} pipeline takes no {arg('prompt')}: its reference replaces the text")
+    if entry.edits_reference and image is not None:
+        raise InputError(f"{kind} edits {arg('reference')} and takes no {arg('image')}")
+    for name, given in (("image", image), ("mask", mask)):
+        if not entry.edits_reference and given is None:
+            raise InputError(f"the {kind} pipeline needs {arg(name)}")
+    given = {"reference": open_image(reference, "reference"), "prompt": prompt,
+             "image": None if image is None else open_image(image, "image"),
+             "mask": None if mask is None else open_image(mask, "mask", mode="L"),
+             "ref_mask": None if ref_mask is None else open_image(ref_mask, "ref_mask", mode="L")}
+    if given["mask"] is not None:
+        same_size(given["mask"], "mask", *((given["image"], "image") if given["image"] else
+                                           (given["reference"], "reference")))
+        binary_mask(given["mask"], "mask")
+    if given["ref_mask"] is not None:
+        same_size(given["ref_mask"], "ref_mask", given["reference"], "reference")
+        if entry.edits_reference and given["mask"] is None:
+            raise InputError(f"{arg('ref_mask')} gives IMACS_r, which needs {arg('mask')} (the edited region) "
+                             f"with {kind}")
+    return given
+
+
+def check_protocols_of(kind, protocols):
+    """The protocols (i2am.inputs.check_protocols) that `kind` is traced under."""
+    return check_protocols(protocols, kind_of(kind).protocols, model=kind)
+
+
+def kind_of(kind):
+    if kind not in KINDS:
+        raise InputError(f"unknown {arg('pipeline')} {kind!r}: choose one of {', '.join(KINDS)}")
+    return KINDS[kind]
+
+
+def torch_dtype(name, device, cuda="float16"):
+    """A torch dtype from a dtype or its name; "auto": `cuda` on a CUDA device, else float32."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "auto"):
+        name = cuda if torch.device(device).type == "cuda" else "float32"
+    if not isinstance(getattr(torch, str(name), None), torch.dtype):
+        raise InputError(f"{arg('dtype')} {name!r} is not a torch dtype (e.g. float32, float16, bfloat16)")
+    return getattr(torch, name)
+
+
+# ---- the UNet inpainting pipelines -------------------------------------------------------------
+def _load_paint_by_example(model, device, dtype):
+    import diffusers
+    from diffusers import AutoencoderKL, PaintByExamplePipeline, UNet2DConditionModel
+    from diffusers.pipelines.deprecated.paint_by_example import PaintByExampleImageEncoder
+    from transformers import CLIPImageProcessor
+
+    # diffusers no longer resolves the deprecated PaintByExampleImageEncoder that model_index.json
+    # names, so the pipeline is assembled from its components (without a safety checker)
+    _locate(model, unused=("safety_checker",))
+    with _local_only(PaintByExamplePipeline, model):
+        parts = {name: cls.from_pretrained(model, subfolder=name, local_files_only=True) for name, cls in (
+            ("vae", AutoencoderKL), ("unet", UNet2DConditionModel), ("image_encoder", PaintByExampleImageEncoder),
+            ("feature_extractor", CLIPImageProcessor))}
+        # any scheduler class reads scheduler_config.json; the one it names is built from it
+        config = diffusers.DDIMScheduler.load_config(model, subfolder="scheduler", local_files_only=True)
+    scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
+    pipe = PaintByExamplePipeline(**parts, scheduler=scheduler, safety_checker=None, requires_safety_checker=False)
+    return pipe.to(device, dtype)
+
+
+def _load_sd_inpaint_patch(model, device, dtype):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    # the reference tokens replace the prompt: a text encoder is neither needed nor loaded
+    _locate(model, unused=("text_encoder", "tokenizer"))
+    with _local_only(StableDiffusionInpaintPipeline, model):
+        pipe = StableDiffusionInpaintPipeline.from_pretrained(model, torch_dtype=dtype, text_encoder=None,
+                                                              tokenizer=None, local_files_only=True).to(device)
+    for name in ("image_encoder", "feature_extractor"):
+        if getattr(pipe, name, None) is None:
+            raise InputError(f"{arg('model')} {model!r} has no {name} component: sd-inpaint-patch encodes the "
+                             "reference with the pipeline's image_encoder (a transformers vision model) "
+                             "preprocessed by its feature_extractor")
+    return pipe
+
+
+def _load_ip_adapter(model, device, dtype, ip_adapter=None, ip_adapter_scale=1.0):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    if ip_adapter is None:
+        raise InputError(f"the ip-adapter pipeline needs {arg('ip_adapter')} FILE (the adapter weights)")
+    weights = Path(ip_adapter)
+    if not weights.is_file():
+        raise InputError(f"{arg('ip_adapter')} file not found: {weights}")
+    _locate(model)
+    with _local_only(StableDiffusionInpaintPipeline, model):
+        pipe = StableDiffusionInpaintPipeline.from_pretrained(model, torch_dtype=dtype, local_files_only=True)
+        pipe.load_ip_adapter(str(weights.parent), subfolder="", weight_name=weights.name, local_files_only=True)
+    pipe.set_ip_adapter_scale(ip_adapter_scale)
+    return pipe.to(device)
+
+
+def _inpainting(pipe, given, ref_grid, reference_inputs):
+    """Inputs of a UNet inpainting pipeline: image and mask at the image's size, the reference
+    (and its mask) as the encoder's processor resizes and crops it, so that each reference patch
+    covers the pixels its token saw."""
+    image, mask_image = given["image"], given["mask"]
+    scale = pipe.vae_scale_factor
+    if image.height % scale or image.width % scale:
+        raise InputError(f"{arg('image')} is {image.width}x{image.height}: its sides must be multiples of the VAE "
+                         f"scale factor {scale}")
+    seen = _as_encoded(pipe.feature_extractor, given["reference"])
+    ref_mask_image = ref_mask = None
+    if given["ref_mask"] is not None:
+        ref_mask_image = _as_encoded(pipe.feature_extractor, given["ref_mask"]).convert("L")
+        ref_mask = binary_mask(ref_mask_image, "ref_mask", ", cropped as the reference,")
+    call = dict(image=image, mask_image=mask_image, height=image.height, width=image.width, **reference_inputs)
+    return Inputs(call, (image.height // scale, image.width // scale), ref_grid, seen, binary_mask(mask_image),
+                  ref_mask, {"input": image, "mask": mask_image, "ref_mask": ref_mask_image})
+
+
+def _prepare_paint_by_example(pipe, given):
+    return _inpainting(pipe, given, (1, 1), {"example_image": given["reference"]})  # one reference token
+
+
+def _prepare_sd_inpaint_patch(pipe, given):
+    encoder, processor = pipe.image_encoder, pipe.feature_extractor
+    device = pipe.unet.device
+    pixels = processor(images=given["reference"], return_tensors="pt").pixel_values.to(device, encoder.dtype)
+    with torch.no_grad():
+        tokens = encoder(pixel_values=pixels).last_hidden_state.to(pipe.unet.dtype)
+    if tokens.shape[-1] != pipe.unet.config.cross_attention_dim:
+        raise InputError(f"the image_encoder's tokens have width {tokens.shape[-1]} but the UNet cross-attends "
+                         f"to width {pipe.unet.config.cross_attention_dim}")
+    config = encoder.config
+    ref_grid = tuple(s // p for s, p in zip(_pair(config.image_size), _pair(config.patch_size)))
+    # zero tokens are the null reference of classifier-free guidance
+    return _inpainting(pipe, given, ref_grid, {"prompt_embeds": tokens,
+                                               "negative_prompt_embeds": torch.zeros_like(tokens)})
+
+
+def _prepare_ip_adapter(pipe, given):
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+    # the adapter's image tokens are not spatial: the reference grid is 1 x N
+    tokens = {p.num_tokens[0] for p in pipe.unet.attn_processors.values() if isinstance(p, IPAdapterAttnProcessor2_0)}
+    return _inpainting(pipe, given, (1, tokens.pop()), {"prompt": given["prompt"],
+                                                        "ip_adapter_image": given["reference"]})
+
+
+# ---- FLUX.1 Kontext ----------------------------------------------------------------------------
+def _load_flux_kontext(model, device, dtype):
+    from diffusers import FluxKontextPipeline
+
+    from .integrations import flux
+
+    _locate(model)
+    with _local_only(FluxKontextPipeline, model):
+        return flux.load_kontext(model, device=device, dtype=dtype)
+
+
+def _prepare_flux_kontext(pipe, given):
+    """The pipeline edits the reference at its own size floored to the packed token size; both
+    grids are the packed token grid."""
+    from .integrations import flux
+
+    reference = given["reference"]
+    height, width = flux.edit_size(pipe, reference)
+    if height == 0 or width == 0:
+        raise InputError(f"{arg('reference')} is {reference.width}x{reference.height}: flux-kontext needs sides "
+                         f"of at least {pipe.vae_scale_factor * 2} pixels")
+    grid = flux.token_grid(pipe, height, width)
+    crop = {name: None if given[name] is None else given[name].crop((0, 0, width, height))  # as it is encoded
+            for name in ("reference", "mask", "ref_mask")}
+    masks = {name: None if crop[name] is None else binary_mask(crop[name], name) for name in ("mask", "ref_mask")}
+    return Inputs(flux.kontext_call(crop["reference"], given["prompt"], height, width), grid, grid, crop["reference"],
+                  masks["mask"], masks["ref_mask"], {"mask": crop["mask"], "ref_mask": crop["ref_mask"]})
+
+
+KINDS = {
+    "paint-by-example": Kind(_load_paint_by_example, _prepare_paint_by_example),
+    "sd-inpaint-patch": Kind(_load_sd_inpaint_patch, _prepare_sd_inpaint_patch),
+    "ip-adapter": Kind(_load_ip_adapter, _prepare_ip_adapter, options=("ip_adapter", "ip_adapter_scale"),
+                       takes_prompt=True),
+    "flux-kontext": Kind(_load_flux_kontext, _prepare_flux_kontext, cuda_dtype="bfloat16", protocols=("paper",),
+                         takes_prompt=True, edits_reference=True),
+}
+
+
+# ---- loading helpers ---------------------------------------------------------------------------
+def _locate(model, unused=()):
+    """Fail early, naming what is missing, when `model` is a folder that is not there or lacks a
+    component its model_index.json lists (diffusers' own error names only a file); `unused`
+    components may be missing. A model id is looked up in the local Hugging Face cache later."""
+    folder = Path(model)
+    if not folder.is_dir():
+        if folder.is_absolute() or str(model).startswith(".") or str(model).count("/") > 1:
+            raise InputError(f"{arg('model')} folder not found: {model}")
+        return
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise InputError(f"{folder} is not a diffusers pipeline folder (save_pretrained): no model_index.json")
+    entries = json.loads(index.read_text())
+    missing = [name for name, entry in entries.items()
+               if not name.startswith("_") and isinstance(entry, list) and entry[0] is not None
+               and name not in unused and not (folder / name).is_dir()]
+    if missing:
+        raise InputError(f"{arg('model')} folder {folder} lacks {', '.join(missing)}: listed in its "
+                         "model_index.json but not there")
+
+
+@contextmanager
+def _local_only(cls, model):
+    """Loading errors (nothing local: no download is ever tried) as an InputError naming the model."""
+    try:
+        with warnings.catch_warnings():  # torch_dtype works in every supported diffusers; newer ones call it dtype
+            warnings.filterwarnings("ignore", "`torch_dtype` is deprecated", FutureWarning)
+            yield
+    except (OSError, ValueError) as err:
+        if isinstance(err, InputError):
+            raise
+        where = "the folder" if Path(model).is_dir() else "the local Hugging Face cache (no download is tried)"
+        raise InputError(f"cannot load {cls.__name__} {str(model)!r} from {where}: {err}") from err
+
+
+@contextmanager
+def _loading_bars(shown):
+    """diffusers' and transformers' loading bars on or off, as they were after."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _ in libraries:
+        lib.enable_progress_bar() if shown else lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, enabled in libraries:
+            lib.enable_progress_bar() if enabled else lib.disable_progress_bar()
+
+
+def _as_encoded(processor, image):
+    """image resized and cropped as the reference encoder's processor does it, not normalised."""
+    if processor is None:
+        return image
+    return to_pil(processor(images=image.convert("RGB"), do_normalize=False, return_tensors="pt").pixel_values[0])
+
+
+def _pair(x):
+    return (x, x) if isinstance(x, int) else tuple(x)
