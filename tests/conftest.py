@@ -104,3 +104,20 @@ def backend(request):
     if request.param == "cuda":
         return Backend("cuda", request.getfixturevalue("gpu_library" if GPU else "emulated"))
     return Backend(request.param)
+
+
+@pytest.fixture
+def step_bars(monkeypatch):
+    """The keyword arguments of every progress bar diffusers' pipelines open over their steps
+    (DiffusionPipeline.progress_bar): what was asked for, not what the terminal shows."""
+    from diffusers.pipelines import pipeline_utils
+
+    bars = []
+
+    class Recorded(pipeline_utils.tqdm):
+        def __init__(self, *args, **kwargs):
+            bars.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline_utils, "tqdm", Recorded)
+    return bars
