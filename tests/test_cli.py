@@ -125,6 +125,7 @@ def test_help_of_each_command_has_examples(capsys, command):
     assert f"i2am {command}" in capsys.readouterr().out.split("examples:")[1]
 
 
+@pytest.mark.slow
 def test_entry_point_module():
     done = subprocess.run([sys.executable, "-m", "i2am.cli", "show", "missing.safetensors", "--out", "x"],
                           capture_output=True, text=True, timeout=120)
@@ -234,6 +235,7 @@ def test_run_usage_errors_exit_2(capsys, inputs, tmp_path):
     (["--boxes", "2,2,2,5"], "box 2,2,2,5 must satisfy"),
     (["--patches", "0,4"], "patch 0,4 is off the reference grid 4x4"),
 ])
+@pytest.mark.slow
 def test_run_probe_off_the_grid_exits_2(capsys, inputs, tiny_pipeline, tmp_path, probe, message):
     code, _, err = cli(capsys, *run_args(inputs, tiny_pipeline, tmp_path / "out"), *probe)
     assert code == 2 and message in err
@@ -243,6 +245,7 @@ def test_run_probe_off_the_grid_exits_2(capsys, inputs, tiny_pipeline, tmp_path,
     ("image_encoder", "has no image_encoder component"),  # left out of model_index.json
     ("unet", "lacks unet"),  # listed, but its folder is gone
 ])
+@pytest.mark.slow
 def test_run_incomplete_model_exits_2(capsys, inputs, tiny_pipeline, tmp_path, component, message):
     model = tmp_path / "model"
     shutil.copytree(tiny_pipeline, model)
@@ -261,6 +264,7 @@ def test_run_incomplete_model_exits_2(capsys, inputs, tiny_pipeline, tmp_path, c
     ("paint-by-example", (1, 1), (0, 0), "official"),  # one reference token
     ("ip-adapter", (1, IP_TOKENS), (0, 3), "paper"),  # the adapter's image tokens, in a row
 ])
+@pytest.mark.slow
 def test_run_end_to_end_writes_the_report(capsys, request, inputs, tmp_path, pipeline, ref_grid, patch, protocol):
     model = request.getfixturevalue({"sd-inpaint-patch": "tiny_pipeline", "paint-by-example": "tiny_paint_by_example",
                                      "ip-adapter": "tiny_ip_adapter"}[pipeline])
@@ -303,6 +307,7 @@ def test_run_end_to_end_writes_the_report(capsys, request, inputs, tmp_path, pip
     assert "Warning" not in err and "warn" not in err.lower(), err  # library warnings are silenced
 
 
+@pytest.mark.slow
 def test_run_quiet_prints_only_where_the_report_is(capsys, inputs, tiny_pipeline, tmp_path, step_bars):
     out = tmp_path / "report"
     code, stdout, err = cli(capsys, *run_args(inputs, tiny_pipeline, out, "--quiet"))

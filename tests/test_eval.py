@@ -60,6 +60,7 @@ def one_process(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_one_process_writes_every_sample_and_the_summary(one_process):
     rows = records(one_process)
     assert [r["id"] for r in rows] == [f"demo_{b:03d}" for b in range(SAMPLES)]
@@ -108,6 +109,7 @@ def test_killed_run_resumed_equals_the_uninterrupted_run(one_process, tmp_path):
         assert read(out, name) == read(one_process, name), name
 
 
+@pytest.mark.slow
 def test_metrics_equal_torchmetrics_on_the_saved_images(one_process):
     from scipy import stats
     from torchmetrics.functional.image import structural_similarity_index_measure
@@ -144,6 +146,7 @@ def test_metrics_equal_torchmetrics_on_the_saved_images(one_process):
     assert row["spearman"] == pytest.approx(stats.spearmanr(imacs, [r["SSIM"] for r in rows]).statistic)
 
 
+@pytest.mark.slow
 def test_left_out_columns_say_how_to_add_them(one_process):
     summary = json.loads(read(one_process, "summary.json"))
     lines = summary["left_out"]
@@ -152,6 +155,7 @@ def test_left_out_columns_say_how_to_add_them(one_process):
 
 
 # ---- the command ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_eval_command_on_a_pipeline_scores_as_i2am_run(capsys, inputs, tiny_pipeline, tmp_path):  # noqa: F811
     manifest = tmp_path / "pairs.jsonl"
     other = save_png(tmp_path / "other_mask.png", np.roll(tiny_models.inpainting_mask(), -6, axis=1) * 255)
@@ -191,6 +195,7 @@ def test_python_m_i2am_is_the_command():
     assert done.returncode == 2 and "invalid choice: 'exact'" in done.stderr
 
 
+@pytest.mark.slow
 def test_both_protocols_score_every_sample(one_process, tmp_path):
     """One traced generation per protocol: the paper scores equal the paper-only run's, the
     official ones (inverted M_g, cloth-mask product) are there beside them and differ."""
@@ -214,6 +219,7 @@ def test_eval_protocol_errors(capsys, tmp_path):
         check_protocols(["paper", "paper"])
 
 
+@pytest.mark.slow
 def test_eval_refuses_a_folder_made_with_other_settings(capsys, one_process, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -22,6 +22,7 @@ def run(capsys, *args):
     return code, out.out, out.err
 
 
+@pytest.mark.slow
 def test_run_flux_kontext_writes_the_report(capsys, kontext_model, tmp_path):
     tiny_models.image(1, (24, 16)).save(tmp_path / "photo.png")
     mask = np.zeros((16, 24), np.uint8)
@@ -49,6 +50,7 @@ def test_run_flux_kontext_writes_the_report(capsys, kontext_model, tmp_path):
     (["--points", "4,0"], "point 4,0 is off the latent grid 4x6"),
     (["--patches", "0,6"], "patch 0,6 is off the reference grid 4x6"),
 ])
+@pytest.mark.slow
 def test_run_flux_kontext_usage_errors_exit_2(capsys, kontext_model, tmp_path, extra, message):
     tiny_models.image(1, (24, 16)).save(tmp_path / "photo.png")
     code, _, err = run(capsys, "run", "--pipeline", "flux-kontext", "--model", kontext_model, "--reference",
@@ -62,6 +64,7 @@ def test_other_pipelines_still_need_image_and_mask(capsys, tmp_path):
     assert code == 2 and "needs --image" in err
 
 
+@pytest.mark.slow
 def test_run_flux_kontext_quiet_prints_only_where_the_report_is(capsys, kontext_model, tmp_path, step_bars):
     tiny_models.image(1, (24, 16)).save(tmp_path / "photo.png")
     out = tmp_path / "report"

@@ -23,6 +23,7 @@ def readme_run():
     return re.search(r"The same run from Python.*?```python\n(.*?)```", text, re.S).group(1)
 
 
+@pytest.mark.slow
 def test_readme_python_run_equals_i2am_run(capsys, monkeypatch, inputs, tiny_pipeline, tmp_path):  # noqa: F811
     code = readme_run()
     assert code.count("\n") <= 10 and "num_inference_steps=50" in code
@@ -48,6 +49,7 @@ def test_readme_python_run_equals_i2am_run(capsys, monkeypatch, inputs, tiny_pip
     assert scores[0] == scores[1]
 
 
+@pytest.mark.slow
 def test_eval_loads_the_pipeline_once(capsys, monkeypatch, inputs, tiny_pipeline, tmp_path):  # noqa: F811
     from diffusers import StableDiffusionInpaintPipeline
 
