@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import pipelines
-from .inputs import InputError, binary_mask, check_device, check_out, command_line_spelling, open_image, same_size
+from .inputs import InputError, check_device, check_out, command_line_spelling
 from .probes import check_probes
 from .protocols import PROTOCOLS
 
@@ -266,39 +266,10 @@ def _bench(args):
 
 
 def _show(args):
-    from .maps import AttributionMaps
-    from .report import write_report
+    from .report import rewrite_report
 
-    check_out(args.out)
-    path = Path(args.maps)
-    if not path.is_file():
-        raise UsageError(f"maps file not found: {path}")
-    try:
-        maps = AttributionMaps.load(path)
-    except Exception as err:
-        raise UsageError(f"cannot read maps from {path}: {err}") from err
-    if args.protocol is not None:
-        try:
-            maps = maps.with_protocol(args.protocol)
-        except ValueError as err:
-            raise UsageError(f"--protocol {args.protocol}: {err}") from err
-    for option, name in (("image", "generated.png"), ("reference", "reference.png"), ("ref_mask", "ref_mask.png")):
-        if getattr(args, option) is None and (path.parent / name).is_file():  # the run's report folder
-            setattr(args, option, str(path.parent / name))
-    image = open_image(args.image, "image") if args.image else None
-    reference = open_image(args.reference, "reference") if args.reference else None
-    ref_mask = None
-    if args.ref_mask:
-        ref_mask_image = open_image(args.ref_mask, "ref_mask", mode="L")
-        if reference is not None:
-            same_size(ref_mask_image, "ref_mask", reference, "reference")
-        ref_mask = binary_mask(ref_mask_image, "ref_mask")
-    if ref_mask is not None and maps.mask is None:
-        raise UsageError("--ref-mask gives IMACS_r, which needs maps traced with an inpainting mask; these have none")
-    shown = {key: maps.settings.get(key, default) if getattr(args, key) is None else getattr(args, key)
-             for key, default in (("threshold", 0.4), ("alpha", 0.5))}  # the run's, unless given
-    scores = write_report(args.out, maps, image=image, reference=reference, ref_mask=ref_mask,
-                          settings={"maps_file": str(path)}, **shown)
+    scores = rewrite_report(args.maps, args.out, image=args.image, reference=args.reference, ref_mask=args.ref_mask,
+                            protocol=args.protocol, threshold=args.threshold, alpha=args.alpha)
     _print_scores(scores, args.out)
 
 

@@ -56,7 +56,8 @@ def query_probes(size, mask=None, points=(), boxes=()):
     for p in points:
         r, c = _ints(p, 2, "point (row, col)")
         if not (0 <= r < h and 0 <= c < w):
-            raise InputError(f"point {coords((r, c))} is off the latent grid {h}x{w} (rows 0..{h - 1}, cols 0..{w - 1})")
+            raise InputError(f"point {coords((r, c))} is off the latent grid {h}x{w} "
+                             f"(rows 0..{h - 1}, cols 0..{w - 1})")
         one = torch.zeros(h, w)
         one[r, c] = 1.0
         labels.append(("point", (r, c)))

@@ -55,6 +55,46 @@ def write_report(out_dir, maps, *, image=None, reference=None, ref_mask=None, se
     return scores
 
 
+def rewrite_report(maps_file, out_dir, *, image=None, reference=None, ref_mask=None, protocol=None, threshold=None,
+                   alpha=None):
+    """write_report of a saved maps file (AttributionMaps.save), read under `protocol` (default:
+    its own), with the run's images found beside it (generated.png, reference.png, ref_mask.png)
+    unless given, and its threshold and alpha unless given; returns the scores."""
+    from .inputs import InputError, arg, binary_mask, check_out, open_image, same_size
+    from .maps import AttributionMaps
+
+    check_out(out_dir)
+    path = Path(maps_file)
+    if not path.is_file():
+        raise InputError(f"maps file not found: {path}")
+    try:
+        maps = AttributionMaps.load(path)
+    except Exception as err:
+        raise InputError(f"cannot read maps from {path}: {err}") from err
+    if protocol is not None:
+        try:
+            maps = maps.with_protocol(protocol)
+        except ValueError as err:
+            raise InputError(f"{arg('protocol')} {protocol}: {err}") from err
+    given = {"image": image, "reference": reference, "ref_mask": ref_mask}
+    for key, name in (("image", "generated.png"), ("reference", "reference.png"), ("ref_mask", "ref_mask.png")):
+        if given[key] is None and (path.parent / name).is_file():  # the run's report folder
+            given[key] = path.parent / name
+    image, reference, ref_mask = (None if given[key] is None else open_image(given[key], key, mode)
+                                  for key, mode in (("image", "RGB"), ("reference", "RGB"), ("ref_mask", "L")))
+    if ref_mask is not None:
+        if reference is not None:
+            same_size(ref_mask, "ref_mask", reference, "reference")
+        ref_mask = binary_mask(ref_mask, "ref_mask")
+        if maps.mask is None:
+            raise InputError(f"{arg('ref_mask')} gives IMACS_r, which needs maps traced with an inpainting mask; "
+                             "these have none")
+    shown = {key: maps.settings.get(key, default) if value is None else value
+             for key, value, default in (("threshold", threshold, 0.4), ("alpha", alpha, 0.5))}  # the run's
+    return write_report(out_dir, maps, image=image, reference=reference, ref_mask=ref_mask,
+                        settings={"maps_file": str(path)}, **shown)
+
+
 def render_figures(out_dir, maps, *, image=None, reference=None, ref_mask=None, threshold=0.4, alpha=0.5):
     """Write every figure of `maps` as PNG and PDF into out_dir; returns [(file stem, caption)].
 

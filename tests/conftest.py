@@ -107,17 +107,25 @@ def backend(request):
 
 
 @pytest.fixture
-def step_bars(monkeypatch):
-    """The keyword arguments of every progress bar diffusers' pipelines open over their steps
-    (DiffusionPipeline.progress_bar): what was asked for, not what the terminal shows."""
+def record_bars(monkeypatch):
+    """record_bars(module) -> a list that gets the keyword arguments of every tqdm bar `module`
+    opens from then on: what was asked for, not what the terminal shows."""
+    def record(module):
+        bars = []
+
+        class Recorded(module.tqdm):
+            def __init__(self, *args, **kwargs):
+                bars.append(kwargs)
+                super().__init__(*args, **kwargs)
+
+        monkeypatch.setattr(module, "tqdm", Recorded)
+        return bars
+    return record
+
+
+@pytest.fixture
+def step_bars(record_bars):
+    """The bars diffusers' pipelines open over their steps (DiffusionPipeline.progress_bar)."""
     from diffusers.pipelines import pipeline_utils
 
-    bars = []
-
-    class Recorded(pipeline_utils.tqdm):
-        def __init__(self, *args, **kwargs):
-            bars.append(kwargs)
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline_utils, "tqdm", Recorded)
-    return bars
+    return record_bars(pipeline_utils)

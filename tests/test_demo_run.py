@@ -30,15 +30,8 @@ def test_trained_correspondence_beats_the_randomised_copy_at_few_steps():
 
 
 @pytest.mark.slow
-def test_demo_smoke_run_writes_reports(tmp_path, capsys, monkeypatch, step_bars):
-    example_bars = []
-
-    class Recorded(run.tqdm):
-        def __init__(self, *args, **kwargs):
-            example_bars.append(kwargs)
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(run, "tqdm", Recorded)
+def test_demo_smoke_run_writes_reports(tmp_path, capsys, record_bars, step_bars):
+    example_bars = record_bars(run)
     assert run.run_demo(out=tmp_path, examples=1, steps=3) == 0
     summary = json.loads((tmp_path / "scores.json").read_text())
     for key in ("correspondence_accuracy", "correspondence_accuracy_randomised", "correspondence_best_single_patch"):
