@@ -5,10 +5,10 @@
     maps = tc.maps()
 
 Inside the block the denoiser's attention layers (a UNet's cross-attention attn2 layers, a
-Flux transformer's joint attention) run through i2am processors (one module per model family
-in i2am.integrations) that compute the same output and stream the maps into small buffers;
-every other module is untouched. On exit, also when the block raised, the original processor
-objects and the denoiser's hooks are back.
+Flux transformer's joint attention) are recorded by the model's family (i2am.integrations):
+the same output, the maps streamed into small buffers; every other module is untouched. On
+exit, also when the block raised, the family undoes what it changed (the original processor
+objects, the original dispatch function) and the denoiser's hooks are gone.
 """
 import torch
 
@@ -73,8 +73,9 @@ class trace(recording):
     def __init__(self, pipe_or_denoiser, *, ref_grid=None, ref_keys=None, time_groups=1, branch="cond", mask=None,
                  points=(), boxes=(), patches=(), num_steps=None, layers=None, convention="official",
                  protocol="paper", ref_size=None, backend="auto", cfg=None, resize="bicubic"):
-        self.family = integrations.family(pipe_or_denoiser)
-        self.pipe, denoiser = self.family.split(pipe_or_denoiser)
+        family = integrations.family(pipe_or_denoiser)
+        self.pipe, denoiser = family.split(pipe_or_denoiser)
+        self.family = family(denoiser)
         if protocol not in self.family.PROTOCOLS:
             raise ValueError(f"protocol={protocol!r} is not defined for {type(denoiser).__name__}: its family "
                              f"supports {', '.join(map(repr, self.family.PROTOCOLS))}")
@@ -90,13 +91,14 @@ class trace(recording):
                          time_groups=time_groups, branch=branch, mask=mask, points=points, boxes=boxes,
                          patches=patches, layers=layers, convention=convention, protocol=protocol,
                          ref_size=ref_size, backend=backend, resize=resize)
-        self.attention_layers = self.family.attention_layers(denoiser)
+        self.attention_layers = self.family.attention_layers()
         self._cfg_from_pipe = cfg is None
 
     def _install(self):
         if not could_select(self.attention_layers, self.recorder.layers):
             raise ValueError(f"layers={self.recorder.layers!r} matches none of the {len(self.attention_layers)} "
                              f"attention layers: {', '.join(self.attention_layers)}")
+        self._undo.append(self.family.restore)  # before install: a partial install is undone too
         self.family.install(self, self.attention_layers)
 
     def _on_denoiser_call(self, module, args, kwargs):
@@ -107,7 +109,7 @@ class trace(recording):
             self.recorder.set_num_steps(_steps_from(scheduler, self.family.timestep(args, kwargs)))
         if self._cfg_from_pipe:  # a property valid during the pipeline call; None: the even-batch rule
             self.cfg = getattr(self.pipe, "do_classifier_free_guidance", None)
-        if self.family.read_inputs(self, args, kwargs):
+        if self.family.read_inputs(args, kwargs):
             self.step()
 
 
