@@ -315,9 +315,7 @@ def _show(args):
 
 
 def _run(args):
-    import torch
-
-    from .tracing import trace
+    from . import generation
 
     _check_out(args.out)
     device = _check_device(args.device, args.backend)
@@ -353,40 +351,41 @@ def _run(args):
         ref_mask_image = _as_encoded(pipe.feature_extractor, ref_mask_image).convert("L")
     ref_mask = None if ref_mask_image is None else _binary(ref_mask_image, "--ref-mask, cropped as the reference,")
 
-    generator = torch.Generator("cpu").manual_seed(args.seed)
     pipe.set_progress_bar_config(disable=args.quiet)
-    with trace(pipe, ref_grid=ref_grid, time_groups=args.time_groups, mask=mask, points=args.points,
-               boxes=args.boxes, patches=args.patches, convention=args.convention, protocol=args.protocol,
-               backend=args.backend) as traced:
-        generated = pipe(image=image, mask_image=mask_image, height=image.height, width=image.width,
-                         num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator,
-                         **inputs).images[0]
+    call = dict(image=image, mask_image=mask_image, height=image.height, width=image.width,
+                num_inference_steps=args.steps, guidance_scale=args.guidance, **inputs)
+    result = generation.run_traced(pipe, call, _trace_config(args, ref_grid=ref_grid, mask=mask), seed=args.seed)
     settings = {key: getattr(args, key) for key in (
         "pipeline", "model", "image", "mask", "reference", "ref_mask", "steps", "guidance", "seed",
         "backend")}  # the protocol is in the maps' own settings
     settings.update(device=device, dtype=str(dtype).removeprefix("torch."))
     if args.pipeline == "ip-adapter":
         settings.update(prompt=args.prompt, ip_adapter=args.ip_adapter, ip_adapter_scale=args.ip_adapter_scale)
-    _report(args, traced.maps(), generated, seen_reference, ref_mask, settings,
+    _report(args, result, seen_reference, ref_mask, settings,
             {"input": image, "mask": mask_image, "ref_mask": ref_mask_image})
 
 
-def _report(args, maps, generated, reference, ref_mask, settings, extra_images):
-    """The run's report (write_report) with the input images that were given, and its scores printed."""
-    from .report import write_report
+def _trace_config(args, **given):
+    """The i2am.TraceConfig of `i2am run`'s options and the run's own settings (ref_grid, mask)."""
+    from .config import TraceConfig
 
+    return TraceConfig(time_groups=args.time_groups, points=args.points, boxes=args.boxes, patches=args.patches,
+                       convention=args.convention, protocol=args.protocol, backend=args.backend, **given)
+
+
+def _report(args, result, reference, ref_mask, settings, extra_images):
+    """The run's report (its Generation's write_report) with the input images that were given, and
+    its scores printed."""
     extra_images = {name: im for name, im in extra_images.items() if im is not None}
-    scores = write_report(args.out, maps, image=generated, reference=reference, ref_mask=ref_mask, settings=settings,
-                          extra_images=extra_images, threshold=args.threshold, alpha=args.alpha)
+    scores = result.write_report(args.out, reference=reference, ref_mask=ref_mask, settings=settings,
+                                 extra_images=extra_images, threshold=args.threshold, alpha=args.alpha)
     _print_scores(scores, args.out, quiet=args.quiet)
 
 
 def _run_kontext(args, device):
     """flux-kontext: the pipeline edits --reference; both grids are its packed token grid."""
-    import torch
-
+    from . import generation
     from .integrations import flux
-    from .tracing import trace
 
     if args.image is not None:
         raise UsageError("--pipeline flux-kontext edits --reference and takes no --image")
@@ -419,16 +418,14 @@ def _run_kontext(args, device):
     mask = None if mask_image is None else _binary(mask_image, "--mask")
     ref_mask = None if ref_mask_image is None else _binary(ref_mask_image, "--ref-mask")
 
-    generator = torch.Generator("cpu").manual_seed(args.seed)
     pipe.set_progress_bar_config(disable=args.quiet)
-    with trace(pipe, time_groups=args.time_groups, mask=mask, points=args.points, boxes=args.boxes,
-               patches=args.patches, convention=args.convention, backend=args.backend) as traced:
-        generated = pipe(**flux.kontext_call(reference, args.prompt, height, width), num_inference_steps=args.steps,
-                         guidance_scale=args.guidance, generator=generator).images[0]
+    call = dict(flux.kontext_call(reference, args.prompt, height, width), num_inference_steps=args.steps,
+                guidance_scale=args.guidance)
+    result = generation.run_traced(pipe, call, _trace_config(args, mask=mask), seed=args.seed)
     settings = {key: getattr(args, key) for key in (
         "pipeline", "model", "mask", "reference", "ref_mask", "prompt", "steps", "guidance", "seed", "backend")}
     settings.update(device=device, dtype=str(dtype).removeprefix("torch."), height=height, width=width)
-    _report(args, traced.maps(), generated, reference, ref_mask, settings,
+    _report(args, result, reference, ref_mask, settings,
             {"mask": mask_image, "ref_mask": ref_mask_image})
 
 
