@@ -56,7 +56,7 @@ class Paper:
 
     def generated_rows(self, maps, name):
         """The gen rows of layer `name` whose resized, clamped maps are averaged into M_g."""
-        return [maps.key_row(name, ("uniform",))]
+        return [maps._key_row(name, ("uniform",))]
 
     def query_label(self, label):
         """The recorded query row that the reference-side map of probe `label` reads."""
@@ -134,7 +134,7 @@ class Official(Paper):
         return names if by == "time" else names[:1]  # one block; all blocks at that resolution by time
 
     def generated_rows(self, maps, name):
-        return maps.per_key_rows(name)
+        return maps._per_key_rows(name)
 
     def query_label(self, label):
         if label[0] in ("uniform", "point", "box"):
