@@ -5,11 +5,12 @@
     maps = tc.maps()
     maps.generated(), maps.reference(masked=True), maps.specific_reference((20, 30))
 """
+from .config import TraceConfig
 from .maps import AttributionMaps
 from .recorder import Recorder
 from .recording import attention, recording
 
-__all__ = ["AttributionMaps", "Recorder", "attention", "plot_overlay", "recording", "trace"]
+__all__ = ["AttributionMaps", "Recorder", "TraceConfig", "attention", "plot_overlay", "recording", "trace"]
 
 
 def __getattr__(name):

@@ -274,10 +274,8 @@ def _show(args):
 
 
 def _run(args):
-    import torch
-
-    from .report import write_report
-    from .tracing import trace
+    from . import generation
+    from .config import TraceConfig
 
     check_out(args.out)
     device = check_device(args.device, args.backend)
@@ -290,20 +288,19 @@ def _run(args):
     x = pipelines.inputs(args.pipeline, pipe, **given)
     check_probes(x.latent_size, x.ref_grid, args.points, args.boxes, args.patches)
 
-    generator = torch.Generator("cpu").manual_seed(args.seed)
-    with trace(pipe, ref_grid=x.ref_grid, time_groups=args.time_groups, mask=x.mask, points=args.points,
-               boxes=args.boxes, patches=args.patches, convention=args.convention, protocol=args.protocol,
-               backend=args.backend) as traced:
-        generated = pipe(**x.call, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                         generator=generator).images[0]
+    config = TraceConfig(ref_grid=x.ref_grid, time_groups=args.time_groups, mask=x.mask, points=args.points,
+                         boxes=args.boxes, patches=args.patches, convention=args.convention,
+                         protocol=args.protocol, backend=args.backend)
+    call = dict(**x.call, num_inference_steps=args.steps, guidance_scale=args.guidance)
+    result = generation.run_traced(pipe, call, config, seed=args.seed)
     settings = {key: getattr(args, key) for key in (
         "pipeline", "model", "image", "mask", "reference", "ref_mask", "prompt", "steps", "guidance", "seed",
         "backend") if key != "image" or args.image is not None}  # the protocol is in the maps' own settings
     settings.update(_load_options(args), device=device, dtype=str(pipe.dtype).removeprefix("torch."),
                     height=x.call["height"], width=x.call["width"])
     extra_images = {name: im for name, im in x.images.items() if im is not None}
-    scores = write_report(args.out, traced.maps(), image=generated, reference=x.reference, ref_mask=x.ref_mask,
-                          settings=settings, extra_images=extra_images, threshold=args.threshold, alpha=args.alpha)
+    scores = result.write_report(args.out, reference=x.reference, ref_mask=x.ref_mask, settings=settings,
+                                 extra_images=extra_images, threshold=args.threshold, alpha=args.alpha)
     _print_scores(scores, args.out, quiet=args.quiet)
 
 

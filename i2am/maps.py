@@ -22,9 +22,10 @@ class AttributionMaps:
     layers: {name: {"gen": (Br, G, H, Ru, h_l, w_l), "ref": (Br, G, H, Rw, hI_l*wI_l), "grid": (h_l, w_l),
     "key_grid": (hI_l, wI_l) or None, "per_key": n}} float32: gen rows are the key probes
     (key_labels, when the layer has reference keys) then n rows of one key probe per context key;
-    ref rows are query_rows; a layer without reference keys has no "ref". Every map method returns
-    (h, w) or (hI, wI) maps, with (G, ...) for by="time", (N, ...) for by="head", and a leading
-    batch axis when more than one image was recorded. `protocol` ("paper" or "official") decides
+    ref rows are query_rows; a layer without reference keys has no "ref". Every map method takes
+    by, layers and normalize as keywords, in that order, and returns (h, w) or (hI, wI) maps, with
+    (G, ...) for by="time", (N, ...) for by="head", and a leading batch axis when more than one
+    image was recorded. `protocol` ("paper" or "official") decides
     the default layer sets, the rows each map reads, the display and IMACS (i2am.protocols).
     """
 
@@ -66,19 +67,19 @@ class AttributionMaps:
         return other
 
     # ---- maps ----------------------------------------------------------------------------
-    def generated(self, by=None, layers=None, normalize=True):
+    def generated(self, *, by=None, layers=None, normalize=True):
         """M_g (eq. 5; by="time" eq. 10, by="head" eq. 11): where the generated image draws on
         the reference, (h, w) at latent resolution. Under "official" the mean over all context
         keys of each key's map, resized and clamped one key at a time (never inverted here)."""
         names = self._names(layers, by, "generated")
         return self._generated({n: self._protocol.generated_rows(self, n) for n in names}, by, normalize)
 
-    def specific_generated(self, patch, by=None, layers=None, normalize=True):
+    def specific_generated(self, patch, *, by=None, layers=None, normalize=True):
         """Where reference patch (i, j) (traced with patches=) is used in the generated image."""
         names = self._names(layers, by, "specific_generated")
-        return self._generated({n: [self.key_row(n, ("patch", tuple(patch)))] for n in names}, by, normalize)
+        return self._generated({n: [self._key_row(n, ("patch", tuple(patch)))] for n in names}, by, normalize)
 
-    def reference(self, by=None, masked=False, layers=None, normalize=True, ref_mask=None):
+    def reference(self, *, by=None, layers=None, normalize=True, masked=False, ref_mask=None):
         """M_r (eq. 13; by="time"/"head" as above; masked=True is eq. 17 with the traced
         inpainting mask): which reference patches are drawn on, (hI, wI). ref_mask: the
         reference (cloth) mask, any size: the map is multiplied by it, resized bicubic to the
@@ -90,7 +91,7 @@ class AttributionMaps:
         M = M * resize(mask_2d(ref_mask).double(), self.ref_grid, "bicubic").float()
         return display.normalize(M) if normalize else M
 
-    def specific_reference(self, point_or_box, by=None, layers=None, normalize=True):
+    def specific_reference(self, point_or_box, *, by=None, layers=None, normalize=True):
         """M_sr (eq. 16): the reference patches one traced latent point (row, col) or box
         (top, left, bottom, right) looked at, (hI, wI)."""
         p = tuple(as_int(x, "point_or_box") for x in point_or_box)
@@ -108,14 +109,14 @@ class AttributionMaps:
             gen_mask = self.mask
         return self._protocol.imacs(self, ref_mask, gen_mask, lam, threshold)
 
-    def key_row(self, name, label):
+    def _key_row(self, name, label):
         """The gen row of key probe `label` in layer `name`."""
         if self.layers[name]["key_grid"] is None:
             raise ValueError(f"layer {name!r} has no reference keys (its key count fits no reference grid): "
                              "only its generated map over all context keys exists; leave it out with layers=")
         return probe_row(self.key_labels, label)
 
-    def per_key_rows(self, name):
+    def _per_key_rows(self, name):
         """The gen rows of layer `name` with one key probe per context key (protocol 'official')."""
         lay = self.layers[name]
         if not lay["per_key"]:
@@ -147,7 +148,7 @@ class AttributionMaps:
         for name in names:
             lay = self.layers[name]
             if "ref" not in lay:
-                self.key_row(name, ("uniform",))  # the error naming the layer
+                self._key_row(name, ("uniform",))  # the error naming the layer
             heads = lay["ref"].shape[2]
             r = lay["ref"][:, :, :, row].double()  # (Br, G, H, K_l)
             if by != "time":
@@ -174,7 +175,7 @@ class AttributionMaps:
         """The layers a map integrates: `layers` exactly, else the protocol's default set."""
         if by not in BY:
             raise ValueError(f"by must be one of {BY}, got {by!r}")
-        names = self.select(layers) if layers is not None else self._protocol.default_layers(self, kind, by)
+        names = self._select(layers) if layers is not None else self._protocol.default_layers(self, kind, by)
         bad = nonfinite_groups({n: self.layers[n] for n in names})
         if bad:
             where = describe(bad, self.num_steps, self.time_groups)
@@ -186,7 +187,7 @@ class AttributionMaps:
                              f"{sorted(heads)} heads: select layers that share one")
         return names
 
-    def select(self, layers=None):
+    def _select(self, layers=None):
         """Names of the traced layers matching `layers` (fnmatch patterns and/or (h_l, w_l))."""
         names = [n for n, lay in self.layers.items() if layer_selected(n, lay["grid"], layers)]
         if not names:

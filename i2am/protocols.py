@@ -35,6 +35,10 @@ class Paper:
     generated_name = "M_g"     # the generated map as figures show it
     summary = ("the printed equations: M_g from the uniform key probe, min-max display with a 0.4 "
                "threshold, IMACS of eq. 18 on M_g and on M_r with the inpainting-mask probe (eq. 17)")
+    # the softmax axes (i2am.config.CONVENTIONS) a trace takes when convention= is not given: the
+    # official ones (C for M_g, P for M_r) here too, since the printed axes average to a constant
+    # map when every key is a reference key
+    convention = "official"
     per_key_rows = False       # records one key probe per context key
     context_layers = False     # under ref_grid="layer", a layer whose keys fit no grid is recorded for M_g only
 
@@ -52,7 +56,7 @@ class Paper:
 
     def generated_rows(self, maps, name):
         """The gen rows of layer `name` whose resized, clamped maps are averaged into M_g."""
-        return [maps.key_row(name, ("uniform",))]
+        return [maps._key_row(name, ("uniform",))]
 
     def query_label(self, label):
         """The recorded query row that the reference-side map of probe `label` reads."""
@@ -130,7 +134,7 @@ class Official(Paper):
         return names if by == "time" else names[:1]  # one block; all blocks at that resolution by time
 
     def generated_rows(self, maps, name):
-        return maps.per_key_rows(name)
+        return maps._per_key_rows(name)
 
     def query_label(self, label):
         if label[0] in ("uniform", "point", "box"):

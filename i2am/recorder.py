@@ -17,16 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from . import protocols
+from .config import CONVENTIONS, TraceConfig, check_groups, pair, positive
 from .finite import describe, nonfinite_groups
-from .grid import RESIZE_MODES, layer_grid, pullback
-from .integers import as_int, int_tuple, int_tuples
-from .kernels import BACKENDS, prepare, query_row_range
-from .layers import check_layers, layer_selected
+from .grid import layer_grid, pullback
+from .kernels import prepare, query_row_range
+from .layers import layer_selected
 from .maps import AttributionMaps
-from .probes import key_probes, mask_2d, query_probes
-
-CONVENTIONS = {"official": ("query", "key"), "paper": ("key", "query")}  # (gen softmax, ref softmax)
-BRANCHES = ("cond", "uncond", "all")
+from .probes import key_probes, query_probes
 
 
 @dataclass
@@ -47,64 +44,43 @@ class LayerBuffers:
 
 
 class Recorder:
-    """Accumulates I2AM maps of many attention calls; see the module docstring."""
+    """Accumulates I2AM maps of many attention calls; see the module docstring.
 
-    def __init__(self, *, ref_grid, latent_size=None, num_steps=None, time_groups=1, ref_keys=None,
-                 branch="cond", mask=None, points=(), boxes=(), patches=(), convention="official",
-                 protocol="paper", ref_size=None, backend="auto", layers=None, resize="bicubic"):
-        if convention not in CONVENTIONS:
-            raise ValueError(f"convention must be one of {tuple(CONVENTIONS)}, got {convention!r}")
-        self.protocol = protocols.get(protocol)
-        self.protocol.check(convention)
+    Takes an i2am.TraceConfig, or its keywords (which make one), and latent_size (h, w) when
+    it is known before the first call.
+    """
+
+    def __init__(self, config=None, *, latent_size=None, **keywords):
+        self.config = config = TraceConfig.of(config, **keywords)
+        self.protocol = protocols.get(config.protocol)
         # ref_grid="layer": each layer's reference keys lie on its own query grid; maps
         # are resized over the key axes to the common grid ref_size (default: the largest one)
-        self.layer_grids = isinstance(ref_grid, str) and ref_grid == "layer"
-        if not self.layer_grids and isinstance(ref_grid, str):
-            raise ValueError(f"ref_grid must be (hI, wI) or 'layer', got {ref_grid!r}")
+        self.layer_grids = config.layer_grids
         # ref_grid=None: the model says it (a DiT's reference tokens), through set_ref_grid
-        self.ref_grid = None if self.layer_grids or ref_grid is None else _pair(ref_grid, "ref_grid (hI, wI)")
-        if ref_size is not None and not self.layer_grids:
-            raise ValueError("ref_size sets the common grid of ref_grid='layer'; with a fixed ref_grid the maps "
-                             "are on ref_grid itself: leave ref_size out")
-        self.ref_size = None if ref_size is None else _pair(ref_size, "ref_size (hI, wI)")
-        if self.layer_grids and patches and self.ref_size is None:
-            raise ValueError("patches with ref_grid='layer' need ref_size=(hI, wI), the common grid the patches "
-                             "are given on")
-        if resize not in RESIZE_MODES:
-            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
-        if not (branch in BRANCHES or _is_index_list(branch)):
-            raise ValueError(f"branch must be one of {BRANCHES} or a list of batch indices, got {branch!r}")
-        time_groups = _positive(time_groups, "time_groups")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        check_layers(layers)
-        self.time_groups, self.ref_keys, self.branch = time_groups, ref_keys, branch
-        self.convention, self.backend, self.layers, self.resize = convention, backend, layers, resize
-        self.mask = None if mask is None else mask_2d(mask)  # checked now, not at the first call
-        self.points = int_tuples(points, 2, "points", "(row, col) pairs", "point (row, col)")
-        self.boxes = int_tuples(boxes, 4, "boxes", "(top, left, bottom, right) tuples",
-                                "box (top, left, bottom, right)")
-        self.patches = int_tuples(patches, 2, "patches", "(i, j) pairs", "patch (i, j)")
+        self.ref_grid = None if self.layer_grids else config.ref_grid
+        self.ref_size, self.time_groups, self.ref_keys = config.ref_size, config.time_groups, config.ref_keys
+        self.branch, self.convention, self.backend = config.branch, config.convention, config.backend
+        self.layers, self.resize, self.mask = config.layers, config.resize, config.mask
+        self.points, self.boxes, self.patches = config.points, config.boxes, config.patches
         self.keys = None
         if self.ref_grid is not None or self.layer_grids:
             self.keys = key_probes(self.ref_grid or self.ref_size or (1, 1), self.patches)
         self.latent_size = self.queries = self.num_steps = self.record_idx = self._query_rows = None
         self.steps_run = 0  # 1 + the last step recorded: fewer than num_steps leaves groups empty
         self.buffers = {}
-        if num_steps is not None:
-            self.set_num_steps(num_steps)
+        if config.num_steps is not None:
+            self.set_num_steps(config.num_steps)
         if latent_size is not None:
             self.set_latent_size(latent_size)
 
     def set_num_steps(self, num_steps):
-        num_steps = _positive(num_steps, "num_steps")
-        if self.time_groups > num_steps:
-            raise ValueError(f"time_groups={self.time_groups} is more than the {num_steps} steps")
+        num_steps = positive(num_steps, "num_steps")
+        check_groups(self.time_groups, num_steps)
         self.num_steps = num_steps
 
     def set_latent_size(self, size):
         """Fix the latent (h, w); query probes are built on it. It may not change afterwards."""
-        size = _pair(size, "latent size (h, w)")
+        size = pair(size, "latent size (h, w)")
         if self.latent_size is not None and size != self.latent_size:
             raise ValueError(f"the latent size changed from {self.latent_size} to {size} during the "
                              "trace; trace one resolution at a time")
@@ -115,7 +91,7 @@ class Recorder:
     def set_ref_grid(self, grid):
         """Fix the reference grid (hI, wI) of a model that says it (a DiT's reference tokens); a
         grid given before must agree."""
-        grid = _pair(grid, "reference grid (hI, wI)")
+        grid = pair(grid, "reference grid (hI, wI)")
         if self.layer_grids:
             raise ValueError("ref_grid='layer' is for reference keys on each layer's own grid; this model's "
                              f"reference tokens form one {grid} grid: leave ref_grid out")
@@ -147,7 +123,7 @@ class Recorder:
         rows = None if query_rows is None else query_row_range(query_rows, Nq)  # as the MapsCall keeps it
         if rows is not None:
             Nq = rows.stop - rows.start
-        grid = layer_grid(Nq, self.latent_size) if grid is None else _pair(grid, "grid")
+        grid = layer_grid(Nq, self.latent_size) if grid is None else pair(grid, "grid")
         if grid[0] * grid[1] != Nq:
             raise ValueError(f"layer {layer!r}: grid {grid} does not hold its Nq={Nq} queries")
         if not self.selected(layer, grid):
@@ -298,37 +274,8 @@ class Recorder:
                          "to leave this layer out")
 
 
-def _positive(x, what):
-    try:
-        n = as_int(x, what)
-    except TypeError:
-        n = 0
-    if n < 1:
-        raise ValueError(f"{what} must be a positive integer, got {x!r}")
-    return n
-
-
 def _key_indices(ref_keys, nk):
     """ref_keys (a slice or indices into the nk keys) as an int64 CPU tensor."""
     if isinstance(ref_keys, slice):
         return torch.arange(nk)[ref_keys]
     return torch.as_tensor(ref_keys).reshape(-1).long().cpu()
-
-
-
-def _is_index_list(x):
-    return isinstance(x, (list, tuple, range)) and len(x) > 0 and all(_is_int(i) for i in x)
-
-
-def _is_int(x):
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _pair(x, what):
-    try:
-        a, b = int_tuple(x, 2, what)
-    except (TypeError, ValueError):
-        raise TypeError(f"{what} must be two integers, got {x!r}") from None
-    if a < 1 or b < 1:
-        raise ValueError(f"{what} must be positive, got {(a, b)}")
-    return a, b

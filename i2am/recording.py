@@ -79,20 +79,20 @@ class recording:
         denoiser: optional module whose forward call is one denoising step: a forward pre-hook
             advances the step and reads the latent size (h, w) from the last two axes of its
             first input; module layers are named relative to it.
+        config: an i2am.TraceConfig (ref_grid is required; num_steps: T, the number of
+            denoising steps; cfg: whether batches are [uncond, cond], default: an even batch
+            is), or leave it out and give its keywords (see i2am.trace); keywords given with a
+            config change those settings.
         latent_size: (h, w), needed without a denoiser.
-        num_steps: T, the number of denoising steps.
-        cfg: whether batches are [uncond, cond] (default: an even batch is).
-        **options: the Recorder's options: ref_grid (required), ref_keys, time_groups, branch,
-            mask, points, boxes, patches, layers, convention, protocol, ref_size, backend, resize
-            (see i2am.trace).
 
     Use ``rec.step()`` (next step) or ``rec.step(t)`` to set the step without a denoiser, and
     ``rec.maps()`` for the i2am.AttributionMaps. A denoiser can be in one recording at a time.
     """
 
-    def __init__(self, denoiser=None, *, latent_size=None, num_steps=None, cfg=None, **options):
-        self.recorder = Recorder(latent_size=latent_size, num_steps=num_steps, **options)
-        self.denoiser, self.cfg = denoiser, cfg
+    def __init__(self, denoiser=None, config=None, *, latent_size=None, **keywords):
+        self.recorder = Recorder(config, latent_size=latent_size, **keywords)
+        self.config = self.recorder.config
+        self.denoiser, self.cfg = denoiser, self.config.cfg
         self.current_step = None
         self._names = {}
         self._undo = []  # callables that restore the model, run in reverse on exit

@@ -5,20 +5,25 @@
     maps = tc.maps()
 
 Inside the block the denoiser's attention layers (a UNet's cross-attention attn2 layers, a
-Flux transformer's joint attention) run through i2am processors (one module per model family
-in i2am.integrations) that compute the same output and stream the maps into small buffers;
-every other module is untouched. On exit, also when the block raised, the original processor
-objects and the denoiser's hooks are back.
+Flux transformer's joint attention) are recorded by the model's family (i2am.integrations):
+the same output, the maps streamed into small buffers; every other module is untouched. On
+exit, also when the block raised, the family undoes what it changed (the original processor
+objects, the original dispatch function) and the denoiser's hooks are gone.
 """
 import torch
 
 from . import integrations
+from .config import TraceConfig
 from .layers import could_select
 from .recording import recording
 
 
 class trace(recording):
     """Context manager that records I2AM maps of a diffusers pipeline or denoiser while it runs.
+
+    ``trace(pipe, config)`` takes an i2am.TraceConfig holding the settings below;
+    ``trace(pipe, **settings)`` makes one of them (checked on the spot, errors name the
+    setting); keywords given with a config change those settings.
 
     Args:
         pipe_or_denoiser: a diffusers pipeline with a ``.unet``, or a UNet2DConditionModel; or
@@ -52,7 +57,9 @@ class trace(recording):
             (e.g. "up_blocks.*") and/or (h_l, w_l) resolutions; the others run as plain attention.
             Patterns that match no layer are an error on entering the block; resolutions are
             known only once the layers run.
-        convention: "official" (default) or "paper" (docs/maps.md, "The two softmax conventions").
+        convention: "official" or "paper" (docs/maps.md, "The two softmax conventions"); default
+            None: the protocol's own ("official" under both protocols; "official" accepts no
+            other).
         backend: "auto", "triton", "cuda", "torch" or "reference".
         cfg: whether batches are [uncond, cond]; default ``pipe.do_classifier_free_guidance``
             where the pipeline has it, else an even batch is (UNets); Flux: never (guidance-
@@ -70,33 +77,31 @@ class trace(recording):
     attention mask (or ip_adapter_masks) is an error: the maps assume the plain softmax.
     """
 
-    def __init__(self, pipe_or_denoiser, *, ref_grid=None, ref_keys=None, time_groups=1, branch="cond", mask=None,
-                 points=(), boxes=(), patches=(), num_steps=None, layers=None, convention="official",
-                 protocol="paper", ref_size=None, backend="auto", cfg=None, resize="bicubic"):
-        self.family = integrations.family(pipe_or_denoiser)
-        self.pipe, denoiser = self.family.split(pipe_or_denoiser)
-        if protocol not in self.family.PROTOCOLS:
-            raise ValueError(f"protocol={protocol!r} is not defined for {type(denoiser).__name__}: its family "
-                             f"supports {', '.join(map(repr, self.family.PROTOCOLS))}")
-        if self.pipe is None and num_steps is None:
+    def __init__(self, pipe_or_denoiser, config=None, /, **keywords):
+        config = TraceConfig.of(config, **keywords)
+        family = integrations.family(pipe_or_denoiser)
+        self.pipe, denoiser = family.split(pipe_or_denoiser)
+        self.family = family(denoiser)
+        if config.protocol not in self.family.PROTOCOLS:
+            raise ValueError(f"protocol={config.protocol!r} is not defined for {type(denoiser).__name__}: its "
+                             f"family supports {', '.join(map(repr, self.family.PROTOCOLS))}")
+        if self.pipe is None and config.num_steps is None:
             raise ValueError("num_steps is needed to trace a bare denoiser (there is no pipeline scheduler "
                              "to read it from)")
-        if ref_grid is None and self.family.NEEDS_REF_GRID:
+        if config.ref_grid is None and self.family.NEEDS_REF_GRID:
             raise ValueError(f"ref_grid (hI, wI) is needed to trace {type(denoiser).__name__}: the rows x cols "
                              "of the reference-image tokens")
-        if cfg is None and not self.family.CFG_BATCH:
-            cfg = False
-        super().__init__(denoiser, num_steps=num_steps, cfg=cfg, ref_grid=ref_grid, ref_keys=ref_keys,
-                         time_groups=time_groups, branch=branch, mask=mask, points=points, boxes=boxes,
-                         patches=patches, layers=layers, convention=convention, protocol=protocol,
-                         ref_size=ref_size, backend=backend, resize=resize)
-        self.attention_layers = self.family.attention_layers(denoiser)
-        self._cfg_from_pipe = cfg is None
+        if config.cfg is None and not self.family.CFG_BATCH:
+            config = config.replace(cfg=False)
+        super().__init__(denoiser, config)
+        self.attention_layers = self.family.attention_layers()
+        self._cfg_from_pipe = config.cfg is None
 
     def _install(self):
         if not could_select(self.attention_layers, self.recorder.layers):
             raise ValueError(f"layers={self.recorder.layers!r} matches none of the {len(self.attention_layers)} "
                              f"attention layers: {', '.join(self.attention_layers)}")
+        self._undo.append(self.family.restore)  # before install: a partial install is undone too
         self.family.install(self, self.attention_layers)
 
     def _on_denoiser_call(self, module, args, kwargs):
@@ -107,7 +112,7 @@ class trace(recording):
             self.recorder.set_num_steps(_steps_from(scheduler, self.family.timestep(args, kwargs)))
         if self._cfg_from_pipe:  # a property valid during the pipeline call; None: the even-batch rule
             self.cfg = getattr(self.pipe, "do_classifier_free_guidance", None)
-        if self.family.read_inputs(self, args, kwargs):
+        if self.family.read_inputs(args, kwargs):
             self.step()
 
 

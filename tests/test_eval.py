@@ -181,6 +181,35 @@ def test_eval_command_on_a_pipeline_scores_as_i2am_run(capsys, inputs, tiny_pipe
         assert read(out / "samples", f"{sample}.png") == read(report, "generated.png")
 
 
+def test_run_and_eval_make_one_generation_with_identical_maps(capsys, monkeypatch, inputs, tiny_pipeline,  # noqa: F811
+                                                              tmp_path):
+    """`i2am run` and `i2am eval` make their generation through i2am.generation.run_traced, and
+    for the same sample, settings and seed save the same maps, to the bit."""
+    from i2am import generation
+    from i2am.maps import AttributionMaps
+
+    made, run_traced = [], generation.run_traced
+    monkeypatch.setattr(generation, "run_traced", lambda *a, **k: made.append(run_traced(*a, **k)) or made[-1])
+    manifest = tmp_path / "pairs.jsonl"
+    manifest.write_text(json.dumps({"id": "a", "image": "image.png", "mask": "mask.png",
+                                    "reference": "reference.png", "ref_mask": "ref_mask.png"}) + "\n")
+    common = ["--pipeline", "sd-inpaint-patch", "--model", tiny_pipeline, "--steps", 2, "--time-groups", 2]
+    code, _, err = cli(capsys, "eval", *common, "--data", manifest, "--out", tmp_path / "eval", "--seed", 5,
+                       "--save-maps")
+    assert code == 0, err
+    code, _, err = cli(capsys, "run", *common, "--image", inputs["image"], "--mask", inputs["mask"], "--reference",
+                       inputs["reference"], "--ref-mask", inputs["ref_mask"], "--seed", 5, "--out", tmp_path / "run")
+    assert code == 0, err
+    assert [gen.seed for gen in made] == [5, 5]
+    evaluated = AttributionMaps.load(next((tmp_path / "eval").rglob("a.paper.safetensors")))
+    ran = AttributionMaps.load(tmp_path / "run" / "maps.safetensors")
+    assert list(evaluated.layers) == list(ran.layers)
+    for name, layer in ran.layers.items():
+        for kind in ("gen", "ref"):
+            assert torch.equal(evaluated.layers[name][kind], layer[kind]), (name, kind)
+    assert torch.equal(evaluated.generated(), ran.generated())
+
+
 def test_eval_help_has_examples(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["eval", "--help"])

@@ -14,7 +14,8 @@ from diffusers.models.transformers import transformer_flux
 
 import i2am
 import tiny_flux as tf
-from i2am.integrations.flux import I2AMFluxAttnProcessor, token_layout
+from i2am.integrations import dit
+from i2am.integrations.flux import token_layout
 from i2am.kernels import triton_available
 
 G = 2
@@ -116,20 +117,55 @@ def test_layers_by_name_pattern_and_a_given_ref_grid_is_checked():
             model(**inputs)
 
 
-def test_original_processors_are_back_after_an_exception():
+def hooks(model):
+    """Every forward hook of every module of `model`, by module name."""
+    return {n: (dict(m._forward_pre_hooks), dict(m._forward_hooks)) for n, m in model.named_modules()
+            if m._forward_pre_hooks or m._forward_hooks}
+
+
+def test_the_model_is_restored_exactly_after_an_exception():
+    """The processors are never replaced; the stand-in dispatch and the layer hooks are there only
+    inside the block, also when the block or a traced layer raised."""
     model, inputs = tf.transformer(), tf.kontext_inputs(batch=1)
-    before = dict(model.attn_processors)
+    before, dispatch = dict(model.attn_processors), transformer_flux.dispatch_attention_fn
 
     class Boom(Exception):
         pass
 
     with pytest.raises(Boom), torch.no_grad(), i2am.trace(model, num_steps=2) as tc:
         model(**inputs)
-        assert all(isinstance(p, I2AMFluxAttnProcessor) for p in model.attn_processors.values())
+        assert transformer_flux.dispatch_attention_fn is not dispatch
+        assert set(hooks(model)) == {"", *LAYERS}  # the step hook, and each traced layer's
+        assert all(model.attn_processors[n] is p for n, p in before.items())
         raise Boom
     assert all(model.attn_processors[n] is p for n, p in before.items())
-    assert not model._forward_pre_hooks
+    assert transformer_flux.dispatch_attention_fn is dispatch
+    assert hooks(model) == {}
     assert tc.maps().layers  # what was recorded before the exception stays readable
+
+    def raising(*args, **kwargs):
+        raise Boom
+
+    # an exception inside a traced layer: the running-layer mark is cleared with the rest
+    with pytest.raises(Boom), torch.no_grad(), i2am.trace(model, num_steps=2):
+        model.transformer_blocks[0].attn.to_out[0].register_forward_hook(raising)
+        model(**inputs)
+    model.transformer_blocks[0].attn.to_out[0]._forward_hooks.clear()
+    assert dit._LAYER.get() is None and transformer_flux.dispatch_attention_fn is dispatch
+    assert hooks(model) == {} and not dit._BOUND
+
+
+def test_two_traced_transformers_share_the_stand_in():
+    """Nested traces of two models bind the stand-in once; the original is back after the last."""
+    (a, inputs), b = (tf.transformer(), tf.kontext_inputs(batch=1)), tf.transformer()
+    dispatch = transformer_flux.dispatch_attention_fn
+    with torch.no_grad(), i2am.trace(a, num_steps=1) as ta:
+        with i2am.trace(b, num_steps=1) as tb:
+            b(**inputs)
+        assert transformer_flux.dispatch_attention_fn is not dispatch
+        a(**inputs)
+    assert transformer_flux.dispatch_attention_fn is dispatch and not dit._BOUND
+    assert set(ta.maps().layers) == set(tb.maps().layers) == set(LAYERS)
 
 
 def test_inputs_without_reference_tokens_are_a_clear_error():

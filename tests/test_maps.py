@@ -64,7 +64,7 @@ def _layers(names):
 @pytest.mark.parametrize("layers", [None, "*.attn2", ["down*", "mid*"], [(4, 3)]])
 def test_generated_and_reference_match_oracle(run, by, layers):
     convention, maps, oracle = run
-    names = maps.select(layers)
+    names = maps._select(layers)
     if by == "head" and len({LAYERS[n][1] for n in names}) > 1:
         with pytest.raises(ValueError, match="by='head' needs layers with one head count"):
             maps.generated(by=by, layers=layers)
@@ -101,6 +101,23 @@ def test_shapes_and_single_image():
     assert maps.specific_reference((6, 5)).shape == REF_GRID
     for m in (maps.generated(), maps.reference(masked=True), maps.specific_generated((0, 3))):
         assert m.min() == 0 and m.max() == 1
+
+
+def test_map_methods_take_by_layers_normalize_as_keywords_in_one_order():
+    import inspect
+
+    rec, _ = record_run(branch=[1], B=2)
+    maps = rec.maps()
+    for method in (maps.generated, maps.reference, maps.specific_generated, maps.specific_reference):
+        params = inspect.signature(method).parameters
+        keywords = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY]
+        assert keywords[:3] == ["by", "layers", "normalize"], method.__name__
+        assert all(p.kind is p.KEYWORD_ONLY for n, p in params.items() if n not in ("patch", "point_or_box"))
+    with pytest.raises(TypeError):
+        maps.generated("time")
+    with pytest.raises(TypeError):
+        maps.specific_reference((6, 5), "time")
+    assert not any(hasattr(maps, name) for name in ("key_row", "per_key_rows", "select"))
 
 
 @pytest.mark.parametrize("branch,B,cfg,want", [("cond", 4, None, [2, 3]), ("uncond", 4, None, [0, 1]),

@@ -253,7 +253,7 @@ def test_layers_select_by_name_and_resolution():
     with i2am.trace(model.pipe, ref_grid=model.ref_grid, layers=["up_blocks.*", (4, 6)]) as tc:
         out = model.run()
     torch.testing.assert_close(out, untraced, rtol=1e-4, atol=1e-4)
-    names = tc.maps().select()
+    names = tc.maps()._select()
     assert names and all(n.startswith("up_blocks.") or tc.maps().layers[n]["gen"].shape[-2:] == (4, 6) for n in names)
     assert "down_blocks.0.attentions.0.transformer_blocks.0.attn2" not in names
 

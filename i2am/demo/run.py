@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..report import write_report
-from ..tracing import trace
+from ..generation import run_traced
 from . import data, model
 
 STEPS, GUIDANCE, TIME_GROUPS, POINTS, SEED = 50, 2.0, 5, 8, 0
@@ -43,23 +42,27 @@ def best_single_patch(true_patches, grid):
     return max(sum(near((i, j), t) for t in truths) for i in range(grid[0]) for j in range(grid[1])) / len(truths)
 
 
-def analyse(pipe, ex, b, backend, steps=STEPS, protocol="paper"):
-    """One traced generation of example b: (maps under `protocol`, generated image, accuracy,
-    baseline accuracy). The trace records under "official", whose buffers also hold everything
-    "paper" reads, so that the report can give both protocols' scores of one run."""
-    fold = pipe.config.fold
-    mask = ex["mask"][b, 0]
+def analyse(pipe, example, *, seed, steps=STEPS, backend="auto", protocol="paper", traced_as="official"):
+    """One traced generation of an example, a batch of one: reference (1, 3, R, R), masked
+    (1, 3, T, T), mask (1, 1, T, T) and warp (1, ...) -> i2am.generation.Generation with the maps
+    read under `protocol`, the image and the scores {"correspondence_accuracy",
+    "correspondence_best_single_patch"}. It traces under `traced_as`: "official" buffers also
+    hold everything "paper" reads, so that a report can give both protocols' scores of one run."""
+    fold, encoder, mask = pipe.config.fold, pipe.reference_encoder, example["mask"][0, 0]
     latent = (mask.shape[0] // fold, mask.shape[1] // fold)
     points = data.probe_points(mask, POINTS, grid=latent)
-    encoder = pipe.reference_encoder
     patch = encoder.config.image_size // encoder.grid[0]
-    truth = data.true_patch(ex["warp"][b:b + 1], points[None], patch, latent_scale=fold)[0]
-    with trace(pipe.unet, ref_grid=encoder.grid, num_steps=steps, time_groups=min(TIME_GROUPS, steps), mask=mask,
-               points=[tuple(p) for p in points.tolist()], protocol="official", backend=backend) as tc:
-        image = pipe(ex["reference"][b:b + 1], ex["masked"][b:b + 1], ex["mask"][b:b + 1], num_inference_steps=steps,
-                     guidance_scale=GUIDANCE, generator=torch.Generator().manual_seed(SEED + b))
-    maps = tc.maps().with_protocol(protocol)
-    return maps, image[0].cpu(), correspondence(maps, points, truth), best_single_patch(truth, encoder.grid)
+    truth = data.true_patch(example["warp"], points[None], patch, latent_scale=fold)[0]
+    call = dict(reference=example["reference"], masked=example["masked"], mask=example["mask"],
+                num_inference_steps=steps, guidance_scale=GUIDANCE)
+    gen = run_traced(pipe, call, seed=seed, target=pipe.unet, ref_grid=encoder.grid, num_steps=steps,
+                     time_groups=min(TIME_GROUPS, steps), mask=mask, points=[tuple(p) for p in points.tolist()],
+                     protocol=traced_as, backend=backend)
+    gen.maps = gen.maps.with_protocol(protocol)
+    gen.image = gen.image.cpu()
+    gen.scores = {"correspondence_accuracy": correspondence(gen.maps, points, truth),
+                  "correspondence_best_single_patch": best_single_patch(truth, encoder.grid)}
+    return gen
 
 
 def run_demo(out="i2am-demo", device=None, backend="auto", examples=4, steps=STEPS, protocol="paper",
@@ -82,13 +85,16 @@ def run_demo(out="i2am-demo", device=None, backend="auto", examples=4, steps=STE
     for b in tqdm(range(examples), desc="i2am demo", unit="example", disable=not progress):
         for p, which in ((pipe, "trained"), (randomised, "randomised attn2")):
             p.set_progress_bar_config(disable=not progress, leave=False, desc=f"example {b}, {which}")
-        maps, image, accuracy, baseline = analyse(pipe, ex, b, backend, steps, protocol)
-        _, _, random_accuracy, _ = analyse(randomised, ex, b, backend, steps, protocol)
-        scores = write_report(
-            out / f"example_{b}", maps, image=image, reference=ex["reference"][b], ref_mask=ex["ref_mask"][b, 0],
+        example = {name: ex[name][b:b + 1] for name in ("reference", "masked", "mask", "warp")}
+        options = dict(seed=SEED + b, steps=steps, backend=backend, protocol=protocol)
+        gen, random = analyse(pipe, example, **options), analyse(randomised, example, **options)
+        accuracy, baseline = gen.scores["correspondence_accuracy"], gen.scores["correspondence_best_single_patch"]
+        random_accuracy = random.scores["correspondence_accuracy"]
+        gen.scores = {"correspondence_accuracy": accuracy, "correspondence_accuracy_randomised": random_accuracy,
+                      "correspondence_best_single_patch": baseline}
+        scores = gen.write_report(
+            out / f"example_{b}", reference=ex["reference"][b], ref_mask=ex["ref_mask"][b, 0],
             settings={"steps": steps, "guidance": GUIDANCE, "seed": SEED + b, "backend": backend},
-            extra_scores={"correspondence_accuracy": accuracy, "correspondence_accuracy_randomised": random_accuracy,
-                          "correspondence_best_single_patch": baseline},
             extra_images={"target": ex["target"][b], "masked": ex["masked"][b], "ref_mask": ex["ref_mask"][b, 0]},
             title=f"i2am demo, example {b}", compare_protocols=True)
         summary["examples"].append({**{k: scores[k] for k in keys}, "by_protocol": scores["by_protocol"]})

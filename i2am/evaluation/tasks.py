@@ -1,36 +1,23 @@
 """What an evaluation generates: the traced run of one sample under one protocol.
 
-A task knows its model and samples; `run(sample, protocol)` makes one traced generation and
-returns a Generation. DemoTask is the embedded demo model over its synthetic data (where the
-true correspondence is known); PipelineTask is a diffusers pipeline as `i2am run` loads it.
-Every generation goes through _trace, the one place a protocol reaches i2am.trace.
+A task knows its model and samples; `run(sample, protocol, seed)` makes one traced generation
+and returns an i2am.generation.Generation (image as uint8 (3, H, W), maps, ref_mask, scores).
+DemoTask is the embedded demo model over its synthetic data (where the true correspondence is
+known), generated as `i2am demo` does (i2am.demo.run.analyse); PipelineTask is a diffusers
+pipeline as `i2am run` loads it, generated as `i2am run` does (i2am.generation.run_traced).
 """
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .. import pipelines
+from .. import generation, pipelines
+from ..generation import Generation
 from ..inputs import InputError, as_mask, open_image
-from ..tracing import trace
 from ..viz import to_pil
 from .datasets import Sample
 
 
-@dataclass
-class Generation:
-    image: torch.Tensor  # uint8 (3, H, W), as saved
-    maps: object  # i2am.AttributionMaps
-    ref_mask: torch.Tensor = None  # binary (H, W) on the reference as the model saw it; None: no IMACS_r
-    scores: dict = field(default_factory=dict)  # task-specific per-sample scores (the demo's correspondence)
-
-
-def _trace(target, generate, protocol, **settings):
-    """generate() under i2am.trace(target, protocol=protocol, **settings) -> (its result, the maps)."""
-    with trace(target, protocol=protocol, **settings) as traced:
-        result = generate()
-    return result, traced.maps()
 
 
 def as_uint8(image):
@@ -72,24 +59,11 @@ class DemoTask:
                 for b in range(self.count)]
 
     def run(self, sample, protocol, seed):
-        data, run, pipe = self._data, self._run, self.pipe
-        fold, encoder = pipe.config.fold, pipe.reference_encoder
-        latent = (sample.mask.shape[0] // fold, sample.mask.shape[1] // fold)
-        points = data.probe_points(sample.mask, run.POINTS, grid=latent)
-        truth = data.true_patch(sample.extra["warp"], points[None], encoder.config.image_size // encoder.grid[0],
-                                latent_scale=fold)[0]
-
-        def generate():
-            return pipe(sample.reference[None], sample.extra["masked"][None], sample.mask[None, None],
-                        num_inference_steps=self.steps, guidance_scale=run.GUIDANCE,
-                        generator=torch.Generator().manual_seed(seed))[0]
-
-        image, maps = _trace(pipe.unet, generate, protocol, ref_grid=encoder.grid, num_steps=self.steps,
-                             time_groups=min(run.TIME_GROUPS, self.steps), mask=sample.mask,
-                             points=[tuple(p) for p in points.tolist()], backend=self.backend)
-        scores = {"correspondence_accuracy": run.correspondence(maps, points, truth),
-                  "correspondence_best_single_patch": run.best_single_patch(truth, encoder.grid)}
-        return Generation(as_uint8(image.cpu()), maps, as_mask(sample.ref_mask).float(), scores)
+        example = {"reference": sample.reference[None], "masked": sample.extra["masked"][None],
+                   "mask": sample.mask[None, None], "warp": sample.extra["warp"]}
+        gen = self._run.analyse(self.pipe, example, seed=seed, steps=self.steps, backend=self.backend,
+                                protocol=protocol, traced_as=protocol)
+        return Generation(as_uint8(gen.image), gen.maps, seed, as_mask(sample.ref_mask).float(), gen.scores)
 
 
 class PipelineTask:
@@ -119,10 +93,8 @@ class PipelineTask:
         except InputError as err:
             raise InputError(f"sample {sample.id}: {err}") from err
 
-        def generate():
-            return pipe(**x.call, num_inference_steps=self.steps, guidance_scale=self.guidance,
-                        generator=torch.Generator("cpu").manual_seed(seed)).images[0]
-
-        generated, maps = _trace(pipe, generate, protocol, ref_grid=x.ref_grid, time_groups=self.time_groups,
-                                 mask=x.mask, convention=self.convention, backend=self.backend)
-        return Generation(as_uint8(generated), maps, x.ref_mask)
+        call = dict(**x.call, num_inference_steps=self.steps, guidance_scale=self.guidance)
+        gen = generation.run_traced(pipe, call, seed=seed, ref_grid=x.ref_grid, time_groups=self.time_groups,
+                                    mask=x.mask, convention=self.convention, protocol=protocol, backend=self.backend)
+        gen.image, gen.ref_mask = as_uint8(gen.image), x.ref_mask
+        return gen

@@ -1,35 +1,30 @@
-"""Model families i2am.trace knows, one module per family.
+"""Model families i2am.trace knows: one module per family, one row per family in FAMILIES.
 
-Each module finds a denoiser's attention layers, stands in for their processors (the same
-output; the attention that carries the reference goes through the trace's ``attend``, which
-streams the maps) and reads what the family's inputs say (latent size, token ranges). It
-exposes:
+A family is a class (i2am.integrations.base.Family) whose instance stands in on one
+denoiser's attention layers for the length of a trace, owns that change and its undo, and reads
+what each denoiser call's inputs say (latent size, timestep, token layout). UNets stand in with
+processor copies (i2am.integrations.unet); every DiT stands in at diffusers'
+dispatch_attention_fn (i2am.integrations.dit), so a DiT family says only where its generated
+rows and reference keys are.
 
-    matches(obj) -> bool                 whether obj is a pipeline or denoiser of the family
-    split(obj) -> (pipe or None, denoiser)
-    attention_layers(denoiser) -> {name: attention module}, the layers that can be recorded
-    install(tc, layers)                  swap processors; append their undo to tc._undo
-    read_inputs(tc, args, kwargs)        one denoiser call: set latent size (and grids); returns
-                                         whether the call is a new step (Flux true CFG: not its
-                                         negative pass)
-    timestep(args, kwargs)               its timestep in pipe.scheduler.timesteps' units
-    CFG_BATCH                            whether the pipelines batch [uncond, cond]
-    NEEDS_REF_GRID                       whether ref_grid must be given (else the inputs say it)
-    PROTOCOLS                            the protocols (i2am.protocols) defined for the family
-
-A new family (SD3, Qwen-Image-Edit) is one new module listed in FAMILIES.
+A new family (SD3, Qwen-Image-Edit, FLUX.2) is one new module and one row below; nothing in
+the trace, the recording or the CLI changes.
 """
 import importlib
 
-FAMILIES = ("flux", "unet")  # tried in this order; unet last: it takes any module with attn2 layers
+# module -> family class, tried in this order; the UNet family last: it takes any module with attn2 layers
+FAMILIES = {
+    "flux": "FluxFamily",
+    "unet": "UNetFamily",
+}
 
 
 def family(obj):
-    """The integration module for a pipeline or denoiser."""
-    for name in FAMILIES:
-        module = importlib.import_module(f"{__name__}.{name}")
-        if module.matches(obj):
-            return module
+    """The family class (not yet instantiated) of a pipeline or denoiser."""
+    for module, name in FAMILIES.items():
+        cls = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+        if cls.matches(obj):
+            return cls
     transformer = getattr(obj, "transformer", None)
     if transformer is not None:
         raise ValueError(f"{type(obj).__name__} has a {type(transformer).__name__} transformer denoiser; i2am.trace "

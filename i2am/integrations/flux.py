@@ -9,94 +9,71 @@ column). So at every transformer call the generated rows (the maps' queries), th
 keys and both grids are read from img_ids: the latent grid is the packed token grid (H/16,
 W/16). FLUX.1 [dev] and Kontext are guidance-distilled: no [uncond, cond] batch.
 
-The processor does the math of diffusers' ``FluxAttnProcessor`` (projections, head split,
-RMS norms, text/image concatenation, RoPE, attention, output projections); only the attention
-goes through the trace's ``attend``, with query_rows and ref_keys of the joint sequence.
+``FluxAttnProcessor`` runs unchanged; its dispatched attention is recorded (i2am.integrations.dit).
 """
 import inspect
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import (FluxAttention, FluxAttnProcessor,
-                                                            FluxTransformer2DModel, _get_qkv_projections)
+                                                            FluxTransformer2DModel)
 
-CFG_BATCH = False
-NEEDS_REF_GRID = False
-PROTOCOLS = ("paper",)  # the official protocol reproduces the authors' UNet code
+from .dit import DiTFamily, TokenLayout
+
 GENERATED, REFERENCE = 0, 1  # img_ids[:, 0] of FLUX.1 Kontext's generated and reference tokens
-
-
-@dataclass(frozen=True)
-class TokenLayout:
-    """Where the generated and reference tokens sit in one call's joint sequence [text, image]."""
-    text: int           # text tokens, first in the joint sequence
-    image: int          # image tokens after them (generated and reference)
-    rows: slice         # the generated tokens: the maps' queries
-    ref_keys: slice     # the reference tokens
-    grid: tuple         # (h, w) of the generated tokens, row-major
-    ref_grid: tuple     # (hI, wI) of the reference tokens
-
-
-def matches(obj):
-    return isinstance(obj, FluxTransformer2DModel) or isinstance(getattr(obj, "transformer", None),
-                                                                 FluxTransformer2DModel)
-
-
-def split(obj):
-    return (None, obj) if isinstance(obj, FluxTransformer2DModel) else (obj, obj.transformer)
-
-
-def attention_layers(transformer):
-    """{name: FluxAttention}: every joint attention, double- and single-stream blocks."""
-    return {n: m for n, m in transformer.named_modules() if isinstance(m, FluxAttention)}
-
-
-def install(tc, layers):
-    for name, module in layers.items():  # check them all before changing any
-        if type(module.processor) is not FluxAttnProcessor:  # exact: a subclass may change the math
-            raise ValueError(f"layer {name!r} runs {type(module.processor).__name__}; i2am.trace stands in for "
-                             "FluxAttnProcessor only (IP-Adapter and fused or custom processors are not traced)")
-    for name, module in layers.items():
-        original = module.processor
-        module.set_processor(I2AMFluxAttnProcessor(tc, name))
-        tc._undo.append(lambda m=module, p=original: m.set_processor(p))
-
-
 _FORWARD = inspect.signature(FluxTransformer2DModel.forward)
+
+
+class FluxFamily(DiTFamily):
+    PROTOCOLS = ("paper",)  # the official protocol reproduces the authors' UNet code
+    PROCESSORS = (FluxAttnProcessor,)
+
+    def __init__(self, denoiser):
+        super().__init__(denoiser)
+        self._last_timestep = None
+
+    @classmethod
+    def matches(cls, obj):
+        return isinstance(obj, FluxTransformer2DModel) or isinstance(getattr(obj, "transformer", None),
+                                                                     FluxTransformer2DModel)
+
+    @classmethod
+    def split(cls, obj):
+        return (None, obj) if isinstance(obj, FluxTransformer2DModel) else (obj, obj.transformer)
+
+    def attention_layers(self):
+        """{name: FluxAttention}: every joint attention, double- and single-stream blocks."""
+        return {n: m for n, m in self.denoiser.named_modules() if isinstance(m, FluxAttention)}
+
+    def timestep(self, args, kwargs):
+        """The pipelines pass timestep / 1000 (the transformer multiplies it back)."""
+        t = _inputs(args, kwargs).get("timestep")
+        return None if t is None else torch.as_tensor(t).double() * 1000
+
+    def read_inputs(self, args, kwargs):
+        """The call's token layout from its img_ids and text length; sets the latent size and the
+        reference grid (both fixed for the trace). A second call at the same timestep is true
+        CFG's negative-prompt pass (FluxKontextPipeline with true_cfg_scale > 1): not a new step,
+        and not recorded (branch="cond")."""
+        inputs = _inputs(args, kwargs)
+        t = self.timestep(args, kwargs)
+        t = None if t is None else t.flatten()[:1].cpu()
+        last, self._last_timestep = self._last_timestep, t
+        negative = t is not None and last is not None and torch.equal(t, last)
+        branch = self.recording.recorder.branch
+        if negative and branch != "cond":
+            raise ValueError(f"two transformer calls in a row at timestep {t.item():g}: true CFG's negative-prompt "
+                             f"pass (true_cfg_scale > 1); i2am records the cond pass of true CFG only (branch='cond'), "
+                             f"got branch={branch!r}")
+        self.plain = negative
+        self.layout = token_layout(inputs.get("img_ids"), inputs.get("encoder_hidden_states"),
+                                   inputs.get("hidden_states"))
+        self.recording.recorder.set_latent_size(self.layout.grid)
+        self.recording.recorder.set_ref_grid(self.layout.ref_grid)
+        return not negative
 
 
 def _inputs(args, kwargs):
     return _FORWARD.bind_partial(None, *args, **kwargs).arguments  # None: self
-
-
-def timestep(args, kwargs):
-    """The pipelines pass timestep / 1000 (the transformer multiplies it back)."""
-    t = _inputs(args, kwargs).get("timestep")
-    return None if t is None else torch.as_tensor(t).double() * 1000
-
-
-def read_inputs(tc, args, kwargs):
-    """The call's token layout from its img_ids and text length; sets the latent size and the
-    reference grid (both fixed for the trace). A second call at the same timestep is true CFG's
-    negative-prompt pass (FluxKontextPipeline with true_cfg_scale > 1): not a new step, and not
-    recorded (branch="cond"). Returns whether the call is a new step."""
-    inputs = _inputs(args, kwargs)
-    t = timestep(args, kwargs)
-    t = None if t is None else t.flatten()[:1].cpu()
-    last, tc._flux_timestep = getattr(tc, "_flux_timestep", None), t
-    negative = t is not None and last is not None and torch.equal(t, last)
-    if negative and tc.recorder.branch != "cond":
-        raise ValueError(f"two transformer calls in a row at timestep {t.item():g}: true CFG's negative-prompt "
-                         f"pass (true_cfg_scale > 1); i2am records the cond pass of true CFG only (branch='cond'), "
-                         f"got branch={tc.recorder.branch!r}")
-    tc.flux_negative_pass = negative
-    layout = token_layout(inputs.get("img_ids"), inputs.get("encoder_hidden_states"), inputs.get("hidden_states"))
-    tc.recorder.set_latent_size(layout.grid)
-    tc.recorder.set_ref_grid(layout.ref_grid)
-    tc.token_layout = layout
-    return not negative
 
 
 def token_layout(img_ids, encoder_hidden_states, hidden_states):
@@ -137,51 +114,6 @@ def _grid(rc, what):
     if rc.shape[0] != h * w or not torch.equal(rc, want):
         raise ValueError(f"the {what} tokens' (row, col) ids do not form a row-major grid")
     return h, w
-
-
-class I2AMFluxAttnProcessor:
-    """FluxAttnProcessor whose joint attention is recorded as layer `layer` of the trace `tc`."""
-
-    def __init__(self, tc, layer):
-        self.tc, self.layer = tc, layer
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 image_rotary_emb=None):
-        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states)
-        query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        if attn.added_kv_proj_dim is not None:  # double-stream: [text, image]
-            encoder_query, encoder_key, encoder_value = (
-                t.unflatten(-1, (-1, attn.head_dim)) for t in (encoder_query, encoder_key, encoder_value))
-            encoder_query, encoder_key = attn.norm_added_q(encoder_query), attn.norm_added_k(encoder_key)
-            query = torch.cat([encoder_query, query], dim=1)
-            key = torch.cat([encoder_key, key], dim=1)
-            value = torch.cat([encoder_value, value], dim=1)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-
-        layout = getattr(self.tc, "token_layout", None)
-        if layout is None or query.shape[1] != layout.text + layout.image:
-            raise ValueError(f"layer {self.layer!r}: a joint sequence of {query.shape[1]} tokens, not the "
-                             f"{layout.text if layout else '?'} text + {layout.image if layout else '?'} image "
-                             "tokens of this transformer call; call the traced transformer itself")
-        q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, heads, N, head_dim) views
-        if self.tc.flux_negative_pass:  # true CFG's negative prompt: plain attention
-            hidden_states = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
-        else:
-            hidden_states = self.tc.attend(self.layer, q, k, v, attn_mask=attention_mask, grid=layout.grid,
-                                           query_rows=layout.rows, ref_keys=layout.ref_keys)
-        hidden_states = hidden_states.transpose(1, 2).flatten(2, 3).to(query.dtype)
-
-        if encoder_hidden_states is not None:
-            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1)
-            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
-            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
-            return hidden_states, encoder_hidden_states
-        return hidden_states
 
 
 # ---- the `i2am run --pipeline flux-kontext` model -------------------------------------------------

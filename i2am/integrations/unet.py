@@ -4,7 +4,9 @@ The processors do the math of diffusers' ``AttnProcessor2_0`` and ``IPAdapterAtt
 step by step (spatial/group norm, projections, head split, attention, output projection,
 residual, rescale); only the attention that carries the reference image goes through
 ``recording.attend``, which returns the same output as SDPA and adds the call's maps to the
-buffers. The latent size is read from the UNet's input sample. See i2am.integrations.
+buffers. The latent size is read from the UNet's input sample. These processors call SDPA
+directly (not diffusers' dispatch_attention_fn, where the DiT families stand in), and the
+IP-Adapter one splits text and image attention, so the UNet family keeps processor copies.
 """
 import torch.nn.functional as F
 from diffusers.models.attention_processor import (Attention, AttnProcessor, AttnProcessor2_0,
@@ -13,56 +15,59 @@ from torch import nn
 
 from ..recording import latent_size_of
 
+from .base import Family
+
 PLAIN = (AttnProcessor, AttnProcessor2_0)            # same math: scaled dot-product attention
 IP_ADAPTER = (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0)
-CFG_BATCH = True
-NEEDS_REF_GRID = True
-PROTOCOLS = ("paper", "official")
 
 
-def matches(obj):
-    return isinstance(getattr(obj, "unet", None), nn.Module) or isinstance(obj, nn.Module)
+class UNetFamily(Family):
+    CFG_BATCH = True
+    NEEDS_REF_GRID = True
+    PROTOCOLS = ("paper", "official")
 
+    @classmethod
+    def matches(cls, obj):
+        return isinstance(getattr(obj, "unet", None), nn.Module) or isinstance(obj, nn.Module)
 
-def split(obj):
-    """(pipeline or None, its UNet) from a pipeline or a bare denoiser."""
-    unet = getattr(obj, "unet", None)
-    return (obj, unet) if isinstance(unet, nn.Module) else (None, obj)
+    @classmethod
+    def split(cls, obj):
+        unet = getattr(obj, "unet", None)
+        return (obj, unet) if isinstance(unet, nn.Module) else (None, obj)
 
+    def attention_layers(self):
+        """{name: Attention} of the UNet's attn2 layers; an error when there are none."""
+        layers = {n: m for n, m in self.denoiser.named_modules()
+                  if n.rsplit(".", 1)[-1] == "attn2" and isinstance(m, Attention) and m.is_cross_attention}
+        if not layers:
+            raise ValueError(f"no cross-attention layers (attn2 Attention modules) found in "
+                             f"{type(self.denoiser).__name__}; i2am.trace supports diffusers UNets such as "
+                             "UNet2DConditionModel")
+        return layers
 
-def attention_layers(unet):
-    """{name: Attention} of the UNet's attn2 layers; an error when there are none."""
-    layers = {n: m for n, m in unet.named_modules()
-              if n.rsplit(".", 1)[-1] == "attn2" and isinstance(m, Attention) and m.is_cross_attention}
-    if not layers:
-        raise ValueError(f"no cross-attention layers (attn2 Attention modules) found in {type(unet).__name__}; "
-                         "i2am.trace supports diffusers UNets such as UNet2DConditionModel")
-    return layers
+    def install(self, recording, layers):
+        """i2am processors on every given attn2 layer, recording into `recording`."""
+        for name, module in layers.items():  # check them all before changing any
+            if type(module.processor) not in PLAIN + IP_ADAPTER:  # exact: a subclass may change the math
+                raise ValueError(f"layer {name!r} runs {type(module.processor).__name__}; i2am.trace stands in "
+                                 f"for {', '.join(c.__name__ for c in PLAIN + IP_ADAPTER)} only (call "
+                                 "unet.set_default_attn_processor() first, or instrument the code with "
+                                 "i2am.attention)")
+        self.recording = recording
+        for name, module in layers.items():
+            original = module.processor
+            if isinstance(original, IP_ADAPTER):
+                module.set_processor(I2AMIPAdapterAttnProcessor(original, recording, name))
+            else:
+                module.set_processor(I2AMAttnProcessor(recording, name))
+            self._undo.append(lambda m=module, p=original: m.set_processor(p))
 
+    def read_inputs(self, args, kwargs):
+        self.recording.recorder.set_latent_size(latent_size_of(args, kwargs))
+        return True
 
-def install(tc, layers):
-    """i2am processors on every attn2 layer, recording into tc; the originals back on tc's exit."""
-    for name, module in layers.items():  # check them all before changing any
-        if type(module.processor) not in PLAIN + IP_ADAPTER:  # exact: a subclass may change the math
-            raise ValueError(f"layer {name!r} runs {type(module.processor).__name__}; i2am.trace stands in "
-                             f"for {', '.join(c.__name__ for c in PLAIN + IP_ADAPTER)} only (call "
-                             "unet.set_default_attn_processor() first, or instrument the code with i2am.attention)")
-    for name, module in layers.items():
-        original = module.processor
-        if isinstance(original, IP_ADAPTER):
-            module.set_processor(I2AMIPAdapterAttnProcessor(original, tc, name))
-        else:
-            module.set_processor(I2AMAttnProcessor(tc, name))
-        tc._undo.append(lambda m=module, p=original: m.set_processor(p))
-
-
-def read_inputs(tc, args, kwargs):
-    tc.recorder.set_latent_size(latent_size_of(args, kwargs))
-    return True
-
-
-def timestep(args, kwargs):
-    return kwargs.get("timestep", args[1] if len(args) > 1 else None)
+    def timestep(self, args, kwargs):
+        return kwargs.get("timestep", args[1] if len(args) > 1 else None)
 
 
 def cross_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb, attend, qk_norm=True):

@@ -1,0 +1,136 @@
+"""How i2am stands in for the attention of every DiT family: at diffusers' dispatch_attention_fn.
+
+In diffusers 0.4x every DiT attention processor (Flux, FLUX.2, Qwen-Image, Wan, ...) computes
+its q, k and v (projections, norms, RoPE, text/image concatenation) and then calls
+``dispatch_attention_fn(query, key, value, ...)`` with (B, N, heads, d) tensors, a name it
+imports into its own module. During a trace that name is bound to a stand-in, and a forward
+pre-hook on each traced attention module says which layer is calling; the stand-in sends the
+call to the family's ``attend``, which hands it to the trace with the family's reading of the
+token layout (which rows are the generated grid, which keys the reference). Calls outside a
+traced layer (or from another model) go to the original function.
+
+Why there and not in copies of the processors (the UNet family copies AttnProcessor2_0, which
+calls SDPA directly): a processor copy repeats the processor's math line for line and must be
+kept in step with every diffusers release and written again for every new DiT; at the dispatch
+point the processor's own code runs untouched and a family says only where the generated rows
+and the reference keys are. So a new DiT family (Qwen-Image-Edit-Plus, FLUX.2, in-context
+editors whose reference sits beside the generated image) is a DiTFamily subclass with:
+
+    PROCESSORS            the processor classes it accepts (each calls dispatch_attention_fn
+                          once per layer call with the layer's whole joint sequence)
+    matches / split / attention_layers
+    read_inputs(args, kwargs)   sets self.layout (a TokenLayout or anything with its fields)
+                          from the transformer call, and the recording's latent size and grids
+    timestep(args, kwargs)
+
+and, when some calls are not to be recorded (true CFG's negative pass), ``self.plain = True``.
+The stand-in is bound while any trace uses it (counted per module) and the original is back
+when the last one leaves.
+"""
+import contextvars
+import inspect
+import sys
+from dataclasses import dataclass
+
+from .base import Family
+
+_LAYER = contextvars.ContextVar("i2am_dit_layer", default=None)  # (family, layer name) running now
+_BOUND = {}  # processor module -> [the original dispatch_attention_fn, traces using the stand-in]
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where the generated and reference tokens sit in one call's joint sequence [text, image]."""
+    text: int           # text tokens, first in the joint sequence
+    image: int          # image tokens after them (generated and reference)
+    rows: slice         # the generated tokens: the maps' queries
+    ref_keys: slice     # the reference tokens
+    grid: tuple         # (h, w) of the generated tokens, row-major
+    ref_grid: tuple     # (hI, wI) of the reference tokens
+
+    @property
+    def length(self):
+        return self.text + self.image
+
+
+class DiTFamily(Family):
+    CFG_BATCH = False        # DiT editors are guidance-distilled or run true CFG as separate calls
+    NEEDS_REF_GRID = False   # the token layout says it
+    PROCESSORS = ()
+
+    def __init__(self, denoiser):
+        super().__init__(denoiser)
+        self.layout = None   # the last transformer call's TokenLayout
+        self.plain = False   # the last call is not recorded (its attention runs as the model's own)
+        self._running = []   # contextvar tokens of the layers running now
+
+    def install(self, recording, layers):
+        for name, module in layers.items():  # check them all before changing any
+            if type(module.processor) not in self.PROCESSORS:  # exact: a subclass may change the math
+                raise ValueError(f"layer {name!r} runs {type(module.processor).__name__}; i2am.trace stands in for "
+                                 f"{', '.join(c.__name__ for c in self.PROCESSORS)} only (IP-Adapter and fused "
+                                 "or custom processors are not traced)")
+        self.recording = recording
+        for module in dict.fromkeys(sys.modules[p.__module__] for p in self.PROCESSORS):
+            self._undo.append(_bind(module))
+        for name, module in layers.items():
+            entered = module.register_forward_pre_hook(lambda m, a, n=name: self._running.append(_LAYER.set((self, n))))
+            left = module.register_forward_hook(lambda m, a, o: _LAYER.reset(self._running.pop()), always_call=True)
+            self._undo += [entered.remove, left.remove]
+
+    def attend(self, layer, query, key, value, attn_mask, scale, plain):
+        """One dispatched attention of `layer`, (B, N, heads, d) tensors; plain() is the
+        model's own call."""
+        layout = self.layout
+        if layout is None or query.shape[1] != layout.length:
+            raise ValueError(f"layer {layer!r}: a joint sequence of {query.shape[1]} tokens, not the "
+                             f"{layout.text if layout else '?'} text + {layout.image if layout else '?'} image "
+                             "tokens of this transformer call; call the traced transformer itself")
+        if self.plain:
+            return plain()
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, heads, N, d) views
+        out = self.recording.attend(layer, q, k, v, scale=scale, attn_mask=attn_mask, grid=layout.grid,
+                                    query_rows=layout.rows, ref_keys=layout.ref_keys)
+        return out.transpose(1, 2)
+
+
+def _bind(module):
+    """Bind module.dispatch_attention_fn to the stand-in (once for all traces); returns the undo."""
+    entry = _BOUND.get(module)
+    if entry is None:
+        original = getattr(module, "dispatch_attention_fn", None)
+        if original is None:
+            raise ValueError(f"{module.__name__} does not call dispatch_attention_fn; i2am stands in for DiT "
+                             "attention there")
+        entry = _BOUND[module] = [original, 0]
+        module.dispatch_attention_fn = _stand_in(original)
+    entry[1] += 1
+
+    def undo():
+        entry[1] -= 1
+        if entry[1] == 0:
+            module.dispatch_attention_fn = entry[0]
+            del _BOUND[module]
+    return undo
+
+
+def _stand_in(original):
+    signature = inspect.signature(original)
+
+    def dispatch_attention_fn(*args, **kwargs):
+        running = _LAYER.get()
+        if running is None:
+            return original(*args, **kwargs)
+        family, layer = running
+        call = signature.bind(*args, **kwargs)
+        call.apply_defaults()
+        a = call.arguments
+        unusual = {n: a[n] for n in ("dropout_p", "is_causal", "enable_gqa", "parallel_config") if a.get(n)}
+        if unusual:
+            raise ValueError(f"layer {layer!r} dispatches attention with {unusual}; i2am records plain softmax "
+                             "attention on one device: leave this layer out with layers=")
+        return family.attend(layer, a["query"], a["key"], a["value"], a["attn_mask"], a["scale"],
+                             lambda: original(*args, **kwargs))
+
+    dispatch_attention_fn.__wrapped__ = original
+    return dispatch_attention_fn
