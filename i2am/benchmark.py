@@ -6,7 +6,11 @@ points) for each available backend, once through attention_with_maps and once on
 path a recorder takes (a kept MapsCall adding into kept buffers), the naive path (materialise
 fp32 probabilities, softmax over both axes, reduce) and a chunked capture in the style of
 attention-map capture tools (1024 queries a chunk, fp32 probabilities over keys, reduced per
-chunk). The columns are interleaved rep by rep (one call of each, in a rotating order), so that
+chunk) and the peer a capable user would write: the maps from three fused attention calls that
+return the log-sum-exp (kernels.composition; checked against the float64 reference before it is
+timed). Besides the UNet cross-attention shapes, DiT joint-attention shapes (FLUX.1 Kontext and
+Qwen-Image-Edit-Plus token layouts, maps on the generated rows and the reference keys) take the
+columns that stand for the analysis: SDPA, i2am with maps, the composition. The columns are interleaved rep by rep (one call of each, in a rotating order), so that
 a disturbance of the machine hits them alike; each reports min, median and spread, GPU calls
 timed with CUDA events.
 """
@@ -23,13 +27,24 @@ import torch
 import torch.nn.functional as F
 
 from .kernels import attention_with_maps, backend_module, prepare, triton_available
+from .kernels.composition import three_call_maps
+from .kernels.testing import call_maps
 
 # (label, Nq, Nk, d, H): SD1.5- and SDXL-like cross-attention layers, 64x64 to 256x256 latents
 GPU_SHAPES = [(f"{s}x{s} d{d} Nk{nk}", s * s, nk, d, h)
               for s in (32, 64, 128, 256) for nk in (77, 257, 1025) for d, h in ((40, 8), (64, 8), (80, 8), (128, 8))]
 CPU_SHAPES = [("16x16 d40 Nk77", 256, 77, 40, 8), ("32x32 d40 Nk257", 1024, 257, 40, 8),
-              ("64x64 d64 Nk77", 4096, 77, 64, 8)]
+              ("64x64 d64 Nk77", 4096, 77, 64, 8), ("64x64 d64 Nk257", 4096, 257, 64, 8)]
 QUICK_CPU_SHAPES = CPU_SHAPES[:2]
+# (label, text, generated, (reference, ...), d, H): DiT joint attention, every token a query and a
+# key, one entry (guidance-distilled); the maps on the generated rows and all reference keys
+JOINT_SHAPES = [(f"{name} {t}+{g}+{'+'.join(map(str, refs))}", t, g, refs, 128, 24)
+                for t, g in ((256, 1024), (512, 2048))
+                for name, refs in (("Kontext", (g,)), ("Qwen-Edit-Plus", (g, g)))]
+JOINT_COLUMNS = ("sdpa", "i2am-torch maps", "composition")
+# a map against the float64 reference: rtol, and atol as a fraction of the map's largest value
+MAP_TOL = {torch.float32: (1e-4, 1e-5), torch.float16: (1e-2, 1e-3), torch.bfloat16: (3e-2, 1e-2)}
+CHECK_BYTES = 2**28  # the reference checks as many heads as keep one float64 score tensor within this
 
 
 @dataclass
@@ -80,20 +95,43 @@ def chunked_capture(q, k, v, scale, ref_idx, rec, kp, qp, chunk=1024):
     return out, gen, ref
 
 
+def composition(q, k, v, scale, ref_idx, rec, kp, qp, rows=None):
+    """The default maps from three fused attention calls that return the log-sum-exp."""
+    return three_call_maps(q, k, v, scale=scale, ref_idx=ref_idx, record_idx=torch.as_tensor(rec, device=q.device),
+                           key_probes=kp, query_probes=qp, query_rows=rows)
+
+
+def check_composition(q, k, v, scale, ref_idx, rec, kp, qp, rows=None):
+    """Every map of the composition against the float64 reference (kernels.testing), on the
+    first heads (maps are per head): as many as CHECK_BYTES allows. Raises AssertionError."""
+    heads = slice(0, max(1, CHECK_BYTES // (8 * q.shape[2] * k.shape[2])))
+    q, k, v = q[:, heads], k[:, heads], v[:, heads]
+    rec = torch.as_tensor(rec, device=q.device)
+    _, got = composition(q, k, v, scale, ref_idx, rec, kp, qp, rows)
+    _, want = call_maps(q, k, v, scale=scale, ref_idx=ref_idx, record_idx=rec, key_probes=kp, query_probes=qp,
+                        query_rows=rows, names=tuple(got))
+    rtol, frac = MAP_TOL[q.dtype]
+    for name, m in got.items():
+        torch.testing.assert_close(m, want[name], rtol=rtol, atol=frac * want[name].abs().max().item(),
+                                   msg=lambda msg, name=name: f"composition {name}: {msg}")
+
+
 def columns(device):
-    """{name: fn(q, k, v, scale, ref_idx, rec, kp, qp)} for everything that runs on device."""
-    cols = {"sdpa": lambda q, k, v, s, *_: F.scaled_dot_product_attention(q, k, v, scale=s)}
+    """{name: fn(q, k, v, scale, ref_idx, rec, kp, qp, rows=None)} for everything that runs on
+    device (rows: the query rows of joint attention; naive and chunked capture take every row)."""
+    cols = {"sdpa": lambda q, k, v, s, *_, rows=None: F.scaled_dot_product_attention(q, k, v, scale=s)}
     backends = ["torch"]
     if triton_available(torch.device(device)) and device == "cuda":
         backends.insert(0, "triton")
     if device == "cuda" and _cuda_backend_loads():
         backends.insert(1, "cuda")
     for be in backends:
-        cols[f"i2am-{be} off"] = lambda q, k, v, s, ri, rec, kp, qp, be=be: attention_with_maps(
+        cols[f"i2am-{be} off"] = lambda q, k, v, s, ri, rec, kp, qp, be=be, rows=None: attention_with_maps(
             q, k, v, scale=s, record=[], backend=be)
-        cols[f"i2am-{be} maps"] = lambda q, k, v, s, ri, rec, kp, qp, be=be: attention_with_maps(
-            q, k, v, scale=s, ref_keys=ri, record=rec, key_probes=kp, query_probes=qp, backend=be)
+        cols[f"i2am-{be} maps"] = lambda q, k, v, s, ri, rec, kp, qp, be=be, rows=None: attention_with_maps(
+            q, k, v, scale=s, ref_keys=ri, query_rows=rows, record=rec, key_probes=kp, query_probes=qp, backend=be)
         cols[f"i2am-{be} maps cached"] = _cached_call(be)
+    cols["composition"] = composition
     cols["naive"] = naive
     cols["chunked capture"] = chunked_capture
     return cols
@@ -202,17 +240,44 @@ def run(shapes, device="cpu", dtype=torch.float16, reps=5, B=2, naive_limit=2**3
         scale, rec = d ** -0.5, [1]
         ref_idx = torch.arange(1 if nk > 1 else 0, nk, device=device)  # a CLS token first
         kp, qp = default_probes(nq, ref_idx.numel(), device)
-        flops = 4 * B * h * nq * nk * d
-        calls = {name: (lambda fn=fn: fn(q, k, v, scale, ref_idx, rec, kp, qp)) for name, fn in cols.items()
+        args = (q, k, v, scale, ref_idx, rec, kp, qp)
+        check_composition(*args)
+        calls = {name: (lambda fn=fn: fn(*args)) for name, fn in cols.items()
                  if name != "naive" or B * h * nq * nk * 4 * 3 <= naive_limit}  # else naive would not fit
-        times = interleaved(calls, device, reps)
-        base_ms = statistics.median(times["sdpa"])
-        for name, fn in calls.items():
-            lo, ms, spread = summary(times[name])
-            rows.append(Row(label, name, nq, nk, d, ms, ms / base_ms, flops / ms / 1e9,
-                            _peak_extra_mib(fn, device), lo, spread))
-            if progress:
-                progress(rows[-1])
+        rows += _timed(label, calls, device, reps, nq, nk, d, 4 * B * h * nq * nk * d, progress)
+    return rows
+
+
+def run_joint(shapes, device="cpu", dtype=torch.float32, reps=3, progress=None):
+    """Measure JOINT_COLUMNS on DiT joint-attention shapes: one entry, recorded, the maps on the
+    generated rows and every reference image's keys."""
+    rows = []
+    cols = columns(device)
+    for label, text, gen, refs, d, h in shapes:
+        n = text + gen + sum(refs)
+        g = torch.Generator(device="cpu").manual_seed(0)
+        q, k, v = (torch.randn(1, h, n, d, generator=g).to(device, dtype) for _ in range(3))
+        ref_idx = torch.arange(text + gen, n, device=device)
+        kp, qp = default_probes(gen, ref_idx.numel(), device)
+        args = (q, k, v, d ** -0.5, ref_idx, [0], kp, qp)
+        check_composition(*args, rows=slice(text, text + gen))
+        calls = {name: (lambda fn=cols[name]: fn(*args, rows=slice(text, text + gen))) for name in JOINT_COLUMNS}
+        rows += _timed(label, calls, device, reps, gen, n, d, 4 * h * n * n * d, progress, memory=False)
+    return rows
+
+
+def _timed(label, calls, device, reps, nq, nk, d, flops, progress, memory=True):
+    """Rows of one shape: every call timed interleaved, the ratio to SDPA's median; peak extra
+    memory when `memory` (NaN when not: a joint layer's is bench/kontext_memory.py's, in a fresh process)."""
+    times = interleaved(calls, device, reps)
+    base_ms = statistics.median(times["sdpa"])
+    rows = []
+    for name, fn in calls.items():
+        lo, ms, spread = summary(times[name])
+        mib = _peak_extra_mib(fn, device) if memory else float("nan")
+        rows.append(Row(label, name, nq, nk, d, ms, ms / base_ms, flops / ms / 1e9, mib, lo, spread))
+        if progress:
+            progress(rows[-1])
     return rows
 
 
@@ -220,7 +285,7 @@ def markdown(rows):
     lines = ["| shape | column | min ms | median ms | spread | x SDPA | TFLOP/s | extra MiB |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r.shape} | {r.column} | {r.min_ms:.3f} | {r.ms:.3f} | {100 * r.spread:.0f}% | {r.ratio:.2f} | "
-              f"{r.tflops:.2f} | {r.extra_mib:.1f} |" for r in rows]
+              f"{r.tflops:.2f} | {'-' if r.extra_mib != r.extra_mib else f'{r.extra_mib:.1f}'} |" for r in rows]
     return "\n".join(lines)
 
 
@@ -310,6 +375,60 @@ def pipeline_row(device, dtype, steps=10, reps=3):
                 _peak_extra_mib(traced, device), traced_lo, traced_spread)]
 
 
+def kontext_pipeline_row(device, dtype, steps=10, reps=3, grid=(16, 16), text=64):
+    """A small FLUX.1 Kontext-like transformer (one double- and two single-stream blocks, random
+    weights) run as the pipeline does, a flow-matching loop over [generated, reference] tokens,
+    traced (default maps) vs untraced; None without diffusers."""
+    try:
+        from diffusers import FluxTransformer2DModel
+    except ImportError:
+        return None
+    from .tracing import trace
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
+                                   attention_head_dim=32, num_attention_heads=4, joint_attention_dim=64,
+                                   pooled_projection_dim=32, guidance_embeds=True,
+                                   axes_dims_rope=(8, 12, 12)).to(device).eval()
+    if dtype != torch.float32:  # (a float32 model is left as built: diffusers warns at any cast)
+        model = model.to(dtype)
+    n = grid[0] * grid[1]
+    ids = torch.zeros(2, *grid, 3)
+    ids[1, ..., 0] = 1  # the reference image's tokens, as FluxKontextPipeline marks them
+    ids[..., 1], ids[..., 2] = torch.arange(grid[0])[:, None], torch.arange(grid[1])
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(encoder_hidden_states=torch.randn(1, text, 64, generator=g), pooled_projections=torch.randn(1, 32, generator=g),
+                  guidance=torch.full((1,), 2.5), img_ids=ids.reshape(2 * n, 3), txt_ids=torch.zeros(text, 3),
+                  return_dict=False)
+    inputs = {key: val.to(device, dtype) if isinstance(val, torch.Tensor) and val.is_floating_point() else val
+              for key, val in inputs.items()}
+    ref = torch.randn(1, n, 16, generator=g).to(device, dtype)
+    mask = torch.zeros(grid)
+    mask[grid[0] // 4: 3 * grid[0] // 4, grid[1] // 4: 3 * grid[1] // 4] = 1
+    points = [(grid[0] // 2 + i // 2, grid[1] // 2 + i % 2) for i in range(4)]
+
+    @torch.no_grad()
+    def denoise():
+        x = torch.randn(1, n, 16, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+        ts = torch.linspace(1, 0, steps + 1)
+        for t, t_next in zip(ts[:-1], ts[1:]):
+            velocity = model(hidden_states=torch.cat([x, ref], 1), timestep=torch.full((1,), float(t), device=device,
+                             dtype=dtype), **inputs)[0][:, :n]
+            x = x + float(t_next - t) * velocity
+
+    def traced():
+        with trace(model, num_steps=steps, mask=mask, points=points):
+            denoise()
+
+    times = interleaved({"untraced": denoise, "traced": traced}, device, reps)
+    (plain_lo, plain_ms, plain_spread), (traced_lo, traced_ms, traced_spread) = map(summary, times.values())
+    label, nq, nk = f"Kontext {grid[0]}x{grid[1]} {steps} steps", n, text + 2 * n
+    return [Row(label, "pipeline untraced", nq, nk, 0, plain_ms, 1.0, 0.0, _peak_extra_mib(denoise, device),
+                plain_lo, plain_spread),
+            Row(label, "pipeline traced", nq, nk, 0, traced_ms, traced_ms / plain_ms, 0.0,
+                _peak_extra_mib(traced, device), traced_lo, traced_spread)]
+
+
 def main(quick=False, device=None, json_path=None, plot_path=None, dtype=None, pipeline=True):
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     shapes = GPU_SHAPES if device == "cuda" else (QUICK_CPU_SHAPES if quick else CPU_SHAPES)
@@ -317,15 +436,17 @@ def main(quick=False, device=None, json_path=None, plot_path=None, dtype=None, p
         shapes = [s for s in GPU_SHAPES if s[1] in (4096, 16384) and s[3] in (40, 64)]
     dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
     reps = 3 if quick else (10 if device == "cuda" else 5)
-    progress = lambda r: print(f"  {r.shape:<22} {r.column:<20} {r.ms:9.3f} ms  x{r.ratio:6.2f}", flush=True)
+    progress = lambda r: print(f"  {r.shape:<32} {r.column:<22} {r.ms:9.3f} ms  x{r.ratio:6.2f}", flush=True)
     rows = run(shapes, device, dtype, reps, progress=progress)
-    if pipeline:
-        e2e = pipeline_row(device, dtype, steps=5 if quick else 10, reps=reps)
+    if not quick:
+        rows += run_joint(JOINT_SHAPES, device, dtype, 3 if device == "cpu" else reps, progress=progress)
+    for make in (pipeline_row, kontext_pipeline_row) if pipeline else ():
+        e2e = make(device, dtype, steps=5 if quick else 10, reps=reps)
         for r in e2e or ():
             progress(r)
         rows += e2e or []
         if e2e is None:
-            print("pipeline row skipped: diffusers is not installed")
+            print(f"{make.__name__} skipped: diffusers is not installed")
     env = environment(device)
     print(f"\n{json.dumps(env)}\n\n{markdown(rows)}")
     if json_path:

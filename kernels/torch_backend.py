@@ -1,27 +1,29 @@
-"""Streaming PyTorch backend: chunked over queries, any device, the CPU default.
+"""Streaming PyTorch backend: any device, the CPU default.
 
-Per recorded entry, pass 1 runs over query chunks and keeps each key's log-sum-exp over ALL
-queries (online: a running column max and a sum rescaled to it); it is needed only for the
-query-axis softmax C. Pass 2 recomputes the scores of each chunk, finishes the key-axis
-softmax P row by row (a chunk holds whole rows), writes out = P V and adds the probe
-reductions into the buffers. Peak extra memory is a few (H, chunk, Nk) float32 tensors,
-never Nq x Nk of the whole layer.
+Per recorded entry, the attention itself and lse_row (each query row's log-sum-exp over ALL
+keys) come from PyTorch's fused attention (composition.attention_lse), in chunks of rows. Then
+one pass over chunks of the reference keys, each with every query row of a group of heads:
+P = exp(scale q k^T - lse_row) is one exponential a score, and a chunk holds whole columns, so
+the query-axis softmax C needs no pass of its own. Peak extra memory is one (heads, Nq, keys)
+float32 chunk and O(H (Nq + Nk)), never Nq x Nk of the whole layer.
 
 C needs no exponential of its own: C[x, k] = P[x, k] a[x] b[k] with a = exp(lse_row - c) and
 b = exp(c - lse_col), so the C maps are P reductions with rescaled probes (derivation and range
-argument in triton_kernels.py). Here c bounds every lse_row of the entry from above (the largest
-score plus log Nk), and an entry whose c is more than C_FROM_P_RANGE above its smallest lse_col
-computes C directly.
+argument in triton_kernels.py), and exp(lse_col - c) = sum_x a[x] P[x, k] is one more probe row
+of the ref product. Here c bounds every lse_col of the entry from above (the largest lse_row plus
+log Nq); a chunk with a column more than C_FROM_P_RANGE below c computes C directly.
 """
 import math
 import os
 
 import torch
 
-# One (H, chunk, Nk) float32 score tensor; about 4 are live at once. On CPU a small chunk is
-# 1.2-1.5x faster at Nq=4096-16384 on 2 cores (it stays in cache, and its allocations are
-# reused instead of faulted in); on a GPU large chunks mean fewer launches.
-CHUNK_BYTES = {"cpu": 4 * 2**20}
+from .composition import attention_lse
+
+# One (heads, Nq, keys) float32 chunk. On CPU, one thread, 4 MiB (in cache) took 5-8% less time
+# than 8-16 MiB at UNet shapes; but every chunk is a few multi-threaded ops, and on a loaded machine
+# each costs a wait for the slower thread: 8 MiB halves their count. On a GPU: fewer launches.
+CHUNK_BYTES = {"cpu": 8 * 2**20}
 DEFAULT_CHUNK_BYTES = 32 * 2**20
 # log2 units, for this and the Triton backend: one exponential serves both softmaxes while scores
 # spread less than this (then a term lost below 2^-126 is below 2^(80 - 126) of its sum).
@@ -30,64 +32,66 @@ C_FROM_P_RANGE = float(os.environ.get("I2AM_C_FROM_P_RANGE", "80"))
 
 
 def run(q, k, v, out, maps, *, scale, ref_idx, record_idx, key_probes, query_probes, chunk_bytes=None):
-    H, Nq, Nk = q.shape[1], q.shape[2], k.shape[2]
+    H, Nq = q.shape[1], q.shape[2]
     chunk_bytes = chunk_bytes or CHUNK_BYTES.get(q.device.type, DEFAULT_CHUNK_BYTES)
-    chunks = _chunks(Nq, 4 * H * Nk, chunk_bytes)
-    u, m = key_probes, query_probes
-    need_c = "gen_query" in maps or "ref_query" in maps
     ref = _as_slice(ref_idx)
-    cached = None  # the scores, when one chunk holds them all: pass 2 need not recompute them
-
-    def scores(b, a, e):
-        return cached if cached is not None else (q[b, :, a:e].float() * scale) @ kb.transpose(-1, -2)
-
     for i, b in enumerate(record_idx.tolist()):
-        kb, vb = k[b].float(), v[b].float()
-        cached = None
-        if need_c:
-            # online log-sum-exp over queries: rescale the running sum to each new column max
-            col_max = torch.full((H, Nk), -torch.inf, device=q.device)
-            col_sum = torch.zeros(H, Nk, device=q.device)
-            for a, e in chunks:
-                s = scores(b, a, e)  # (H, c, Nk)
-                new_max = torch.maximum(col_max, s.amax(-2))
-                e_s = s - new_max[:, None] if len(chunks) == 1 else s.sub_(new_max[:, None])  # s kept if cached
-                col_sum = col_sum * (col_max - new_max).exp_() + e_s.exp_().sum(-2)
-                col_max = new_max
-            lse_c = (col_max + col_sum.log())[:, None, ref]  # (H, 1, Kr)
-            cached = s if len(chunks) == 1 else None
-            shift = col_max.amax(-1)[:, None, None] + math.log(Nk)  # >= every lse_row: a <= 1
-            from_p = (shift - lse_c.amin(-1, keepdim=True)).max().item() <= C_FROM_P_RANGE * math.log(2)
-            b_k = (shift - lse_c).exp() if from_p else None
-        for a, e in chunks:
-            s = scores(b, a, e)
-            if need_c and not from_p:
-                c = (s[..., ref] - lse_c).exp_()
-            mx = s.amax(-1, keepdim=True)
-            p = s.sub_(mx).exp_()  # in place: no second (H, c, Nk) tensor
-            total = p.sum(-1, keepdim=True)
-            p /= total
-            out[b, :, a:e] = (p @ vb).to(out.dtype)
-            p = p[..., ref]  # (H, c, Kr)
-            if "gen_key" in maps:
-                maps["gen_key"][i, :, :, a:e] += u @ p.transpose(-1, -2)
+        qb, kb, vb = q[b].float(), k[b].float(), v[b].float()
+        lse_row = torch.empty(H, Nq, device=q.device)
+        for a, e in _chunks(Nq, 4 * H * max(vb.shape[-1], qb.shape[-1]), chunk_bytes):
+            o, lse_row[:, a:e] = attention_lse(qb[None, :, a:e], kb[None], vb[None], scale)
+            out[b, :, a:e] = o[0]
+        if maps:
+            _maps(qb, kb[:, ref], lse_row, {n: buf[i] for n, buf in maps.items()}, scale, key_probes,
+                  query_probes, chunk_bytes)
+
+
+def _maps(q, k, lse_row, maps, scale, u, m, chunk_bytes):
+    """Add one entry's maps into maps {name: (H, R, N)}: q (H,Nq,d), k (H,Kr,d) the reference keys."""
+    H, Nq, Kr = q.shape[0], q.shape[1], k.shape[1]
+    Ru, Rw = u.shape[0], m.shape[0]
+    need_c = "gen_query" in maps or "ref_query" in maps
+    c = lse_row.amax(-1, keepdim=True) + math.log(Nq)  # >= every lse_col: a <= 1, sum_x a P <= 1
+    a = (lse_row - c).exp_()  # (H, Nq)
+    # rows of the column product: m for ref_key, m a for ref_query, a for exp(lse_col - c)
+    left = torch.cat([m.expand(H, Rw, Nq), m * a[:, None], a[:, None]], 1)  # (H, 2Rw+1, Nq)
+    gen = torch.zeros(H, Nq, 2 * Ru, device=q.device)  # sum_k P u, sum_k P u b (C taken from P)
+    direct = torch.zeros(H, Nq, Ru, device=q.device) if need_c else None  # sum_k C u (C taken directly)
+    # [k, 1] against [scale q, -lse_row]: the product is s - lse_row, no broadcast pass over the chunk
+    k1 = torch.cat([k, k.new_ones(H, Kr, 1)], -1)
+    keys = min(Kr, max(1, chunk_bytes // (4 * Nq)))
+    heads = max(1, min(H, chunk_bytes // (4 * Nq * keys)))
+    buf = torch.empty(heads * Nq * keys, device=q.device)
+    for h0 in range(0, H, heads):
+        hs = slice(h0, min(h0 + heads, H))
+        qs = torch.cat([q[hs] * scale, -lse_row[hs, :, None]], -1)  # (h, Nq, d+1)
+        for k0, k1_ in _chunks(Kr, 1, keys):
+            ks = slice(k0, k1_)
+            p = buf[:qs.shape[0] * Nq * (k1_ - k0)].view(qs.shape[0], Nq, k1_ - k0)
+            torch.bmm(qs, k1[hs, ks].transpose(-1, -2), out=p).exp_()  # P, (h, Nq, keys)
+            cols = left[hs] @ p  # (h, 2Rw+1, keys)
             if "ref_key" in maps:
-                maps["ref_key"][i] += m[:, a:e] @ p
-            if need_c and from_p:  # C = a P b: a on the query side, b on the key side of P
-                a_x = (mx + total.log() - shift).exp_().transpose(-1, -2)  # (H, 1, c)
-                if "gen_query" in maps:
-                    maps["gen_query"][i, :, :, a:e] += ((u * b_k) @ p.transpose(-1, -2)) * a_x
+                maps["ref_key"][hs, :, ks] += cols[:, :Rw]
+            z = cols[:, 2 * Rw:]  # exp(lse_col - c)
+            from_p = need_c and bool((z >= 2.0 ** -C_FROM_P_RANGE).all())
+            b = 1 / z if from_p else torch.zeros_like(z)
+            gen[hs] += p @ torch.cat([u[:, ks].T.expand(p.shape[0], -1, -1), (u[:, ks] * b).transpose(-1, -2)], -1)
+            if from_p and "ref_query" in maps:
+                maps["ref_query"][hs, :, ks] += cols[:, Rw:2 * Rw] * b
+            elif need_c and not from_p:  # C = exp(s - lse_col) from the chunk's scores
+                s = torch.bmm(q[hs], k[hs, ks].transpose(-1, -2)).mul_(scale)
+                cq = s.sub_(s.logsumexp(-2, keepdim=True)).exp_()
+                direct[hs] += cq @ u[:, ks].T
                 if "ref_query" in maps:
-                    maps["ref_query"][i] += ((m[:, a:e] * a_x) @ p) * b_k
-            elif need_c:
-                if "gen_query" in maps:
-                    maps["gen_query"][i, :, :, a:e] += u @ c.transpose(-1, -2)
-                if "ref_query" in maps:
-                    maps["ref_query"][i] += m[:, a:e] @ c
+                    maps["ref_query"][hs, :, ks] += m @ cq
+    if "gen_key" in maps:
+        maps["gen_key"] += gen[..., :Ru].transpose(-1, -2)
+    if "gen_query" in maps:
+        maps["gen_query"] += (gen[..., Ru:] * a[..., None] + direct).transpose(-1, -2)
 
 
 def _chunks(n, row_bytes, chunk_bytes):
-    """[(start, end)] query ranges of at most chunk_bytes (one row at least), as even as possible:
+    """[(start, end)] ranges of at most chunk_bytes (one row at least), as even as possible:
     a last chunk of a few rows would cost a whole pass of small matmuls."""
     count = -(-n * row_bytes // chunk_bytes)
     rows = max(1, -(-n // count))

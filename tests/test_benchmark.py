@@ -1,4 +1,5 @@
 """The benchmark's baselines compute the same maps as i2am (a fair comparison), and its table."""
+import pytest
 import torch
 
 from i2am import benchmark
@@ -24,7 +25,8 @@ def test_baselines_compute_the_same_maps():
 def test_table_has_every_column_side_by_side(tmp_path):
     rows = benchmark.run([("tiny", 64, 9, 16, 2)], "cpu", torch.float32, reps=2)
     cols = [r.column for r in rows]
-    assert cols == ["sdpa", "i2am-torch off", "i2am-torch maps", "i2am-torch maps cached", "naive", "chunked capture"]
+    assert cols == ["sdpa", "i2am-torch off", "i2am-torch maps", "i2am-torch maps cached", "composition", "naive",
+                    "chunked capture"]
     assert rows[0].ratio == 1.0 and all(r.ms > 0 and r.shape == "tiny" for r in rows)
     assert all(0 < r.min_ms <= r.ms and r.spread >= 0 for r in rows)
     table = benchmark.markdown(rows)
@@ -53,3 +55,31 @@ def test_the_cached_column_keeps_its_call_and_adds_into_its_buffers():
     out = [cached(q, k, v, 0.3, ref_idx, [1], kp, qp) for _ in range(2)]
     want, _ = attention_with_maps(q, k, v, scale=0.3, ref_keys=ref_idx, record=[1], key_probes=kp, query_probes=qp)
     torch.testing.assert_close(out[1], want)
+
+
+def test_joint_shapes_time_sdpa_i2am_and_the_checked_composition():
+    rows = benchmark.run_joint([("tiny joint", 5, 12, (9, 7), 16, 3)], "cpu", torch.float32, reps=2)
+    assert [r.column for r in rows] == ["sdpa", "i2am-torch maps", "composition"]
+    assert all(r.nq == 12 and r.nk == 33 and 0 < r.min_ms <= r.ms for r in rows)
+    assert "| tiny joint | composition |" in benchmark.markdown(rows)
+
+
+def test_a_wrong_composition_map_stops_the_benchmark(monkeypatch):
+    """The composition is checked against the float64 reference before it is timed."""
+    right = benchmark.three_call_maps
+
+    def wrong(*args, **kwargs):
+        out, maps = right(*args, **kwargs)
+        maps["ref_key"][..., 0] *= 1.01
+        return out, maps
+
+    monkeypatch.setattr(benchmark, "three_call_maps", wrong)
+    with pytest.raises(AssertionError, match="composition ref_key"):
+        benchmark.run_joint([("tiny joint", 5, 12, (9,), 16, 2)], "cpu", torch.float32, reps=1)
+
+
+def test_kontext_pipeline_row_times_the_traced_loop_against_the_untraced_one():
+    rows = benchmark.kontext_pipeline_row("cpu", torch.float32, steps=2, reps=1, grid=(4, 4), text=8)
+    assert [r.column for r in rows] == ["pipeline untraced", "pipeline traced"]
+    assert rows[0].shape == rows[1].shape == "Kontext 4x4 2 steps" and (rows[0].nq, rows[0].nk) == (16, 40)
+    assert rows[1].ratio == rows[1].ms / rows[0].ms
