@@ -20,11 +20,11 @@ import torch
 
 from .composition import attention_lse
 
-# One (heads, Nq, keys) float32 chunk. On CPU, one thread, 4 MiB (in cache) took 5-8% less time
-# than 8-16 MiB at UNet shapes; but every chunk is a few multi-threaded ops, and on a loaded machine
-# each costs a wait for the slower thread: 8 MiB halves their count. On a GPU: fewer launches.
-CHUNK_BYTES = {"cpu": 8 * 2**20}
-DEFAULT_CHUNK_BYTES = 32 * 2**20
+# One (heads, Nq, keys) float32 chunk. Every chunk is a few multi-threaded ops; on a loaded CPU each
+# costs a wait for the slower thread, so larger chunks degrade less: at a Kontext-like layer on 2
+# busy cores, 32 MiB took 1.47x SDPA and 8 MiB 1.75x (one idle thread: 4 MiB, in cache, is 5-8%
+# faster). On a GPU: fewer launches.
+CHUNK_BYTES = 32 * 2**20
 # log2 units, for this and the Triton backend: one exponential serves both softmaxes while scores
 # spread less than this (then a term lost below 2^-126 is below 2^(80 - 126) of its sum).
 # I2AM_C_FROM_P_RANGE=-1 forces two exponentials everywhere: bench/triton_passes.py times both.
@@ -33,7 +33,7 @@ C_FROM_P_RANGE = float(os.environ.get("I2AM_C_FROM_P_RANGE", "80"))
 
 def run(q, k, v, out, maps, *, scale, ref_idx, record_idx, key_probes, query_probes, chunk_bytes=None):
     H, Nq = q.shape[1], q.shape[2]
-    chunk_bytes = chunk_bytes or CHUNK_BYTES.get(q.device.type, DEFAULT_CHUNK_BYTES)
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
     ref = _as_slice(ref_idx)
     for i, b in enumerate(record_idx.tolist()):
         qb, kb, vb = q[b].float(), k[b].float(), v[b].float()
@@ -57,18 +57,18 @@ def _maps(q, k, lse_row, maps, scale, u, m, chunk_bytes):
     left = torch.cat([m.expand(H, Rw, Nq), m * a[:, None], a[:, None]], 1)  # (H, 2Rw+1, Nq)
     gen = torch.zeros(H, Nq, 2 * Ru, device=q.device)  # sum_k P u, sum_k P u b (C taken from P)
     direct = torch.zeros(H, Nq, Ru, device=q.device) if need_c else None  # sum_k C u (C taken directly)
-    # [k, 1] against [scale q, -lse_row]: the product is s - lse_row, no broadcast pass over the chunk
-    k1 = torch.cat([k, k.new_ones(H, Kr, 1)], -1)
     keys = min(Kr, max(1, chunk_bytes // (4 * Nq)))
     heads = max(1, min(H, chunk_bytes // (4 * Nq * keys)))
     buf = torch.empty(heads * Nq * keys, device=q.device)
     for h0 in range(0, H, heads):
         hs = slice(h0, min(h0 + heads, H))
+        # [scale q, -lse_row] against [k, 1]: the product is s - lse_row, no broadcast pass over the chunk
         qs = torch.cat([q[hs] * scale, -lse_row[hs, :, None]], -1)  # (h, Nq, d+1)
-        for k0, k1_ in _chunks(Kr, 1, keys):
-            ks = slice(k0, k1_)
-            p = buf[:qs.shape[0] * Nq * (k1_ - k0)].view(qs.shape[0], Nq, k1_ - k0)
-            torch.bmm(qs, k1[hs, ks].transpose(-1, -2), out=p).exp_()  # P, (h, Nq, keys)
+        k1 = torch.cat([k[hs], k.new_ones(qs.shape[0], Kr, 1)], -1)  # (h, Kr, d+1)
+        for k0, k_end in _chunks(Kr, 1, keys):
+            ks = slice(k0, k_end)
+            p = buf[:qs.shape[0] * Nq * (k_end - k0)].view(qs.shape[0], Nq, k_end - k0)
+            torch.bmm(qs, k1[:, ks].transpose(-1, -2), out=p).exp_()  # P, (h, Nq, keys)
             cols = left[hs] @ p  # (h, 2Rw+1, keys)
             if "ref_key" in maps:
                 maps["ref_key"][hs, :, ks] += cols[:, :Rw]
