@@ -10,9 +10,9 @@ chunk) and the peer a capable user would write: the maps from three fused attent
 return the log-sum-exp (kernels.composition; checked against the float64 reference before it is
 timed). Besides the UNet cross-attention shapes, DiT joint-attention shapes (FLUX.1 Kontext and
 Qwen-Image-Edit-Plus token layouts, maps on the generated rows and the reference keys) take the
-columns that stand for the analysis: SDPA, i2am with maps, the composition. The columns are interleaved rep by rep (one call of each, in a rotating order), so that
-a disturbance of the machine hits them alike; each reports min, median and spread, GPU calls
-timed with CUDA events.
+columns that stand for the analysis: SDPA, i2am with maps, the composition. The columns are
+interleaved rep by rep (one call of each, in a rotating order), so that a disturbance of the
+machine hits them alike; each reports min, median and spread, GPU calls timed with CUDA events.
 """
 import json
 import os
@@ -397,8 +397,8 @@ def kontext_pipeline_row(device, dtype, steps=10, reps=3, grid=(16, 16), text=64
     ids[1, ..., 0] = 1  # the reference image's tokens, as FluxKontextPipeline marks them
     ids[..., 1], ids[..., 2] = torch.arange(grid[0])[:, None], torch.arange(grid[1])
     g = torch.Generator().manual_seed(0)
-    inputs = dict(encoder_hidden_states=torch.randn(1, text, 64, generator=g), pooled_projections=torch.randn(1, 32, generator=g),
-                  guidance=torch.full((1,), 2.5), img_ids=ids.reshape(2 * n, 3), txt_ids=torch.zeros(text, 3),
+    inputs = dict(encoder_hidden_states=torch.randn(1, text, 64, generator=g),
+                  pooled_projections=torch.randn(1, 32, generator=g), guidance=torch.full((1,), 2.5), img_ids=ids.reshape(2 * n, 3), txt_ids=torch.zeros(text, 3),
                   return_dict=False)
     inputs = {key: val.to(device, dtype) if isinstance(val, torch.Tensor) and val.is_floating_point() else val
               for key, val in inputs.items()}

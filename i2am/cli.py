@@ -196,7 +196,8 @@ examples:
     ev.add_argument("--save-maps", action="store_true", help="also save each sample's maps (.safetensors)")
     ev.add_argument("--out", required=True, help="output folder (an existing one is resumed)")
 
-    bench = _command(sub, "bench", _bench, "time i2am against SDPA, the naive path and a chunked capture", """\
+    bench = _command(sub, "bench", _bench,
+                     "time i2am against SDPA, three fused SDPA calls, the naive path and a chunked capture", """\
 examples:
   i2am bench --quick
   i2am bench --device cuda --json bench.json --plot bench.png""")
