@@ -21,10 +21,12 @@ def test_trained_correspondence_beats_the_randomised_copy_at_few_steps():
     randomised = model.with_random_cross_attention(pipe)
     examples, trained, random, baseline = data.examples(4), [], [], []
     for b in range(4):
-        _, _, accuracy, best_single_patch = run.analyse(pipe, examples, b, "torch", steps=3)
-        trained.append(accuracy)
-        baseline.append(best_single_patch)
-        random.append(run.analyse(randomised, examples, b, "torch", steps=3)[2])
+        example = {name: examples[name][b:b + 1] for name in ("reference", "masked", "mask", "warp")}
+        options = dict(seed=run.SEED + b, steps=3, backend="torch")
+        scores = run.analyse(pipe, example, **options).scores
+        trained.append(scores["correspondence_accuracy"])
+        baseline.append(scores["correspondence_best_single_patch"])
+        random.append(run.analyse(randomised, example, **options).scores["correspondence_accuracy"])
     trained, random, baseline = (sum(x) / len(x) for x in (trained, random, baseline))
     assert trained >= 0.9 and random <= 0.25 and trained > baseline, (trained, random, baseline)
 
