@@ -16,9 +16,11 @@ from .integers import as_int, int_tuple, int_tuples
 from .kernels import BACKENDS
 from .layers import check_layers
 from .probes import mask_2d
+from .regions import Regions, rectangle
 
 CONVENTIONS = {"official": ("query", "key"), "paper": ("key", "query")}  # (gen softmax, ref softmax)
 BRANCHES = ("cond", "uncond", "all")
+ATTENTIONS = ("cross", "self")  # a UNet's attn2 or attn1 layers
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,6 +47,9 @@ class TraceConfig:
     backend: str = "auto"
     resize: str = "bicubic"
     cfg: bool = None              # None: from the pipeline, else an even batch is [uncond, cond]
+    query_region: tuple = None    # (top, left, bottom, right) of the generated part of the latent grid
+    ref_region: tuple = None      # (top, left, bottom, right) of the reference part of the same grid
+    attention: str = "cross"      # a UNet's "cross" (attn2) or "self" (attn1) attention layers
 
     def __post_init__(self):
         put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
@@ -61,6 +66,21 @@ class TraceConfig:
             raise ValueError(f"ref_grid must be (hI, wI) or 'layer', got {ref_grid!r}")
         if ref_grid is not None and not layer_grids:
             put("ref_grid", pair(ref_grid, "ref_grid (hI, wI)"))
+        if (self.query_region is None) != (self.ref_region is None):
+            raise ValueError("query_region and ref_region go together: the generated and the reference part of "
+                             "one latent grid")
+        if self.query_region is not None:
+            if ref_grid is not None or self.ref_keys is not None or self.ref_size is not None:
+                raise ValueError("ref_region gives the reference keys and their grid; leave ref_grid, ref_keys and "
+                                 "ref_size out")
+            if protocol.per_key_rows:
+                raise ValueError(f"query_region/ref_region are defined under protocol='paper'; protocol="
+                                 f"{self.protocol!r} reproduces the authors' cross-attention code")
+            put("query_region", rectangle(self.query_region, "query_region"))
+            put("ref_region", rectangle(self.ref_region, "ref_region"))
+            Regions(self.query_region, self.ref_region)  # overlap
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.ref_size is not None:
             if not layer_grids:
                 raise ValueError("ref_size sets the common grid of ref_grid='layer'; with a fixed ref_grid the maps "
@@ -101,6 +121,11 @@ class TraceConfig:
     def replace(self, **changes):
         """A checked copy with `changes`."""
         return dataclasses.replace(self, **changes)
+
+    @property
+    def regions(self):
+        """The query and reference rectangles of one latent grid (i2am.regions), or None."""
+        return None if self.query_region is None else Regions(self.query_region, self.ref_region)
 
     @property
     def layer_grids(self):

@@ -27,10 +27,13 @@ class AttributionMaps:
     (G, ...) for by="time", (N, ...) for by="head", and a leading batch axis when more than one
     image was recorded. `protocol` ("paper" or "official") decides
     the default layer sets, the rows each map reads, the display and IMACS (i2am.protocols).
+    `regions` ({"latent": (h, w), "query": (t, l, b, r), "ref": (t, l, b, r)}, traced with
+    query_region/ref_region): where the generated and the reference maps lie in the one latent
+    grid; the maps have those rectangles' shapes.
     """
 
     def __init__(self, layers, *, latent_size, ref_grid, convention, num_steps, resize, key_labels,
-                 query_labels, record, mask=None, protocol="paper", query_rows=None, settings=None):
+                 query_labels, record, mask=None, protocol="paper", query_rows=None, settings=None, regions=None):
         self.latent_size = tuple(latent_size)
         self.ref_grid = None if ref_grid is None else tuple(ref_grid)
         self.convention, self.num_steps, self.resize = convention, num_steps, resize
@@ -38,6 +41,7 @@ class AttributionMaps:
         self.query_rows = self.query_labels if query_rows is None else tuple(query_rows)
         self.record, self.mask = list(record), mask
         self.layers = {name: _layer(lay, self.ref_grid) for name, lay in layers.items()}
+        self.regions = None if regions is None else {k: tuple(v) for k, v in regions.items()}
         self.settings = dict(settings or {})  # free-form run settings (pipeline, model, steps, seed...)
         self.time_groups = next(iter(layers.values()))["gen"].shape[1]
         self._protocol = protocols.get(protocol)
@@ -206,7 +210,7 @@ class AttributionMaps:
         meta = {"latent_size": self.latent_size, "ref_grid": self.ref_grid, "convention": self.convention,
                 "protocol": self.protocol, "num_steps": self.num_steps, "resize": self.resize,
                 "key_labels": self.key_labels, "query_labels": self.query_labels, "query_rows": self.query_rows,
-                "record": self.record, "layers": list(self.layers),
+                "record": self.record, "layers": list(self.layers), "regions": self.regions,
                 "layer_grids": {n: {k: lay[k] for k in ("grid", "key_grid", "per_key")}
                                 for n, lay in self.layers.items()},
                 "settings": {**self.settings, **(settings or {})}}

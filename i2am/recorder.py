@@ -24,6 +24,7 @@ from .kernels import prepare, query_row_range
 from .layers import layer_selected
 from .maps import AttributionMaps
 from .probes import key_probes, query_probes
+from .regions import shape
 
 
 @dataclass
@@ -41,6 +42,7 @@ class LayerBuffers:
     ref: torch.Tensor           # None without reference keys
     call: object = None  # the checked kernel arguments (kernels.MapsCall), reused step after step
     ref_cpu: torch.Tensor = None  # ref_idx on the CPU: per-call ref_keys are checked without a sync
+    rows: object = None  # the query rows the call was prepared for
 
 
 class Recorder:
@@ -58,6 +60,11 @@ class Recorder:
         self.layer_grids = config.layer_grids
         # ref_grid=None: the model says it (a DiT's reference tokens), through set_ref_grid
         self.ref_grid = None if self.layer_grids else config.ref_grid
+        # query_region/ref_region: two rectangles of one latent grid; the maps live on them
+        self.regions = config.regions
+        if self.regions is not None:
+            self.ref_grid = shape(self.regions.ref)
+        self._region_rows = {}  # layer -> its rows, grid and reference keys on the regions
         self.ref_size, self.time_groups, self.ref_keys = config.ref_size, config.time_groups, config.ref_keys
         self.branch, self.convention, self.backend = config.branch, config.convention, config.backend
         self.layers, self.resize, self.mask = config.layers, config.resize, config.mask
@@ -85,8 +92,15 @@ class Recorder:
             raise ValueError(f"the latent size changed from {self.latent_size} to {size} during the "
                              "trace; trace one resolution at a time")
         if self.latent_size is None:
+            if self.regions is not None:
+                self.regions.check(size)
             self.latent_size = size
-            self.queries = query_probes(size, self.mask, self.points, self.boxes)
+            self.queries = query_probes(self.map_size, self.mask, self.points, self.boxes)
+
+    @property
+    def map_size(self):
+        """(h, w) of the generated maps: the query region's, else the latent grid."""
+        return self.latent_size if self.regions is None else shape(self.regions.query)
 
     def set_ref_grid(self, grid):
         """Fix the reference grid (hI, wI) of a model that says it (a DiT's reference tokens); a
@@ -121,19 +135,23 @@ class Recorder:
             raise ValueError("the recorder needs ref_grid (hI, wI) before the first call")
         B, H, Nq = q.shape[:3]
         rows = None if query_rows is None else query_row_range(query_rows, Nq)  # as the MapsCall keeps it
-        if rows is not None:
-            Nq = rows.stop - rows.start
-        grid = layer_grid(Nq, self.latent_size) if grid is None else pair(grid, "grid")
-        if grid[0] * grid[1] != Nq:
-            raise ValueError(f"layer {layer!r}: grid {grid} does not hold its Nq={Nq} queries")
-        if not self.selected(layer, grid):
+        if self.regions is not None:
+            if not self._on_regions(layer, rows, grid, Nq, k.shape[2]):
+                return F.scaled_dot_product_attention(q, k, v, scale=scale)
+            rows, grid, ref_keys = self._region_rows[layer][:3]
+        n = Nq if rows is None else rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
+        grid = layer_grid(n, self.latent_size) if grid is None else pair(grid, "grid")
+        if grid[0] * grid[1] != n:
+            raise ValueError(f"layer {layer!r}: grid {grid} does not hold its Nq={n} queries")
+        if self.regions is None and not self.selected(layer, grid):
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
         tau = self._group(step)
         rec = self._entries(B, cfg)
         buf = self._layer(layer, grid, H, k.shape[2], q.device, ref_keys)
         gen, ref = CONVENTIONS[self.convention]
         ref = (ref,) if buf.ref is not None else ()
-        if buf.call is None or not buf.call.matches(q, k, v, scale) or buf.call.query_rows != rows:
+        if buf.call is None or not buf.call.matches(q, k, v, scale) or not _same_rows(buf.rows, rows):
+            buf.rows = rows
             buf.call = prepare(q, k, v, scale=scale, ref_keys=buf.ref_idx, query_rows=rows, record=rec,
                                key_probes=buf.key_probes, query_probes=buf.query_probes, gen=(gen,), ref=ref,
                                backend=self.backend)
@@ -157,10 +175,29 @@ class Recorder:
             (b.key_grid for b in self.buffers.values() if b.key_grid is not None),
             key=lambda g: g[0] * g[1], default=None)
         return AttributionMaps(
-            layers, latent_size=self.latent_size, ref_grid=ref_grid, convention=self.convention,
+            layers, latent_size=self.map_size, ref_grid=ref_grid, convention=self.convention,
             protocol=self.protocol.name, num_steps=self.num_steps, resize=self.resize, key_labels=self.keys.labels,
             query_labels=self.queries.labels, query_rows=self._query_rows, record=self.record_idx.tolist(),
-            mask=self.mask)
+            mask=self.mask, regions=None if self.regions is None else {
+                "latent": self.latent_size, "query": self.regions.query, "ref": self.regions.ref})
+
+    def _on_regions(self, layer, rows, grid, nq, nk):
+        """Whether a layer call on the regions is recorded (layers= selects by name or by the
+        layer's whole token grid); its (query rows, their grid, reference keys, their grid) in
+        self._region_rows: the scaled rectangles of the layer's token grid, whose tokens are
+        `rows` (all queries when None), and the keys at the same positions (self-attention)."""
+        if layer not in self._region_rows:
+            tokens = torch.arange(nq)[slice(None) if rows is None else rows]
+            grid = layer_grid(tokens.numel(), self.latent_size) if grid is None else pair(grid, "grid")
+            if not self.selected(layer, grid):
+                return False
+            if grid[0] * grid[1] != tokens.numel() or nk != nq:
+                raise ValueError(f"layer {layer!r}: query_region/ref_region need self-attention over one token grid "
+                                 f"(the keys the same tokens as the queries); it has {tokens.numel()} image "
+                                 f"queries on grid {grid} and {nk} keys for {nq} queries")
+            q_idx, q_grid, k_idx, k_grid = self.regions.on_layer(layer, grid, self.latent_size)
+            self._region_rows[layer] = (query_row_range(tokens[q_idx], nq), q_grid, tokens[k_idx], k_grid)
+        return True
 
     def _warn_incomplete(self, layers):
         """Warnings for what the maps cannot show: steps that did not run, non-finite values."""
@@ -222,7 +259,7 @@ class Recorder:
         # the probe rows of the user's probes, over the reference keys on the layer's key grid
         if ref_cols is None:
             keys = torch.zeros(0, nk)
-        elif key_grid == self.keys.weights.shape[-2:] or not self.layer_grids:
+        elif key_grid == self.keys.weights.shape[-2:] or not (self.layer_grids or self.regions):
             keys = self.keys.weights.reshape(len(self.keys.labels), -1)
         else:  # uniform over the layer's own keys; patches pulled back through the key-axis resize
             keys = torch.full((1, ref_cols.numel()), 1.0 / ref_cols.numel())
@@ -239,7 +276,7 @@ class Recorder:
             keys = torch.cat([spread, torch.eye(nk)])
         else:
             ref_idx, ref_cols = ref_cols, None if ref_cols is None else torch.arange(ref_cols.numel())
-        labels, extra = self.protocol.layer_query_rows(self.queries.labels, self.latent_size, grid)
+        labels, extra = self.protocol.layer_query_rows(self.queries.labels, self.map_size, grid)
         queries = torch.cat([pullback(self.queries.weights, grid, self.resize), extra])
         self._query_rows = self.queries.labels + labels
         buf = LayerBuffers(
@@ -254,7 +291,7 @@ class Recorder:
         """(indices of the reference keys in grid order, their grid) of a layer with nk keys, by the
         fit rule: hI*wI keys, or a leading CLS token and hI*wI keys; else ref_keys (this
         call's, else the recorder's)."""
-        key_grid = grid if self.layer_grids else self.ref_grid
+        key_grid = grid if self.layer_grids else self._region_rows[name][3] if self.regions else self.ref_grid
         nref = key_grid[0] * key_grid[1]
         ref_keys = self.ref_keys if call_ref_keys is None else call_ref_keys
         if ref_keys is not None:
@@ -279,3 +316,8 @@ def _key_indices(ref_keys, nk):
     if isinstance(ref_keys, slice):
         return torch.arange(nk)[ref_keys]
     return torch.as_tensor(ref_keys).reshape(-1).long().cpu()
+
+
+def _same_rows(a, b):
+    """Whether two query-row selections are the same: equal slices, or one index tensor."""
+    return a is b or (isinstance(a, slice) and a == b)

@@ -88,13 +88,13 @@ class trace(recording):
         if self.pipe is None and config.num_steps is None:
             raise ValueError("num_steps is needed to trace a bare denoiser (there is no pipeline scheduler "
                              "to read it from)")
-        if config.ref_grid is None and self.family.NEEDS_REF_GRID:
+        if config.ref_grid is None and config.regions is None and self.family.NEEDS_REF_GRID:
             raise ValueError(f"ref_grid (hI, wI) is needed to trace {type(denoiser).__name__}: the rows x cols "
                              "of the reference-image tokens")
         if config.cfg is None and not self.family.CFG_BATCH:
             config = config.replace(cfg=False)
         super().__init__(denoiser, config)
-        self.attention_layers = self.family.attention_layers()
+        self.attention_layers = self.family.attention_layers(config.attention)
         self._cfg_from_pipe = config.cfg is None
 
     def _install(self):

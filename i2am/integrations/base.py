@@ -31,8 +31,9 @@ class Family:
         """(pipeline or None, its denoiser) from a pipeline or a bare denoiser."""
         raise NotImplementedError
 
-    def attention_layers(self):
-        """{name: attention module} of the denoiser's layers that can be recorded."""
+    def attention_layers(self, attention="cross"):
+        """{name: attention module} of the denoiser's layers that can be recorded; attention:
+        "cross" or "self" where the family has both kinds (a UNet's attn2 and attn1)."""
         raise NotImplementedError
 
     def install(self, recording, layers):

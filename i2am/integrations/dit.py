@@ -44,9 +44,9 @@ class TokenLayout:
     text: int           # text tokens, first in the joint sequence
     image: int          # image tokens after them (generated and reference)
     rows: slice         # the generated tokens: the maps' queries
-    ref_keys: slice     # the reference tokens
+    ref_keys: slice     # the reference tokens (None: inside the generated grid, query_region/ref_region)
     grid: tuple         # (h, w) of the generated tokens, row-major
-    ref_grid: tuple     # (hI, wI) of the reference tokens
+    ref_grid: tuple     # (hI, wI) of the reference tokens, or None as ref_keys
 
     @property
     def length(self):

@@ -40,8 +40,9 @@ class FluxFamily(DiTFamily):
     def split(cls, obj):
         return (None, obj) if isinstance(obj, FluxTransformer2DModel) else (obj, obj.transformer)
 
-    def attention_layers(self):
-        """{name: FluxAttention}: every joint attention, double- and single-stream blocks."""
+    def attention_layers(self, attention="cross"):
+        """{name: FluxAttention}: every joint attention, double- and single-stream blocks (joint
+        attention is both the cross- and the self-attention)."""
         return {n: m for n, m in self.denoiser.named_modules() if isinstance(m, FluxAttention)}
 
     def timestep(self, args, kwargs):
@@ -65,10 +66,14 @@ class FluxFamily(DiTFamily):
                              f"pass (true_cfg_scale > 1); i2am records the cond pass of true CFG only (branch='cond'), "
                              f"got branch={branch!r}")
         self.plain = negative
+        # query_region/ref_region: the reference sits inside the generated grid (FLUX.1 Fill try-on,
+        # in-context editors); the recorder takes both rectangles from it
+        regions = self.recording.recorder.regions is not None
         self.layout = token_layout(inputs.get("img_ids"), inputs.get("encoder_hidden_states"),
-                                   inputs.get("hidden_states"))
+                                   inputs.get("hidden_states"), reference=not regions)
         self.recording.recorder.set_latent_size(self.layout.grid)
-        self.recording.recorder.set_ref_grid(self.layout.ref_grid)
+        if not regions:
+            self.recording.recorder.set_ref_grid(self.layout.ref_grid)
         return not negative
 
 
@@ -76,8 +81,9 @@ def _inputs(args, kwargs):
     return _FORWARD.bind_partial(None, *args, **kwargs).arguments  # None: self
 
 
-def token_layout(img_ids, encoder_hidden_states, hidden_states):
-    """TokenLayout of a FluxTransformer2DModel call from img_ids (N, 3) (or (B, N, 3))."""
+def token_layout(img_ids, encoder_hidden_states, hidden_states, reference=True):
+    """TokenLayout of a FluxTransformer2DModel call from img_ids (N, 3) (or (B, N, 3)).
+    reference=False: the generated tokens alone (reference tokens, if any, are other keys)."""
     if not isinstance(img_ids, torch.Tensor) or not isinstance(encoder_hidden_states, torch.Tensor):
         raise ValueError("cannot read the token layout: the Flux transformer call needs img_ids and "
                          "encoder_hidden_states")
@@ -86,12 +92,12 @@ def token_layout(img_ids, encoder_hidden_states, hidden_states):
         raise ValueError(f"img_ids must be (N, 3), one row per image token, got {tuple(img_ids.shape)}")
     text = encoder_hidden_states.shape[1]
     kinds = ids[:, 0].round().long().cpu()
-    if not (kinds == REFERENCE).any():
+    if reference and not (kinds == REFERENCE).any():
         raise ValueError("the Flux transformer call has no reference-image tokens (img_ids[:, 0] == 1, as "
                          "FluxKontextPipeline marks them): i2am maps need a reference image; pass image= "
                          "to the Kontext pipeline")
     spans = {}
-    for kind, what in ((GENERATED, "generated"), (REFERENCE, "reference")):
+    for kind, what in ((GENERATED, "generated"), (REFERENCE, "reference"))[:2 if reference else 1]:
         at = (kinds == kind).nonzero().flatten()
         if at.numel() == 0 or at[-1] - at[0] + 1 != at.numel():
             raise ValueError(f"the {what} image tokens (img_ids[:, 0] == {kind}) must be one contiguous, "
@@ -100,7 +106,10 @@ def token_layout(img_ids, encoder_hidden_states, hidden_states):
     if not set(kinds.tolist()) <= {GENERATED, REFERENCE}:
         raise ValueError(f"img_ids[:, 0] holds {sorted(set(kinds.tolist()))}; i2am knows 0 (generated) and "
                          "1 (one reference image, FLUX.1 Kontext)")
-    (gen, grid), (ref, ref_grid) = spans[GENERATED], spans[REFERENCE]
+    gen, grid = spans[GENERATED]
+    if not reference:
+        return TokenLayout(text, len(ids), slice(text + gen.start, text + gen.stop), None, grid, None)
+    ref, ref_grid = spans[REFERENCE]
     return TokenLayout(text, len(ids), slice(text + gen.start, text + gen.stop),
                        slice(text + ref.start, text + ref.stop), grid, ref_grid)
 

@@ -1,4 +1,5 @@
-"""The UNet family: cross-attention (attn2) layers of diffusers UNets, e.g. UNet2DConditionModel.
+"""The UNet family: cross-attention (attn2) layers of diffusers UNets, e.g. UNet2DConditionModel,
+or their self-attention (attn1) layers (attention="self": a reference inside the same latent).
 
 The processors do the math of diffusers' ``AttnProcessor2_0`` and ``IPAdapterAttnProcessor2_0``
 step by step (spatial/group norm, projections, head split, attention, output projection,
@@ -35,12 +36,13 @@ class UNetFamily(Family):
         unet = getattr(obj, "unet", None)
         return (obj, unet) if isinstance(unet, nn.Module) else (None, obj)
 
-    def attention_layers(self):
-        """{name: Attention} of the UNet's attn2 layers; an error when there are none."""
+    def attention_layers(self, attention="cross"):
+        """{name: Attention} of the UNet's attn2 (cross) or attn1 (self) layers; an error when there are none."""
+        name, cross = ("attn2", True) if attention == "cross" else ("attn1", False)
         layers = {n: m for n, m in self.denoiser.named_modules()
-                  if n.rsplit(".", 1)[-1] == "attn2" and isinstance(m, Attention) and m.is_cross_attention}
+                  if n.rsplit(".", 1)[-1] == name and isinstance(m, Attention) and m.is_cross_attention == cross}
         if not layers:
-            raise ValueError(f"no cross-attention layers (attn2 Attention modules) found in "
+            raise ValueError(f"no {attention}-attention layers ({name} Attention modules) found in "
                              f"{type(self.denoiser).__name__}; i2am.trace supports diffusers UNets such as "
                              "UNet2DConditionModel")
         return layers
