@@ -20,6 +20,7 @@ from pathlib import Path
 from . import pipelines
 from .inputs import InputError, check_device, check_out, command_line_spelling
 from .probes import check_probes
+from .regions import regions_of
 from .protocols import PROTOCOLS
 
 PIPELINES = tuple(pipelines.KINDS)
@@ -95,9 +96,12 @@ examples:
   i2am run --pipeline sd-inpaint-patch --model ./my-model --image person.png --mask mask.png \\
       --reference cloth.png --ref-mask cloth-mask.png --steps 50 --time-groups 5 \\
       --points 20,30 34,30 --boxes 16,20,40,44 --patches 3,4 --out report
-  i2am run --pipeline flux-kontext --model black-forest-labs/FLUX.1-Kontext-dev \
-      --reference photo.png --prompt "make the jacket red" --steps 28 --guidance 2.5 \
-      --points 20,30 --patches 20,30 --out report""")
+  i2am run --pipeline flux-kontext --model black-forest-labs/FLUX.1-Kontext-dev \\
+      --reference photo.png --prompt "make the jacket red" --steps 28 --guidance 2.5 \\
+      --points 20,30 --patches 20,30 --out report
+  i2am run --pipeline sd-inpaint-patch --model ./my-model --image pair.png --mask mask.png \\
+      --reference cloth.png --attention self --query-region 0,0,64,48 --ref-region 0,48,64,96 \\
+      --points 20,30 --out report     # the reference beside the image in one latent""")
     run.add_argument("--pipeline", required=True, choices=PIPELINES)
     run.add_argument("--model", required=True, metavar="PATH_OR_ID", help="local folder or cached model id")
     run.add_argument("--image", help="the image to inpaint (all but flux-kontext)")
@@ -121,6 +125,14 @@ examples:
                      metavar="T,L,B,R", help="latent boxes (end-exclusive) for specific-reference maps")
     run.add_argument("--patches", nargs="*", default=[], type=_ints(2, "row,col"), metavar="I,J",
                      help="reference patches for specific-generated maps")
+    run.add_argument("--query-region", type=_ints(4, "top,left,bottom,right"), metavar="T,L,B,R",
+                     help="with --ref-region: the generated part of a latent holding both (end-exclusive)")
+    run.add_argument("--ref-region", type=_ints(4, "top,left,bottom,right"), metavar="T,L,B,R",
+                     help="the reference part of the same latent; points and boxes are then in the query "
+                          "region's coordinates, patches in the reference region's")
+    run.add_argument("--attention", choices=("cross", "self"), default="cross",
+                     help="UNet pipelines: trace the cross- (attn2) or the self-attention (attn1) layers "
+                          "(default: %(default)s)")
     run.add_argument("--convention", choices=("official", "paper"), default="official")
     _protocol_option(run, "paper: the printed equations; official: the authors' released code (its M_g, display, "
                           "IMACS and layer sets)")
@@ -282,21 +294,25 @@ def _run(args):
     device = check_device(args.device, args.backend)
     _check_time_groups(args.time_groups, args.steps)
     pipelines.check_protocols_of(args.pipeline, [args.protocol])
+    regions = regions_of(args.query_region, args.ref_region)
     given = pipelines.read(args.pipeline, image=args.image, mask=args.mask, reference=args.reference,
                            ref_mask=args.ref_mask, prompt=args.prompt)  # checked before the model loads
     pipe = pipelines.load(args.pipeline, args.model, device=device, dtype=args.dtype, progress=not args.quiet,
                           **_load_options(args))
     x = pipelines.inputs(args.pipeline, pipe, **given)
+    if regions is not None:  # the maps live on two regions of the one latent
+        x = pipelines.on_regions(x, regions)
     check_probes(x.latent_size, x.ref_grid, args.points, args.boxes, args.patches)
 
-    config = TraceConfig(ref_grid=x.ref_grid, time_groups=args.time_groups, mask=x.mask, points=args.points,
-                         boxes=args.boxes, patches=args.patches, convention=args.convention,
-                         protocol=args.protocol, backend=args.backend)
+    config = TraceConfig(ref_grid=None if regions else x.ref_grid, time_groups=args.time_groups, mask=x.mask,
+                         points=args.points, boxes=args.boxes, patches=args.patches, convention=args.convention,
+                         protocol=args.protocol, backend=args.backend, query_region=args.query_region,
+                         ref_region=args.ref_region, attention=args.attention)
     call = dict(**x.call, num_inference_steps=args.steps, guidance_scale=args.guidance)
     result = generation.run_traced(pipe, call, config, seed=args.seed)
     settings = {key: getattr(args, key) for key in (
         "pipeline", "model", "image", "mask", "reference", "ref_mask", "prompt", "steps", "guidance", "seed",
-        "backend") if key != "image" or args.image is not None}  # the protocol is in the maps' own settings
+        "backend", "attention") if key != "image" or args.image is not None}  # the protocol is in the maps' own settings
     settings.update(_load_options(args), device=device, dtype=str(pipe.dtype).removeprefix("torch."),
                     height=x.call["height"], width=x.call["width"])
     extra_images = {name: im for name, im in x.images.items() if im is not None}

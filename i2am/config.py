@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 from . import protocols
 from .grid import RESIZE_MODES
+from .inputs import InputError, arg
 from .integers import as_int, int_tuple, int_tuples
 from .kernels import BACKENDS
 from .layers import check_layers
 from .probes import mask_2d
-from .regions import Regions, rectangle
+from .regions import Regions, regions_of
 
 CONVENTIONS = {"official": ("query", "key"), "paper": ("key", "query")}  # (gen softmax, ref softmax)
 BRANCHES = ("cond", "uncond", "all")
@@ -66,19 +67,16 @@ class TraceConfig:
             raise ValueError(f"ref_grid must be (hI, wI) or 'layer', got {ref_grid!r}")
         if ref_grid is not None and not layer_grids:
             put("ref_grid", pair(ref_grid, "ref_grid (hI, wI)"))
-        if (self.query_region is None) != (self.ref_region is None):
-            raise ValueError("query_region and ref_region go together: the generated and the reference part of "
-                             "one latent grid")
-        if self.query_region is not None:
+        regions = regions_of(self.query_region, self.ref_region)
+        if regions is not None:
             if ref_grid is not None or self.ref_keys is not None or self.ref_size is not None:
-                raise ValueError("ref_region gives the reference keys and their grid; leave ref_grid, ref_keys and "
-                                 "ref_size out")
+                raise InputError(f"{arg('ref_region')} gives the reference keys and their grid; leave ref_grid, "
+                                 "ref_keys and ref_size out")
             if protocol.per_key_rows:
-                raise ValueError(f"query_region/ref_region are defined under protocol='paper'; protocol="
-                                 f"{self.protocol!r} reproduces the authors' cross-attention code")
-            put("query_region", rectangle(self.query_region, "query_region"))
-            put("ref_region", rectangle(self.ref_region, "ref_region"))
-            Regions(self.query_region, self.ref_region)  # overlap
+                raise InputError(f"{arg('query_region')}/{arg('ref_region')} are defined under protocol 'paper'; "
+                                 f"protocol {self.protocol!r} reproduces the authors' cross-attention code")
+            put("query_region", regions.query)
+            put("ref_region", regions.ref)
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.ref_size is not None:

@@ -12,7 +12,7 @@ pipeline is one more entry. Bad arguments raise i2am.inputs.InputError naming th
 import json
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -248,6 +248,20 @@ def _prepare_flux_kontext(pipe, given):
     masks = {name: None if crop[name] is None else binary_mask(crop[name], name) for name in ("mask", "ref_mask")}
     return Inputs(flux.kontext_call(crop["reference"], given["prompt"], height, width), grid, grid, crop["reference"],
                   masks["mask"], masks["ref_mask"], {"mask": crop["mask"], "ref_mask": crop["ref_mask"]})
+
+
+def on_regions(x, regions):
+    """The Inputs `x` of a run traced on two regions of its one latent (i2am.regions.Regions,
+    checked on x's latent grid): the maps' grids are the regions' shapes and the inpainting
+    mask is the query region's part."""
+    from .regions import crop, shape
+
+    regions.check(x.latent_size)
+    if x.ref_mask is not None:
+        raise InputError(f"{arg('ref_mask')} marks a separate reference image; with {arg('ref_region')} the "
+                         "reference is a region of the generated image: leave it out")
+    mask = None if x.mask is None else crop(x.mask, regions.query, x.latent_size)
+    return replace(x, latent_size=shape(regions.query), ref_grid=shape(regions.ref), mask=mask)
 
 
 KINDS = {

@@ -12,16 +12,27 @@ from math import gcd
 
 import torch
 
+from .inputs import InputError, arg, coords, to_pil
 from .integers import int_tuple
 
 
 def rectangle(region, what):
     """(top, left, bottom, right) as ints with top < bottom, left < right, all >= 0."""
-    t, l, b, r = int_tuple(region, 4, f"{what} (top, left, bottom, right)")
+    t, l, b, r = int_tuple(region, 4, f"{arg(what)} (top, left, bottom, right)")
     if not (0 <= t < b and 0 <= l < r):
-        raise ValueError(f"{what} must satisfy 0 <= top < bottom and 0 <= left < right (end-exclusive), "
-                         f"got {(t, l, b, r)}")
+        raise InputError(f"{arg(what)} must satisfy 0 <= top < bottom and 0 <= left < right (end-exclusive), "
+                         f"got {coords((t, l, b, r))}")
     return t, l, b, r
+
+
+def regions_of(query_region, ref_region):
+    """The checked Regions of two rectangles, or None when neither is given."""
+    if query_region is None and ref_region is None:
+        return None
+    if query_region is None or ref_region is None:
+        raise InputError(f"{arg('query_region')} and {arg('ref_region')} go together: the generated and the "
+                         "reference part of one latent grid")
+    return Regions(rectangle(query_region, "query_region"), rectangle(ref_region, "ref_region"))
 
 
 def shape(region):
@@ -38,15 +49,15 @@ class Regions:
     def __post_init__(self):
         (t1, l1, b1, r1), (t2, l2, b2, r2) = self.query, self.ref
         if t1 < b2 and t2 < b1 and l1 < r2 and l2 < r1:
-            raise ValueError(f"query_region {self.query} and ref_region {self.ref} overlap; they must be two "
-                             "separate parts of the latent grid")
+            raise InputError(f"{arg('query_region')} {coords(self.query)} and {arg('ref_region')} "
+                             f"{coords(self.ref)} overlap; they must be two separate parts of the latent grid")
 
     def check(self, grid):
         """An error unless both rectangles lie inside the latent grid (h, w)."""
         h, w = grid
         for what, (t, l, b, r) in (("query_region", self.query), ("ref_region", self.ref)):
             if b > h or r > w:
-                raise ValueError(f"{what} {(t, l, b, r)} reaches outside the latent grid {h}x{w} "
+                raise InputError(f"{arg(what)} {coords((t, l, b, r))} reaches outside the latent grid {h}x{w} "
                                  f"(bottom <= {h}, right <= {w})")
 
     def on_layer(self, layer, grid, latent_size):
@@ -70,3 +81,21 @@ def _scaled(layer, what, region, grid, latent_size):
     t, l, b, r = (x // n for x, n in zip(bounds, sizes))
     rows, cols = torch.arange(t, b), torch.arange(l, r)
     return (rows[:, None] * w_l + cols[None, :]).reshape(-1), (b - t, r - l)
+
+
+def crop(image, region, latent):
+    """The pixels of a latent-grid `region` of a PIL `image` or an (..., H, W) tensor whose latent
+    grid is `latent` (each side an integer number of pixels per latent cell)."""
+    (h, w), (t, l, b, r) = latent, region
+    if isinstance(image, torch.Tensor):
+        sy, sx = image.shape[-2] // h, image.shape[-1] // w
+        return image[..., t * sy:b * sy, l * sx:r * sx]
+    sy, sx = image.height // h, image.width // w
+    return image.crop((l * sx, t * sy, r * sx, b * sy))
+
+
+def split_image(image, regions):
+    """(the query region's image, the reference region's image) of one generated image, as PIL
+    images; regions: AttributionMaps.regions ({"latent", "query", "ref"})."""
+    image = to_pil(image)
+    return tuple(crop(image, regions[part], regions["latent"]) for part in ("query", "ref"))

@@ -15,6 +15,7 @@ import torch
 
 from . import protocols, viz
 from .inputs import as_mask, to_pil
+from .regions import split_image
 
 MAPS_FILE, SCORES_FILE, INDEX_FILE = "maps.safetensors", "scores.json", "report.md"
 
@@ -28,7 +29,9 @@ def write_report(out_dir, maps, *, image=None, reference=None, ref_mask=None, se
     "settings" (the maps' own settings, the display settings, the run settings the maps carry
     and `settings`, e.g. the pipeline call's). The maps file keeps the run and display settings,
     so that `i2am show` re-renders with them. compare_protocols: also "by_protocol", the IMACS
-    under every protocol the recorded buffers can be read under, side by side in report.md."""
+    under every protocol the recorded buffers can be read under, side by side in report.md.
+    Maps traced on two regions of one image (query_region/ref_region) take `image` whole: its
+    query region is the generated image of the figures, its reference region the reference."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     run = {**maps.settings, **(settings or {}), "threshold": threshold, "alpha": alpha}
@@ -41,8 +44,10 @@ def write_report(out_dir, maps, *, image=None, reference=None, ref_mask=None, se
     scores["settings"] = {**map_settings(maps), "lam": lam, **run}
     (out / SCORES_FILE).write_text(json.dumps(_jsonable(scores), indent=2) + "\n")
 
-    images = dict(extra_images or {})
-    for name, img in (("generated", image), ("reference", reference)):
+    images, whole = dict(extra_images or {}), image
+    if maps.regions is not None and image is not None:
+        image, reference = _region_images(image, maps.regions)
+    for name, img in (("generated", whole), ("reference", reference)):
         if isinstance(img, (list, tuple)):
             images.update((f"{name}_{b}", one) for b, one in enumerate(img))
         elif img is not None:
@@ -237,6 +242,13 @@ def _save_maps(maps, path, settings):
     tmp = path.with_name(path.name + ".tmp")
     maps.save(tmp, settings=settings)
     os.replace(tmp, path)
+
+
+def _region_images(image, regions):
+    """(query region images, reference region images) of one image or a list of them."""
+    if isinstance(image, (list, tuple)):
+        return tuple(map(list, zip(*(split_image(one, regions) for one in image))))
+    return split_image(image, regions)
 
 
 def _per_sample(image, samples):

@@ -316,3 +316,34 @@ def test_run_quiet_prints_only_where_the_report_is(capsys, inputs, tiny_pipeline
     assert len(step_bars) == 1 and step_bars[0]["disable"] is True  # the bar over the steps is off
     code, stdout, err = cli(capsys, *run_args(inputs, tiny_pipeline, tmp_path / "loud"))
     assert "IMACS_g" in stdout and len(step_bars) == 2 and step_bars[1]["disable"] is False
+
+
+def test_run_on_two_regions_of_one_image(capsys, inputs, tiny_pipeline, tmp_path):
+    """--query-region/--ref-region with --attention self: the maps live on the two halves of the
+    one generated image (side by side along width), the figures show both halves."""
+    out = tmp_path / "report"
+    half = (0, 0, LATENT[0], LATENT[1] // 2), (0, LATENT[1] // 2, *LATENT)
+    code, stdout, err = cli(capsys, *run_args(inputs, tiny_pipeline, out), "--attention", "self",
+                            "--query-region", ",".join(map(str, half[0])), "--ref-region", ",".join(map(str, half[1])),
+                            "--points", "3,4", "--patches", "2,5")
+    assert code == 0, err
+    maps = AttributionMaps.load(out / "maps.safetensors")
+    assert maps.latent_size == maps.ref_grid == (LATENT[0], LATENT[1] // 2)
+    assert maps.regions == {"latent": LATENT, "query": half[0], "ref": half[1]}
+    assert maps.layers and all(name.endswith("attn1") for name in maps.layers)
+    assert Image.open(out / "generated.png").size == (WIDTH, HEIGHT)  # the whole image
+    assert Image.open(out / "reference.png").size == (WIDTH // 2, HEIGHT)  # its reference half
+    assert {"overview.png", "specific_reference_point_3_4.png", "specific_generated_patch_2_5.png"} <= {
+        p.name for p in out.iterdir()}
+    assert json.loads((out / "scores.json").read_text())["settings"]["attention"] == "self"
+
+
+@pytest.mark.parametrize("regions, message", [
+    (("0,0,8,7", "0,6,8,12"), "overlap"),
+    (("0,0,8,6", "0,6,8,13"), "--ref-region 0,6,8,13 reaches outside the latent grid 8x12"),
+    (("0,0,8,6", None), "go together"),
+])
+def test_run_bad_regions_exit_2(capsys, inputs, tiny_pipeline, tmp_path, regions, message):
+    extra = ["--query-region", regions[0]] + (["--ref-region", regions[1]] if regions[1] else [])
+    code, _, err = cli(capsys, *run_args(inputs, tiny_pipeline, tmp_path / "report"), "--attention", "self", *extra)
+    assert code == 2 and message in err, err
