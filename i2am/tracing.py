@@ -65,6 +65,14 @@ class trace(recording):
             where the pipeline has it, else an even batch is (UNets); Flux: never (guidance-
             distilled, so branch="cond" records every entry).
         resize: "bicubic" (default), "bilinear" or "nearest", the layer-to-latent resize.
+        query_region, ref_region: (top, left, bottom, right), end-exclusive, on the latent grid
+            (Flux: the packed token grid): the generated image and its reference as two parts of
+            one latent (CatVTON's [person; garment], a side-by-side reference). Each layer's
+            queries and reference keys are the rectangles' tokens scaled to its grid (a bound
+            that does not scale to whole tokens is an error naming the layer); the maps have the
+            regions' shapes, points and boxes are in the query region's coordinates, patches in
+            the reference region's, the mask covers the query region. No ref_grid then.
+        attention: "cross" (default: a UNet's attn2 layers) or "self" (its attn1 layers).
 
     One denoiser call is one step; the latent size is read from its input and may not change.
     Layers are the UNet's attn2 modules (``Attention.is_cross_attention``) running
