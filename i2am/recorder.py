@@ -64,7 +64,7 @@ class Recorder:
         self.regions = config.regions
         if self.regions is not None:
             self.ref_grid = shape(self.regions.ref)
-        self._region_rows = {}  # layer -> its rows, grid and reference keys on the regions
+        self._region_rows = {}  # layer -> (rows, grid, reference keys, their grid) on the regions; None: untraced
         self.ref_size, self.time_groups, self.ref_keys = config.ref_size, config.time_groups, config.ref_keys
         self.branch, self.convention, self.backend = config.branch, config.convention, config.backend
         self.layers, self.resize, self.mask = config.layers, config.resize, config.mask
@@ -190,6 +190,7 @@ class Recorder:
             tokens = torch.arange(nq)[slice(None) if rows is None else rows]
             grid = layer_grid(tokens.numel(), self.latent_size) if grid is None else pair(grid, "grid")
             if not self.selected(layer, grid):
+                self._region_rows[layer] = None
                 return False
             if grid[0] * grid[1] != tokens.numel() or nk != nq:
                 raise ValueError(f"layer {layer!r}: query_region/ref_region need self-attention over one token grid "
@@ -197,7 +198,7 @@ class Recorder:
                                  f"queries on grid {grid} and {nk} keys for {nq} queries")
             q_idx, q_grid, k_idx, k_grid = self.regions.on_layer(layer, grid, self.latent_size)
             self._region_rows[layer] = (query_row_range(tokens[q_idx], nq), q_grid, tokens[k_idx], k_grid)
-        return True
+        return self._region_rows[layer] is not None
 
     def _warn_incomplete(self, layers):
         """Warnings for what the maps cannot show: steps that did not run, non-finite values."""
