@@ -169,6 +169,13 @@ def test_a_bound_that_does_not_scale_names_the_layer():
     assert all(type(m.processor).__name__ == "AttnProcessor2_0" for n, m in unet.named_modules()
                if n.endswith("attn1"))  # restored after the error
 
+    # the layers at full resolution alone take the same regions
+    with torch.no_grad(), i2am.trace(unet, num_steps=1, attention="self", query_region=(0, 0, 7, 6),
+                                     ref_region=(7, 0, 16, 6), layers=["down_blocks.0.*", "up_blocks.1.*"]) as tc:
+        run_unet(unet, inputs, [500])
+    maps = tc.maps()
+    assert {lay["grid"] for lay in maps.layers.values()} == {(7, 6)} and len(maps.layers) == 3
+    assert maps.generated().shape == (7, 6) and maps.reference().shape == (9, 6)  # the cond half
 
 def test_overlapping_and_out_of_grid_regions_are_clear_errors():
     with pytest.raises(ValueError, match="overlap"):
