@@ -17,7 +17,7 @@ import torch
 from diffusers.models.transformers.transformer_flux import (FluxAttention, FluxAttnProcessor,
                                                             FluxTransformer2DModel)
 
-from .dit import DiTFamily, TokenLayout
+from .dit import DiTFamily, TokenLayout, negative_pass
 
 GENERATED, REFERENCE = 0, 1  # img_ids[:, 0] of FLUX.1 Kontext's generated and reference tokens
 _FORWARD = inspect.signature(FluxTransformer2DModel.forward)
@@ -26,10 +26,6 @@ _FORWARD = inspect.signature(FluxTransformer2DModel.forward)
 class FluxFamily(DiTFamily):
     PROTOCOLS = ("paper",)  # the official protocol reproduces the authors' UNet code
     PROCESSORS = (FluxAttnProcessor,)
-
-    def __init__(self, denoiser):
-        super().__init__(denoiser)
-        self._last_timestep = None
 
     @classmethod
     def matches(cls, obj):
@@ -55,16 +51,7 @@ class FluxFamily(DiTFamily):
         CFG's negative-prompt pass (FluxKontextPipeline with true_cfg_scale > 1): not a new step,
         and not recorded (branch="cond")."""
         inputs = _inputs(args, kwargs)
-        t = self.timestep(args, kwargs)
-        t = None if t is None else t.flatten()[:1].cpu()
-        last, self._last_timestep = self._last_timestep, t
-        negative = t is not None and last is not None and torch.equal(t, last)
-        branch = self.recording.recorder.branch
-        if negative and branch != "cond":
-            raise ValueError(f"two transformer calls in a row at timestep {t.item():g}: true CFG's negative-prompt "
-                             f"pass (true_cfg_scale > 1); i2am records the cond pass of true CFG only (branch='cond'), "
-                             f"got branch={branch!r}")
-        self.plain = negative
+        negative = self.plain = negative_pass(self, self.timestep(args, kwargs))
         self.layout = token_layout(inputs.get("img_ids"), inputs.get("encoder_hidden_states"),
                                    inputs.get("hidden_states"))
         self.recording.recorder.set_latent_size(self.layout.grid)
