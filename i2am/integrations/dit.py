@@ -172,3 +172,14 @@ def negative_pass(family, timestep):
                          f"pass (true_cfg_scale > 1); i2am records the cond pass of true CFG only (branch='cond'), "
                          f"got branch={branch!r}")
     return negative
+
+
+def row_major_grid(rc, what):
+    """(h, w) of tokens whose (row, col) ids (N, 2) must run row-major over a full h x w grid."""
+    rc = rc.round().long()
+    rc = rc - rc.min(0).values  # offsets of the ids (e.g. a shifted reference) do not matter
+    h, w = int(rc[:, 0].max()) + 1, int(rc[:, 1].max()) + 1
+    want = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1).reshape(-1, 2)
+    if rc.shape[0] != h * w or not torch.equal(rc, want):
+        raise ValueError(f"the {what} tokens' (row, col) ids do not form a row-major grid")
+    return h, w

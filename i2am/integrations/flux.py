@@ -17,7 +17,7 @@ import torch
 from diffusers.models.transformers.transformer_flux import (FluxAttention, FluxAttnProcessor,
                                                             FluxTransformer2DModel)
 
-from .dit import DiTFamily, TokenLayout, negative_pass
+from .dit import DiTFamily, TokenLayout, negative_pass, row_major_grid
 
 GENERATED, REFERENCE = 0, 1  # img_ids[:, 0] of FLUX.1 Kontext's generated and reference tokens
 _FORWARD = inspect.signature(FluxTransformer2DModel.forward)
@@ -83,24 +83,13 @@ def token_layout(img_ids, encoder_hidden_states, hidden_states):
         if at.numel() == 0 or at[-1] - at[0] + 1 != at.numel():
             raise ValueError(f"the {what} image tokens (img_ids[:, 0] == {kind}) must be one contiguous, "
                              f"non-empty range of the image tokens")
-        spans[kind] = (slice(int(at[0]), int(at[-1]) + 1), _grid(ids[at, 1:].cpu(), what))
+        spans[kind] = (slice(int(at[0]), int(at[-1]) + 1), row_major_grid(ids[at, 1:].cpu(), what))
     if not set(kinds.tolist()) <= {GENERATED, REFERENCE}:
         raise ValueError(f"img_ids[:, 0] holds {sorted(set(kinds.tolist()))}; i2am knows 0 (generated) and "
                          "1 (one reference image, FLUX.1 Kontext)")
     (gen, grid), (ref, ref_grid) = spans[GENERATED], spans[REFERENCE]
     return TokenLayout(text, len(ids), slice(text + gen.start, text + gen.stop),
                        slice(text + ref.start, text + ref.stop), grid, ref_grid)
-
-
-def _grid(rc, what):
-    """(h, w) of tokens whose (row, col) ids must run row-major over a full h x w grid."""
-    rc = rc.round().long()
-    rc = rc - rc.min(0).values  # offsets of the ids (e.g. a shifted reference) do not matter
-    h, w = int(rc[:, 0].max()) + 1, int(rc[:, 1].max()) + 1
-    want = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1).reshape(-1, 2)
-    if rc.shape[0] != h * w or not torch.equal(rc, want):
-        raise ValueError(f"the {what} tokens' (row, col) ids do not form a row-major grid")
-    return h, w
 
 
 # ---- the `i2am run --pipeline flux-kontext` model -------------------------------------------------
