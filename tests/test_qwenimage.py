@@ -100,3 +100,21 @@ def test_a_given_ref_grid_must_be_reference_0s_and_patches_are_checked():
         with torch.no_grad(), i2am.trace(model, num_steps=1) as tc:
             model(**inputs)
         tc.maps().reference(ref=2)
+
+
+def test_report_has_rows_per_reference_and_a_sources_figure(tmp_path):
+    from PIL import Image
+
+    from i2am.report import write_report
+
+    model, inputs = tq.transformer(), tq.edit_plus_inputs(batch=1)
+    with torch.no_grad(), i2am.trace(model, num_steps=3, time_groups=G, points=[POINT], patches=[PATCH]) as tc:
+        run_steps(model, inputs)
+    refs = [Image.new("RGB", (16 * w, 16 * h), "gray") for h, w in tq.REFS]
+    write_report(tmp_path, tc.maps(), image=Image.new("RGB", (96, 64), "white"), reference=refs)
+    names = {p.name for p in tmp_path.glob("*.png")}
+    assert {"overview.png", "by_time.png", "by_head.png", "sources.png", "specific_generated_patch_1_2_3.png",
+            "specific_reference_point_1_4.png"} <= names
+    assert "| references | [[4, 4], [3, 5]] |" in (tmp_path / "report.md").read_text()
+    with pytest.raises(ValueError, match="1 reference images for the 2 references"):
+        write_report(tmp_path / "again", tc.maps(), reference=refs[:1])
