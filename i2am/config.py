@@ -8,9 +8,9 @@ The trace, the recording and the Recorder take a config (or the same keywords, w
 one), so a setting is written once and a bad one is an error naming it before any model work.
 """
 import dataclasses
+from dataclasses import dataclass
 
 import torch
-from dataclasses import dataclass
 
 from . import protocols
 from .grid import RESIZE_MODES
