@@ -24,6 +24,18 @@ def captured_qk(module, keep=lambda q, k: True):
         module.dispatch_attention_fn = dispatch
 
 
+def run_steps(model, inputs, timesteps, negative=None):
+    """One transformer call per step, as the pipelines make them; with `negative` (true CFG) a
+    second call at the same timestep with the negative prompt's text. Returns every output."""
+    outs = []
+    for t in timesteps:
+        step = {**inputs, "timestep": torch.full_like(inputs["timestep"], t)}
+        outs.append(model(**step)[0])
+        if negative is not None:
+            outs.append(model(**{**step, "encoder_hidden_states": negative})[0])
+    return outs
+
+
 def expected_maps(calls, layers, steps, groups, layout, point, patch):
     """{layer: {name: (B, G, heads, ...)}} float64 sums per time group: "gen" (C, uniform over every
     reference's keys), "gen{r}" (over reference r's), "patch" (reference patch (r, i, j)), "ref{r}"

@@ -19,26 +19,17 @@ TIMESTEPS = [1.0, 0.7, 0.4]
 TOL = {"torch": dict(rtol=1e-4, atol=1e-7), "triton": dict(rtol=1e-4, atol=1e-6)}
 
 
-def run_steps(model, inputs, negative=None):
-    outs = []
-    for t in TIMESTEPS:
-        step = {**inputs, "timestep": torch.full_like(inputs["timestep"], t)}
-        outs.append(model(**step)[0])
-        if negative is not None:  # Flux2KleinPipeline's true CFG: the negative prompt at the same timestep
-            outs.append(model(**{**step, "encoder_hidden_states": negative})[0])
-    return outs
-
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_flux2_maps_match_float64(backend):
     model, inputs = t2.transformer(), t2.inputs(batch=2)
     with torch.no_grad(), mr.captured_qk(transformer_flux2) as calls:
-        want_out = run_steps(model, inputs)
+        want_out = mr.run_steps(model, inputs, TIMESTEPS)
     layout = token_layout(inputs["img_ids"], inputs["encoder_hidden_states"], inputs["hidden_states"])
     assert (layout.rows, layout.ref_keys, layout.grids) == (slice(5, 29), slice(29, 60), t2.REFS)
     with torch.no_grad(), i2am.trace(model, num_steps=3, time_groups=G, points=[POINT], patches=[PATCH],
                                      backend=backend) as tc:
-        got_out = run_steps(model, inputs)
+        got_out = mr.run_steps(model, inputs, TIMESTEPS)
     for a, b in zip(got_out, want_out):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     maps = tc.maps()
@@ -73,11 +64,11 @@ def test_klein_true_cfg_records_the_cond_pass():
     model, inputs = t2.transformer(guidance=False), t2.inputs(guidance=False)
     negative = torch.randn_like(inputs["encoder_hidden_states"])
     with torch.no_grad():
-        want_out = run_steps(model, inputs, negative)
+        want_out = mr.run_steps(model, inputs, TIMESTEPS, negative)
         with i2am.trace(model, num_steps=3) as cond_only:
-            run_steps(model, inputs)
+            mr.run_steps(model, inputs, TIMESTEPS)
         with i2am.trace(model, num_steps=3) as tc:
-            got_out = run_steps(model, inputs, negative)
+            got_out = mr.run_steps(model, inputs, TIMESTEPS, negative)
     for a, b in zip(got_out, want_out):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     for name, share in cond_only.maps().sources(all_keys=True).items():

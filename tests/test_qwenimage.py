@@ -18,29 +18,18 @@ BACKENDS = ["torch"] + (["triton"] if triton_available(torch.device("cpu")) else
 TIMESTEPS = [1.0, 0.7, 0.4]
 
 
-def run_steps(model, inputs, timesteps=TIMESTEPS, negative=None):
-    """One call per step, as the pipeline makes them; with `negative` (true CFG) a second call at
-    the same timestep with the negative prompt's text."""
-    outs = []
-    for t in timesteps:
-        step = {**inputs, "timestep": torch.full_like(inputs["timestep"], t)}
-        outs.append(model(**step)[0])
-        if negative is not None:
-            outs.append(model(**{**step, "encoder_hidden_states": negative})[0])
-    return outs
-
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("zero_cond_t", [False, True])  # Qwen-Image-Edit-2511 modulates the references apart
 def test_edit_plus_maps_match_float64(backend, zero_cond_t):
     model, inputs = tq.transformer(zero_cond_t), tq.edit_plus_inputs(batch=2)
     with torch.no_grad(), mr.captured_qk(transformer_qwenimage) as calls:
-        want_out = run_steps(model, inputs)
+        want_out = mr.run_steps(model, inputs, TIMESTEPS)
     layout = token_layout(inputs["img_shapes"], inputs["encoder_hidden_states"], inputs["hidden_states"])
     assert (layout.rows, layout.ref_keys, layout.text) == (slice(5, 29), slice(29, 60), 5)
     with torch.no_grad(), i2am.trace(model, num_steps=3, time_groups=G, points=[POINT], patches=[PATCH],
                                      backend=backend) as tc:
-        got_out = run_steps(model, inputs)
+        got_out = mr.run_steps(model, inputs, TIMESTEPS)
     for a, b in zip(got_out, want_out):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     maps = tc.maps()
@@ -53,11 +42,11 @@ def test_true_cfg_records_the_cond_pass_and_the_output_is_unchanged(tmp_path):
     model, inputs = tq.transformer(), tq.edit_plus_inputs(batch=1)
     negative = torch.randn_like(inputs["encoder_hidden_states"])
     with torch.no_grad():
-        want_out = run_steps(model, inputs, negative=negative)
+        want_out = mr.run_steps(model, inputs, TIMESTEPS, negative)
         with i2am.trace(model, num_steps=3, patches=[PATCH]) as cond_only:
-            run_steps(model, inputs)
+            mr.run_steps(model, inputs, TIMESTEPS)
         with i2am.trace(model, num_steps=3, patches=[PATCH]) as tc:
-            got_out = run_steps(model, inputs, negative=negative)
+            got_out = mr.run_steps(model, inputs, TIMESTEPS, negative)
     for a, b in zip(got_out, want_out):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     maps, want = tc.maps(), cond_only.maps()
@@ -109,7 +98,7 @@ def test_report_has_rows_per_reference_and_a_sources_figure(tmp_path):
 
     model, inputs = tq.transformer(), tq.edit_plus_inputs(batch=1)
     with torch.no_grad(), i2am.trace(model, num_steps=3, time_groups=G, points=[POINT], patches=[PATCH]) as tc:
-        run_steps(model, inputs)
+        mr.run_steps(model, inputs, TIMESTEPS)
     refs = [Image.new("RGB", (16 * w, 16 * h), "gray") for h, w in tq.REFS]
     write_report(tmp_path, tc.maps(), image=Image.new("RGB", (96, 64), "white"), reference=refs)
     names = {p.name for p in tmp_path.glob("*.png")}

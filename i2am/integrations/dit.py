@@ -16,16 +16,18 @@ point the processor's own code runs untouched and a family says only where the g
 and the reference keys are. So a new DiT family (Qwen-Image-Edit-Plus, FLUX.2, in-context
 editors whose reference sits beside the generated image) is a DiTFamily subclass with:
 
+    TRANSFORMER           the diffusers transformer class (matches, split, inputs and timestep
+                          follow from it)
     PROCESSORS            the processor classes it accepts (each calls dispatch_attention_fn
                           once per layer call with the layer's whole joint sequence)
-    matches / split / attention_layers
+    attention_layers
     read_inputs(args, kwargs)   sets self.layout (a TokenLayout or anything with its fields)
                           from the transformer call, and the recording's latent size and grids
-    timestep(args, kwargs)
 
 and, when some calls are not to be recorded (true CFG's negative pass), ``self.plain = True``
 (``negative_pass`` tells it from the timestep). The layout's text and generated keys are kept as
 two more sources beside the references (AttributionMaps.sources).
+
 The stand-in is bound while any trace uses it (counted per module) and the original is back
 when the last one leaves.
 """
@@ -76,6 +78,24 @@ class DiTFamily(Family):
     CFG_BATCH = False        # DiT editors are guidance-distilled or run true CFG as separate calls
     NEEDS_REF_GRID = False   # the token layout says it
     PROCESSORS = ()
+    TRANSFORMER = None       # the diffusers transformer class (pipelines hold it as .transformer)
+
+    @classmethod
+    def matches(cls, obj):
+        return isinstance(obj, cls.TRANSFORMER) or isinstance(getattr(obj, "transformer", None), cls.TRANSFORMER)
+
+    @classmethod
+    def split(cls, obj):
+        return (None, obj) if isinstance(obj, cls.TRANSFORMER) else (obj, obj.transformer)
+
+    def inputs(self, args, kwargs):
+        """{name: value} of a transformer call's arguments."""
+        return inspect.signature(self.TRANSFORMER.forward).bind_partial(None, *args, **kwargs).arguments
+
+    def timestep(self, args, kwargs):
+        """The pipelines pass timestep / 1000 (the transformer multiplies it back)."""
+        t = self.inputs(args, kwargs).get("timestep")
+        return None if t is None else torch.as_tensor(t).double() * 1000
 
     def __init__(self, denoiser):
         super().__init__(denoiser)

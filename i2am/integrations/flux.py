@@ -11,8 +11,6 @@ W/16). FLUX.1 [dev] and Kontext are guidance-distilled: no [uncond, cond] batch.
 
 ``FluxAttnProcessor`` runs unchanged; its dispatched attention is recorded (i2am.integrations.dit).
 """
-import inspect
-
 import torch
 from diffusers.models.transformers.transformer_flux import (FluxAttention, FluxAttnProcessor,
                                                             FluxTransformer2DModel)
@@ -20,47 +18,29 @@ from diffusers.models.transformers.transformer_flux import (FluxAttention, FluxA
 from .dit import DiTFamily, TokenLayout, negative_pass, row_major_grid
 
 GENERATED, REFERENCE = 0, 1  # img_ids[:, 0] of FLUX.1 Kontext's generated and reference tokens
-_FORWARD = inspect.signature(FluxTransformer2DModel.forward)
 
 
 class FluxFamily(DiTFamily):
     PROTOCOLS = ("paper",)  # the official protocol reproduces the authors' UNet code
+    TRANSFORMER = FluxTransformer2DModel
     PROCESSORS = (FluxAttnProcessor,)
-
-    @classmethod
-    def matches(cls, obj):
-        return isinstance(obj, FluxTransformer2DModel) or isinstance(getattr(obj, "transformer", None),
-                                                                     FluxTransformer2DModel)
-
-    @classmethod
-    def split(cls, obj):
-        return (None, obj) if isinstance(obj, FluxTransformer2DModel) else (obj, obj.transformer)
 
     def attention_layers(self):
         """{name: FluxAttention}: every joint attention, double- and single-stream blocks."""
         return {n: m for n, m in self.denoiser.named_modules() if isinstance(m, FluxAttention)}
-
-    def timestep(self, args, kwargs):
-        """The pipelines pass timestep / 1000 (the transformer multiplies it back)."""
-        t = _inputs(args, kwargs).get("timestep")
-        return None if t is None else torch.as_tensor(t).double() * 1000
 
     def read_inputs(self, args, kwargs):
         """The call's token layout from its img_ids and text length; sets the latent size and the
         reference grid (both fixed for the trace). A second call at the same timestep is true
         CFG's negative-prompt pass (FluxKontextPipeline with true_cfg_scale > 1): not a new step,
         and not recorded (branch="cond")."""
-        inputs = _inputs(args, kwargs)
+        inputs = self.inputs(args, kwargs)
         negative = self.plain = negative_pass(self, self.timestep(args, kwargs))
         self.layout = token_layout(inputs.get("img_ids"), inputs.get("encoder_hidden_states"),
                                    inputs.get("hidden_states"))
         self.recording.recorder.set_latent_size(self.layout.grid)
         self.recording.recorder.set_ref_grid(self.layout.ref_grid)
         return not negative
-
-
-def _inputs(args, kwargs):
-    return _FORWARD.bind_partial(None, *args, **kwargs).arguments  # None: self
 
 
 def token_layout(img_ids, encoder_hidden_states, hidden_states):

@@ -16,8 +16,6 @@ generated keys (``kv_cache_mode="cached"``: img_ids hold the generated tokens al
 record the generated rows against [text, references, generated] keys; the references' own
 attention is not recorded; the cached calls take the reference grids from the first call.
 """
-import inspect
-
 import torch
 from diffusers.models.transformers.transformer_flux2 import (Flux2Attention, Flux2AttnProcessor,
                                                              Flux2KVAttnProcessor, Flux2KVParallelSelfAttnProcessor,
@@ -28,36 +26,22 @@ from diffusers.models.transformers.transformer_flux2 import (Flux2Attention, Flu
 from .dit import DiTFamily, TokenLayout, negative_pass, row_major_grid
 
 GENERATED, REFERENCE_STEP = 0, 10  # img_ids[:, 0]: 0 generated, 10 + 10 r reference r
-_FORWARD = inspect.signature(Flux2Transformer2DModel.forward)
 
 
 class Flux2Family(DiTFamily):
     PROTOCOLS = ("paper",)  # the official protocol reproduces the authors' UNet code
+    TRANSFORMER = Flux2Transformer2DModel
     PROCESSORS = (Flux2AttnProcessor, Flux2ParallelSelfAttnProcessor, Flux2KVAttnProcessor,
                   Flux2KVParallelSelfAttnProcessor)
-
-    @classmethod
-    def matches(cls, obj):
-        return isinstance(obj, Flux2Transformer2DModel) or isinstance(getattr(obj, "transformer", None),
-                                                                      Flux2Transformer2DModel)
-
-    @classmethod
-    def split(cls, obj):
-        return (None, obj) if isinstance(obj, Flux2Transformer2DModel) else (obj, obj.transformer)
 
     def attention_layers(self):
         """{name: attention}: every joint attention, double- and single-stream blocks."""
         return {n: m for n, m in self.denoiser.named_modules()
                 if isinstance(m, (Flux2Attention, Flux2ParallelSelfAttention))}
 
-    def timestep(self, args, kwargs):
-        """The pipelines pass timestep / 1000 (the transformer multiplies it back)."""
-        t = _inputs(args, kwargs).get("timestep")
-        return None if t is None else torch.as_tensor(t).double() * 1000
-
     def read_inputs(self, args, kwargs):
         """The call's token layout from img_ids (and the KV cache); returns whether it is a new step."""
-        inputs = _inputs(args, kwargs)
+        inputs = self.inputs(args, kwargs)
         negative = self.plain = negative_pass(self, self.timestep(args, kwargs))
         recorder = self.recording.recorder
         mode = inputs.get("kv_cache_mode")
@@ -72,10 +56,6 @@ class Flux2Family(DiTFamily):
         recorder.set_latent_size(self.layout.grid)
         recorder.set_references(self.layout.grids)
         return not negative
-
-
-def _inputs(args, kwargs):
-    return _FORWARD.bind_partial(None, *args, **kwargs).arguments  # None: self
 
 
 def _ids(img_ids, encoder_hidden_states, hidden_states):

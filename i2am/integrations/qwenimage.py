@@ -13,52 +13,30 @@ that call is no new step and is not recorded (branch="cond").
 ``QwenDoubleStreamAttnProcessor2_0`` runs unchanged; its dispatched attention is recorded
 (i2am.integrations.dit).
 """
-import inspect
-
 import torch
 from diffusers.models.transformers.transformer_qwenimage import (QwenDoubleStreamAttnProcessor2_0,
                                                                  QwenImageTransformer2DModel)
 
 from .dit import DiTFamily, TokenLayout, negative_pass
 
-_FORWARD = inspect.signature(QwenImageTransformer2DModel.forward)
-
-
 class QwenImageFamily(DiTFamily):
     PROTOCOLS = ("paper",)  # the official protocol reproduces the authors' UNet code
+    TRANSFORMER = QwenImageTransformer2DModel
     PROCESSORS = (QwenDoubleStreamAttnProcessor2_0,)
-
-    @classmethod
-    def matches(cls, obj):
-        return isinstance(obj, QwenImageTransformer2DModel) or isinstance(getattr(obj, "transformer", None),
-                                                                          QwenImageTransformer2DModel)
-
-    @classmethod
-    def split(cls, obj):
-        return (None, obj) if isinstance(obj, QwenImageTransformer2DModel) else (obj, obj.transformer)
 
     def attention_layers(self):
         """{name: Attention}: the joint attention of every block."""
         return {f"transformer_blocks.{i}.attn": b.attn for i, b in enumerate(self.denoiser.transformer_blocks)}
 
-    def timestep(self, args, kwargs):
-        """The pipelines pass timestep / 1000."""
-        t = _inputs(args, kwargs).get("timestep")
-        return None if t is None else torch.as_tensor(t).double() * 1000
-
     def read_inputs(self, args, kwargs):
         """The call's token layout from img_shapes; returns whether the call is a new step."""
-        inputs = _inputs(args, kwargs)
+        inputs = self.inputs(args, kwargs)
         negative = self.plain = negative_pass(self, self.timestep(args, kwargs))
         self.layout = token_layout(inputs.get("img_shapes"), inputs.get("encoder_hidden_states"),
                                    inputs.get("hidden_states"))
         self.recording.recorder.set_latent_size(self.layout.grid)
         self.recording.recorder.set_references(self.layout.grids)
         return not negative
-
-
-def _inputs(args, kwargs):
-    return _FORWARD.bind_partial(None, *args, **kwargs).arguments  # None: self
 
 
 def token_layout(img_shapes, encoder_hidden_states, hidden_states):
