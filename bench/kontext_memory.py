@@ -1,6 +1,6 @@
-"""Peak extra memory of one Kontext-sized joint attention call on CPU (issue #13's benchmark row).
+"""Peak extra memory of one Kontext-sized joint attention call on CPU.
 
-    python bench/kontext_memory.py [--heads 24] [--naive-heads 2]
+    python bench/kontext_memory.py [--heads 24] [--naive-heads 2] [--references 1]
 
 A 1024 x 1024 FLUX.1 Kontext layer: 512 text + 4096 generated + 4096 reference tokens, every one
 a query and a key (Nq = Nk = 8704), 24 heads of 128, fp32, batch 1 (guidance-distilled: every
@@ -11,6 +11,10 @@ runs in a fresh process and reports the growth of its peak resident set over the
 (materialise the generated rows' fp32 scores, both softmaxes). The naive path is measured at
 --naive-heads heads and scaled to --heads: its tensors are per head, and at 24 heads it would
 not fit this machine (one (24, 4096, 8704) fp32 tensor is 3.2 GiB).
+
+--references 2 measures a Qwen-Image-Edit-Plus-sized layer: two 1024 x 1024 references, 512
+text + 4096 generated + 2 x 4096 reference tokens (N = 12800); the maps' reference keys are the
+union of both references' tokens.
 """
 import argparse
 import json
@@ -25,8 +29,8 @@ CHILD = textwrap.dedent("""
     import torch.nn.functional as F
     from i2am.benchmark import default_probes, naive
     from i2am.kernels import attention_with_maps
-    column, H = sys.argv[1], int(sys.argv[2])
-    TEXT, GEN, REF, D = {text}, {gen}, {ref}, {d}
+    column, H, REF = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    TEXT, GEN, D = {text}, {gen}, {d}
     N = TEXT + GEN + REF
     rows, refs = slice(TEXT, TEXT + GEN), slice(TEXT + GEN, N)
     torch.manual_seed(0)
@@ -48,12 +52,12 @@ CHILD = textwrap.dedent("""
     seconds = time.perf_counter() - start
     extra = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
     print(json.dumps({{"column": column, "heads": H, "extra_bytes": extra, "seconds": seconds}}))
-""").format(text=TEXT, gen=GEN, ref=REF, d=D)
+""").format(text=TEXT, gen=GEN, d=D)
 
 
-def measure(column, heads):
-    done = subprocess.run([sys.executable, "-c", CHILD, column, str(heads)], capture_output=True, text=True,
-                          check=True)
+def measure(column, heads, ref):
+    done = subprocess.run([sys.executable, "-c", CHILD, column, str(heads), str(ref)], capture_output=True,
+                          text=True, check=True)
     return json.loads(done.stdout.split("\n")[-2])
 
 
@@ -61,16 +65,19 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--heads", type=int, default=24)
     parser.add_argument("--naive-heads", type=int, default=2)
+    parser.add_argument("--references", type=int, default=1, help="1024 x 1024 references (4096 tokens each)")
     args = parser.parse_args()
-    rows = [measure("sdpa", args.heads), measure("i2am-torch", args.heads), measure("naive", args.naive_heads)]
-    out_bytes = args.heads * (TEXT + GEN + REF) * D * 4
+    ref = REF * args.references
+    rows = [measure(c, h, ref) for c, h in (("sdpa", args.heads), ("i2am-torch", args.heads),
+                                             ("naive", args.naive_heads))]
+    out_bytes = args.heads * (TEXT + GEN + ref) * D * 4
     print(f"| column | heads measured | peak extra MiB (at {args.heads} heads) | s |")
     print("|---|---:|---:|---:|")
     for r in rows:
         scaled = r["extra_bytes"] * args.heads / r["heads"]
         print(f"| {r['column']} | {r['heads']} | {scaled / 2**20:.0f} | {r['seconds']:.1f} |")
-    print(f"\noutput (1, {args.heads}, {TEXT + GEN + REF}, {D}) fp32: {out_bytes / 2**20:.0f} MiB; one "
-          f"({args.heads}, {GEN}, {TEXT + GEN + REF}) fp32 score tensor: {args.heads * GEN * (TEXT + GEN + REF) * 4 / 2**30:.2f} GiB")
+    print(f"\noutput (1, {args.heads}, {TEXT + GEN + ref}, {D}) fp32: {out_bytes / 2**20:.0f} MiB; one "
+          f"({args.heads}, {GEN}, {TEXT + GEN + ref}) fp32 score tensor: {args.heads * GEN * (TEXT + GEN + ref) * 4 / 2**30:.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ one), so a setting is written once and a bad one is an error naming it before an
 import dataclasses
 from dataclasses import dataclass
 
+import torch
+
 from . import protocols
 from .grid import RESIZE_MODES
 from .inputs import InputError, arg
@@ -39,7 +41,7 @@ class TraceConfig:
     mask: object = None           # the inpainting mask, any size
     points: tuple = ()            # latent (row, col)
     boxes: tuple = ()             # latent (top, left, bottom, right), end-exclusive
-    patches: tuple = ()           # reference-grid (i, j)
+    patches: tuple = ()           # reference-grid (i, j), or (r, i, j) of reference r of several
     num_steps: int = None         # None: read from the pipeline's scheduler
     layers: object = None         # name patterns and/or (h_l, w_l) resolutions
     convention: str = None        # None: the protocol's
@@ -103,7 +105,7 @@ class TraceConfig:
         put("points", int_tuples(self.points, 2, "points", "(row, col) pairs", "point (row, col)"))
         put("boxes", int_tuples(self.boxes, 4, "boxes", "(top, left, bottom, right) tuples",
                                 "box (top, left, bottom, right)"))
-        put("patches", int_tuples(self.patches, 2, "patches", "(i, j) pairs", "patch (i, j)"))
+        put("patches", _patches(self.patches))
         if self.cfg is not None and not isinstance(self.cfg, bool):
             raise TypeError(f"cfg must be True, False or None (the pipeline says it), got {self.cfg!r}")
 
@@ -159,3 +161,13 @@ def pair(x, what):
 def _is_index_list(x):
     return isinstance(x, (list, tuple, range)) and len(x) > 0 and all(
         isinstance(i, int) and not isinstance(i, bool) for i in x)
+
+
+def _patches(patches):
+    """patches as (i, j) pairs (one reference) or (r, i, j) triples (several references)."""
+    if isinstance(patches, torch.Tensor):
+        patches = patches.tolist()
+    items = list(patches) if isinstance(patches, (list, tuple)) else patches
+    if isinstance(items, list) and items and all(isinstance(p, (list, tuple)) and len(p) == 3 for p in items):
+        return int_tuples(items, 3, "patches", "(r, i, j) triples", "patch (r, i, j)")
+    return int_tuples(items, 2, "patches", "(i, j) pairs or (r, i, j) triples", "patch (i, j)")

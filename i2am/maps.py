@@ -2,6 +2,8 @@
 import json
 from pathlib import Path
 
+import torch
+
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -10,7 +12,7 @@ from .finite import describe, nonfinite_groups
 from .grid import resize
 from .integers import as_int
 from .layers import layer_selected
-from .probes import mask_2d, probe_row
+from .probes import mask_2d, probe_row, reference_patch
 
 BY = (None, "time", "head")
 ROW_CHUNK = 32  # gen rows resized together when a map averages many (official M_g: one per context key)
@@ -20,7 +22,8 @@ class AttributionMaps:
     """Time-summed, head-indexed map buffers of a trace, and the maps integrated from them.
 
     layers: {name: {"gen": (Br, G, H, Ru, h_l, w_l), "ref": (Br, G, H, Rw, hI_l*wI_l), "grid": (h_l, w_l),
-    "key_grid": (hI_l, wI_l) or None, "per_key": n}} float32: gen rows are the key probes
+    "key_grid": (hI_l, wI_l) or None, "per_key": n, ["key_grids": [(hI_r, wI_r), ...], "src": (Br, G, H, S,
+    h_l, w_l), "sources": names]}} float32: gen rows are the key probes
     (key_labels, when the layer has reference keys) then n rows of one key probe per context key;
     ref rows are query_rows; a layer without reference keys has no "ref". Every map method takes
     by, layers and normalize as keywords, in that order, and returns (h, w) or (hI, wI) maps, with
@@ -30,12 +33,21 @@ class AttributionMaps:
     `regions` ({"latent": (h, w), "query": (t, l, b, r), "ref": (t, l, b, r)}, traced with
     query_region/ref_region): where the generated and the reference maps lie in the one latent
     grid; the maps have those rectangles' shapes.
+
+    Several references (`references`: one grid each, ref 0 first; the "ref" buffer's keys are
+    their union in that order): ref= picks one on every map; "src" holds the sources, P summed
+    over the keys of each reference and of the text and generated segments (sources()).
     """
 
     def __init__(self, layers, *, latent_size, ref_grid, convention, num_steps, resize, key_labels,
-                 query_labels, record, mask=None, protocol="paper", query_rows=None, settings=None, regions=None):
+                 query_labels, record, mask=None, protocol="paper", query_rows=None, settings=None, references=None,
+                 regions=None):
         self.latent_size = tuple(latent_size)
         self.ref_grid = None if ref_grid is None else tuple(ref_grid)
+        if references is not None:
+            self.references = tuple(tuple(g) for g in references)
+        else:
+            self.references = () if self.ref_grid is None else (self.ref_grid,)
         self.convention, self.num_steps, self.resize = convention, num_steps, resize
         self.key_labels, self.query_labels = tuple(key_labels), tuple(query_labels)
         self.query_rows = self.query_labels if query_rows is None else tuple(query_rows)
@@ -71,47 +83,108 @@ class AttributionMaps:
         return other
 
     # ---- maps ----------------------------------------------------------------------------
-    def generated(self, *, by=None, layers=None, normalize=True):
+    def generated(self, *, by=None, layers=None, normalize=True, ref=None):
         """M_g (eq. 5; by="time" eq. 10, by="head" eq. 11): where the generated image draws on
         the reference, (h, w) at latent resolution. Under "official" the mean over all context
-        keys of each key's map, resized and clamped one key at a time (never inverted here)."""
+        keys of each key's map, resized and clamped one key at a time (never inverted here).
+        ref: None, the uniform probe over every reference's keys; r, over reference r's only."""
         names = self._names(layers, by, "generated")
-        return self._generated({n: self._protocol.generated_rows(self, n) for n in names}, by, normalize)
+        label = self._ref_label(ref)
+        if label == ("uniform",):
+            rows = {n: self._protocol.generated_rows(self, n) for n in names}
+        else:
+            rows = {n: [self._key_row(n, label)] for n in names}
+        return self._generated(rows, by, normalize)
 
     def specific_generated(self, patch, *, by=None, layers=None, normalize=True):
-        """Where reference patch (i, j) (traced with patches=) is used in the generated image."""
+        """Where reference patch (i, j) (traced with patches=) is used in the generated image;
+        with several references the patch is (r, i, j) ((i, j): reference 0)."""
         names = self._names(layers, by, "specific_generated")
-        return self._generated({n: [self._key_row(n, ("patch", tuple(patch)))] for n in names}, by, normalize)
+        r, i, j = reference_patch(patch, self.references)
+        label = ("patch", (i, j)) if len(self.references) == 1 else ("patch", (r, i, j))
+        return self._generated({n: [self._key_row(n, label)] for n in names}, by, normalize)
 
-    def reference(self, *, by=None, layers=None, normalize=True, masked=False, ref_mask=None):
+    def reference(self, *, by=None, layers=None, normalize=True, masked=False, ref_mask=None, ref=0):
         """M_r (eq. 13; by="time"/"head" as above; masked=True is eq. 17 with the traced
-        inpainting mask): which reference patches are drawn on, (hI, wI). ref_mask: the
+        inpainting mask): which patches of reference `ref` are drawn on, (hI, wI). ref_mask: the
         reference (cloth) mask, any size: the map is multiplied by it, resized bicubic to the
         reference grid (the official protocol's masked reference map)."""
         label = self._protocol.query_label(("mask",) if masked else ("uniform",))
-        M = self._reference(label, self._names(layers, by, "reference"), by, normalize and ref_mask is None)
+        M = self._reference(label, self._names(layers, by, "reference"), by, normalize and ref_mask is None, ref)
         if ref_mask is None:
             return M
-        M = M * resize(mask_2d(ref_mask).double(), self.ref_grid, "bicubic").float()
+        M = M * resize(mask_2d(ref_mask).double(), self.references[ref], "bicubic").float()
         return display.normalize(M) if normalize else M
 
-    def specific_reference(self, point_or_box, *, by=None, layers=None, normalize=True):
-        """M_sr (eq. 16): the reference patches one traced latent point (row, col) or box
+    def specific_reference(self, point_or_box, *, by=None, layers=None, normalize=True, ref=0):
+        """M_sr (eq. 16): the patches of reference `ref` one traced latent point (row, col) or box
         (top, left, bottom, right) looked at, (hI, wI)."""
         p = tuple(as_int(x, "point_or_box") for x in point_or_box)
         label = self._protocol.query_label(("point" if len(p) == 2 else "box", p))
-        return self._reference(label, self._names(layers, by, "specific_reference"), by, normalize)
+        return self._reference(label, self._names(layers, by, "specific_reference"), by, normalize, ref)
 
-    def imacs(self, ref_mask=None, gen_mask=None, lam=3.0, threshold=None):
+    def sources(self, *, by=None, all_keys=False, layers=None):
+        """{"ref0": (h, w), "ref1": ..., ["text", "generated"]}: the share of each reference in the
+        attention of each generated position, A_r / sum_r' A_r' with A_r the attention (P) on
+        reference r's keys, integrated like M_g (0 where the sum is 0). all_keys=True adds the text
+        keys and the generated image's own keys; the shares then sum to 1 over every key. A
+        layer traced without sources (a UNet's cross-attention: its one reference is all of its
+        reference attention) gives share 1 to ref0 wherever its M_g is positive."""
+        names = self._names(layers, by, "generated")
+        missing = [n for n in names if "src" not in self.layers[n]]
+        if missing and (all_keys or len(self.references) > 1):
+            raise ValueError(f"layers {missing} were traced without the attention on each key segment (text, "
+                             "generated, references), which joint-attention models record: sources(all_keys=True) "
+                             "needs them; leave those layers out with layers=")
+        if missing:
+            A = self.generated(by=by, layers=layers, normalize=False)
+            return {"ref0": (A > 0).float()}
+        kinds = self.layers[names[0]]["sources"]
+        if any(self.layers[n]["sources"] != kinds for n in names):
+            raise ValueError(f"the selected layers keep different sources: select layers that share them")
+        keep = list(range(len(kinds))) if all_keys else [i for i, k in enumerate(kinds) if k.startswith("ref")]
+        total = 0
+        for n in names:
+            src = self.layers[n]["src"][:, :, :, keep].double()  # (Br, G, H, S, h_l, w_l)
+            if by != "time":
+                src = src.sum(1, keepdim=True)
+            src = resize(src, self.latent_size, self.resize).clamp_min(0)
+            total = total + (src if by == "head" else src.sum(2, keepdim=True)) / src.shape[2]
+        total = total / len(names)  # (Br, G|1, H|1, S, h, w)
+        share = total / total.sum(3, keepdim=True)
+        share = torch.where(total.sum(3, keepdim=True) > 0, share, torch.zeros_like(share)).float()
+        share = share[:, :, 0] if by == "time" else share[:, 0]
+        if by is None:
+            share = share[:, 0]
+        share = share[0] if share.shape[0] == 1 else share  # (..., S, h, w)
+        return {kinds[i]: share.select(-3, s) for s, i in enumerate(keep)}
+
+    def imacs(self, ref_mask=None, gen_mask=None, lam=3.0, threshold=None, ref=0):
         """IMACS under the maps' protocol: {"gen": IMACS_g} against gen_mask (default the traced
         mask), and "ref": IMACS_r against ref_mask when it is given. Maps are taken to each mask's
         size at pixel level before scoring. threshold: the reference-side display threshold
-        (default 0.4; "paper" applies it to both maps, "official" cuts M_g at 0.6)."""
+        (default 0.4; "paper" applies it to both maps, "official" cuts M_g at 0.6). ref: the
+        reference both maps are of (with one reference, 0: its maps)."""
         if gen_mask is None:
             if self.mask is None:
                 raise ValueError("imacs needs gen_mask, or a trace with mask=")
             gen_mask = self.mask
-        return self._protocol.imacs(self, ref_mask, gen_mask, lam, threshold)
+        self._ref_index(ref)
+        return self._protocol.imacs(self, ref_mask, gen_mask, lam, threshold, ref)
+
+    def _ref_index(self, ref):
+        """ref checked: an integer naming one of the references."""
+        r = as_int(ref, "ref")
+        if not 0 <= r < len(self.references):
+            raise ValueError(f"ref={ref!r}: the maps have {len(self.references)} reference(s), "
+                             f"0..{len(self.references) - 1}")
+        return r
+
+    def _ref_label(self, ref):
+        """The key probe of M_g of reference `ref` (None: the uniform probe over all references)."""
+        if ref is None or len(self.references) == 1 and self._ref_index(ref) == 0:
+            return ("uniform",)
+        return ("ref", self._ref_index(ref))
 
     def _key_row(self, name, label):
         """The gen row of key probe `label` in layer `name`."""
@@ -146,7 +219,8 @@ class AttributionMaps:
             total = total + (g if by == "head" else g.sum(2, keepdim=True)) / gen.shape[2]
         return self._finish(total, by, len(rows), normalize)
 
-    def _reference(self, label, names, by, normalize):
+    def _reference(self, label, names, by, normalize, ref=0):
+        ref = self._ref_index(ref)
         row = probe_row(self.query_rows, label)
         total = 0
         for name in names:
@@ -154,12 +228,14 @@ class AttributionMaps:
             if "ref" not in lay:
                 self._key_row(name, ("uniform",))  # the error naming the layer
             heads = lay["ref"].shape[2]
-            r = lay["ref"][:, :, :, row].double()  # (Br, G, H, K_l)
+            grids = lay.get("key_grids") or (lay["key_grid"],)
+            start = sum(h * w for h, w in grids[:ref])
+            r = lay["ref"][:, :, :, row, start:start + grids[ref][0] * grids[ref][1]].double()  # (Br, G, H, K_r)
             if by != "time":
                 r = r.sum(1, keepdim=True)
-            r = r.reshape(*r.shape[:-1], *lay["key_grid"])
-            if lay["key_grid"] != self.ref_grid:  # a layer's own key grid: to the common grid (ref_grid='layer')
-                r = resize(r, self.ref_grid, self.resize).clamp_min(0)
+            r = r.reshape(*r.shape[:-1], *grids[ref])
+            if grids[ref] != self.references[ref]:  # a layer's own key grid: to the common grid (ref_grid='layer')
+                r = resize(r, self.references[ref], self.resize).clamp_min(0)
             total = total + (r if by == "head" else r.sum(2, keepdim=True)) / heads
         return self._finish(total, by, len(names), normalize)
 
@@ -204,15 +280,16 @@ class AttributionMaps:
         (JSON-ready values, e.g. the pipeline call's) are stored beside self.settings and come
         back as AttributionMaps.load(path).settings."""
         tensors = {f"{kind}/{name}": lay[kind].contiguous() for name, lay in self.layers.items()
-                   for kind in ("gen", "ref") if kind in lay}
+                   for kind in ("gen", "ref", "src") if kind in lay}
         if self.mask is not None:
             tensors["mask"] = self.mask.float().contiguous()
         meta = {"latent_size": self.latent_size, "ref_grid": self.ref_grid, "convention": self.convention,
                 "protocol": self.protocol, "num_steps": self.num_steps, "resize": self.resize,
                 "key_labels": self.key_labels, "query_labels": self.query_labels, "query_rows": self.query_rows,
-                "record": self.record, "layers": list(self.layers), "regions": self.regions,
-                "layer_grids": {n: {k: lay[k] for k in ("grid", "key_grid", "per_key")}
-                                for n, lay in self.layers.items()},
+                "record": self.record, "layers": list(self.layers), "references": self.references,
+                "regions": self.regions,
+                "layer_grids": {n: {k: lay[k] for k in ("grid", "key_grid", "per_key", "key_grids", "sources")
+                                    if k in lay} for n, lay in self.layers.items()},
                 "settings": {**self.settings, **(settings or {})}}
         save_file(tensors, str(path), metadata={"i2am": json.dumps(meta)})
 
@@ -234,6 +311,11 @@ class AttributionMaps:
                 grid = grids.get(n, {})  # files from before per-layer grids: every layer has reference keys
                 kinds = ("gen", "ref") if grid.get("key_grid", ()) is not None else ("gen",)
                 layers[n] = {kind: tensors[f"{kind}/{n}"] for kind in kinds}
+                if "sources" in grid:
+                    layers[n]["src"] = tensors[f"src/{n}"]
+                    grid["sources"] = tuple(grid["sources"])
+                if "key_grids" in grid:
+                    grid["key_grids"] = tuple(tuple(g) for g in grid["key_grids"])
                 layers[n].update(grid)
             for key in ("key_labels", "query_labels", "query_rows"):
                 if key in meta:
@@ -248,24 +330,31 @@ class AttributionMaps:
         h, w = self.latent_size
         counts = {}
         for lab in self.query_labels[1:] + self.key_labels[1:]:
+            if lab[0] == "ref":  # each reference's uniform probe: the references are named apart
+                continue
             counts[lab[0]] = counts.get(lab[0], 0) + 1
         plural = {"point": "points", "box": "boxes", "patch": "patches"}
         probes = ", ".join(f"{v} {plural[k] if v > 1 else k}" for k, v in counts.items()) or "none"
         grid = "none" if self.ref_grid is None else f"{self.ref_grid[0]}x{self.ref_grid[1]}"
-        return (f"AttributionMaps({len(self.layers)} layers, latent {h}x{w}, reference grid "
-                f"{grid}, {len(self.record)} image(s), "
+        if len(self.references) > 1:
+            grid = "s " + ", ".join(f"{a}x{b}" for a, b in self.references)
+        return (f"AttributionMaps({len(self.layers)} layers, latent {h}x{w}, reference grid"
+                f"{'' if grid.startswith('s ') else ' '}{grid}, {len(self.record)} image(s), "
                 f"{self.time_groups} time group(s) over {self.num_steps} steps, convention="
                 f"{self.convention!r}, protocol={self.protocol!r}, probes: {probes})")
 
 
 def _labels(raw):
     """JSON turns ("point", (1, 2)) into ["point", [1, 2]]: back to tuples."""
-    return tuple((lab[0],) if len(lab) == 1 else (lab[0], tuple(lab[1])) for lab in raw)
+    return tuple((lab[0],) if len(lab) == 1 else (lab[0], tuple(lab[1]) if isinstance(lab[1], list) else lab[1])
+                 for lab in raw)
 
 
 def _layer(lay, ref_grid):
     """A layer's buffers with their grids; maps saved before per-layer grids were kept have the
     layer grid in gen's shape, the reference keys on ref_grid and no per-key rows."""
     key_grid = lay.get("key_grid", ref_grid if "ref" in lay else None)
+    if lay.get("key_grids") is not None:
+        lay = {**lay, "key_grids": tuple(tuple(g) for g in lay["key_grids"])}
     return {**lay, "grid": tuple(lay.get("grid", lay["gen"].shape[-2:])),
             "key_grid": None if key_grid is None else tuple(key_grid), "per_key": int(lay.get("per_key", 0))}

@@ -2,7 +2,10 @@
 
 Query probes live on the latent grid (h, w): uniform (eq. 15), the inpainting mask (eq. 17),
 one-hot points (M_sr, eq. 16) and boxes (a region's M_sr). Key probes live on the reference
-grid (hI, wI): uniform (eq. 7) and one-hot patches (specific-generated maps).
+grid (hI, wI): uniform (eq. 7) and one-hot patches (specific-generated maps). With several
+references (joint sequences [text, generated, ref_0, ref_1, ...]) key probes live on the union of
+the references' keys, ref 0's first: uniform over the union, uniform over each reference
+("ref", r), patches ("patch", (r, i, j)).
 """
 from dataclasses import dataclass
 
@@ -95,6 +98,40 @@ def check_probes(size, ref_grid, points=(), boxes=(), patches=()):
     on the reference grid, each given once (the rules query_probes and key_probes apply)."""
     query_probes(size, points=points, boxes=boxes)
     key_probes(ref_grid, patches)
+
+
+def reference_key_probes(grids, patches=()):
+    """Key probes over several references' keys (grids [(hI_r, wI_r), ...], keys in that order),
+    weights (R, sum hI_r wI_r): uniform over the union, then uniform over each reference, then
+    one-hot patches (r, i, j) (an (i, j) patch is reference 0's)."""
+    sizes = [h * w for h, w in grids]
+    starts = [sum(sizes[:r]) for r in range(len(grids))]
+    total = sum(sizes)
+    labels, rows = [("uniform",)], [torch.full((total,), 1.0 / total)]
+    for r, (start, n) in enumerate(zip(starts, sizes)):
+        one = torch.zeros(total)
+        one[start:start + n] = 1.0 / n
+        labels.append(("ref", r))
+        rows.append(one)
+    for p in patches:
+        r, i, j = reference_patch(p, grids)
+        one = torch.zeros(total)
+        one[starts[r] + i * grids[r][1] + j] = 1.0
+        labels.append(("patch", (r, i, j)))
+        rows.append(one)
+    return _unique(ProbeSet(tuple(labels), torch.stack(rows)))
+
+
+def reference_patch(patch, grids):
+    """(r, i, j) of a patch given as (r, i, j) or (i, j) (reference 0), checked against the grids."""
+    p = tuple(patch) if isinstance(patch, (tuple, list)) else patch
+    r, i, j = _ints(p, 3, "patch (r, i, j)") if len(p) == 3 else (0, *_ints(p, 2, "patch (i, j)"))
+    if not 0 <= r < len(grids):
+        raise ValueError(f"patch {p}: reference {r} does not exist (references 0..{len(grids) - 1})")
+    hI, wI = grids[r]
+    if not (0 <= i < hI and 0 <= j < wI):
+        raise ValueError(f"patch {p} is off reference {r}'s grid {hI}x{wI} (rows 0..{hI - 1}, cols 0..{wI - 1})")
+    return r, i, j
 
 
 def _ints(p, n, what):

@@ -73,12 +73,12 @@ class Paper:
             return None, ""
         return maps.reference(masked=True), "M_r, mask probe (eq. 17)"
 
-    def imacs(self, maps, ref_mask, gen_mask, lam, threshold):
+    def imacs(self, maps, ref_mask, gen_mask, lam, threshold, ref=0):
         threshold = 0.4 if threshold is None else threshold
-        scores = {"gen": _paper_score(maps.generated(normalize=False), gen_mask, "gen_mask", lam, threshold)}
+        scores = {"gen": _paper_score(maps.generated(normalize=False, ref=ref), gen_mask, "gen_mask", lam, threshold)}
         if ref_mask is not None:
-            scores["ref"] = _paper_score(maps.reference(masked=True, normalize=False), ref_mask, "ref_mask", lam,
-                                         threshold)
+            scores["ref"] = _paper_score(maps.reference(masked=True, normalize=False, ref=ref), ref_mask, "ref_mask",
+                                         lam, threshold)
         return scores
 
 
@@ -149,7 +149,7 @@ class Official(Paper):
             return None, ""
         return maps.reference(ref_mask=ref_mask), "M_r times the reference mask"
 
-    def imacs(self, maps, ref_mask, gen_mask, lam, threshold):
+    def imacs(self, maps, ref_mask, gen_mask, lam, threshold, ref=0):  # one reference: ref is 0
         threshold = 0.4 if threshold is None else threshold
         x = display.binary_mask(gen_mask, "gen_mask")
         g = pixel_level(maps.generated(normalize=False).double(), x.shape[-2:])

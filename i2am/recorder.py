@@ -9,6 +9,12 @@ Any code can feed it (layer name, step, q, k, v) without diffusers::
 Per layer it keeps gen (Br, G, H, Ru, Nq) and ref (Br, G, H, Rw, |K_ref|) at the layer's own
 resolution; nothing is stored per step. The protocol adds its own rows: under
 "official" one key probe per context key (gen) and probes on the layer's own grid (ref).
+
+Several references (a joint sequence [text, generated, ref_0, ref_1, ...], set_references):
+the reference keys are their union, ref 0's first, and the key probes are those of
+probes.reference_key_probes. A call that names its key segments (``segments``: the text keys
+and the generated image's own keys of a joint sequence) is reduced over ALL its keys and also
+keeps the sources: one P row per reference and per segment, the indicator of its keys.
 """
 import warnings
 from dataclasses import dataclass
@@ -23,7 +29,7 @@ from .grid import layer_grid, pullback
 from .kernels import prepare, query_row_range
 from .layers import layer_selected
 from .maps import AttributionMaps
-from .probes import key_probes, query_probes
+from .probes import key_probes, query_probes, reference_key_probes
 from .regions import shape
 
 
@@ -43,6 +49,9 @@ class LayerBuffers:
     call: object = None  # the checked kernel arguments (kernels.MapsCall), reused step after step
     ref_cpu: torch.Tensor = None  # ref_idx on the CPU: per-call ref_keys are checked without a sync
     rows: object = None  # the query rows the call was prepared for
+    key_grids: tuple = None     # each reference's grid, in key order (several references)
+    sources: tuple = ()         # names of the source rows, the last gen rows of the P buffer
+    gen_p: torch.Tensor = None  # gen_key (P) beside a gen_query buffer, for the sources
 
 
 class Recorder:
@@ -69,9 +78,10 @@ class Recorder:
         self.branch, self.convention, self.backend = config.branch, config.convention, config.backend
         self.layers, self.resize, self.mask = config.layers, config.resize, config.mask
         self.points, self.boxes, self.patches = config.points, config.boxes, config.patches
+        self.references = None  # the grids of several references (set_references)
         self.keys = None
         if self.ref_grid is not None or self.layer_grids:
-            self.keys = key_probes(self.ref_grid or self.ref_size or (1, 1), self.patches)
+            self.keys = key_probes(self.ref_grid or self.ref_size or (1, 1), _one_reference(self.patches))
         self.latent_size = self.queries = self.num_steps = self.record_idx = self._query_rows = None
         self.steps_run = 0  # 1 + the last step recorded: fewer than num_steps leaves groups empty
         self.buffers = {}
@@ -113,20 +123,46 @@ class Recorder:
             raise ValueError(f"ref_grid {self.ref_grid} was given, but the model's reference tokens form a "
                              f"{grid} grid; leave ref_grid out to use the model's")
         if self.ref_grid is None:
-            self.ref_grid, self.keys = grid, key_probes(grid, self.patches)
+            self.ref_grid, self.keys = grid, key_probes(grid, _one_reference(self.patches))
+
+    def set_references(self, grids):
+        """Fix the grids [(hI_r, wI_r), ...] of the references a model says it has (one: the same
+        as set_ref_grid). A ref_grid given before must be reference 0's; they may not change."""
+        grids = tuple(pair(g, "reference grid (hI, wI)") for g in grids)
+        if not grids:
+            raise ValueError("the model call has no reference-image tokens")
+        known = self.references or ((self.ref_grid,) if self.buffers else None)
+        if known is not None:
+            if grids != known:
+                raise ValueError(f"the references changed from grids {list(known)} to {list(grids)} during the "
+                                 "trace; trace one set of references at a time")
+            return
+        if len(grids) == 1:
+            return self.set_ref_grid(grids[0])
+        if self.layer_grids:
+            raise ValueError("ref_grid='layer' is for reference keys on each layer's own grid; this model's "
+                             f"references form the grids {list(grids)}: leave ref_grid out")
+        if self.ref_grid is not None and self.ref_grid != grids[0]:
+            raise ValueError(f"ref_grid {self.ref_grid} was given, but the model's first reference forms a "
+                             f"{grids[0]} grid (references: {list(grids)}); leave ref_grid out to use the model's")
+        self.ref_grid, self.references = grids[0], grids
+        self.keys = reference_key_probes(grids, self.patches)
 
     def selected(self, name, grid):
         """Whether layer `name` with grid (h_l, w_l) is recorded: `layers` holds fnmatch name
         patterns and/or (h_l, w_l) resolutions (None: every layer)."""
         return layer_selected(name, grid, self.layers)
 
-    def record(self, layer, q, k, v, *, step, scale=None, grid=None, cfg=None, query_rows=None, ref_keys=None):
+    def record(self, layer, q, k, v, *, step, scale=None, grid=None, cfg=None, query_rows=None, ref_keys=None,
+               segments=None):
         """Attention of one call (q (B,H,Nq,d), k, v), with its maps added to layer's buffers.
 
         step: the denoising step, 0 = first. grid: the layer's (h_l, w_l), default inferred
         from Nq and the latent size. cfg: whether the batch is [uncond, cond] (default: an even
         batch is). query_rows: a slice of Nq, the queries that form the grid (joint attention;
-        default all). ref_keys: this call's reference keys (default the recorder's ref_keys).
+        default all). ref_keys: this call's reference keys (default the recorder's ref_keys); with
+        several references their union, ref 0's keys first. segments: {"text": keys, "generated":
+        keys} (slices or indices) of a joint sequence: the layer then also keeps the sources.
         Returns the attention output (B, H, Nq, dv) for every query.
         """
         if self.latent_size is None or self.num_steps is None:
@@ -139,6 +175,7 @@ class Recorder:
             if not self._on_regions(layer, rows, grid, Nq, k.shape[2]):
                 return F.scaled_dot_product_attention(q, k, v, scale=scale)
             rows, grid, ref_keys = self._region_rows[layer][:3]
+            segments = None  # the reference keys are some of the generated ones: no separate sources
         n = Nq if rows is None else rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
         grid = layer_grid(n, self.latent_size) if grid is None else pair(grid, "grid")
         if grid[0] * grid[1] != n:
@@ -147,15 +184,18 @@ class Recorder:
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
         tau = self._group(step)
         rec = self._entries(B, cfg)
-        buf = self._layer(layer, grid, H, k.shape[2], q.device, ref_keys)
+        buf = self._layer(layer, grid, H, k.shape[2], q.device, ref_keys, segments)
         gen, ref = CONVENTIONS[self.convention]
         ref = (ref,) if buf.ref is not None else ()
+        gens = (gen,) if buf.gen_p is None else (gen, "key")
         if buf.call is None or not buf.call.matches(q, k, v, scale) or not _same_rows(buf.rows, rows):
             buf.rows = rows
             buf.call = prepare(q, k, v, scale=scale, ref_keys=buf.ref_idx, query_rows=rows, record=rec,
-                               key_probes=buf.key_probes, query_probes=buf.query_probes, gen=(gen,), ref=ref,
+                               key_probes=buf.key_probes, query_probes=buf.query_probes, gen=gens, ref=ref,
                                backend=self.backend)
         into = {f"gen_{gen}": buf.gen[:, tau]}
+        if buf.gen_p is not None:
+            into["gen_key"] = buf.gen_p[:, tau]
         if ref:
             into[f"ref_{ref[0]}"] = buf.ref[:, tau]
         return buf.call(q, k, v, into)
@@ -166,8 +206,16 @@ class Recorder:
             raise ValueError("nothing was recorded: no traced cross-attention layer was called")
         layers = {}
         for name, b in self.buffers.items():
-            layers[name] = {"gen": b.gen.cpu().reshape(*b.gen.shape[:-1], *b.grid), "grid": b.grid,
+            n_src = len(b.sources)
+            gen = b.gen[:, :, :, :b.gen.shape[3] - n_src]  # the source rows apart
+            layers[name] = {"gen": gen.cpu().reshape(*gen.shape[:-1], *b.grid), "grid": b.grid,
                             "key_grid": b.key_grid, "per_key": b.per_key}
+            if b.key_grids is not None:
+                layers[name]["key_grids"] = b.key_grids
+            if n_src:
+                p = b.gen if b.gen_p is None else b.gen_p
+                layers[name]["src"] = p[:, :, :, -n_src:].cpu().reshape(*p.shape[:3], n_src, *b.grid)
+                layers[name]["sources"] = b.sources
             if b.ref is not None:
                 layers[name]["ref"] = b.ref[..., b.ref_cols].cpu()  # the reference keys, in grid order
         self._warn_incomplete(layers)
@@ -178,7 +226,7 @@ class Recorder:
             layers, latent_size=self.map_size, ref_grid=ref_grid, convention=self.convention,
             protocol=self.protocol.name, num_steps=self.num_steps, resize=self.resize, key_labels=self.keys.labels,
             query_labels=self.queries.labels, query_rows=self._query_rows, record=self.record_idx.tolist(),
-            mask=self.mask, regions=None if self.regions is None else {
+            mask=self.mask, references=self.references, regions=None if self.regions is None else {
                 "latent": self.latent_size, "query": self.regions.query, "ref": self.regions.ref})
 
     def _on_regions(self, layer, rows, grid, nq, nk):
@@ -244,7 +292,7 @@ class Recorder:
                              f"{rec.tolist()} (batch size {B}); keep one batch size per trace")
         return rec
 
-    def _layer(self, name, grid, heads, nk, device, call_ref_keys=None):
+    def _layer(self, name, grid, heads, nk, device, call_ref_keys=None, segments=None):
         buf = self.buffers.get(name)
         if buf is not None:
             if (buf.grid, buf.heads, buf.nk) != (grid, heads, nk) or buf.gen.device != device:
@@ -269,12 +317,16 @@ class Recorder:
         # per-key rows cost Nk x Nq per head and group: kept on context layers, never on layers whose
         # keys lie on their own grid (Nk = Nq there; the official M_g does not read them)
         per_key = nk if self.protocol.per_key_rows and not (self.layer_grids and ref_cols is not None) else 0
-        if per_key:  # one key probe per context key (CLS included), so the kernel reduces over all keys
+        sources = ()
+        if per_key or segments is not None:  # probes over all keys: per key (CLS included), or the sources
             ref_idx = torch.arange(nk)
             spread = torch.zeros(keys.shape[0], nk)
             if ref_cols is not None:
                 spread[:, ref_cols] = keys
-            keys = torch.cat([spread, torch.eye(nk)])
+            keys = torch.cat([spread, torch.eye(nk)]) if per_key else spread
+            if segments is not None:  # the sources: the indicator of each reference's and segment's keys
+                sources, rows = self._source_rows(name, nk, ref_cols, segments)
+                keys = torch.cat([keys, rows])
         else:
             ref_idx, ref_cols = ref_cols, None if ref_cols is None else torch.arange(ref_cols.numel())
         labels, extra = self.protocol.layer_query_rows(self.queries.labels, self.map_size, grid)
@@ -284,7 +336,9 @@ class Recorder:
             grid, heads, nk, ref_idx.to(device), ref_cols, key_grid, per_key, keys.to(device), queries.to(device),
             torch.zeros(Br, G, heads, keys.shape[0], grid[0] * grid[1], device=device),
             None if ref_cols is None else torch.zeros(Br, G, heads, queries.shape[0], ref_idx.numel(), device=device),
-            ref_cpu=ref_cpu)
+            ref_cpu=ref_cpu, key_grids=self.references, sources=sources)
+        if sources and CONVENTIONS[self.convention][0] != "key":  # the sources are P: a gen_key buffer beside
+            buf.gen_p = torch.zeros_like(buf.gen)
         self.buffers[name] = buf
         return buf
 
@@ -293,13 +347,14 @@ class Recorder:
         fit rule: hI*wI keys, or a leading CLS token and hI*wI keys; else ref_keys (this
         call's, else the recorder's)."""
         key_grid = grid if self.layer_grids else self._region_rows[name][3] if self.regions else self.ref_grid
-        nref = key_grid[0] * key_grid[1]
+        nref = sum(h * w for h, w in self.references) if self.references else key_grid[0] * key_grid[1]
         ref_keys = self.ref_keys if call_ref_keys is None else call_ref_keys
         if ref_keys is not None:
             idx = _key_indices(ref_keys, nk)
             if idx.numel() != nref:
-                raise ValueError(f"ref_keys selects {idx.numel()} keys of layer {name!r} but its reference grid "
-                                 f"{key_grid} has {nref} patches")
+                grids = f"reference grids {list(self.references)}" if self.references else f"reference grid {key_grid}"
+                raise ValueError(f"ref_keys selects {idx.numel()} keys of layer {name!r} but its {grids} "
+                                 f"{'have' if self.references else 'has'} {nref} patches")
             return idx, key_grid
         if nk in (nref, nref + 1):
             return torch.arange(nk - nref, nk), key_grid
@@ -310,6 +365,36 @@ class Recorder:
                          f"first) keys of {tried} {key_grid[0]}x{key_grid[1]}; pass ref_keys= to select its "
                          "reference keys, ref_grid='layer' when they lie on each layer's own grid, or layers= "
                          "to leave this layer out")
+
+
+    def _source_rows(self, name, nk, ref_cols, segments):
+        """(names, (S, nk) indicator rows) of the sources: each reference, then "text" and "generated"."""
+        sizes = [h * w for h, w in (self.references or (self.ref_grid,))]
+        names, parts = [], []
+        for r, n in enumerate(sizes):
+            names.append(f"ref{r}")
+            parts.append(ref_cols[sum(sizes[:r]):sum(sizes[:r]) + n])
+        for seg in ("text", "generated"):
+            names.append(seg)
+            parts.append(_key_indices(segments[seg], nk))
+        rows = torch.zeros(len(parts), nk)
+        for i, idx in enumerate(parts):
+            rows[i, idx] = 1.0
+        if (rows.sum(0) > 1).any():
+            raise ValueError(f"layer {name!r}: the text, generated and reference key segments overlap")
+        return tuple(names), rows
+
+
+def _one_reference(patches):
+    """(i, j) patches of a one-reference model: (0, i, j) is (i, j); another reference is an error."""
+    out = []
+    for p in patches:
+        if len(p) == 3:
+            if p[0] != 0:
+                raise ValueError(f"patch {p} names reference {p[0]}, but the model has one reference (0)")
+            p = p[1:]
+        out.append(p)
+    return tuple(out)
 
 
 def _key_indices(ref_keys, nk):

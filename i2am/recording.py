@@ -135,9 +135,10 @@ class recording:
         self.current_step = t
         return t
 
-    def attend(self, layer, q, k, v, *, scale=None, attn_mask=None, grid=None, query_rows=None, ref_keys=None):
+    def attend(self, layer, q, k, v, *, scale=None, attn_mask=None, grid=None, query_rows=None, ref_keys=None,
+               segments=None):
         """The attention of one call of `layer` (a name or a module), its maps recorded
-        (query_rows, ref_keys: see i2am.attention)."""
+        (query_rows, ref_keys: see i2am.attention; segments: see Recorder.record)."""
         name = self._name(layer)
         if self.recorder.latent_size is None or self.current_step is None:
             raise ValueError(f"layer {name!r} was called before the first step: pass a denoiser (or "
@@ -149,7 +150,7 @@ class recording:
                                  "(the maps assume the plain softmax); leave this layer out with layers=")
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
         return self.recorder.record(name, q, k, v, step=self.current_step, scale=scale, grid=grid, cfg=self.cfg,
-                                    query_rows=query_rows, ref_keys=ref_keys)
+                                    query_rows=query_rows, ref_keys=ref_keys, segments=segments)
 
     def maps(self):
         """The maps recorded so far, as an i2am.AttributionMaps."""

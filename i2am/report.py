@@ -109,7 +109,14 @@ def render_figures(out_dir, maps, *, image=None, reference=None, ref_mask=None, 
     traced patch. The inpainting mask is outlined on the generated image, ref_mask on the
     reference. A 1x1 reference grid (one reference token) has no reference-side panels: its
     reference maps are a single value. Figures follow the maps' protocol (under "official" the
-    generated map is shown inverted and the masked reference map is M_r times ref_mask)."""
+    generated map is shown inverted and the masked reference map is M_r times ref_mask).
+
+    Several references (maps.references): `reference` is a list of their images, ref 0 first;
+    the overview and the by-time and by-head grids have rows per reference, and a "sources"
+    figure shows the share of each reference, the text and the image itself in each position."""
+    if len(maps.references) > 1:
+        return _render_references(Path(out_dir), maps, image=image, references=reference, ref_mask=ref_mask,
+                                  shown=dict(threshold=threshold, alpha=alpha))
     out = Path(out_dir)
     samples = len(maps.record)
     ref_side = has_reference_side(maps)
@@ -176,6 +183,81 @@ def render_figures(out_dir, maps, *, image=None, reference=None, ref_mask=None, 
     return figures
 
 
+def _render_references(out, maps, *, image, references, ref_mask, shown):
+    """render_figures of maps with several references."""
+    R, samples = len(maps.references), len(maps.record)
+    if ref_mask is not None:
+        raise ValueError("ref_mask is one reference's mask; with several references the figures take none")
+    refs = [None] * R if references is None else list(references)
+    if len(refs) != R:
+        raise ValueError(f"{len(refs)} reference images for the {R} references of the maps")
+    figures = []
+
+    def save(fig, name, caption):
+        viz.save_figure(fig, out / name)
+        figures.append((name, caption))
+
+    gen_name = protocols.get(maps.protocol).generated_name
+    splits = [(name, caption, labels,
+               [(maps.generated(by=by, layers=layers, normalize=False, ref=r),
+                 maps.reference(by=by, layers=layers, normalize=False, ref=r)) for r in range(R)])
+              for name, caption, by, layers, labels in _splits(maps)]
+    points = [lab[1] for lab in maps.query_labels if lab[0] in ("point", "box")]
+    patches = [lab[1] for lab in maps.key_labels if lab[0] == "patch"]
+    for b, img in enumerate(_per_sample(image, samples)):
+        sfx = _suffix(b, samples)
+
+        def pick(tensor):  # this image's maps: they carry a batch axis when several were recorded
+            return tensor if samples == 1 else tensor[b]
+
+        rows = []
+        for r in range(R):
+            row = [viz.Panel(f"{gen_name} of reference {r}", img, pick(maps.generated(ref=r)), mask=maps.mask),
+                   viz.Panel(f"reference {r}", refs[r]),
+                   viz.Panel(f"M_r: reference map {r}", refs[r], pick(maps.reference(ref=r)))]
+            if maps.mask is not None:
+                row.append(viz.Panel("M_r, mask probe (eq. 17)", refs[r], pick(maps.reference(masked=True, ref=r))))
+            rows.append(row)
+        caption = f"Generated map {gen_name} and reference map M_r of each reference"
+        save(viz.panel_figure(rows, title=_title(maps, caption), row_labels=[f"reference {r}" for r in range(R)],
+                              **shown), "overview" + sfx, caption)
+        for name, caption, labels, per_ref in splits:
+            stacks, names, images = [], [], []
+            for r, (gen, ref) in enumerate(per_ref):
+                stacks += [viz.shared_scale(pick(gen).double()), pick(ref)]
+                names += [f"{gen_name}, ref {r}", f"M_r, ref {r}"]
+                images += [img, refs[r]]
+            fig = viz.split_figure(stacks, column_labels=labels, row_labels=names, images=images,
+                                   masks=[maps.mask, None] * R, title=_title(maps, caption), **shown)
+            save(fig, name + sfx, caption)
+        caption = "Sources: the share of each reference, the text and the image itself in each position"
+        shares = {k: pick(v) for k, v in maps.sources(all_keys=_all_sources(maps)).items()}
+        save(viz.sources_figure(shares, img, mask=maps.mask, title=_title(maps, caption)), "sources" + sfx, caption)
+        for probe in points:
+            kind = "point" if len(probe) == 2 else "box"
+            caption = f"Specific-reference maps M_sr of latent {kind} {tuple(probe)}"
+            panels = [viz.Panel(f"generated, latent {kind} {tuple(probe)}", img, probes=[probe],
+                                probe_grid=maps.latent_size)]
+            panels += [viz.Panel(f"M_sr over reference {r}", refs[r], pick(maps.specific_reference(probe, ref=r)))
+                       for r in range(R)]
+            save(viz.panel_figure(panels, title=_title(maps, caption), **shown),
+                 f"specific_reference_{kind}_{_join(probe)}{sfx}", caption)
+        for r, i, j in patches:
+            caption = f"Where patch {(i, j)} of reference {r} is used in the generated image"
+            panels = [viz.Panel(f"reference {r}, patch {(i, j)}", refs[r], probes=[(i, j, i + 1, j + 1)],
+                                probe_grid=maps.references[r]),
+                      viz.Panel("specific-generated map", img, pick(maps.specific_generated((r, i, j))),
+                                mask=maps.mask)]
+            save(viz.panel_figure(panels, title=_title(maps, caption), **shown),
+                 f"specific_generated_patch_{_join((r, i, j))}{sfx}", caption)
+    return figures
+
+
+def _all_sources(maps):
+    """Whether every layer kept the text and generated sources beside the references."""
+    return all("src" in lay for lay in maps.layers.values())
+
+
 def readable_protocols(maps):
     """The protocols the recorded buffers of `maps` can be read under."""
     names = []
@@ -209,6 +291,7 @@ def map_settings(maps):
     """The settings an AttributionMaps carries, as JSON-ready values."""
     return {
         "latent_size": list(maps.latent_size), "ref_grid": maps.ref_grid and list(maps.ref_grid),
+        **({"references": [list(g) for g in maps.references]} if len(maps.references) > 1 else {}),
         "num_steps": maps.num_steps, "time_groups": maps.time_groups, "convention": maps.convention,
         "protocol": maps.protocol,
         "resize": maps.resize, "recorded_entries": maps.record, "layers": list(maps.layers),

@@ -3,7 +3,8 @@
 plot_overlay draws one map over its image into an Axes: the map at pixel level (eq. 9: bicubic
 to the image size, min-max, values <= threshold transparent) in a colormap, a colorbar of the
 value scale and the mask's outline. panel_figure lays out a row of such panels (images, maps,
-probes); split_figure the by-time or by-head grids, where each row shares one colour scale.
+probes); split_figure the by-time or by-head grids, where each row shares one colour scale;
+sources_figure the share of each source (several references, text, the image itself).
 Images are PIL images or arrays/tensors (3, H, W), (H, W, 3) or (H, W) with floats in [0, 1] or
 uint8; masks follow the rule of i2am.inputs (1 = inside). Grid coordinates (latent points and
 boxes, reference patches) map to pixels by the image / grid size ratio.
@@ -24,8 +25,8 @@ import numpy as np
 import torch
 from matplotlib import patheffects
 from matplotlib.cm import ScalarMappable
-from matplotlib.colors import Normalize
-from matplotlib.patches import Rectangle
+from matplotlib.colors import ListedColormap, Normalize
+from matplotlib.patches import Patch, Rectangle
 
 from . import display
 from .grid import resize
@@ -133,11 +134,20 @@ def add_colorbar(fig, axes, *, cmap="jet", threshold=0.4, label=SCALE_LABEL):
     return bar
 
 
-def panel_figure(panels, *, title=None, threshold=0.4, alpha=0.5, cmap="jet", label=SCALE_LABEL):
-    """A row of Panels (paper Figures 2 and 9: the probe beside its map), with one colorbar when
-    any panel has a map; every map is normalised on its own (eq. 9). Returns the Figure."""
-    fig, axes = _figure(1, [_aspect(p) for p in panels], title)
-    for ax, p in zip(axes[0], panels):
+def panel_figure(panels, *, title=None, threshold=0.4, alpha=0.5, cmap="jet", label=SCALE_LABEL, row_labels=None):
+    """A row of Panels (paper Figures 2 and 9: the probe beside its map), or several rows of as
+    many Panels (a list of lists, labelled row_labels: one row per reference), with one colorbar
+    when any panel has a map; every map is normalised on its own (eq. 9). Returns the Figure."""
+    rows = panels if panels and isinstance(panels[0], (list, tuple)) else [panels]
+    if any(len(row) != len(rows[0]) for row in rows):
+        raise ValueError(f"panel_figure needs rows of one length, got {[len(row) for row in rows]}")
+    aspects = [max(_aspect(row[c]) for row in rows) for c in range(len(rows[0]))]
+    fig, axes = _figure(len(rows), aspects, title)
+    for r, label_r in enumerate(row_labels or [None] * len(rows)):
+        if label_r:
+            axes[r, 0].set_ylabel(label_r, fontsize=9)
+    panels = [p for row in rows for p in row]
+    for ax, p in zip(axes.ravel(), panels):
         if p.map is not None:
             plot_overlay(p.map, p.image, ax=ax, threshold=threshold, alpha=alpha, cmap=cmap, mask=p.mask,
                          colorbar=False)
@@ -150,7 +160,38 @@ def panel_figure(panels, *, title=None, threshold=0.4, alpha=0.5, cmap="jet", la
             draw_probe(ax, probe, p.probe_grid, size)
         ax.set_title(p.title, fontsize=9)
     if any(p.map is not None for p in panels):
-        add_colorbar(fig, axes[0].tolist(), cmap=cmap, threshold=threshold, label=label)
+        add_colorbar(fig, axes.ravel().tolist(), cmap=cmap, threshold=threshold, label=label)
+    return fig
+
+
+def sources_figure(shares, image=None, *, mask=None, title=None, alpha=0.8, cmap="viridis"):
+    """Where each part of the generated image draws its attention from: one panel per source
+    (shares {name: (h, w)} in [0, 1], on one shared 0-1 colour scale, not normalised), then one
+    categorical map of the dominant source (the largest share at each position) with a legend.
+    Returns the Figure."""
+    names = list(shares)
+    stack = torch.stack([torch.as_tensor(shares[n]).double() for n in names])
+    if stack.dim() != 3:
+        raise ValueError(f"sources_figure takes 2-D shares, got shape {tuple(stack.shape[1:])} (maps of several "
+                         "recorded images carry a batch axis first: pick one)")
+    aspect = _aspect(Panel("", image, stack[0]))
+    fig, axes = _figure(1, [aspect] * (len(names) + 1), title)
+    for ax, name, M in zip(axes[0], names, stack):
+        plot_overlay(M, image, ax=ax, threshold=0, alpha=alpha, cmap=cmap, mask=mask, colorbar=False,
+                     normalize=False)
+        ax.set_title(f"share of {name}", fontsize=9)
+    add_colorbar(fig, axes[0, :-1].tolist(), cmap=cmap, threshold=0, label="share of the attention")
+    ax = axes[0, -1]
+    base = _show_image(ax, image, stack.shape[-2:])
+    dominant = resize(stack, base.shape[:2], "nearest").argmax(0).numpy()
+    colours = plt.get_cmap("tab10").colors[:len(names)]
+    ax.imshow(dominant, cmap=ListedColormap(colours), vmin=-0.5, vmax=len(names) - 0.5, alpha=alpha,
+              interpolation="nearest")
+    if mask is not None:
+        outline_mask(ax, mask, base.shape[:2])
+    ax.set_title("dominant source", fontsize=9)
+    ax.legend(handles=[Patch(color=c, label=n) for c, n in zip(colours, names)], loc="upper left",
+              bbox_to_anchor=(1.02, 1), fontsize=8, frameon=False)
     return fig
 
 

@@ -215,3 +215,17 @@ def test_true_cfg_records_the_cond_pass_of_each_step():
     with pytest.raises(ValueError, match="records the cond pass of true CFG only"), \
             i2am.trace(pipe, branch="all"):
         pipe(**kwargs)
+
+
+def test_kontext_answers_ref_0_and_its_sources_sum_to_one():
+    model, inputs = tf.transformer(), tf.kontext_inputs(batch=1)
+    with torch.no_grad(), i2am.trace(model, num_steps=1, patches=[PATCH]) as tc:
+        model(**inputs)
+    maps = tc.maps()
+    assert maps.references == (tf.REF_GRID,)
+    torch.testing.assert_close(maps.generated(ref=0), maps.generated())
+    torch.testing.assert_close(maps.specific_generated((0, *PATCH)), maps.specific_generated(PATCH))
+    share = maps.sources(all_keys=True)
+    assert list(share) == ["ref0", "text", "generated"]
+    torch.testing.assert_close(sum(share.values()), torch.ones(tf.GRID))
+    assert torch.equal(maps.sources()["ref0"], torch.ones(tf.GRID))

@@ -521,3 +521,24 @@ def test_recording_an_ldm_style_model():
         with pytest.raises(ValueError, match="outside the 3 steps"):
             rec.step()
     assert_buffers(rec.maps(), {n: {kind: maps.layers[n][kind] for kind in ("gen", "ref")} for n in maps.layers})
+
+
+def test_one_reference_answers_the_several_reference_calls_with_ref_0():
+    model, _ = built("patch_inpainting")
+    i, j = patch(model)
+    with i2am.trace(model.pipe, ref_grid=model.ref_grid, patches=[(i, j)], mask=tm.inpainting_mask()) as tc:
+        model.run()
+    maps = tc.maps()
+    assert maps.references == (model.ref_grid,)
+    torch.testing.assert_close(maps.generated(ref=0), maps.generated())
+    torch.testing.assert_close(maps.reference(ref=0, masked=True), maps.reference(masked=True))
+    torch.testing.assert_close(maps.specific_generated((0, i, j)), maps.specific_generated((i, j)))
+    assert maps.imacs(ref=0) == maps.imacs()
+    share = maps.sources()
+    assert list(share) == ["ref0"] and torch.equal(share["ref0"], (maps.generated(normalize=False) > 0).float())
+    with pytest.raises(ValueError, match=r"ref=1: the maps have 1 reference\(s\)"):
+        maps.reference(ref=1)
+    with pytest.raises(ValueError, match=r"patch \(1, 0, 0\): reference 1 does not exist"):
+        maps.specific_generated((1, 0, 0))
+    with pytest.raises(ValueError, match="sources\\(all_keys=True\\) needs them"):
+        maps.sources(all_keys=True)

@@ -7,7 +7,7 @@ processor copies (i2am.integrations.unet); every DiT stands in at diffusers'
 dispatch_attention_fn (i2am.integrations.dit), so a DiT family says only where its generated
 rows and reference keys are.
 
-A new family (SD3, Qwen-Image-Edit, FLUX.2) is one new module and one row below; nothing in
+A new family (SD3, Wan) is one new module and one row below; nothing in
 the trace, the recording or the CLI changes.
 """
 import importlib
@@ -15,6 +15,8 @@ import importlib
 # module -> family class, tried in this order; the UNet family last: it takes any module with attn2 layers
 FAMILIES = {
     "flux": "FluxFamily",
+    "qwenimage": "QwenImageFamily",
+    "flux2": "Flux2Family",
     "unet": "UNetFamily",
 }
 
@@ -28,6 +30,7 @@ def family(obj):
     transformer = getattr(obj, "transformer", None)
     if transformer is not None:
         raise ValueError(f"{type(obj).__name__} has a {type(transformer).__name__} transformer denoiser; i2am.trace "
-                         "supports Flux transformers (FluxTransformer2DModel) and UNet pipelines (pipe.unet)")
+                         "supports FluxTransformer2DModel, Flux2Transformer2DModel, QwenImageTransformer2DModel and UNet "
+                         "pipelines (pipe.unet)")
     raise TypeError(f"i2am.trace needs a diffusers pipeline with a .unet (UNet2DConditionModel) or a Flux "
                     f"transformer (FluxKontextPipeline), or one of those denoisers; got {type(obj).__name__}")

@@ -16,14 +16,18 @@ point the processor's own code runs untouched and a family says only where the g
 and the reference keys are. So a new DiT family (Qwen-Image-Edit-Plus, FLUX.2, in-context
 editors whose reference sits beside the generated image) is a DiTFamily subclass with:
 
+    TRANSFORMER           the diffusers transformer class (matches, split, inputs and timestep
+                          follow from it)
     PROCESSORS            the processor classes it accepts (each calls dispatch_attention_fn
                           once per layer call with the layer's whole joint sequence)
-    matches / split / attention_layers
+    attention_layers
     read_inputs(args, kwargs)   sets self.layout (a TokenLayout or anything with its fields)
                           from the transformer call, and the recording's latent size and grids
-    timestep(args, kwargs)
 
-and, when some calls are not to be recorded (true CFG's negative pass), ``self.plain = True``.
+and, when some calls are not to be recorded (true CFG's negative pass), ``self.plain = True``
+(``negative_pass`` tells it from the timestep). The layout's text and generated keys are kept as
+two more sources beside the references (AttributionMaps.sources).
+
 The stand-in is bound while any trace uses it (counted per module) and the original is back
 when the last one leaves.
 """
@@ -31,6 +35,8 @@ import contextvars
 import inspect
 import sys
 from dataclasses import dataclass
+
+import torch
 
 from .base import Family
 
@@ -40,29 +46,64 @@ _BOUND = {}  # processor module -> [the original dispatch_attention_fn, traces u
 
 @dataclass(frozen=True)
 class TokenLayout:
-    """Where the generated and reference tokens sit in one call's joint sequence [text, image]."""
+    """Where the generated and reference tokens sit in one call's joint sequence [text, image].
+    With several references their keys follow each other, ref 0 first; with a KV cache the
+    queries and keys differ (reference keys without reference queries)."""
     text: int           # text tokens, first in the joint sequence
-    image: int          # image tokens after them (generated and reference)
+    image: int          # image tokens after them (generated and reference), as keys
     rows: slice         # the generated tokens: the maps' queries
-    ref_keys: slice     # the reference tokens (None: inside the generated grid, query_region/ref_region)
+    ref_keys: slice     # the reference tokens of every reference (None: inside the generated grid,
+                        # query_region/ref_region)
     grid: tuple         # (h, w) of the generated tokens, row-major
-    ref_grid: tuple     # (hI, wI) of the reference tokens, or None as ref_keys
+    ref_grid: tuple     # (hI, wI) of the reference tokens (of reference 0), or None as ref_keys
+    references: tuple = None  # every reference's (hI, wI), in key order (None: ref_grid alone)
+    generated: slice = None   # the generated tokens among the keys (None: rows)
+    queries: int = None       # query tokens, where they are not the keys
+    passthrough: tuple = ()   # (Nq, Nk) of dispatched calls that are no joint attention (not recorded)
 
     @property
     def length(self):
         return self.text + self.image
+
+    @property
+    def grids(self):
+        return self.references or (self.ref_grid,)
+
+    @property
+    def segments(self):
+        """The keys of the two sources that are not references (AttributionMaps.sources)."""
+        return {"text": slice(0, self.text), "generated": self.rows if self.generated is None else self.generated}
 
 
 class DiTFamily(Family):
     CFG_BATCH = False        # DiT editors are guidance-distilled or run true CFG as separate calls
     NEEDS_REF_GRID = False   # the token layout says it
     PROCESSORS = ()
+    TRANSFORMER = None       # the diffusers transformer class (pipelines hold it as .transformer)
+
+    @classmethod
+    def matches(cls, obj):
+        return isinstance(obj, cls.TRANSFORMER) or isinstance(getattr(obj, "transformer", None), cls.TRANSFORMER)
+
+    @classmethod
+    def split(cls, obj):
+        return (None, obj) if isinstance(obj, cls.TRANSFORMER) else (obj, obj.transformer)
+
+    def inputs(self, args, kwargs):
+        """{name: value} of a transformer call's arguments."""
+        return inspect.signature(self.TRANSFORMER.forward).bind_partial(None, *args, **kwargs).arguments
+
+    def timestep(self, args, kwargs):
+        """The pipelines pass timestep / 1000 (the transformer multiplies it back)."""
+        t = self.inputs(args, kwargs).get("timestep")
+        return None if t is None else torch.as_tensor(t).double() * 1000
 
     def __init__(self, denoiser):
         super().__init__(denoiser)
         self.layout = None   # the last transformer call's TokenLayout
         self.plain = False   # the last call is not recorded (its attention runs as the model's own)
         self._running = []   # contextvar tokens of the layers running now
+        self._last_timestep = None  # the last transformer call's (negative_pass)
 
     def install(self, recording, layers):
         for name, module in layers.items():  # check them all before changing any
@@ -81,16 +122,20 @@ class DiTFamily(Family):
     def attend(self, layer, query, key, value, attn_mask, scale, plain):
         """One dispatched attention of `layer`, (B, N, heads, d) tensors; plain() is the
         model's own call."""
-        layout = self.layout
-        if layout is None or query.shape[1] != layout.length:
-            raise ValueError(f"layer {layer!r}: a joint sequence of {query.shape[1]} tokens, not the "
+        layout, shape = self.layout, (query.shape[1], key.shape[1])
+        if layout is not None and shape in layout.passthrough:
+            return plain()
+        if layout is None or shape != (layout.queries or layout.length, layout.length):
+            raise ValueError(f"layer {layer!r}: an attention of {shape[0]} queries over {shape[1]} keys, not the "
                              f"{layout.text if layout else '?'} text + {layout.image if layout else '?'} image "
                              "tokens of this transformer call; call the traced transformer itself")
         if self.plain:
             return plain()
+        if attn_mask is not None and attn_mask.dtype == torch.bool and bool(attn_mask.all()):
+            attn_mask = None  # a mask that keeps every key (Qwen-Image's text mask of an unpadded prompt)
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, heads, N, d) views
         out = self.recording.attend(layer, q, k, v, scale=scale, attn_mask=attn_mask, grid=layout.grid,
-                                    query_rows=layout.rows, ref_keys=layout.ref_keys)
+                                    query_rows=layout.rows, ref_keys=layout.ref_keys, segments=layout.segments)
         return out.transpose(1, 2)
 
 
@@ -134,3 +179,28 @@ def _stand_in(original):
 
     dispatch_attention_fn.__wrapped__ = original
     return dispatch_attention_fn
+
+
+def negative_pass(family, timestep):
+    """Whether a transformer call at `timestep` (pipeline units) is true CFG's negative-prompt pass:
+    a second call in a row at the same timestep (recorded only under branch="cond": not at all)."""
+    t = None if timestep is None else timestep.flatten()[:1].cpu()
+    last, family._last_timestep = family._last_timestep, t
+    negative = t is not None and last is not None and torch.equal(t, last)
+    branch = family.recording.recorder.branch
+    if negative and branch != "cond":
+        raise ValueError(f"two transformer calls in a row at timestep {t.item():g}: true CFG's negative-prompt "
+                         f"pass (true_cfg_scale > 1); i2am records the cond pass of true CFG only (branch='cond'), "
+                         f"got branch={branch!r}")
+    return negative
+
+
+def row_major_grid(rc, what):
+    """(h, w) of tokens whose (row, col) ids (N, 2) must run row-major over a full h x w grid."""
+    rc = rc.round().long()
+    rc = rc - rc.min(0).values  # offsets of the ids (e.g. a shifted reference) do not matter
+    h, w = int(rc[:, 0].max()) + 1, int(rc[:, 1].max()) + 1
+    want = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1).reshape(-1, 2)
+    if rc.shape[0] != h * w or not torch.equal(rc, want):
+        raise ValueError(f"the {what} tokens' (row, col) ids do not form a row-major grid")
+    return h, w

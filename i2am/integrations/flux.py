@@ -11,61 +11,32 @@ W/16). FLUX.1 [dev] and Kontext are guidance-distilled: no [uncond, cond] batch.
 
 ``FluxAttnProcessor`` runs unchanged; its dispatched attention is recorded (i2am.integrations.dit).
 """
-import inspect
-
 import torch
 from diffusers.models.transformers.transformer_flux import (FluxAttention, FluxAttnProcessor,
                                                             FluxTransformer2DModel)
 
-from .dit import DiTFamily, TokenLayout
+from .dit import DiTFamily, TokenLayout, negative_pass, row_major_grid
 
 GENERATED, REFERENCE = 0, 1  # img_ids[:, 0] of FLUX.1 Kontext's generated and reference tokens
-_FORWARD = inspect.signature(FluxTransformer2DModel.forward)
 
 
 class FluxFamily(DiTFamily):
     PROTOCOLS = ("paper",)  # the official protocol reproduces the authors' UNet code
+    TRANSFORMER = FluxTransformer2DModel
     PROCESSORS = (FluxAttnProcessor,)
-
-    def __init__(self, denoiser):
-        super().__init__(denoiser)
-        self._last_timestep = None
-
-    @classmethod
-    def matches(cls, obj):
-        return isinstance(obj, FluxTransformer2DModel) or isinstance(getattr(obj, "transformer", None),
-                                                                     FluxTransformer2DModel)
-
-    @classmethod
-    def split(cls, obj):
-        return (None, obj) if isinstance(obj, FluxTransformer2DModel) else (obj, obj.transformer)
 
     def attention_layers(self, attention="cross"):
         """{name: FluxAttention}: every joint attention, double- and single-stream blocks (joint
         attention is both the cross- and the self-attention)."""
         return {n: m for n, m in self.denoiser.named_modules() if isinstance(m, FluxAttention)}
 
-    def timestep(self, args, kwargs):
-        """The pipelines pass timestep / 1000 (the transformer multiplies it back)."""
-        t = _inputs(args, kwargs).get("timestep")
-        return None if t is None else torch.as_tensor(t).double() * 1000
-
     def read_inputs(self, args, kwargs):
         """The call's token layout from its img_ids and text length; sets the latent size and the
         reference grid (both fixed for the trace). A second call at the same timestep is true
         CFG's negative-prompt pass (FluxKontextPipeline with true_cfg_scale > 1): not a new step,
         and not recorded (branch="cond")."""
-        inputs = _inputs(args, kwargs)
-        t = self.timestep(args, kwargs)
-        t = None if t is None else t.flatten()[:1].cpu()
-        last, self._last_timestep = self._last_timestep, t
-        negative = t is not None and last is not None and torch.equal(t, last)
-        branch = self.recording.recorder.branch
-        if negative and branch != "cond":
-            raise ValueError(f"two transformer calls in a row at timestep {t.item():g}: true CFG's negative-prompt "
-                             f"pass (true_cfg_scale > 1); i2am records the cond pass of true CFG only (branch='cond'), "
-                             f"got branch={branch!r}")
-        self.plain = negative
+        inputs = self.inputs(args, kwargs)
+        negative = self.plain = negative_pass(self, self.timestep(args, kwargs))
         # query_region/ref_region: the reference sits inside the generated grid (FLUX.1 Fill try-on,
         # in-context editors); the recorder takes both rectangles from it
         regions = self.recording.recorder.regions is not None
@@ -75,10 +46,6 @@ class FluxFamily(DiTFamily):
         if not regions:
             self.recording.recorder.set_ref_grid(self.layout.ref_grid)
         return not negative
-
-
-def _inputs(args, kwargs):
-    return _FORWARD.bind_partial(None, *args, **kwargs).arguments  # None: self
 
 
 def token_layout(img_ids, encoder_hidden_states, hidden_states, reference=True):
@@ -102,7 +69,7 @@ def token_layout(img_ids, encoder_hidden_states, hidden_states, reference=True):
         if at.numel() == 0 or at[-1] - at[0] + 1 != at.numel():
             raise ValueError(f"the {what} image tokens (img_ids[:, 0] == {kind}) must be one contiguous, "
                              f"non-empty range of the image tokens")
-        spans[kind] = (slice(int(at[0]), int(at[-1]) + 1), _grid(ids[at, 1:].cpu(), what))
+        spans[kind] = (slice(int(at[0]), int(at[-1]) + 1), row_major_grid(ids[at, 1:].cpu(), what))
     if not set(kinds.tolist()) <= {GENERATED, REFERENCE}:
         raise ValueError(f"img_ids[:, 0] holds {sorted(set(kinds.tolist()))}; i2am knows 0 (generated) and "
                          "1 (one reference image, FLUX.1 Kontext)")
@@ -112,17 +79,6 @@ def token_layout(img_ids, encoder_hidden_states, hidden_states, reference=True):
     ref, ref_grid = spans[REFERENCE]
     return TokenLayout(text, len(ids), slice(text + gen.start, text + gen.stop),
                        slice(text + ref.start, text + ref.stop), grid, ref_grid)
-
-
-def _grid(rc, what):
-    """(h, w) of tokens whose (row, col) ids must run row-major over a full h x w grid."""
-    rc = rc.round().long()
-    rc = rc - rc.min(0).values  # offsets of the ids (e.g. a shifted reference) do not matter
-    h, w = int(rc[:, 0].max()) + 1, int(rc[:, 1].max()) + 1
-    want = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1).reshape(-1, 2)
-    if rc.shape[0] != h * w or not torch.equal(rc, want):
-        raise ValueError(f"the {what} tokens' (row, col) ids do not form a row-major grid")
-    return h, w
 
 
 # ---- the `i2am run --pipeline flux-kontext` model -------------------------------------------------

@@ -1,0 +1,99 @@
+"""i2am.trace on FLUX.2: a tiny Flux2Transformer2DModel (one double- and one single-stream block)
+called as Flux2Pipeline and Flux2KleinKVPipeline call it, with two references of different grids.
+Every map of several references against float64 from the model's own q and k."""
+import pytest
+import torch
+from diffusers.models.transformers import transformer_flux2
+
+import i2am
+import multi_reference as mr
+import tiny_flux2 as t2
+from i2am.integrations.flux2 import cached_layout, token_layout
+from i2am.kernels import triton_available
+
+G = 2
+POINT, PATCH = (2, 5), (1, 0, 4)
+LAYERS = ("transformer_blocks.0.attn", "single_transformer_blocks.0.attn")
+BACKENDS = ["torch"] + (["triton"] if triton_available(torch.device("cpu")) else [])
+TIMESTEPS = [1.0, 0.7, 0.4]
+TOL = {"torch": dict(rtol=1e-4, atol=1e-7), "triton": dict(rtol=1e-4, atol=1e-6)}
+
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flux2_maps_match_float64(backend):
+    model, inputs = t2.transformer(), t2.inputs(batch=2)
+    with torch.no_grad(), mr.captured_qk(transformer_flux2) as calls:
+        want_out = mr.run_steps(model, inputs, TIMESTEPS)
+    layout = token_layout(inputs["img_ids"], inputs["encoder_hidden_states"], inputs["hidden_states"])
+    assert (layout.rows, layout.ref_keys, layout.grids) == (slice(5, 29), slice(29, 60), t2.REFS)
+    with torch.no_grad(), i2am.trace(model, num_steps=3, time_groups=G, points=[POINT], patches=[PATCH],
+                                     backend=backend) as tc:
+        got_out = mr.run_steps(model, inputs, TIMESTEPS)
+    for a, b in zip(got_out, want_out):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    maps = tc.maps()
+    assert set(maps.layers) == set(LAYERS) and maps.latent_size == t2.GRID and maps.references == t2.REFS
+    mr.check_maps(maps, mr.expected_maps(calls, LAYERS, 3, G, layout, POINT, PATCH), layout, POINT, PATCH,
+                  TOL[backend])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kv_cache_maps_match_float64(backend):
+    """Flux2KleinKVPipeline: the reference keys exist as the sequence's tokens at the first step
+    and as cached K/V afterwards; the references' own attention (their queries) is not recorded."""
+    model = t2.transformer(guidance=False, kv=True)
+    n_ref = sum(h * w for h, w in t2.REFS)
+    with torch.no_grad(), mr.captured_qk(transformer_flux2, keep=lambda q, k: q.shape[1] != n_ref) as calls:
+        want_out = t2.kv_steps(model, TIMESTEPS)
+    with torch.no_grad(), i2am.trace(model, num_steps=3, time_groups=G, points=[POINT], patches=[PATCH],
+                                     backend=backend) as tc:
+        got_out = t2.kv_steps(model, TIMESTEPS)
+    for a, b in zip(got_out, want_out):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    ids, text = t2.image_ids(t2.GRID, 0), torch.zeros(1, t2.TEXT, t2.JOINT_DIM)
+    layout = cached_layout(ids, text, None, n_ref, t2.REFS)  # the keys of the extract call are laid out the same
+    assert (layout.rows, layout.ref_keys, layout.segments["generated"]) == (slice(5, 29), slice(5, 36),
+                                                                            slice(36, 60))
+    assert len(calls) == 3 * len(LAYERS)
+    mr.check_maps(tc.maps(), mr.expected_maps(calls, LAYERS, 3, G, layout, POINT, PATCH), layout, POINT, PATCH,
+                  TOL[backend])
+
+
+def test_klein_true_cfg_records_the_cond_pass():
+    model, inputs = t2.transformer(guidance=False), t2.inputs(guidance=False)
+    negative = torch.randn_like(inputs["encoder_hidden_states"])
+    with torch.no_grad():
+        want_out = mr.run_steps(model, inputs, TIMESTEPS, negative)
+        with i2am.trace(model, num_steps=3) as cond_only:
+            mr.run_steps(model, inputs, TIMESTEPS)
+        with i2am.trace(model, num_steps=3) as tc:
+            got_out = mr.run_steps(model, inputs, TIMESTEPS, negative)
+    for a, b in zip(got_out, want_out):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for name, share in cond_only.maps().sources(all_keys=True).items():
+        torch.testing.assert_close(tc.maps().sources(all_keys=True)[name], share)
+
+
+def test_a_layout_it_cannot_read_is_an_error():
+    model, inputs = t2.transformer(), t2.inputs()
+    odd = inputs["img_ids"].clone()
+    odd[0, 24:40, 0] = 15
+    with pytest.raises(ValueError, match=r"time coordinates are \[0, 15, 20\]; i2am reads 0 \(the generated image\) "
+                                         r"and 10, 20"), torch.no_grad(), i2am.trace(model, num_steps=1):
+        model(**{**inputs, "img_ids": odd})
+    with pytest.raises(ValueError, match=r"ref_grid \(3, 5\) was given, but the model's first reference forms a "
+                                         r"\(4, 4\) grid"), torch.no_grad(), i2am.trace(model, num_steps=1,
+                                                                                        ref_grid=(3, 5)):
+        model(**inputs)
+    kv = t2.transformer(guidance=False, kv=True)
+    with torch.no_grad():
+        out, cache = kv(**{**t2.inputs(guidance=False), "kv_cache_mode": "extract", "num_ref_tokens": 31,
+                           "hidden_states": torch.randn(1, 55, t2.CHANNELS),
+                           "img_ids": torch.cat([t2.reference_ids(), t2.image_ids(t2.GRID, 0)])[None]})
+    cached = {**t2.inputs(guidance=False), "hidden_states": torch.randn(1, 24, t2.CHANNELS),
+              "img_ids": t2.image_ids(t2.GRID, 0)[None], "kv_cache": cache, "kv_cache_mode": "cached"}
+    with pytest.raises(ValueError, match="came before the extract call"), torch.no_grad(), \
+            i2am.trace(kv, num_steps=1):
+        kv(**cached)
+    assert not hasattr(transformer_flux2.dispatch_attention_fn, "__wrapped__")  # the original is back

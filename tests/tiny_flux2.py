@@ -1,0 +1,68 @@
+"""A tiny, randomly initialised FLUX.2 transformer built in code (no downloads).
+
+Flux2Transformer2DModel with one double-stream and one single-stream block, 2 heads of 8
+channels, called as Flux2Pipeline (guidance-distilled) and Flux2KleinKVPipeline (KV cache) call
+it: img_ids (time, row, col, layer) give the generated 4 x 6 token grid time 0 and two
+references of different sizes (4 x 4, 3 x 5) times 10 and 20.
+"""
+import torch
+from diffusers import Flux2Transformer2DModel
+from diffusers.models.transformers.transformer_flux2 import Flux2KVAttnProcessor, Flux2KVParallelSelfAttnProcessor
+
+GRID, REFS = (4, 6), ((4, 4), (3, 5))
+TEXT, JOINT_DIM, CHANNELS = 5, 16, 16
+
+
+def transformer(guidance=True, kv=False):
+    torch.manual_seed(0)
+    model = Flux2Transformer2DModel(patch_size=1, in_channels=CHANNELS, num_layers=1, num_single_layers=1,
+                                    attention_head_dim=8, num_attention_heads=2, joint_attention_dim=JOINT_DIM,
+                                    timestep_guidance_channels=16, axes_dims_rope=(2, 2, 2, 2),
+                                    guidance_embeds=guidance)
+    if kv:  # as Flux2KleinKVPipeline sets them
+        for block in model.transformer_blocks:
+            block.attn.set_processor(Flux2KVAttnProcessor())
+        for block in model.single_transformer_blocks:
+            block.attn.set_processor(Flux2KVParallelSelfAttnProcessor())
+    return model
+
+
+def image_ids(grid, t):
+    """img_ids of one latent grid: (t, row, col, 0), row-major (Flux2Pipeline._prepare_image_ids)."""
+    return torch.cartesian_prod(torch.tensor([t]), torch.arange(grid[0]), torch.arange(grid[1]), torch.arange(1))
+
+
+def reference_ids(refs=REFS):
+    return torch.cat([image_ids(g, 10 + 10 * r) for r, g in enumerate(refs)])
+
+
+def inputs(batch=1, seed=0, guidance=True, refs=REFS):
+    """Keyword arguments of one transformer call as Flux2Pipeline makes them: [generated, references]."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.cat([image_ids(GRID, 0), reference_ids(refs)])
+    return dict(hidden_states=torch.randn(batch, len(ids), CHANNELS, generator=gen),
+                timestep=torch.full((batch,), 0.9), guidance=torch.full((batch,), 2.5) if guidance else None,
+                encoder_hidden_states=torch.randn(batch, TEXT, JOINT_DIM, generator=gen),
+                txt_ids=torch.zeros(batch, TEXT, 4), img_ids=ids[None].expand(batch, -1, -1),
+                joint_attention_kwargs=None, return_dict=False)
+
+
+def kv_steps(model, timesteps, seed=0):
+    """The transformer calls of Flux2KleinKVPipeline: the first step with [references, generated]
+    (kv_cache_mode="extract"), the next ones with the generated tokens and the cached reference K/V.
+    Returns the generated tokens' outputs of every step."""
+    base = inputs(seed=seed, guidance=False)
+    n_ref = sum(h * w for h, w in REFS)
+    refs, gen = base["hidden_states"][:, GRID[0] * GRID[1]:], base["hidden_states"][:, :GRID[0] * GRID[1]]
+    outs, cache = [], None
+    for i, t in enumerate(timesteps):
+        step = {**base, "timestep": torch.full((1,), t)}
+        if i == 0:
+            out, cache = model(**{**step, "hidden_states": torch.cat([refs, gen], 1),
+                                  "img_ids": torch.cat([reference_ids(), image_ids(GRID, 0)])[None],
+                                  "kv_cache_mode": "extract", "num_ref_tokens": n_ref})
+        else:
+            out = model(**{**step, "hidden_states": gen, "img_ids": image_ids(GRID, 0)[None], "kv_cache": cache,
+                           "kv_cache_mode": "cached"})[0]
+        outs.append(out)
+    return outs
