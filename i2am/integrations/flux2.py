@@ -34,8 +34,9 @@ class Flux2Family(DiTFamily):
     PROCESSORS = (Flux2AttnProcessor, Flux2ParallelSelfAttnProcessor, Flux2KVAttnProcessor,
                   Flux2KVParallelSelfAttnProcessor)
 
-    def attention_layers(self):
-        """{name: attention}: every joint attention, double- and single-stream blocks."""
+    def attention_layers(self, attention="cross"):
+        """{name: attention}: every joint attention, double- and single-stream blocks (joint attention
+        is both the cross- and the self-attention)."""
         return {n: m for n, m in self.denoiser.named_modules()
                 if isinstance(m, (Flux2Attention, Flux2ParallelSelfAttention))}
 

@@ -24,8 +24,8 @@ class QwenImageFamily(DiTFamily):
     TRANSFORMER = QwenImageTransformer2DModel
     PROCESSORS = (QwenDoubleStreamAttnProcessor2_0,)
 
-    def attention_layers(self):
-        """{name: Attention}: the joint attention of every block."""
+    def attention_layers(self, attention="cross"):
+        """{name: Attention}: the joint attention of every block (both the cross- and the self-attention)."""
         return {f"transformer_blocks.{i}.attn": b.attn for i, b in enumerate(self.denoiser.transformer_blocks)}
 
     def read_inputs(self, args, kwargs):
