@@ -15,8 +15,11 @@ import torch
 import torch.nn.functional as F
 
 import i2am
+import multi_reference as mr
 import tiny_flux as tf
+import tiny_flux2 as t2
 import tiny_incontext as tic
+import tiny_qwen as tq
 from i2am.grid import resize
 from test_flux import captured_qk
 
@@ -158,6 +161,25 @@ def test_side_by_side_flux_maps_match_float64():
     buf = tc.recorder.buffers[layers[0]]
     assert isinstance(buf.rows, torch.Tensor)  # side by side: strided rows, no (Nq x Nk) tensor
     assert_maps(maps, *expected(calls, tic.FILL_GRID, tic.FILL_QUERY, tic.FILL_REF, offset=tf.TEXT))
+    # the reference keys are some of the generated ones: no separate sources, the one reference has them all
+    assert set(maps.sources()) == {"ref0"}
+    torch.testing.assert_close(maps.sources()["ref0"], (maps.generated(normalize=False) > 0).float())
+    with pytest.raises(ValueError, match="all_keys=True"):
+        maps.sources(all_keys=True)
+
+
+@pytest.mark.parametrize("family", ["qwen", "flux2"])
+def test_families_with_separate_references_refuse_regions(family):
+    if family == "qwen":
+        model, inputs = tq.transformer(), tq.edit_plus_inputs(batch=1)
+    else:
+        model, inputs = t2.transformer(), t2.inputs(batch=1)
+    with torch.no_grad():
+        want = mr.run_steps(model, inputs, [1.0])
+        with pytest.raises(ValueError, match=f"query_region/ref_region are not supported for {type(model).__name__}"):
+            with i2am.trace(model, num_steps=1, query_region=(0, 0, 2, 2), ref_region=(2, 0, 4, 2)):
+                mr.run_steps(model, inputs, [1.0])
+        torch.testing.assert_close(mr.run_steps(model, inputs, [1.0]), want, rtol=0, atol=0)  # restored
 
 
 def test_a_bound_that_does_not_scale_names_the_layer():

@@ -80,6 +80,7 @@ class DiTFamily(Family):
     NEEDS_REF_GRID = False   # the token layout says it
     PROCESSORS = ()
     TRANSFORMER = None       # the diffusers transformer class (pipelines hold it as .transformer)
+    REGIONS = False          # takes query_region/ref_region (a reference inside the generated grid)
 
     @classmethod
     def matches(cls, obj):
@@ -111,6 +112,10 @@ class DiTFamily(Family):
                 raise ValueError(f"layer {name!r} runs {type(module.processor).__name__}; i2am.trace stands in for "
                                  f"{', '.join(c.__name__ for c in self.PROCESSORS)} only (IP-Adapter and fused "
                                  "or custom processors are not traced)")
+        if recording.recorder.regions is not None and not self.REGIONS:
+            raise ValueError(f"query_region/ref_region are not supported for {type(self.denoiser).__name__}: its "
+                             "references are separate images in the transformer's inputs, whose grids i2am reads "
+                             "from the call; leave query_region and ref_region out")
         self.recording = recording
         for module in dict.fromkeys(sys.modules[p.__module__] for p in self.PROCESSORS):
             self._undo.append(_bind(module))

@@ -24,6 +24,7 @@ class FluxFamily(DiTFamily):
     PROTOCOLS = ("paper",)  # the official protocol reproduces the authors' UNet code
     TRANSFORMER = FluxTransformer2DModel
     PROCESSORS = (FluxAttnProcessor,)
+    REGIONS = True  # FLUX.1 Fill try-on, in-context editors: the reference beside the image
 
     def attention_layers(self, attention="cross"):
         """{name: FluxAttention}: every joint attention, double- and single-stream blocks (joint
