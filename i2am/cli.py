@@ -89,6 +89,13 @@ pipelines:
                     packed token grid (size / 16) of generated and reference tokens alike;
                     --mask (optional, the size of --reference) marks the edited region for
                     IMACS_g; the output keeps the reference's size (floored to multiples of 16)
+  qwen-image-edit-plus
+                    diffusers QwenImageEditPlusPipeline (Qwen-Image-Edit-2509, -2511) editing
+                    by --prompt with one or several --reference images (no --image, --mask
+                    or --ref-mask); maps per reference, on the packed token grids (size / 16)
+  flux2             diffusers Flux2Pipeline (FLUX.2 [dev]) likewise; the FLUX.2 [klein]
+                    pipelines (Flux2KleinPipeline, Flux2KleinKVPipeline) are traced from
+                    Python, not loaded by this command
 
 examples:
   i2am run --pipeline paint-by-example --model Fantasy-Studio/Paint-by-Example \\
@@ -101,14 +108,18 @@ examples:
       --points 20,30 --patches 20,30 --out report
   i2am run --pipeline sd-inpaint-patch --model ./my-model --image pair.png --mask mask.png \\
       --reference cloth.png --attention self --query-region 0,0,64,48 --ref-region 0,48,64,96 \\
-      --points 20,30 --out report     # the reference beside the image in one latent""")
+      --points 20,30 --out report     # the reference beside the image in one latent
+  i2am run --pipeline qwen-image-edit-plus --model Qwen/Qwen-Image-Edit-2509 \
+      --reference person.png --reference shirt.png --prompt "the person wears the shirt" \
+      --points 20,30 --patches 0,10,12 1,8,8 --out report""")
     run.add_argument("--pipeline", required=True, choices=PIPELINES)
     run.add_argument("--model", required=True, metavar="PATH_OR_ID", help="local folder or cached model id")
     run.add_argument("--image", help="the image to inpaint (all but flux-kontext)")
     run.add_argument("--mask", help="inpainting mask, same size as --image, white = fill (flux-kontext: "
                                     "optional, the edited region, same size as --reference)")
-    run.add_argument("--reference", required=True, help="the reference (example) image; flux-kontext: "
-                                                        "the image to edit")
+    run.add_argument("--reference", required=True, action="append",
+                     help="the reference (example) image; flux-kontext: the image to edit; given again for "
+                          "each further reference of qwen-image-edit-plus and flux2")
     run.add_argument("--ref-mask", help="mask of the reference's relevant region (e.g. the cloth), "
                                         "same size as --reference: gives IMACS_r")
     run.add_argument("--prompt", default="", help="text prompt (ip-adapter and flux-kontext; default empty)")
@@ -123,8 +134,8 @@ examples:
                      help="latent points for specific-reference maps")
     run.add_argument("--boxes", nargs="*", default=[], type=_ints(4, "top,left,bottom,right"),
                      metavar="T,L,B,R", help="latent boxes (end-exclusive) for specific-reference maps")
-    run.add_argument("--patches", nargs="*", default=[], type=_ints(2, "row,col"), metavar="I,J",
-                     help="reference patches for specific-generated maps")
+    run.add_argument("--patches", nargs="*", default=[], type=_ints((2, 3), "[ref,]row,col"), metavar="[R,]I,J",
+                     help="reference patches for specific-generated maps (R: the reference, default 0)")
     run.add_argument("--query-region", type=_ints(4, "top,left,bottom,right"), metavar="T,L,B,R",
                      help="with --ref-region: the generated part of a latent holding both (end-exclusive)")
     run.add_argument("--ref-region", type=_ints(4, "top,left,bottom,right"), metavar="T,L,B,R",
@@ -302,7 +313,7 @@ def _run(args):
     x = pipelines.inputs(args.pipeline, pipe, **given)
     if regions is not None:  # the maps live on two regions of the one latent
         x = pipelines.on_regions(x, regions)
-    check_probes(x.latent_size, x.ref_grid, args.points, args.boxes, args.patches)
+    check_probes(x.latent_size, x.ref_grids or x.ref_grid, args.points, args.boxes, args.patches)
 
     config = TraceConfig(ref_grid=None if regions else x.ref_grid, time_groups=args.time_groups, mask=x.mask,
                          points=args.points, boxes=args.boxes, patches=args.patches, convention=args.convention,
@@ -313,6 +324,8 @@ def _run(args):
     settings = {key: getattr(args, key) for key in (
         "pipeline", "model", "image", "mask", "reference", "ref_mask", "prompt", "steps", "guidance", "seed",
         "backend", "attention") if key != "image" or args.image is not None}  # the protocol is in the maps' own settings
+    if len(args.reference) == 1:
+        settings["reference"] = args.reference[0]
     settings.update(_load_options(args), device=device, dtype=str(pipe.dtype).removeprefix("torch."),
                     height=x.call["height"], width=x.call["width"])
     extra_images = {name: im for name, im in x.images.items() if im is not None}
@@ -400,13 +413,17 @@ def _positive(text):
 
 
 def _ints(n, form):
+    """n integers separated by commas; n: a count or the counts allowed."""
+    counts = (n,) if isinstance(n, int) else n
+
     def parse(text):
         try:
             values = tuple(int(v) for v in text.split(","))
         except ValueError:
             values = ()
-        if len(values) != n:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {form} ({n} integers separated by commas)")
+        if len(values) not in counts:
+            many = " or ".join(str(c) for c in counts)
+            raise argparse.ArgumentTypeError(f"{text!r} is not {form} ({many} integers separated by commas)")
         if min(values) < 0:
             raise argparse.ArgumentTypeError(f"{text}: coordinates must be >= 0")
         return values

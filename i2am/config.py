@@ -168,6 +168,8 @@ def _patches(patches):
     if isinstance(patches, torch.Tensor):
         patches = patches.tolist()
     items = list(patches) if isinstance(patches, (list, tuple)) else patches
-    if isinstance(items, list) and items and all(isinstance(p, (list, tuple)) and len(p) == 3 for p in items):
+    if isinstance(items, list) and any(isinstance(p, (list, tuple)) and len(p) == 3 for p in items):
+        # beside (r, i, j) triples, an (i, j) pair is reference 0's
+        items = [(0, *p) if isinstance(p, (list, tuple)) and len(p) == 2 else p for p in items]
         return int_tuples(items, 3, "patches", "(r, i, j) triples", "patch (r, i, j)")
     return int_tuples(items, 2, "patches", "(i, j) pairs or (r, i, j) triples", "patch (i, j)")

@@ -29,10 +29,12 @@ class Inputs:
     call: dict  # pipe(**call, num_inference_steps=..., guidance_scale=..., generator=...)
     latent_size: tuple  # (h, w) of the maps' queries
     ref_grid: tuple  # (hI, wI) of the reference tokens
-    reference: object  # the reference (PIL) as the model saw it: resized and cropped by its encoder
+    reference: object  # the reference (PIL) as the model saw it: resized and cropped by its encoder; a list
+    # of them, ref 0 first, for a pipeline of several references
     mask: Optional[torch.Tensor] = None  # 0/1 float (H, W) for i2am.trace: the region filled or edited
     ref_mask: Optional[torch.Tensor] = None  # 0/1 float on `reference`: gives IMACS_r
     images: dict = field(default_factory=dict)  # the input images as the model used them, for a report
+    ref_grids: tuple = ()  # every reference's (hI, wI), ref 0 first, for a pipeline of several references
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class Kind:
     protocols: tuple = tuple(PROTOCOLS)
     takes_prompt: bool = False
     edits_reference: bool = False  # no image: the pipeline edits its reference
+    several: bool = False  # takes several references (a list), ref 0 first
 
 
 def load(kind, model, *, device="cpu", dtype="auto", progress=True, **options):
@@ -65,6 +68,7 @@ def load(kind, model, *, device="cpu", dtype="auto", progress=True, **options):
 
 def inputs(kind, pipe, *, reference, image=None, mask=None, ref_mask=None, prompt=""):
     """One sample's Inputs for `pipe` (from load(kind, ...)). Images are file paths or PIL images;
+    reference: one image, or a list of them for a pipeline of several references (ref 0 first);
     masks are white (1) where the image is filled (flux-kontext: the edited region of the
     reference, optional) and on the reference's relevant region (ref_mask, optional)."""
     return kind_of(kind).prepare(pipe, read(kind, reference=reference, image=image, mask=mask, ref_mask=ref_mask,
@@ -73,8 +77,19 @@ def inputs(kind, pipe, *, reference, image=None, mask=None, ref_mask=None, promp
 
 def read(kind, *, reference, image=None, mask=None, ref_mask=None, prompt=""):
     """The sample's images opened and checked (sizes, masks that mark a region) before any model
-    is loaded: {"reference", "image", "mask", "ref_mask", "prompt"}, absent ones None."""
+    is loaded: {"reference", "image", "mask", "ref_mask", "prompt"}, absent ones None; "reference"
+    is a list for a pipeline of several references."""
     entry = kind_of(kind)
+    references = list(reference) if isinstance(reference, (list, tuple)) else [reference]
+    if not references:
+        raise InputError(f"{arg('reference')} is empty: give at least one image")
+    if len(references) > 1 and not entry.several:
+        several = ", ".join(name for name, k in KINDS.items() if k.several)
+        raise InputError(f"the {kind} pipeline takes one {arg('reference')}, got {len(references)}; "
+                         f"pipelines of several references: {several}")
+    if entry.several and (mask is not None or ref_mask is not None):
+        raise InputError(f"the {kind} pipeline takes no {arg('mask')} or {arg('ref_mask')}: its output and its "
+                         "references have sizes of their own")
     if prompt and not entry.takes_prompt:
         raise InputError(f"the {kind} pipeline takes no {arg('prompt')}: its reference replaces the text")
     if entry.edits_reference and image is not None:
@@ -82,7 +97,8 @@ def read(kind, *, reference, image=None, mask=None, ref_mask=None, prompt=""):
     for name, given in (("image", image), ("mask", mask)):
         if not entry.edits_reference and given is None:
             raise InputError(f"the {kind} pipeline needs {arg(name)}")
-    given = {"reference": open_image(reference, "reference"), "prompt": prompt,
+    opened = [open_image(one, "reference") for one in references]
+    given = {"reference": opened if entry.several else opened[0], "prompt": prompt,
              "image": None if image is None else open_image(image, "image"),
              "mask": None if mask is None else open_image(mask, "mask", mode="L"),
              "ref_mask": None if ref_mask is None else open_image(ref_mask, "ref_mask", mode="L")}
@@ -250,6 +266,56 @@ def _prepare_flux_kontext(pipe, given):
                   masks["mask"], masks["ref_mask"], {"mask": crop["mask"], "ref_mask": crop["ref_mask"]})
 
 
+# ---- several references: Qwen-Image-Edit-Plus, FLUX.2 -------------------------------------------
+def _loader(cls_name):
+    """load() of a diffusers pipeline class that takes its components as saved."""
+    def load(model, device, dtype):
+        import diffusers
+
+        cls = getattr(diffusers, cls_name)
+        _locate(model)
+        with _local_only(cls, model):
+            return cls.from_pretrained(model, torch_dtype=dtype, local_files_only=True).to(device)
+    return load
+
+
+def _several(pipe, given, seen, size):
+    """Inputs of a pipeline of several references: `seen` the references as its VAE encodes them,
+    size (height, width) the generated image's; every grid is the packed token grid (size / 16)."""
+    token = pipe.vae_scale_factor * 2  # latents packed 2x2
+    grids = tuple((im.height // token, im.width // token) for im in seen)
+    grid = (size[0] // token, size[1] // token)
+    call = dict(image=list(given["reference"]), prompt=given["prompt"], height=size[0], width=size[1])
+    return Inputs(call, grid, grids[0], seen, ref_grids=grids)
+
+
+def _prepare_qwen_image_edit_plus(pipe, given):
+    """QwenImageEditPlusPipeline resizes each reference to about 1024x1024 pixels (sides multiples
+    of 32) for its VAE; the output takes the last reference's shape at that area."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import VAE_IMAGE_SIZE, calculate_dimensions
+
+    seen = []
+    for im in given["reference"]:
+        width, height = calculate_dimensions(VAE_IMAGE_SIZE, im.width / im.height)
+        seen.append(_as_vae_input(pipe.image_processor, im, height, width))
+    return _several(pipe, given, seen, (seen[-1].height, seen[-1].width))
+
+
+def _prepare_flux2(pipe, given):
+    """Flux2Pipeline scales each reference down to at most 1024x1024 pixels and crops it to
+    multiples of 16; the output takes the first reference's size."""
+    processor, multiple = pipe.image_processor, pipe.vae_scale_factor * 2
+    seen = []
+    for im in given["reference"]:
+        im = processor._resize_if_exceeds_area(im.convert("RGB"), 1024 * 1024)
+        width, height = im.width // multiple * multiple, im.height // multiple * multiple
+        if width == 0 or height == 0:
+            raise InputError(f"{arg('reference')} is {im.width}x{im.height}: flux2 needs sides of at least "
+                             f"{multiple} pixels")
+        seen.append(_as_vae_input(processor, im, height, width, resize_mode="crop"))
+    return _several(pipe, given, seen, (seen[0].height, seen[0].width))
+
+
 def on_regions(x, regions):
     """The Inputs `x` of a run traced on two regions of its one latent (i2am.regions.Regions,
     checked on x's latent grid): the maps' grids are the regions' shapes and the inpainting
@@ -271,6 +337,11 @@ KINDS = {
                        takes_prompt=True),
     "flux-kontext": Kind(_load_flux_kontext, _prepare_flux_kontext, cuda_dtype="bfloat16", protocols=("paper",),
                          takes_prompt=True, edits_reference=True),
+    "qwen-image-edit-plus": Kind(_loader("QwenImageEditPlusPipeline"), _prepare_qwen_image_edit_plus,
+                                 cuda_dtype="bfloat16", protocols=("paper",), takes_prompt=True,
+                                 edits_reference=True, several=True),
+    "flux2": Kind(_loader("Flux2Pipeline"), _prepare_flux2, cuda_dtype="bfloat16", protocols=("paper",),
+                  takes_prompt=True, edits_reference=True, several=True),
 }
 
 
@@ -331,6 +402,13 @@ def _as_encoded(processor, image):
     if processor is None:
         return image
     return to_pil(processor(images=image.convert("RGB"), do_normalize=False, return_tensors="pt").pixel_values[0])
+
+
+def _as_vae_input(processor, image, height, width, **options):
+    """image resized (and cropped) to height x width as the pipeline's image processor prepares it
+    for the VAE."""
+    return to_pil(processor.postprocess(processor.preprocess(image.convert("RGB"), height=height, width=width,
+                                                             **options), output_type="pt")[0])
 
 
 def _pair(x):

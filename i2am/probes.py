@@ -95,9 +95,13 @@ def key_probes(ref_grid, patches=()):
 
 def check_probes(size, ref_grid, points=(), boxes=(), patches=()):
     """The probes of a run checked before it: points and boxes on the latent grid `size`, patches
-    on the reference grid, each given once (the rules query_probes and key_probes apply)."""
+    on the reference grid, each given once (the rules query_probes and key_probes apply).
+    ref_grid: (hI, wI), or every reference's grid [(hI_r, wI_r), ...] when there are several."""
     query_probes(size, points=points, boxes=boxes)
-    key_probes(ref_grid, patches)
+    if isinstance(ref_grid[0], (tuple, list)):
+        reference_key_probes(ref_grid, patches)
+    else:
+        key_probes(ref_grid, patches)
 
 
 def reference_key_probes(grids, patches=()):
@@ -127,10 +131,10 @@ def reference_patch(patch, grids):
     p = tuple(patch) if isinstance(patch, (tuple, list)) else patch
     r, i, j = _ints(p, 3, "patch (r, i, j)") if len(p) == 3 else (0, *_ints(p, 2, "patch (i, j)"))
     if not 0 <= r < len(grids):
-        raise ValueError(f"patch {p}: reference {r} does not exist (references 0..{len(grids) - 1})")
+        raise InputError(f"patch {p}: reference {r} does not exist (references 0..{len(grids) - 1})")
     hI, wI = grids[r]
     if not (0 <= i < hI and 0 <= j < wI):
-        raise ValueError(f"patch {p} is off reference {r}'s grid {hI}x{wI} (rows 0..{hI - 1}, cols 0..{wI - 1})")
+        raise InputError(f"patch {p} is off reference {r}'s grid {hI}x{wI} (rows 0..{hI - 1}, cols 0..{wI - 1})")
     return r, i, j
 
 

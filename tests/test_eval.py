@@ -284,6 +284,21 @@ def test_manifest_reads_paths_relative_to_it_and_names_bad_lines(tmp_path):
             load_dataset(tmp_path / "bad.jsonl")
 
 
+def test_manifest_reference_may_be_a_list_of_several(tmp_path):
+    for name in ("p.png", "m.png", "a.png", "b.png"):
+        tiny_models.image(0).save(tmp_path / name)
+    good = {"image": "p.png", "mask": "m.png", "reference": ["a.png", "b.png"]}
+    (tmp_path / "d.jsonl").write_text(json.dumps(good) + "\n")
+    (sample,) = load_dataset(tmp_path / "d.jsonl")
+    assert sample.reference == [tmp_path / "a.png", tmp_path / "b.png"]
+    for reference, message in ((["a.png", "nope.png"], "line 1: reference 1 file not found"),
+                               ([], "line 1: reference must be a path or a non-empty list"),
+                               (["a.png", 3], "line 1: reference must be a path or a non-empty list")):
+        (tmp_path / "bad.jsonl").write_text(json.dumps({**good, "reference": reference}) + "\n")
+        with pytest.raises(DatasetError, match=message):
+            load_dataset(tmp_path / "bad.jsonl")
+
+
 def test_viton_hd_folder_pairs_paired_and_unpaired(tmp_path):
     test = tmp_path / "test"
     for sub, names in (("image", ["00001_00.jpg", "00002_00.jpg"]), ("cloth", ["00001_00.jpg", "00003_00.jpg"]),

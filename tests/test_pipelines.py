@@ -85,3 +85,103 @@ def test_input_errors_name_keywords_and_under_the_command_options(inputs, tmp_pa
         pipelines.check_protocols_of("flux-kontext", ["official"])
     with pytest.raises(InputError, match="unknown pipeline 'sdxl'"):
         pipelines.load("sdxl", tmp_path)
+
+
+# ---- several references: qwen-image-edit-plus, flux2 ---------------------------------------------
+def _stub_pipe(kind):
+    """The parts of QwenImageEditPlusPipeline / Flux2Pipeline that pipelines.inputs reads: the VAE
+    scale factor (8) and the pipeline's own image processor."""
+    from types import SimpleNamespace
+
+    from diffusers.image_processor import VaeImageProcessor
+    from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+
+    processor = (Flux2ImageProcessor if kind == "flux2" else VaeImageProcessor)(vae_scale_factor=16)
+    return SimpleNamespace(vae_scale_factor=8, image_processor=processor, dtype=None,
+                           set_progress_bar_config=lambda **kwargs: None)
+
+
+@pytest.fixture
+def two_references(tmp_path):
+    Image.new("RGB", (100, 70), (200, 10, 10)).save(tmp_path / "a.png")
+    Image.new("RGB", (50, 90), (10, 10, 200)).save(tmp_path / "b.png")
+    return [tmp_path / "a.png", tmp_path / "b.png"]
+
+
+def test_flux2_inputs_of_two_references(two_references):
+    """Each reference as Flux2Pipeline's processor crops it to multiples of 16; the output takes
+    the first's size; the call gets every reference, ref 0 first."""
+    x = pipelines.inputs("flux2", _stub_pipe("flux2"), reference=two_references, prompt="swap the colours")
+    assert [im.size for im in x.reference] == [(96, 64), (48, 80)]
+    assert x.ref_grids == ((4, 6), (5, 3)) and x.ref_grid == (4, 6) and x.latent_size == (4, 6)
+    assert [im.size for im in x.call["image"]] == [(100, 70), (50, 90)]
+    assert (x.call["height"], x.call["width"], x.call["prompt"]) == (64, 96, "swap the colours")
+    assert x.mask is None and x.ref_mask is None
+
+
+def test_qwen_image_edit_plus_inputs_of_two_references(two_references):
+    """Each reference at about 1024x1024 pixels, sides multiples of 32; the output takes the last's
+    shape."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions
+
+    x = pipelines.inputs("qwen-image-edit-plus", _stub_pipe("qwen"), reference=two_references)
+    sizes = [calculate_dimensions(1024 * 1024, w / h) for w, h in ((100, 70), (50, 90))]
+    assert [im.size for im in x.reference] == sizes
+    assert x.ref_grids == tuple((h // 16, w // 16) for w, h in sizes)
+    assert x.latent_size == x.ref_grids[1] and (x.call["width"], x.call["height"]) == sizes[1]
+    assert len(x.call["image"]) == 2
+
+
+def test_one_reference_pipelines_refuse_a_second_and_several_take_no_masks(inputs, two_references):  # noqa: F811
+    with pytest.raises(InputError, match="the paint-by-example pipeline takes one reference, got 2; pipelines of "
+                                         "several references: qwen-image-edit-plus, flux2"):
+        pipelines.read("paint-by-example", image=inputs["image"], mask=inputs["mask"], reference=two_references)
+    with pytest.raises(InputError, match="reference is empty"):
+        pipelines.read("flux2", reference=[])
+    with pytest.raises(InputError, match="the flux2 pipeline takes no mask or ref_mask"):
+        pipelines.read("flux2", reference=two_references, mask=inputs["mask"])
+    with pytest.raises(InputError, match="flux2 edits reference and takes no image"):
+        pipelines.read("flux2", reference=two_references, image=inputs["image"])
+    one = pipelines.read("paint-by-example", image=inputs["image"], mask=inputs["mask"],
+                         reference=[inputs["reference"]])
+    assert one["reference"].size == (12, 20)  # a list of one is that reference
+
+
+def test_run_passes_every_reference_and_r_i_j_patches(capsys, monkeypatch, two_references, tmp_path):
+    """`i2am run --pipeline flux2 --reference a --reference b --patches 1,2,1 0,3`: the loader gets
+    the model, the traced call every reference, the trace the patches, the report every reference
+    as the model saw it; a patch off its reference's grid is refused before the run."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from i2am import generation
+
+    loaded, traced, reported = [], [], []
+    monkeypatch.setitem(pipelines.KINDS, "flux2", replace(
+        pipelines.KINDS["flux2"], load=lambda model, device, dtype: loaded.append(model) or _stub_pipe("flux2")))
+
+    def run_traced(pipe, call, config, seed=0):
+        traced.append((call, config))
+        return SimpleNamespace(write_report=lambda out, **options: reported.append(options) or {})
+    monkeypatch.setattr(generation, "run_traced", run_traced)
+    common = ["run", "--pipeline", "flux2", "--model", "./flux2", "--reference", two_references[0], "--reference",
+              two_references[1], "--prompt", "swap", "--steps", 2, "--time-groups", 1, "--out", tmp_path / "out"]
+    status, _, err = cli(capsys, *common, "--patches", "1,2,1", "0,3")
+    assert status == 0 and loaded == ["./flux2"], err
+    (call, config), = traced
+    assert [im.size for im in call["image"]] == [(100, 70), (50, 90)] and call["prompt"] == "swap"
+    (report,) = reported
+    assert [im.size for im in report["reference"]] == [(96, 64), (48, 80)]
+    assert report["settings"]["reference"] == [str(r) for r in two_references]
+    assert config.patches == ((1, 2, 1), (0, 0, 3)) and config.ref_grid == (4, 6)
+    status, _, err = cli(capsys, *common, "--patches", "1,5,0")
+    assert status == 2 and "patch (1, 5, 0) is off reference 1's grid 5x3" in err and len(traced) == 1
+    status, _, err = cli(capsys, *common, "--patches", "2,0,0")
+    assert status == 2 and "reference 2 does not exist" in err
+    with pytest.raises(SystemExit) as exit_:
+        cli(capsys, *common, "--patches", "1,2,3,4")
+    assert exit_.value.code == 2 and "is not [ref,]row,col (2 or 3 integers" in capsys.readouterr().err
+    status, _, err = cli(capsys, "run", "--pipeline", "paint-by-example", "--model", "./m", "--image",
+                         two_references[0], "--mask", two_references[0], "--reference", two_references[0],
+                         "--reference", two_references[1], "--out", tmp_path / "o2")
+    assert status == 2 and "takes one --reference, got 2" in err and not (tmp_path / "o2").exists()

@@ -10,6 +10,7 @@ JSONL manifest, one sample a line, paths relative to the manifest's folder:
      "reference": "cloth/00001_00.jpg", "ref_mask": "cloth-mask/00001_00.jpg",
      "ground_truth": "image/00001_00.jpg", "prompt": "", "seed": 7}
 
+"reference" may be a list of paths, for a pipeline of several references (ref 0 first).
 "ref_mask", "ground_truth", "prompt" and "seed" are optional (seed: the run's seed plus the
 sample's line number).
 
@@ -39,7 +40,7 @@ class Sample:
     index: int
     image: object
     mask: object
-    reference: object
+    reference: object  # one image, or a list of them (several references, ref 0 first)
     ref_mask: object = None
     ground_truth: object = None
     prompt: str = ""
@@ -76,7 +77,8 @@ def load_manifest(path):
         if unknown:
             raise DatasetError(f"{where}: unknown keys {', '.join(sorted(unknown))}")
         files = {key: _existing(path.parent / entry[key], where, key)
-                 for key in ("image", "mask", "reference", "ref_mask", "ground_truth") if entry.get(key)}
+                 for key in ("image", "mask", "ref_mask", "ground_truth") if entry.get(key)}
+        files["reference"] = _references(entry["reference"], path.parent, where)
         samples.append(Sample(id=str(entry.get("id", Path(entry["image"]).stem)), index=len(samples),
                               prompt=entry.get("prompt", ""), seed=entry.get("seed"), **files))
     return _checked(samples, path)
@@ -105,6 +107,15 @@ def load_folder(root):
             ref_mask=_existing(root / "cloth-mask" / cloth, where, "cloth mask"),
             ground_truth=image if stem == Path(cloth).stem else None))
     return _checked(samples, pairs)
+
+
+def _references(given, folder, where):
+    """A manifest's "reference": one path, or a non-empty list of paths (several references)."""
+    if isinstance(given, str):
+        return _existing(folder / given, where, "reference")
+    if not (isinstance(given, list) and given and all(isinstance(p, str) for p in given)):
+        raise DatasetError(f"{where}: reference must be a path or a non-empty list of paths, got {given!r}")
+    return [_existing(folder / p, where, f"reference {r}") for r, p in enumerate(given)]
 
 
 def _existing(path, where, what):
