@@ -172,10 +172,12 @@ class MapsCall:
         if q.device.type == "cpu":
             # a query row holding NaN has only NaN scores: CPU SDPA answers zeros or NaN depending
             # on the torch release, so such rows take SDPA's own answer (their maps keep the NaN,
-            # to be reported)
-            nan_rows = q.isnan().any(-1, keepdim=True)
-            if nan_rows.any():
-                out.copy_(torch.where(nan_rows, _sdpa(q, k, v, self.scale).to(out.dtype), out))
+            # to be reported). q's sum is NaN whenever a row holds NaN: one reduction gates the
+            # row test, which costs several times more (a boolean tensor as large as q)
+            if q.sum().isnan():
+                nan_rows = q.isnan().any(-1, keepdim=True)
+                if nan_rows.any():
+                    out.copy_(torch.where(nan_rows, _sdpa(q, k, v, self.scale).to(out.dtype), out))
         return out
 
 
