@@ -11,10 +11,12 @@ q[:, :, rows] and out[:, :, rows] (P rows are independent, and C over the rows i
 of those rows alone), and this wrapper writes the other rows with SDPA. Rows that are no
 contiguous range (the left half-rows of a side-by-side latent) reach the backend as a copy of
 those rows of q, O(Nr d) like q itself, and their out rows are scattered back. A backend with
-QUERY_ROWS = True (the reference) instead takes the whole call and query_rows=.
+QUERY_ROWS = True (the reference, the torch backend) instead takes the whole call and
+query_rows=.
 
 q (B,H,Nq,d), k (B,H,Nk,d), v (B,H,Nk,dv): the caller's tensors, any strides, one dtype and
-device. out (B,H,Nq,dv), q.dtype: the backend writes the rows record_idx. maps: {name: float32
+device. out (B,H,Nq,dv), q.dtype: the backend writes the rows record_idx (every entry's with
+ALL_ENTRIES = True: then the wrapper runs SDPA on no entry of those rows). maps: {name: float32
 buffer, any strides}, with name in MAP_NAMES and shape (Br,H,Ru,Nq) for gen_*, (Br,H,Rw,Kr)
 for ref_*: the backend ADDS this call's maps into them. ref_idx (Kr,) and record_idx (Br,) are
 int64 on the device; key_probes (Ru,Kr) and query_probes (Rw,Nq) are contiguous float32.
@@ -147,18 +149,20 @@ class MapsCall:
         module, rows = backend_module(self.backend), self.query_rows
         args = {"scale": self.scale, "ref_idx": self.ref_idx, "record_idx": self.record_idx,
                 "key_probes": self.key_probes, "query_probes": self.query_probes}
-        r = self.record_idx if isinstance(u, slice) or u.numel() else slice(None)
+        every = getattr(module, "ALL_ENTRIES", False)
+        unrecorded = not every and (isinstance(u, slice) or u.numel())  # entries left to SDPA below
+        r = self.record_idx if unrecorded else slice(None)  # the entries whose other rows SDPA writes
         if rows is None:
             module.run(q, k, v, out, maps, **args)
         elif getattr(module, "QUERY_ROWS", False):
             module.run(q, k, v, out, maps, query_rows=rows, **args)
-        elif isinstance(rows, slice):  # the backend runs the rows (views); SDPA the recorded entries' other rows
+        elif isinstance(rows, slice):  # the backend runs the rows (views); SDPA the other rows
             for other in (slice(0, rows.start), slice(rows.stop, Nq)):
                 if other.stop > other.start:
                     out[r, :, other] = _sdpa(q[:, :, other][r], k[r], v[r], self.scale)
             module.run(q[:, :, rows], k, v, out[:, :, rows], maps, **args)
         else:  # strided rows: the backend runs a copy of them, SDPA a copy of the others; both
-            # scatter every entry's rows back, the unrecorded entries' rows rewritten below
+            # scatter every entry's rows back, the unrecorded entries' rewritten below (if any)
             for idx, run in ((rows, module.run), (self.other_rows, None)):
                 if isinstance(idx, slice) or idx.numel():
                     part = _empty_like_q(q[:, :, idx], v.shape[-1])
@@ -167,7 +171,7 @@ class MapsCall:
                     else:
                         run(q[:, :, idx], k, v, part, maps, **args)
                     out[:, :, idx] = part
-        if isinstance(u, slice) or u.numel():
+        if unrecorded:
             out[u] = _sdpa(q[u], k[u], v[u], self.scale)
         if q.device.type == "cpu":
             # a query row holding NaN has only NaN scores: CPU SDPA answers zeros or NaN depending
