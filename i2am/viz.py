@@ -79,8 +79,10 @@ def plot_overlay(map2d, image, *, ax=None, threshold=0.4, alpha=0.5, cmap="jet",
         heat = resize(M, size, "bicubic").clamp(0, 1)
         heat = torch.where(heat <= threshold, torch.zeros_like(heat), heat)
     heat = heat.numpy()
-    ax.imshow(np.ma.masked_where(heat <= threshold, heat), cmap=cmap, vmin=0, vmax=1, alpha=alpha,
-              interpolation="nearest")
+    # alpha lives in the colormap's colours, not on the artist: for PDF and SVG matplotlib
+    # composites the image with the one below and applied an artist alpha a second time (faint PDFs)
+    colours = plt.get_cmap(cmap).with_alpha(alpha).with_extremes(bad=(0, 0, 0, 0))  # masked: transparent
+    ax.imshow(np.ma.masked_where(heat <= threshold, heat), cmap=colours, vmin=0, vmax=1, interpolation="nearest")
     if mask is not None:
         outline_mask(ax, mask, size)
     if colorbar:
