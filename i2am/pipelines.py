@@ -46,6 +46,7 @@ class Kind:
     protocols: tuple = tuple(PROTOCOLS)
     takes_prompt: bool = False
     edits_reference: bool = False  # no image: the pipeline edits its reference
+    guidance: float = 5.0  # the guidance scale when none is given (FLUX.1 Kontext's own is 2.5)
 
 
 def load(kind, model, *, device="cpu", dtype="auto", progress=True, **options):
@@ -270,7 +271,7 @@ KINDS = {
     "ip-adapter": Kind(_load_ip_adapter, _prepare_ip_adapter, options=("ip_adapter", "ip_adapter_scale"),
                        takes_prompt=True),
     "flux-kontext": Kind(_load_flux_kontext, _prepare_flux_kontext, cuda_dtype="bfloat16", protocols=("paper",),
-                         takes_prompt=True, edits_reference=True),
+                         takes_prompt=True, edits_reference=True, guidance=2.5),
 }
 
 
