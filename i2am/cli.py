@@ -177,7 +177,8 @@ Pearson and Spearman correlations of IMACS with each metric) and scatter plots. 
 command run again on the same --out resumes: finished samples are kept, the rest are run.
 Under `accelerate launch -m i2am eval ...` (or torchrun) the samples are shared among the
 processes. --data is a JSONL manifest ({"image", "mask", "reference", "ref_mask",
-"ground_truth"} paths a line) or a VITON-HD-like test folder (image/, agnostic-mask/, cloth/,
+"ground_truth"} paths a line; an optional unique "id" names the result files, default the
+image's file name) or a VITON-HD-like test folder (image/, agnostic-mask/, cloth/,
 cloth-mask/, test_pairs.txt). LPIPS needs torchvision and its AlexNet weights in the torch hub
 cache; FID and KID need torch-fidelity and --inception-weights: without them those columns
 are left out, and the summary says so.

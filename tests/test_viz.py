@@ -331,7 +331,8 @@ def test_report_of_a_one_token_reference_leaves_out_the_reference_side(tmp_path)
 def test_report_keeps_the_run_settings_in_the_maps_file(tmp_path, maps):
     report.write_report(tmp_path, maps, settings={"pipeline": "paint-by-example", "seed": 3}, threshold=0.3)
     loaded = AttributionMaps.load(tmp_path / "maps.safetensors")
-    assert loaded.settings == {"pipeline": "paint-by-example", "seed": 3, "threshold": 0.3, "alpha": 0.5}
+    assert loaded.settings == {"pipeline": "paint-by-example", "seed": 3, "threshold": 0.3, "alpha": 0.5,
+                               "imacs_threshold": 0.4}
     again = report.write_report(tmp_path / "again", loaded)  # re-rendered maps keep them
     assert again["settings"]["pipeline"] == "paint-by-example" and again["settings"]["seed"] == 3
 
