@@ -372,16 +372,16 @@ def _per_sample_mask(mask, samples):
 
 
 # the protocol and the softmax convention in a reader's words (definitions: docs/maps.md)
-PROTOCOL_WORDS = {"paper": "maps and IMACS as the paper's printed equations",
-                  "official": "maps and IMACS as the authors' released code computes them"}
-CONVENTION_WORDS = {"official": "M_g from the softmax over queries, M_r from the softmax over keys",
-                    "paper": "M_g from the softmax over keys, M_r from the softmax over queries (eq. 4, 12)"}
+PROTOCOL_WORDS = {"paper": "as the paper's printed equations",
+                  "official": "as the authors' released code computes them"}
+CONVENTION_WORDS = {"official": "M_g: softmax over queries; M_r: softmax over keys",
+                    "paper": "M_g: softmax over keys; M_r: softmax over queries (eq. 4, 12)"}
 
 
 def _title(maps, what):
     """A figure title: what it shows, then the protocol, convention, layers and steps behind it."""
     n = len(maps.layers)
-    return (f"{what}\n{_words(PROTOCOL_WORDS, maps.protocol)}; {n} layer{'s' if n != 1 else ''}, "
+    return (f"{what}\n{_words(PROTOCOL_WORDS, maps.protocol).capitalize()}; {n} layer{'s' if n != 1 else ''}, "
             f"{maps.num_steps} steps in {maps.time_groups} time group{'s' if maps.time_groups != 1 else ''}\n"
             f"{_words(CONVENTION_WORDS, maps.convention)}")
 
@@ -453,7 +453,7 @@ def _markdown(title, maps, scores, image_names, figures):
 def _legend(maps, threshold):
     """The short legend report.md opens with (the definitions: docs/maps.md of the i2am package)."""
     lines = [
-        f"Protocol **{maps.protocol}**: {_words(PROTOCOL_WORDS, maps.protocol)}. Softmax convention "
+        f"Protocol **{maps.protocol}**: maps and IMACS {_words(PROTOCOL_WORDS, maps.protocol)}. Softmax convention "
         f"**{maps.convention}**: {_words(CONVENTION_WORDS, maps.convention)} (definitions and equation numbers: "
         "`docs/maps.md` of the i2am package).",
         "",

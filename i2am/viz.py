@@ -160,8 +160,8 @@ def panel_figure(panels, *, title=None, threshold=0.4, alpha=0.5, cmap="jet", la
             if p.mask is not None:
                 outline_mask(ax, p.mask, base.shape[:2])
         size = _pixels(ax)
-        for probe, label in zip(p.probes, p.labels or [True] * len(p.probes)):
-            draw_probe(ax, probe, p.probe_grid, size, label=label)
+        for probe, text in zip(p.probes, p.labels or [True] * len(p.probes)):
+            draw_probe(ax, probe, p.probe_grid, size, label=text)
         ax.set_title(p.title, fontsize=9)
     if any(p.map is not None for p in panels):
         add_colorbar(fig, axes.ravel().tolist(), cmap=cmap, threshold=threshold, label=label)
