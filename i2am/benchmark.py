@@ -302,7 +302,8 @@ def notes(rows, device):
     naive_ms = {r.shape: r.ms for r in rows if r.column == "naive"}
     lines += [f"At {r.shape}, {r.column} is slower than the naive path: at this size its time is the fixed host cost "
               "of its several passes (argument checks, launches), not arithmetic; it pays off as Nq x Nk grows."
-              for r in rows if r.column.startswith("i2am") and "maps" in r.column and r.ms > naive_ms.get(r.shape, r.ms)]
+              for r in rows
+              if r.column.startswith("i2am") and "maps" in r.column and r.ms > naive_ms.get(r.shape, r.ms)]
     return lines
 
 

@@ -183,7 +183,7 @@ def render_figures(out_dir, maps, *, image=None, reference=None, ref_mask=None, 
                                                   probe_grid=maps.ref_grid, labels=["true source"])
             panels = [viz.Panel(f"generated, latent {kind} {_coords(probe)}", img, mask=maps.mask, probes=[probe],
                                 probe_grid=maps.latent_size),
-                      viz.Panel("M_sr over the reference" + ("" if truth is None else f", true source {_coords(truth)}"),
+                      viz.Panel("M_sr over the reference" + (f", true source {_coords(truth)}" if truth else ""),
                                 ref, pick(M_sr), mask=rmask, **cells)]
             save(viz.panel_figure(panels, title=_title(maps, caption), **shown),
                  f"specific_reference_{kind}_{_join(probe)}{sfx}", caption)
