@@ -453,9 +453,9 @@ def _markdown(title, maps, scores, image_names, figures):
 def _legend(maps, threshold):
     """The short legend report.md opens with (the definitions: docs/maps.md of the i2am package)."""
     lines = [
-        f"Protocol **{maps.protocol}**: maps and IMACS {_words(PROTOCOL_WORDS, maps.protocol)}. Softmax convention "
-        f"**{maps.convention}**: {_words(CONVENTION_WORDS, maps.convention)} (definitions and equation numbers: "
-        "`docs/maps.md` of the i2am package).",
+        f"Protocol: **{maps.protocol}** (maps and IMACS {_words(PROTOCOL_WORDS, maps.protocol)}); softmax "
+        f"convention: **{maps.convention}** ({_words(CONVENTION_WORDS, maps.convention)}); definitions and equation "
+        "numbers: `docs/maps.md` of the i2am package.",
         "",
         "- **M_g**, generated map: where the generated image draws on the reference, over the generated image.",
         *([f"  Shown as **{protocols.get(maps.protocol).generated_name}**, as this protocol's display does."]
