@@ -59,7 +59,8 @@ def test_every_marked_block_has_a_setup():
     assert set(BLOCKS) == set(SETUPS)
 
 
-@pytest.mark.parametrize("name", sorted(SETUPS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "kontext" else n
+                                  for n in sorted(SETUPS)])  # kontext: the pipeline's 28 steps
 def test_readme_snippet_runs_as_written(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # files the snippet writes land here
     namespace = SETUPS[name](tmp_path, monkeypatch)
