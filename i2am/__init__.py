@@ -5,10 +5,17 @@
     maps = tc.maps()
     maps.generated(), maps.reference(masked=True), maps.specific_reference((20, 30))
 """
+from importlib.metadata import PackageNotFoundError, version
+
 from .config import TraceConfig
 from .maps import AttributionMaps
 from .recorder import Recorder
 from .recording import attention, recording
+
+try:
+    __version__ = version("i2am")  # the installed distribution's, so it never drifts from setup.py
+except PackageNotFoundError:  # a checkout on sys.path without an install
+    __version__ = "0+unknown"
 
 __all__ = ["AttributionMaps", "Recorder", "TraceConfig", "attention", "plot_overlay", "recording", "trace"]
 

@@ -19,6 +19,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -281,12 +282,29 @@ def _timed(label, calls, device, reps, nq, nk, d, flops, progress, memory=True):
     return rows
 
 
-def markdown(rows):
-    lines = ["| shape | column | min ms | median ms | spread | x SDPA | TFLOP/s | extra MiB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+def markdown(rows, device="cuda"):
+    """The table; TFLOP/s on GPUs only (see notes), and not for the pipeline rows, which have no
+    single attention shape."""
+    flops = device == "cuda"
+    lines = ["| shape | column | min ms | median ms | spread | x SDPA |" + (" TFLOP/s |" if flops else "")
+             + " extra MiB |", "|---|---|---:|---:|---:|---:|" + ("---:|" if flops else "") + "---:|"]
     lines += [f"| {r.shape} | {r.column} | {r.min_ms:.3f} | {r.ms:.3f} | {100 * r.spread:.0f}% | {r.ratio:.2f} | "
-              f"{r.tflops:.2f} | {'-' if r.extra_mib != r.extra_mib else f'{r.extra_mib:.1f}'} |" for r in rows]
+              + (f"{r.tflops:.2f} | " if flops and r.d else "- | " if flops else "")
+              + f"{'-' if r.extra_mib != r.extra_mib else f'{r.extra_mib:.1f}'} |" for r in rows]
     return "\n".join(lines)
+
+
+def notes(rows, device):
+    """What a reader of the table may wonder about: why there is no TFLOP/s column on CPU, and
+    why a fused column can be slower than the naive path at a small shape."""
+    lines = [] if device == "cuda" else [
+        "No TFLOP/s on CPU: CPU timings are for the ratio to SDPA, not the throughput of a GPU kernel."]
+    naive_ms = {r.shape: r.ms for r in rows if r.column == "naive"}
+    lines += [f"At {r.shape}, {r.column} is slower than the naive path: at this size its time is the fixed host cost "
+              "of its several passes (argument checks, launches), not arithmetic; it pays off as Nq x Nk grows."
+              for r in rows
+              if r.column.startswith("i2am") and "maps" in r.column and r.ms > naive_ms.get(r.shape, r.ms)]
+    return lines
 
 
 def environment(device):
@@ -324,7 +342,7 @@ def plot(rows, path):
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=col)
         ax.set(xscale="log", yscale="log", xlabel="Nq", ylabel="time / SDPA", title=f"d = {d}")
-        ax.axhline(2.0, color="grey", lw=0.8, ls="--")
+        ax.axhline(2.0, color="grey", lw=0.8, ls="--", label="2 x SDPA")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -429,26 +447,28 @@ def kontext_pipeline_row(device, dtype, steps=10, reps=3, grid=(16, 16), text=64
                 _peak_extra_mib(traced, device), traced_lo, traced_spread)]
 
 
-def main(quick=False, device=None, json_path=None, plot_path=None, dtype=None, pipeline=True):
+def main(quick=False, device=None, json_path=None, plot_path=None, dtype=None, pipeline=True, progress=True):
+    """Time every column, print the environment and the table once (progress: a line on stderr
+    as each row is timed); returns the rows."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     shapes = GPU_SHAPES if device == "cuda" else (QUICK_CPU_SHAPES if quick else CPU_SHAPES)
     if device == "cuda" and quick:
         shapes = [s for s in GPU_SHAPES if s[1] in (4096, 16384) and s[3] in (40, 64)]
     dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
     reps = 3 if quick else (10 if device == "cuda" else 5)
-    progress = lambda r: print(f"  {r.shape:<32} {r.column:<22} {r.ms:9.3f} ms  x{r.ratio:6.2f}", flush=True)
+    progress = (lambda r: print(f"timed {r.shape}, {r.column}", file=sys.stderr, flush=True)) if progress else None
     rows = run(shapes, device, dtype, reps, progress=progress)
     if not quick:
         rows += run_joint(JOINT_SHAPES, device, dtype, 3 if device == "cpu" else reps, progress=progress)
     for make in (pipeline_row, kontext_pipeline_row) if pipeline else ():
         e2e = make(device, dtype, steps=5 if quick else 10, reps=reps)
-        for r in e2e or ():
+        for r in (e2e or ()) if progress else ():
             progress(r)
         rows += e2e or []
         if e2e is None:
             print(f"{make.__name__} skipped: diffusers is not installed")
     env = environment(device)
-    print(f"\n{json.dumps(env)}\n\n{markdown(rows)}")
+    print("\n".join(["", json.dumps(env), "", markdown(rows, device), "", *notes(rows, device)]).rstrip())
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"environment": env, "rows": [asdict(r) for r in rows]}, f, indent=1)

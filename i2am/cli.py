@@ -26,6 +26,10 @@ from .protocols import PROTOCOLS
 PIPELINES = tuple(pipelines.KINDS)
 BACKENDS = ("auto", "torch", "triton", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+# the default guidance of each pipeline kind (the DiT editors' own) when --guidance is not given
+_GUIDANCE_DEFAULTS = "; ".join([f"{pipelines.Kind.guidance:g}"] + [
+    f"{name}: {'its own' if kind.guidance is None else format(kind.guidance, 'g')}"
+    for name, kind in pipelines.KINDS.items() if kind.guidance != pipelines.Kind.guidance])
 
 
 class UsageError(InputError):
@@ -39,7 +43,7 @@ def main(argv=None):
 
     matplotlib.use("Agg")  # the figures are files: never an interactive backend
     try:
-        with _library_warnings_silenced(), command_line_spelling():
+        with _library_warnings_silenced(everything=getattr(args, "quiet", False)), command_line_spelling():
             return args.handler(args) or 0
     except InputError as err:
         print(f"i2am {args.command}: error: {err}", file=sys.stderr)
@@ -104,7 +108,7 @@ examples:
       --reference cloth.png --ref-mask cloth-mask.png --steps 50 --time-groups 5 \\
       --points 20,30 34,30 --boxes 16,20,40,44 --patches 3,4 --out report
   i2am run --pipeline flux-kontext --model black-forest-labs/FLUX.1-Kontext-dev \\
-      --reference photo.png --prompt "make the jacket red" --steps 28 --guidance 2.5 \\
+      --reference photo.png --prompt "make the jacket red" --steps 28 \\
       --points 20,30 --patches 20,30 --out report
   i2am run --pipeline sd-inpaint-patch --model ./my-model --image pair.png --mask mask.png \\
       --reference cloth.png --attention self --query-region 0,0,64,48 --ref-region 0,48,64,96 \\
@@ -127,7 +131,7 @@ examples:
                      "its image encoder is the model's image_encoder or the file's image_encoder/ folder")
     run.add_argument("--ip-adapter-scale", type=float, default=1.0)
     run.add_argument("--steps", type=_positive, default=50, help="denoising steps (default: %(default)s)")
-    run.add_argument("--guidance", type=float, default=5.0, help="guidance scale (default: %(default)s)")
+    run.add_argument("--guidance", type=float, help=f"guidance scale (default: {_GUIDANCE_DEFAULTS})")
     run.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     run.add_argument("--time-groups", type=_positive, default=5, help="time groups G (default: %(default)s)")
     run.add_argument("--points", nargs="*", default=[], type=_ints(2, "row,col"), metavar="ROW,COL",
@@ -144,15 +148,17 @@ examples:
     run.add_argument("--attention", choices=("cross", "self"), default="cross",
                      help="UNet pipelines: trace the cross- (attn2) or the self-attention (attn1) layers "
                           "(default: %(default)s)")
-    run.add_argument("--convention", choices=("official", "paper"), default="official")
+    _convention_option(run)
     _protocol_option(run, "paper: the printed equations; official: the authors' released code (its M_g, display, "
                           "IMACS and layer sets)")
     run.add_argument("--backend", choices=BACKENDS, default="auto", help="attention backend")
     run.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     run.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float16 on CUDA, else float32")
     _display_options(run)
+    _imacs_threshold_option(run)
     run.add_argument("--out", required=True, help="report folder")
-    run.add_argument("--quiet", action="store_true", help="no progress bar and no scores on the terminal")
+    run.add_argument("--quiet", action="store_true", help="no progress bars, library warnings or scores on the "
+                                                          "terminal")
 
     show = _command(sub, "show", _show, "re-render the figures and report of saved maps", """\
 Writes the report folder of a maps file: figures, scores.json (IMACS from the traced mask, and
@@ -174,6 +180,7 @@ examples:
                       help="read the maps under this protocol (default: the one they were traced under; maps "
                            "traced under official can also be read as paper)")
     _display_options(show, saved=True)
+    _imacs_threshold_option(show, saved=True)
     show.add_argument("--out", required=True, help="report folder")
 
     ev = _command(sub, "eval", _eval, "evaluate a model over a data set: IMACS, SSIM, LPIPS, FID, KID, correlations", """\
@@ -183,7 +190,8 @@ Pearson and Spearman correlations of IMACS with each metric) and scatter plots. 
 command run again on the same --out resumes: finished samples are kept, the rest are run.
 Under `accelerate launch -m i2am eval ...` (or torchrun) the samples are shared among the
 processes. --data is a JSONL manifest ({"image", "mask", "reference", "ref_mask",
-"ground_truth"} paths a line) or a VITON-HD-like test folder (image/, agnostic-mask/, cloth/,
+"ground_truth"} paths a line; an optional unique "id" names the result files, default the
+image's file name) or a VITON-HD-like test folder (image/, agnostic-mask/, cloth/,
 cloth-mask/, test_pairs.txt). LPIPS needs torchvision and its AlexNet weights in the torch hub
 cache; FID and KID need torch-fidelity and --inception-weights: without them those columns
 are left out, and the summary says so.
@@ -206,11 +214,11 @@ examples:
     ev.add_argument("--protocol", nargs="+", default=["paper"], choices=tuple(PROTOCOLS),
                     help="IMACS protocol(s), one traced run each (default: paper)")
     ev.add_argument("--steps", type=_positive, help="denoising steps (default: 50; 10 with --demo)")
-    ev.add_argument("--guidance", type=float, default=5.0, help="guidance scale (default: %(default)s; "
-                    "the demo's own with --demo)")
+    ev.add_argument("--guidance", type=float, help=f"guidance scale (default: {_GUIDANCE_DEFAULTS}; the demo's "
+                    "own with --demo)")
     ev.add_argument("--seed", type=int, default=0, help="sample i is generated from seed + i (default: %(default)s)")
     ev.add_argument("--time-groups", type=_positive, default=5, help="time groups G (default: %(default)s)")
-    ev.add_argument("--convention", choices=("official", "paper"), default="official")
+    _convention_option(ev)
     ev.add_argument("--backend", choices=BACKENDS, default="auto", help="attention backend")
     ev.add_argument("--device", help="torch device (default: the process's accelerator, else cpu)")
     ev.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float16 on CUDA, else float32")
@@ -218,6 +226,7 @@ examples:
                     "(pt_inception-2015-12-05-6726825d.pth): gives FID and KID")
     ev.add_argument("--save-maps", action="store_true", help="also save each sample's maps (.safetensors)")
     ev.add_argument("--out", required=True, help="output folder (an existing one is resumed)")
+    ev.add_argument("--quiet", action="store_true", help="no library warnings on the terminal")
 
     bench = _command(sub, "bench", _bench,
                      "time i2am against SDPA, three fused SDPA calls, the naive path and a chunked capture", """\
@@ -229,6 +238,7 @@ examples:
     bench.add_argument("--json", help="write the rows, machine, versions and commit to this JSON file")
     bench.add_argument("--plot", help="write the ratio-to-SDPA plot (PNG) to this file")
     bench.add_argument("--no-pipeline", action="store_true", help="skip the traced-vs-untraced pipeline row")
+    bench.add_argument("--quiet", action="store_true", help="no progress lines or library warnings, only the table")
     return parser
 
 
@@ -271,7 +281,7 @@ def _eval(args):
         pipelines.check_protocols_of(args.pipeline, args.protocol)
         samples = load_dataset(args.data)
         task = PipelineTask(args.pipeline, args.model, device=device, dtype=args.dtype, prompt=args.prompt,
-                            steps=steps, guidance=args.guidance, time_groups=args.time_groups,
+                            steps=steps, guidance=_guidance(args), time_groups=args.time_groups,
                             convention=args.convention, backend=args.backend, settings={"data": args.data},
                             **_load_options(args))
     evaluate(task, samples, args.out, protocols=args.protocol, seed=args.seed,
@@ -286,14 +296,15 @@ def _bench(args):
     if args.device:
         check_device(args.device, "auto")
     benchmark.main(quick=args.quick, device=args.device, json_path=args.json, plot_path=args.plot,
-                   pipeline=not args.no_pipeline)
+                   pipeline=not args.no_pipeline, progress=not args.quiet)
 
 
 def _show(args):
     from .report import rewrite_report
 
     scores = rewrite_report(args.maps, args.out, image=args.image, reference=args.reference, ref_mask=args.ref_mask,
-                            protocol=args.protocol, threshold=args.threshold, alpha=args.alpha)
+                            protocol=args.protocol, threshold=args.threshold, alpha=args.alpha,
+                            imacs_threshold=args.imacs_threshold)
     _print_scores(scores, args.out)
 
 
@@ -319,6 +330,7 @@ def _run(args):
                          points=args.points, boxes=args.boxes, patches=args.patches, convention=args.convention,
                          protocol=args.protocol, backend=args.backend, query_region=args.query_region,
                          ref_region=args.ref_region, attention=args.attention)
+    args.guidance = _guidance(args)  # the run's settings record the scale used
     call = dict(**x.call, num_inference_steps=args.steps, guidance_scale=args.guidance)
     result = generation.run_traced(pipe, call, config, seed=args.seed)
     settings = {key: getattr(args, key) for key in (
@@ -330,7 +342,8 @@ def _run(args):
                     height=x.call["height"], width=x.call["width"])
     extra_images = {name: im for name, im in x.images.items() if im is not None}
     scores = result.write_report(args.out, reference=x.reference, ref_mask=x.ref_mask, settings=settings,
-                                 extra_images=extra_images, threshold=args.threshold, alpha=args.alpha)
+                                 extra_images=extra_images, threshold=args.threshold, alpha=args.alpha,
+                                 imacs_threshold=args.imacs_threshold)
     _print_scores(scores, args.out, quiet=args.quiet)
 
 
@@ -339,19 +352,28 @@ def _load_options(args):
     return {name: getattr(args, name) for name in pipelines.KINDS[args.pipeline].options}
 
 
+def _guidance(args):
+    """--guidance, else the pipeline's own default."""
+    return pipelines.KINDS[args.pipeline].guidance if args.guidance is None else args.guidance
+
+
 def _check_time_groups(time_groups, steps):
     if time_groups > steps:
         raise UsageError(f"--time-groups {time_groups} is more than the {steps} --steps")
 
 
 @contextmanager
-def _library_warnings_silenced():
+def _library_warnings_silenced(everything=False):
     """Inside a command, the warnings and log notes of the libraries i2am drives (deprecations,
     accelerate hints, component types) are not the user's business: silenced, and restored after.
-    i2am's own warnings still show."""
-    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers")]
+    i2am's own warnings still show. everything (--quiet): every warning not raised in i2am's own
+    code too (those a library raises through a caller's frame included)."""
+    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers", "accelerate", "torch")]
     levels = [logger.level for logger in loggers]
     with warnings.catch_warnings():
+        if everything:
+            warnings.simplefilter("ignore")
+            warnings.filterwarnings("default", module=r"i2am(\.|$)")
         warnings.filterwarnings("ignore", module=r"(diffusers|transformers|torch|huggingface_hub|accelerate)(\.|$)")
         for logger in loggers:
             logger.setLevel(logging.ERROR)
@@ -387,9 +409,25 @@ def _display_options(parser, saved=False):
     """--threshold and --alpha in [0, 1]; saved: their defaults are the ones the maps file keeps."""
     default = "the run's, else %s" if saved else "%s"
     parser.add_argument("--threshold", type=_fraction, default=None if saved else 0.4,
-                        help=f"display threshold in [0, 1]: map values <= it are not drawn (default: {default % 0.4})")
+                        help=f"display threshold in [0, 1]: map values <= it are not drawn; it never changes a "
+                             f"score (default: {default % 0.4})")
     parser.add_argument("--alpha", type=_fraction, default=None if saved else 0.5,
                         help=f"overlay opacity in [0, 1] (default: {default % 0.5})")
+
+
+def _imacs_threshold_option(parser, saved=False):
+    """--imacs-threshold: the scoring threshold, apart from the display one; saved: the run's by default."""
+    parser.add_argument("--imacs-threshold", type=_fraction, default=None if saved else 0.4,
+                        help="IMACS threshold in [0, 1]: map values <= it count as 0 in the scores (official: in "
+                             "IMACS_r; its IMACS_g cuts M_g at 0.6) (default: " + ("the run's, else 0.4)" if saved
+                                                                                    else "0.4)"))
+
+
+def _convention_option(parser):
+    parser.add_argument("--convention", choices=("official", "paper"), default="official",
+                        help="softmax convention: official takes M_g from the softmax over queries and M_r from the "
+                             "softmax over keys, as the authors' code; paper the printed eq. 4 and 12's axes "
+                             "(default: %(default)s)")
 
 
 def _fraction(text):

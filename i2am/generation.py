@@ -23,14 +23,16 @@ class Generation:
     seed: int = None             # the seed of the call's CPU generator
     ref_mask: object = None      # binary (H, W) on the reference as the model saw it; None: no IMACS_r
     scores: dict = field(default_factory=dict)  # scores of the run beside IMACS (the demo's correspondence)
+    true_sources: dict = None    # {latent point: reference patch} its content truly comes from (synthetic data)
 
     def write_report(self, out_dir, **options):
-        """report.write_report of this generation into out_dir: its image, maps, ref_mask and
-        scores (options: write_report's, e.g. reference=, settings=, extra_images=); returns
-        the scores written."""
+        """report.write_report of this generation into out_dir: its image, maps, ref_mask, scores
+        and true sources (options: write_report's, e.g. reference=, settings=, extra_images=);
+        returns the scores written."""
         from .report import write_report
 
         options.setdefault("ref_mask", self.ref_mask)
+        options.setdefault("true_sources", self.true_sources)
         options["extra_scores"] = {**self.scores, **(options.get("extra_scores") or {})}
         return write_report(out_dir, self.maps, image=self.image, **options)
 

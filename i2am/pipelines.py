@@ -49,6 +49,7 @@ class Kind:
     takes_prompt: bool = False
     edits_reference: bool = False  # no image: the pipeline edits its reference
     several: bool = False  # takes several references (a list), ref 0 first
+    guidance: float = 5.0  # the guidance scale when none is given (None: the pipeline's own)
 
 
 def load(kind, model, *, device="cpu", dtype="auto", progress=True, **options):
@@ -336,12 +337,12 @@ KINDS = {
     "ip-adapter": Kind(_load_ip_adapter, _prepare_ip_adapter, options=("ip_adapter", "ip_adapter_scale"),
                        takes_prompt=True),
     "flux-kontext": Kind(_load_flux_kontext, _prepare_flux_kontext, cuda_dtype="bfloat16", protocols=("paper",),
-                         takes_prompt=True, edits_reference=True),
+                         takes_prompt=True, edits_reference=True, guidance=2.5),
     "qwen-image-edit-plus": Kind(_loader("QwenImageEditPlusPipeline"), _prepare_qwen_image_edit_plus,
                                  cuda_dtype="bfloat16", protocols=("paper",), takes_prompt=True,
-                                 edits_reference=True, several=True),
+                                 edits_reference=True, several=True, guidance=None),
     "flux2": Kind(_loader("Flux2Pipeline"), _prepare_flux2, cuda_dtype="bfloat16", protocols=("paper",),
-                  takes_prompt=True, edits_reference=True, several=True),
+                  takes_prompt=True, edits_reference=True, several=True, guidance=4.0),
 }
 
 

@@ -21,24 +21,28 @@ MAPS_FILE, SCORES_FILE, INDEX_FILE = "maps.safetensors", "scores.json", "report.
 
 
 def write_report(out_dir, maps, *, image=None, reference=None, ref_mask=None, settings=None,
-                 extra_scores=None, extra_images=None, threshold=0.4, alpha=0.5, lam=3.0,
-                 title="I2AM attribution report", compare_protocols=False):
+                 extra_scores=None, extra_images=None, threshold=0.4, alpha=0.5, lam=3.0, imacs_threshold=0.4,
+                 title="I2AM attribution report", compare_protocols=False, true_sources=None):
     """Write the report folder of `maps` (an i2am.AttributionMaps) and return the scores.json
     content: "protocol" (the maps' protocol, which every score and figure follows), IMACS_g when
     the trace had an inpainting mask, IMACS_r when ref_mask is also given, the extra scores, and
     "settings" (the maps' own settings, the display settings, the run settings the maps carry
     and `settings`, e.g. the pipeline call's). The maps file keeps the run and display settings,
-    so that `i2am show` re-renders with them. compare_protocols: also "by_protocol", the IMACS
-    under every protocol the recorded buffers can be read under, side by side in report.md.
+    so that `i2am show` re-renders with them. threshold and alpha are the figures' display
+    settings and never change a score; imacs_threshold is the scoring one (AttributionMaps.imacs's
+    threshold). compare_protocols: also "by_protocol", the IMACS under every protocol the recorded
+    buffers can be read under, side by side in report.md. true_sources: see render_figures.
     Maps traced on two regions of one image (query_region/ref_region) take `image` whole: its
     query region is the generated image of the figures, its reference region the reference."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    run = {**maps.settings, **(settings or {}), "threshold": threshold, "alpha": alpha}
+    run = {**maps.settings, **(settings or {}), "threshold": threshold, "alpha": alpha,
+           "imacs_threshold": imacs_threshold}
     _save_maps(maps, out / MAPS_FILE, _jsonable(run))
-    scores = {"protocol": maps.protocol, **imacs_scores(maps, ref_mask, lam=lam, threshold=threshold)}
+    scored = dict(lam=lam, threshold=imacs_threshold)
+    scores = {"protocol": maps.protocol, **imacs_scores(maps, ref_mask, **scored)}
     if compare_protocols:
-        scores["by_protocol"] = {name: imacs_scores(maps.with_protocol(name), ref_mask, lam=lam, threshold=threshold)
+        scores["by_protocol"] = {name: imacs_scores(maps.with_protocol(name), ref_mask, **scored)
                                  for name in readable_protocols(maps)}
     scores.update(extra_scores or {})
     scores["settings"] = {**map_settings(maps), "lam": lam, **run}
@@ -55,16 +59,17 @@ def write_report(out_dir, maps, *, image=None, reference=None, ref_mask=None, se
     for name, img in images.items():
         to_pil(img).save(out / f"{name}.png")
     figures = render_figures(out, maps, image=image, reference=reference, ref_mask=ref_mask, threshold=threshold,
-                             alpha=alpha)
+                             alpha=alpha, true_sources=true_sources)
     (out / INDEX_FILE).write_text(_markdown(title, maps, scores, list(images), figures))
     return scores
 
 
 def rewrite_report(maps_file, out_dir, *, image=None, reference=None, ref_mask=None, protocol=None, threshold=None,
-                   alpha=None):
+                   alpha=None, imacs_threshold=None):
     """write_report of a saved maps file (AttributionMaps.save), read under `protocol` (default:
     its own), with the run's images found beside it (generated.png, reference.png, ref_mask.png)
-    unless given, and its threshold and alpha unless given; returns the scores."""
+    unless given, and its threshold, alpha and imacs_threshold unless given; returns the
+    scores."""
     from .inputs import InputError, arg, binary_mask, check_out, open_image, same_size
     from .maps import AttributionMaps
 
@@ -96,11 +101,14 @@ def rewrite_report(maps_file, out_dir, *, image=None, reference=None, ref_mask=N
                              "these have none")
     shown = {key: maps.settings.get(key, default) if value is None else value
              for key, value, default in (("threshold", threshold, 0.4), ("alpha", alpha, 0.5))}  # the run's
+    if imacs_threshold is None:  # the run's (maps saved before it had its own name were scored at "threshold")
+        imacs_threshold = maps.settings.get("imacs_threshold", maps.settings.get("threshold", 0.4))
     return write_report(out_dir, maps, image=image, reference=reference, ref_mask=ref_mask,
-                        settings={"maps_file": str(path)}, **shown)
+                        settings={"maps_file": str(path)}, imacs_threshold=imacs_threshold, **shown)
 
 
-def render_figures(out_dir, maps, *, image=None, reference=None, ref_mask=None, threshold=0.4, alpha=0.5):
+def render_figures(out_dir, maps, *, image=None, reference=None, ref_mask=None, threshold=0.4, alpha=0.5,
+                   true_sources=None):
     """Write every figure of `maps` as PNG and PDF into out_dir; returns [(file stem, caption)].
 
     overview (M_g, M_r and the masked M_r over their images), by_time (when there is more than
@@ -110,6 +118,8 @@ def render_figures(out_dir, maps, *, image=None, reference=None, ref_mask=None, 
     reference. A 1x1 reference grid (one reference token) has no reference-side panels: its
     reference maps are a single value. Figures follow the maps' protocol (under "official" the
     generated map is shown inverted and the masked reference map is M_r times ref_mask).
+    true_sources: {latent point (row, col): reference patch (i, j)} where the point's content
+    truly comes from (known for synthetic data), marked on its specific-reference figure.
 
     Several references (maps.references): `reference` is a list of their images, ref 0 first;
     the overview and the by-time and by-head grids have rows per reference, and a "sources"
@@ -117,6 +127,7 @@ def render_figures(out_dir, maps, *, image=None, reference=None, ref_mask=None, 
     if len(maps.references) > 1:
         return _render_references(Path(out_dir), maps, image=image, references=reference, ref_mask=ref_mask,
                                   shown=dict(threshold=threshold, alpha=alpha))
+    true_sources = {tuple(p): tuple(c) for p, c in (true_sources or {}).items()}
     out = Path(out_dir)
     samples = len(maps.record)
     ref_side = has_reference_side(maps)
@@ -166,17 +177,21 @@ def render_figures(out_dir, maps, *, image=None, reference=None, ref_mask=None, 
             save(fig, name + sfx, caption)
         for probe, M_sr in specific_refs:
             kind = "point" if len(probe) == 2 else "box"
-            caption = f"Specific-reference map M_sr of latent {kind} {tuple(probe)}"
-            panels = [viz.Panel(f"generated, latent {kind} {tuple(probe)}", img, probes=[probe],
+            caption = f"Specific-reference map M_sr of latent {kind} {_coords(probe)}"
+            truth = true_sources.get(tuple(probe))
+            cells = {} if truth is None else dict(probes=[(*truth, truth[0] + 1, truth[1] + 1)],
+                                                  probe_grid=maps.ref_grid, labels=["true source"])
+            panels = [viz.Panel(f"generated, latent {kind} {_coords(probe)}", img, mask=maps.mask, probes=[probe],
                                 probe_grid=maps.latent_size),
-                      viz.Panel("M_sr over the reference", ref, pick(M_sr), mask=rmask)]
+                      viz.Panel("M_sr over the reference" + (f", true source {_coords(truth)}" if truth else ""),
+                                ref, pick(M_sr), mask=rmask, **cells)]
             save(viz.panel_figure(panels, title=_title(maps, caption), **shown),
                  f"specific_reference_{kind}_{_join(probe)}{sfx}", caption)
         for patch, M_sg in specific_gens:
             i, j = patch
-            caption = f"Where reference patch {tuple(patch)} is used in the generated image"
-            panels = [viz.Panel(f"reference, patch {tuple(patch)}", ref, probes=[(i, j, i + 1, j + 1)],
-                                probe_grid=maps.ref_grid),
+            caption = f"Where reference patch {_coords(patch)} is used in the generated image"
+            panels = [viz.Panel(f"reference, patch {_coords(patch)}", ref, mask=rmask, probes=[(i, j, i + 1, j + 1)],
+                                probe_grid=maps.ref_grid, labels=[_coords(patch)]),
                       viz.Panel("specific-generated map", img, pick(M_sg), mask=maps.mask)]
             save(viz.panel_figure(panels, title=_title(maps, caption), **shown),
                  f"specific_generated_patch_{_join(patch)}{sfx}", caption)
@@ -314,7 +329,9 @@ def _splits(maps):
     for heads, names in sorted(by_heads.items()):
         alone = len(by_heads) == 1
         splits.append(("by_head" if alone else f"by_head_{heads}heads",
-                       "By head" + ("" if alone else f" (the {len(names)} layers with {heads} heads)"),
+                       "By head: head i averaged over " + (f"the {len(maps.layers)} layers" if alone else
+                                                           f"the {len(names)} layers with {heads} heads")
+                       + " and all steps",
                        "head", None if alone else names, [f"head {n}" for n in range(heads)]))
     return splits
 
@@ -354,12 +371,28 @@ def _per_sample_mask(mask, samples):
     return [m] * samples
 
 
+# the protocol and the softmax convention in a reader's words (definitions: docs/maps.md)
+PROTOCOL_WORDS = {"paper": "as the paper's printed equations",
+                  "official": "as the authors' released code computes them"}
+CONVENTION_WORDS = {"official": "M_g: softmax over queries; M_r: softmax over keys",
+                    "paper": "M_g: softmax over keys; M_r: softmax over queries (eq. 4, 12)"}
+
+
 def _title(maps, what):
     """A figure title: what it shows, then the protocol, convention, layers and steps behind it."""
     n = len(maps.layers)
-    return (f"{what}\nprotocol: {maps.protocol}, {maps.convention} convention, "
-            f"{n} layer{'s' if n != 1 else ''}, {maps.num_steps} steps in {maps.time_groups} time "
-            f"group{'s' if maps.time_groups != 1 else ''}")
+    return (f"{what}\n{_words(PROTOCOL_WORDS, maps.protocol).capitalize()}; {n} layer{'s' if n != 1 else ''}, "
+            f"{maps.num_steps} steps in {maps.time_groups} time group{'s' if maps.time_groups != 1 else ''}\n"
+            f"{_words(CONVENTION_WORDS, maps.convention)}")
+
+
+def _words(table, name):
+    return table.get(name, name)
+
+
+def _coords(cell):
+    """(3, 4), not (tensor(3), tensor(4)) or [3, 4]."""
+    return "(" + ", ".join(str(int(v)) for v in cell) + ")"
 
 
 def _suffix(b, samples):
@@ -387,7 +420,9 @@ def _markdown(title, maps, scores, image_names, figures):
     values = {k: v for k, v in scores.items() if k not in ("settings", "protocol", "by_protocol")}
     protocol = protocols.get(scores["protocol"])
     lines = [f"# {title}", "", *_legend(maps, settings["threshold"]), "", "## Scores", "",
-             f"Protocol: **{protocol.name}** ({protocol.summary}).", ""]
+             f"Protocol: **{protocol.name}** ({protocol.summary}).", "",
+             f"IMACS threshold: {settings['imacs_threshold']:g} ({_imacs_threshold_use(protocol.name)}; "
+             "`--imacs-threshold`). The display threshold of the figures does not change a score.", ""]
     if values:
         lines += ["| score | value |", "|---|---|"] + [f"| {k} | {_score_cell(v)} |" for k, v in values.items()]
     else:
@@ -418,8 +453,9 @@ def _markdown(title, maps, scores, image_names, figures):
 def _legend(maps, threshold):
     """The short legend report.md opens with (the definitions: docs/maps.md of the i2am package)."""
     lines = [
-        f"Protocol: **{maps.protocol}**; softmax convention: **{maps.convention}** "
-        f"(definitions and equation numbers: `docs/maps.md` of the i2am package).",
+        f"Protocol: **{maps.protocol}** (maps and IMACS {_words(PROTOCOL_WORDS, maps.protocol)}); softmax "
+        f"convention: **{maps.convention}** ({_words(CONVENTION_WORDS, maps.convention)}); definitions and equation "
+        "numbers: `docs/maps.md` of the i2am package.",
         "",
         "- **M_g**, generated map: where the generated image draws on the reference, over the generated image.",
         *([f"  Shown as **{protocols.get(maps.protocol).generated_name}**, as this protocol's display does."]
@@ -427,10 +463,12 @@ def _legend(maps, threshold):
         "- **M_r**, reference map: which reference patches the generation draws on, over the reference image; "
         "*mask probe (eq. 17)*: only the queries inside the inpainting mask.",
         "- **M_sr**, specific-reference map: the reference patches one latent point or box (red) looked at; "
-        "**specific-generated**: where one reference patch (red box) is used.",
-        f"- Colours: jet over the image, each map min-max normalised (eq. 8-9); values <= {threshold:g} are not "
-        "drawn (greyed out on the colorbar). In the by-time and by-head grids each row is normalised as a "
-        "whole, so its panels compare.",
+        "**specific-generated**: where one reference patch (red box) is used. Where the truth is known, a red box "
+        "labelled *true source* marks the reference patch a point's content really comes from.",
+        f"- Colours: jet over the image, each map min-max normalised (eq. 8-9); values <= {threshold:g} (the "
+        "display threshold) are not drawn: the hatched, paler part of the colorbar. In the by-time and by-head "
+        "grids each row is normalised as a whole, so its panels compare; a by-head panel is that head averaged "
+        "over the layers and steps.",
         "- White outline: the inpainting mask (generated side) and the reference mask (reference side).",
         "- IMACS: mean of the map inside the mask minus 3 times its mean outside; higher means the "
         "attribution stays in the mask (at most 1).",
@@ -440,6 +478,13 @@ def _legend(maps, threshold):
                      "Paint-by-Example does), so the reference map, its splits and the specific-reference maps "
                      "are a single value; their panels are left out and M_g carries the information.")
     return lines
+
+
+def _imacs_threshold_use(protocol):
+    """What the IMACS threshold cuts under each protocol."""
+    return {"paper": "map values <= it count as 0 in both IMACS_g and IMACS_r",
+            "official": "M_r values <= it count as 0 in IMACS_r; IMACS_g cuts M_g at 0.6, as the authors' code"
+            }.get(protocol, "as the protocol applies it")
 
 
 def _score_cell(value):

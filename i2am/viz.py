@@ -45,13 +45,15 @@ SCALE_LABEL = "map value (min-max normalised)"
 class Panel:
     """One Axes of a panel_figure: an image (None: a grey canvas of the map's or grid's aspect),
     a 2-D map drawn over it with plot_overlay, a mask outline, and probes drawn on probe_grid
-    (latent points (row, col), boxes (top, left, bottom, right) end-exclusive)."""
+    (latent points (row, col), boxes (top, left, bottom, right) end-exclusive), each labelled
+    with its coordinates or with its text in labels."""
     title: str
     image: object = None
     map: object = None
     mask: object = None
     probes: tuple = ()
     probe_grid: tuple = None
+    labels: tuple = None
 
 
 def plot_overlay(map2d, image, *, ax=None, threshold=0.4, alpha=0.5, cmap="jet", mask=None, colorbar=True,
@@ -79,8 +81,10 @@ def plot_overlay(map2d, image, *, ax=None, threshold=0.4, alpha=0.5, cmap="jet",
         heat = resize(M, size, "bicubic").clamp(0, 1)
         heat = torch.where(heat <= threshold, torch.zeros_like(heat), heat)
     heat = heat.numpy()
-    ax.imshow(np.ma.masked_where(heat <= threshold, heat), cmap=cmap, vmin=0, vmax=1, alpha=alpha,
-              interpolation="nearest")
+    # alpha lives in the colormap's colours, not on the artist: for PDF and SVG matplotlib
+    # composites the image with the one below and applied an artist alpha a second time (faint PDFs)
+    colours = plt.get_cmap(cmap).with_alpha(alpha).with_extremes(bad=(0, 0, 0, 0))  # masked: transparent
+    ax.imshow(np.ma.masked_where(heat <= threshold, heat), cmap=colours, vmin=0, vmax=1, interpolation="nearest")
     if mask is not None:
         outline_mask(ax, mask, size)
     if colorbar:
@@ -99,7 +103,7 @@ def outline_mask(ax, mask, size, what="mask"):
 def draw_probe(ax, probe, grid_size, size, *, label=True):
     """A point (row, col) as a dot in its cell, a box (top, left, bottom, right), end-exclusive,
     as a rectangle around its cells; coordinates on a grid of grid_size laid over an Axes of
-    `size` (rows, cols) pixels; label: its coordinates beside it."""
+    `size` (rows, cols) pixels; label: True, its coordinates beside it; a string, that text."""
     sy, sx = size[0] / grid_size[0], size[1] / grid_size[1]
     if len(probe) == 2:
         r, c = probe
@@ -115,8 +119,8 @@ def draw_probe(ax, probe, grid_size, size, *, label=True):
     else:
         raise ValueError(f"a probe is a point (row, col) or a box (top, left, bottom, right), got {probe!r}")
     if label:
-        ax.annotate(str(tuple(int(v) for v in probe)), anchor, fontsize=7, va="center" if len(probe) == 2
-                    else "bottom", **PROBE)
+        text = label if isinstance(label, str) else "(" + ", ".join(str(int(v)) for v in probe) + ")"
+        ax.annotate(text, anchor, fontsize=7, va="center" if len(probe) == 2 else "bottom", **PROBE)
 
 
 def add_colorbar(fig, axes, *, cmap="jet", threshold=0.4, label=SCALE_LABEL):
@@ -156,8 +160,8 @@ def panel_figure(panels, *, title=None, threshold=0.4, alpha=0.5, cmap="jet", la
             if p.mask is not None:
                 outline_mask(ax, p.mask, base.shape[:2])
         size = _pixels(ax)
-        for probe in p.probes:
-            draw_probe(ax, probe, p.probe_grid, size)
+        for probe, text in zip(p.probes, p.labels or [True] * len(p.probes)):
+            draw_probe(ax, probe, p.probe_grid, size, label=text)
         ax.set_title(p.title, fontsize=9)
     if any(p.map is not None for p in panels):
         add_colorbar(fig, axes.ravel().tolist(), cmap=cmap, threshold=threshold, label=label)

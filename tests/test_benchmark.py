@@ -83,3 +83,17 @@ def test_kontext_pipeline_row_times_the_traced_loop_against_the_untraced_one():
     assert [r.column for r in rows] == ["pipeline untraced", "pipeline traced"]
     assert rows[0].shape == rows[1].shape == "Kontext 4x4 2 steps" and (rows[0].nq, rows[0].nk) == (16, 40)
     assert rows[1].ratio == rows[1].ms / rows[0].ms
+
+
+def test_table_on_cpu_has_no_tflops_and_notes_say_why_and_when_fused_is_slower():
+    rows = [benchmark.Row("tiny", "sdpa", 64, 9, 16, 1.0, 1.0, 0.001, 0.0),
+            benchmark.Row("tiny", "i2am-torch maps", 64, 9, 16, 3.0, 3.0, 0.001, 0.0),
+            benchmark.Row("tiny", "naive", 64, 9, 16, 2.0, 2.0, 0.001, 0.0),
+            benchmark.Row("big", "sdpa", 4096, 77, 64, 1.0, 1.0, 0.5, 0.0),
+            benchmark.Row("big", "i2am-torch maps", 4096, 77, 64, 2.0, 2.0, 0.5, 0.0),
+            benchmark.Row("big", "naive", 4096, 77, 64, 9.0, 9.0, 0.5, 0.0)]
+    assert "TFLOP/s" not in benchmark.markdown(rows, "cpu") and "TFLOP/s" in benchmark.markdown(rows, "cuda")
+    cpu = benchmark.notes(rows, "cpu")
+    assert len(cpu) == 2 and "No TFLOP/s on CPU" in cpu[0]
+    assert cpu[1].startswith("At tiny, i2am-torch maps is slower than the naive path") and "host" in cpu[1]
+    assert benchmark.notes(rows, "cuda") == cpu[1:]  # "big": fused is faster, nothing to explain

@@ -181,6 +181,30 @@ def test_show_rerenders_with_the_runs_settings_and_images(capsys, tmp_path):
     assert json.loads((tmp_path / "t" / "scores.json").read_text())["settings"]["threshold"] == 0.2
 
 
+def test_show_display_threshold_never_changes_a_score_and_the_scoring_one_does(capsys, tmp_path):
+    ref_mask = torch.zeros(32, 24)
+    ref_mask[4:20, 6:18] = 1
+    first = tmp_path / "run"
+    scores = report.write_report(first, tiny_maps(), image=gradient_image(32, 32), reference=gradient_image(32, 24),
+                                 ref_mask=ref_mask, threshold=0.2)
+    save_png(first / "ref_mask.png", ref_mask.numpy() * 255)  # found beside the maps, as in a run's folder
+
+    def show(name, *flags):
+        assert cli(capsys, "show", first / "maps.safetensors", *flags, "--out", tmp_path / name)[0] == 0
+        return json.loads((tmp_path / name / "scores.json").read_text()), (tmp_path / name / "report.md").read_text()
+
+    for name, threshold in (("low", "0.0"), ("high", "0.9")):
+        shown, md = show(name, "--threshold", threshold)
+        assert (shown["IMACS_g"], shown["IMACS_r"]) == (scores["IMACS_g"], scores["IMACS_r"])
+        assert shown["settings"]["threshold"] == float(threshold) and shown["settings"]["imacs_threshold"] == 0.4
+        assert f"values <= {float(threshold):g} (the display threshold)" in md and "IMACS threshold: 0.4 " in md
+    scored, md = show("scored", "--imacs-threshold", "0.9")
+    assert scored["IMACS_r"] != scores["IMACS_r"] and scored["settings"]["imacs_threshold"] == 0.9
+    assert "IMACS threshold: 0.9 " in md and "values <= 0.2 (the display threshold)" in md  # the run's display
+    again, _ = show("kept")
+    assert again["IMACS_r"] == scores["IMACS_r"]  # show keeps the run's scoring threshold
+
+
 def test_show_without_images(capsys, tmp_path):
     tiny_maps().save(tmp_path / "maps.safetensors")
     code, _, _ = cli(capsys, "show", tmp_path / "maps.safetensors", "--out", tmp_path / "figures")

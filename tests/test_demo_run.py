@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from i2am import report
 from i2am.demo import data, model, run
 
 
@@ -32,8 +33,11 @@ def test_trained_correspondence_beats_the_randomised_copy_at_few_steps():
 
 
 @pytest.mark.slow
-def test_demo_smoke_run_writes_reports(tmp_path, capsys, record_bars, step_bars):
+def test_demo_smoke_run_writes_reports(tmp_path, capsys, record_bars, step_bars, monkeypatch):
     example_bars = record_bars(run)
+    true_sources, render_figures = [], report.render_figures
+    monkeypatch.setattr(report, "render_figures", lambda *a, **k: true_sources.append(k["true_sources"])
+                        or render_figures(*a, **k))
     assert run.run_demo(out=tmp_path, examples=1, steps=3) == 0
     summary = json.loads((tmp_path / "scores.json").read_text())
     for key in ("correspondence_accuracy", "correspondence_accuracy_randomised", "correspondence_best_single_patch"):
@@ -42,6 +46,11 @@ def test_demo_smoke_run_writes_reports(tmp_path, capsys, record_bars, step_bars)
     scores = json.loads((tmp_path / "example_0" / "scores.json").read_text())
     assert scores["IMACS_g"] == summary["IMACS_g"] and scores["settings"]["num_steps"] == 3
     assert len(scores["settings"]["points"]) == run.POINTS
+    # each probe point's figure is told the reference patch its content truly comes from
+    (sources,) = true_sources
+    assert set(sources) == {tuple(p) for p in scores["settings"]["points"]}
+    grid = tuple(scores["settings"]["ref_grid"])
+    assert all(0 <= i < grid[0] and 0 <= j < grid[1] for i, j in sources.values())
     for name in ("report.md", "by_time.png", "by_time.pdf", "overview.pdf"):
         assert (tmp_path / "example_0" / name).exists(), name
     assert "correspondence accuracy" in capsys.readouterr().out

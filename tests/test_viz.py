@@ -135,7 +135,11 @@ def test_plot_overlay_leaves_values_at_or_below_threshold_transparent(maps, thre
     np.testing.assert_array_equal(np.ma.getmaskarray(heat), expect <= threshold)
     np.testing.assert_allclose(heat.compressed(), expect[expect > threshold])
     assert heat.mask.any() and not heat.mask.all()
-    assert ax.images[1].get_alpha() == 0.5 and ax.images[1].get_cmap().name == "jet"
+    overlay = ax.images[1]  # alpha 0.5 in jet's colours, once (not on the artist as well), masked values clear
+    assert overlay.get_alpha() is None and overlay.get_cmap().name == "jet"
+    np.testing.assert_allclose(overlay.get_cmap()(np.linspace(0, 1, 5)),
+                               plt.get_cmap("jet")(np.linspace(0, 1, 5)) * [1, 1, 1, 0.5])
+    assert overlay.get_cmap().get_bad()[3] == 0
 
 
 def test_plot_overlay_colorbar_and_mask_outline(maps):
@@ -327,6 +331,54 @@ def test_report_of_a_one_token_reference_leaves_out_the_reference_side(tmp_path)
 def test_report_keeps_the_run_settings_in_the_maps_file(tmp_path, maps):
     report.write_report(tmp_path, maps, settings={"pipeline": "paint-by-example", "seed": 3}, threshold=0.3)
     loaded = AttributionMaps.load(tmp_path / "maps.safetensors")
-    assert loaded.settings == {"pipeline": "paint-by-example", "seed": 3, "threshold": 0.3, "alpha": 0.5}
+    assert loaded.settings == {"pipeline": "paint-by-example", "seed": 3, "threshold": 0.3, "alpha": 0.5,
+                               "imacs_threshold": 0.4}
     again = report.write_report(tmp_path / "again", loaded)  # re-rendered maps keep them
     assert again["settings"]["pipeline"] == "paint-by-example" and again["settings"]["seed"] == 3
+
+
+def pdf_images(path):
+    """The RGB image XObjects of a PDF as (H, W, 3) uint8 arrays: the Flate stream of a PNG-predicted
+    image is a PNG's IDAT data, so PIL decodes it once wrapped in a PNG header."""
+    import io
+    import re
+    import struct
+    import zlib
+
+    data = open(path, "rb").read()
+    images = []
+    for m in re.finditer(rb"<< /Type /XObject /Subtype /Image(.*?)>>\s*stream\r?\n", data, re.S):
+        head = m.group(1)
+        assert b"/DeviceRGB" in head.split(b"/BitsPerComponent")[0] and b"/Predictor 10" in head, head[:200]
+        w, h = (int(re.search(rb"/%s (\d+)" % k, head).group(1)) for k in (b"Width", b"Height"))
+        rows = zlib.decompressobj().decompress(data[m.end():data.index(b"endstream", m.end())])
+        idat = zlib.compress(rows)  # the filtered rows, without the stream's line end
+
+        def chunk(kind, body):
+            return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+        png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) + \
+            chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+        images.append(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
+    return images
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.8])
+def test_pdf_overlay_has_the_png_s_opacity(tmp_path, alpha):
+    """Where the map is 1, the figure shows jet's top colour blended with alpha over the image, in the PDF as
+    in the PNG (an artist alpha would be applied twice in the PDF's composited image)."""
+    rng = np.random.default_rng(0)
+    image = np.full((64, 64, 3), 128, np.uint8)
+    image[:, :32] = rng.integers(0, 256, (64, 32, 3))  # many colours: the PDF stores the image as RGB
+    M = torch.zeros(8, 8)
+    M[:, 4:] = 1
+    ax = i2am.plot_overlay(M, image, alpha=alpha, colorbar=False)
+    viz.save_figure(ax.figure, tmp_path / "fig")
+    expect = (1 - alpha) * 128 + alpha * np.array(plt.get_cmap("jet")(1.0)[:3]) * 255
+    [pdf] = pdf_images(tmp_path / "fig.pdf")  # base and overlay composited into one image
+    h, w = pdf.shape[:2]
+    np.testing.assert_allclose(pdf[h // 4:3 * h // 4, 3 * w // 4 - 4:3 * w // 4 + 4].reshape(-1, 3).mean(0), expect,
+                               atol=2)
+    png = np.asarray(Image.open(tmp_path / "fig.png").convert("RGB"))
+    rows, cols = np.nonzero((np.abs(png.astype(float) - expect).max(-1) <= 2))
+    assert len(rows) > 1000  # the PNG shows the same colour over the map's right half

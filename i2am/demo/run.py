@@ -45,9 +45,10 @@ def best_single_patch(true_patches, grid):
 def analyse(pipe, example, *, seed, steps=STEPS, backend="auto", protocol="paper", traced_as="official"):
     """One traced generation of an example, a batch of one: reference (1, 3, R, R), masked
     (1, 3, T, T), mask (1, 1, T, T) and warp (1, ...) -> i2am.generation.Generation with the maps
-    read under `protocol`, the image and the scores {"correspondence_accuracy",
-    "correspondence_best_single_patch"}. It traces under `traced_as`: "official" buffers also
-    hold everything "paper" reads, so that a report can give both protocols' scores of one run."""
+    read under `protocol`, the image, the scores {"correspondence_accuracy",
+    "correspondence_best_single_patch"} and each probe point's true source patch. It traces
+    under `traced_as`: "official" buffers also hold everything "paper" reads, so that a report
+    can give both protocols' scores of one run."""
     fold, encoder, mask = pipe.config.fold, pipe.reference_encoder, example["mask"][0, 0]
     latent = (mask.shape[0] // fold, mask.shape[1] // fold)
     points = data.probe_points(mask, POINTS, grid=latent)
@@ -62,6 +63,7 @@ def analyse(pipe, example, *, seed, steps=STEPS, backend="auto", protocol="paper
     gen.image = gen.image.cpu()
     gen.scores = {"correspondence_accuracy": correspondence(gen.maps, points, truth),
                   "correspondence_best_single_patch": best_single_patch(truth, encoder.grid)}
+    gen.true_sources = {tuple(p): tuple(t) for p, t in zip(points.tolist(), truth.tolist())}
     return gen
 
 
