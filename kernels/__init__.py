@@ -25,7 +25,7 @@ if __name__ == "kernels":
     _spec.loader.exec_module(_module)
 else:
     from .api import (BACKENDS, MAP_NAMES, MapsCall, attention_with_maps, backend_module, prepare,
-                      query_row_range, triton_available)
+                      query_row_range, slice_indices, triton_available)
 
     __all__ = ["attention_with_maps", "prepare", "MapsCall", "BACKENDS", "MAP_NAMES", "backend_module",
-               "query_row_range", "triton_available"]
+               "query_row_range", "slice_indices", "triton_available"]

@@ -35,15 +35,16 @@ def run(q, k, v, out, maps, *, scale, ref_idx, record_idx, key_probes, query_pro
     H, Nq = q.shape[1], q.shape[2]
     chunk_bytes = chunk_bytes or CHUNK_BYTES
     ref = _as_slice(ref_idx)
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32  # float64 inputs: out of float64 accuracy
     for i, b in enumerate(record_idx.tolist()):
-        qb, kb, vb = q[b].float(), k[b].float(), v[b].float()
+        qb, kb, vb = q[b].to(ct), k[b].to(ct), v[b].to(ct)
         lse_row = torch.empty(H, Nq, device=q.device)
         for a, e in _chunks(Nq, 4 * H * max(vb.shape[-1], qb.shape[-1]), chunk_bytes):
             o, lse_row[:, a:e] = attention_lse(qb[None, :, a:e], kb[None], vb[None], scale)
             out[b, :, a:e] = o[0]
         if maps:
-            _maps(qb, kb[:, ref], lse_row, {n: buf[i] for n, buf in maps.items()}, scale, key_probes,
-                  query_probes, chunk_bytes)
+            _maps(qb.float(), kb[:, ref].float(), lse_row, {n: buf[i] for n, buf in maps.items()}, scale,
+                  key_probes, query_probes, chunk_bytes)
 
 
 def _maps(q, k, lse_row, maps, scale, u, m, chunk_bytes):

@@ -1,0 +1,122 @@
+"""Reliability, round two: results that stay in their folder, every step kept, inputs read at
+their own bit depth, undefined scores, compile and deepcopy, and the smaller misuse cases."""
+import copy
+import json
+import threading
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import i2am
+import tiny_models as tm
+from i2am import AttributionMaps
+from i2am.kernels import attention_with_maps, prepare
+
+REF_GRID = (4, 3)  # the patch_inpainting UNet's keys: CLS + 4 x 3 patches
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def qkv(B=2, H=2, Nq=24, Nk=13, d=8, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, n, d, generator=g).to(dtype) for n in (Nq, Nk, Nk)]
+
+
+def unet_inputs(seed=0, batch=2):
+    g = torch.Generator().manual_seed(seed)
+    return dict(sample=torch.randn(batch, 9, *tm.LATENT, generator=g), timestep=torch.tensor(10),
+                encoder_hidden_states=torch.randn(batch, 13, tm.CROSS_DIM, generator=g))
+
+
+# ---- maps never carry autograd history, whatever the probes ----------------------------------
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_probes_with_requires_grad_leave_no_history(backend):
+    q, k, v = qkv()
+    key_probes = torch.rand(2, 13).requires_grad_()
+    query_probes = torch.rand(3, 24).requires_grad_()
+    acc = {"gen_query": torch.zeros(2, 2, 2, 24), "ref_key": torch.zeros(2, 2, 3, 13)}
+    for _ in range(2):
+        _, maps = attention_with_maps(q, k, v, key_probes=key_probes, query_probes=query_probes, backend=backend,
+                                      accumulate=acc)
+        assert all(m.grad_fn is None and not m.requires_grad for m in maps.values())
+    _, fresh = attention_with_maps(q, k, v, key_probes=key_probes, query_probes=query_probes, backend=backend)
+    assert all(m.grad_fn is None and not m.requires_grad for m in fresh.values())
+
+
+# ---- the smaller misuse cases -----------------------------------------------------------------
+def test_buffers_made_under_inference_mode_take_a_later_step_outside_it():
+    unet = tm.unet(9)
+    with i2am.trace(unet, ref_grid=REF_GRID, num_steps=2) as tc:
+        with torch.inference_mode():
+            unet(**unet_inputs(0))
+        with torch.no_grad():
+            unet(**unet_inputs(1))
+    assert tc.maps().generated().isfinite().all()
+    q, k, v = qkv()
+    with torch.inference_mode():
+        _, acc = attention_with_maps(q, k, v, backend="torch")
+    attention_with_maps(q, k, v, backend="torch", accumulate=acc)  # the returned maps accumulate later
+
+
+def test_float64_inputs_give_float64_accuracy():
+    q, k, v = qkv(Nq=20, Nk=11, d=16, dtype=torch.float64, seed=3)
+    out, _ = attention_with_maps(q, k, v, backend="torch")
+    want = torch.softmax(q @ k.transpose(-1, -2) / 4.0, -1) @ v
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_prepared_call_refuses_buffers_of_the_wrong_shape():
+    q, k, v = qkv()
+    call = prepare(q, k, v, backend="torch")
+    bad = {name: torch.zeros(shape[0], shape[1], shape[2], shape[3] + 1) for name, shape in call.shapes.items()}
+    with pytest.raises(ValueError, match="gen_query"):
+        call(q, k, v, bad)
+    with pytest.raises(ValueError, match="float32"):
+        call(q, k, v, {name: torch.zeros(shape, dtype=torch.float64) for name, shape in call.shapes.items()})
+
+
+def test_step_takes_numpy_integers_and_refuses_floats():
+    with i2am.recording(latent_size=(4, 4), num_steps=3, ref_grid=(2, 2)) as rec:
+        assert rec.step(np.int64(2)) == 2 and isinstance(rec.current_step, int)
+        with pytest.raises(TypeError, match="step"):
+            rec.step(1.0)
+
+
+def test_a_call_from_another_thread_is_recorded_or_reported():
+    q, k, v = qkv(B=1, Nq=16, Nk=4)
+    layer = torch.nn.Linear(1, 1)
+    model = torch.nn.Sequential(layer)
+    with i2am.recording(model, ref_grid=(2, 2), num_steps=1) as rec:
+        rec.recorder.set_latent_size((4, 4))
+        rec.step()
+        errors = []
+        thread = threading.Thread(target=lambda: errors.append(i2am.attention(q, k, v, layer=layer)))
+        thread.start()
+        thread.join()
+    assert rec.maps().layers and len(rec.maps().layers) == 1  # the module names its recording
+    with i2am.recording(latent_size=(4, 4), num_steps=1, ref_grid=(2, 2)) as rec:
+        rec.step()
+        with pytest.warns(RuntimeWarning, match="another thread"):
+            thread = threading.Thread(target=lambda: i2am.attention(q, k, v, layer="blocks.0"))
+            thread.start()
+            thread.join()
+
+
+def test_a_reversed_ref_keys_slice_is_the_reversed_index_list():
+    q, k, v = qkv()
+    probes = torch.rand(2, 12)
+    sliced = attention_with_maps(q, k, v, ref_keys=slice(12, 0, -1), key_probes=probes, backend="torch")[1]
+    listed = attention_with_maps(q, k, v, ref_keys=torch.arange(12, 0, -1), key_probes=probes, backend="torch")[1]
+    for name in sliced:
+        torch.testing.assert_close(sliced[name], listed[name])
+    with i2am.recording(latent_size=(4, 6), num_steps=1, ref_grid=(3, 4), ref_keys=slice(12, 0, -1)) as rec:
+        rec.step()
+        i2am.attention(q, k, v, layer="blocks.0")
+    assert rec.maps().reference().shape == (3, 4)
+    with pytest.raises(ValueError, match="ref_keys selects no index"):
+        attention_with_maps(q, k, v, ref_keys=slice(5, 2), backend="torch")
