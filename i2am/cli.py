@@ -350,8 +350,10 @@ def _library_warnings_silenced():
 
 
 def _print_scores(scores, out, quiet=False):
-    for key, value in scores.items():
-        if key != "settings" and not quiet:
+    from .report import score_lines
+
+    for key, value in score_lines(scores):
+        if not quiet:
             print(f"{key}: {value}")
     print(f"report written to {Path(out) / 'report.md'}")
 

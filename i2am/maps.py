@@ -164,7 +164,9 @@ class AttributionMaps:
         mask), and "ref": IMACS_r against ref_mask when it is given. Maps are taken to each mask's
         size at pixel level before scoring. threshold: the reference-side display threshold
         (default 0.4; "paper" applies it to both maps, "official" cuts M_g at 0.6). ref: the
-        reference both maps are of (with one reference, 0: its maps)."""
+        reference both maps are of (with one reference, 0: its maps). A score of a constant map (a
+        1x1 reference grid: one reference token) is undefined: None, and "undefined" then maps its
+        key to the reason."""
         if gen_mask is None:
             if self.mask is None:
                 raise ValueError("imacs needs gen_mask, or a trace with mask=")

@@ -278,13 +278,26 @@ def has_reference_side(maps):
 
 def imacs_scores(maps, ref_mask=None, *, lam=3.0, threshold=0.4):
     """{"IMACS_g", "IMACS_r"} as AttributionMaps.imacs computes them; empty without a traced
-    inpainting mask (IMACS_r also needs ref_mask)."""
+    inpainting mask (IMACS_r also needs ref_mask). An undefined score is None, and "undefined"
+    then says why: {"IMACS_r": reason}."""
     if maps.mask is None:
         if ref_mask is not None:
             raise ValueError("IMACS_r needs the inpainting mask in the trace (mask=), these maps have none")
         return {}
     scores = maps.imacs(ref_mask=ref_mask, lam=lam, threshold=threshold)
-    return {f"IMACS_{'g' if key == 'gen' else 'r'}": value for key, value in scores.items()}
+    why = scores.pop("undefined", {})
+    named = {f"IMACS_{'g' if key == 'gen' else 'r'}": value for key, value in scores.items()}
+    if why:
+        named["undefined"] = {f"IMACS_{'g' if key == 'gen' else 'r'}": reason for key, reason in why.items()}
+    return named
+
+
+def score_lines(scores):
+    """"name: value" lines of a scores dict for the terminal and report.md: an undefined score
+    says so, and why."""
+    why = scores.get("undefined", {})
+    return [(key, f"undefined ({why[key]})" if value is None and key in why else value)
+            for key, value in scores.items() if key not in ("settings", "undefined")]
 
 
 def map_settings(maps):
@@ -384,7 +397,7 @@ def _jsonable(x):
 
 def _markdown(title, maps, scores, image_names, figures):
     settings = scores["settings"]
-    values = {k: v for k, v in scores.items() if k not in ("settings", "protocol", "by_protocol")}
+    values = dict(score_lines({k: v for k, v in scores.items() if k not in ("protocol", "by_protocol")}))
     protocol = protocols.get(scores["protocol"])
     lines = [f"# {title}", "", *_legend(maps, settings["threshold"]), "", "## Scores", "",
              f"Protocol: **{protocol.name}** ({protocol.summary}).", ""]
@@ -395,7 +408,7 @@ def _markdown(title, maps, scores, image_names, figures):
     compared = scores.get("by_protocol", {})
     if len(compared) > 1:
         names = list(compared)
-        keys = sorted({k for s in compared.values() for k in s})
+        keys = sorted({k for s in compared.values() for k in s} - {"undefined"})
         lines += ["", "### IMACS under each protocol", "", "| score | " + " | ".join(names) + " |",
                   "|---|" + "---|" * len(names)]
         lines += [f"| {k} | " + " | ".join(_score_cell(compared[n].get(k, "")) for n in names) + " |" for k in keys]
@@ -446,4 +459,8 @@ def _score_cell(value):
     value = _jsonable(value)
     if isinstance(value, list):
         return ", ".join(_score_cell(v) for v in value)
+    if value is None:
+        return "undefined"
+    if isinstance(value, str):
+        return value
     return f"{value:.4f}" if isinstance(value, float) else json.dumps(value)

@@ -13,7 +13,7 @@ from PIL import Image
 
 import i2am
 import tiny_models as tm
-from i2am import AttributionMaps
+from i2am import AttributionMaps, Recorder
 from i2am.kernels import attention_with_maps, prepare
 
 REF_GRID = (4, 3)  # the patch_inpainting UNet's keys: CLS + 4 x 3 patches
@@ -120,3 +120,44 @@ def test_a_reversed_ref_keys_slice_is_the_reversed_index_list():
     assert rec.maps().reference().shape == (3, 4)
     with pytest.raises(ValueError, match="ref_keys selects no index"):
         attention_with_maps(q, k, v, ref_keys=slice(5, 2), backend="torch")
+
+
+# ---- an undefined score is None with its reason, never 0.0 ---------------------------------------
+def one_token_maps(protocol="paper"):
+    """Maps of a one-reference-token model (Paint-by-Example: a 1x1 reference grid) with a mask."""
+    mask = torch.zeros(8, 8)
+    mask[2:6, 2:6] = 1
+    rec = Recorder(ref_grid=(1, 1), latent_size=(8, 8), num_steps=1, mask=mask, backend="torch", protocol=protocol)
+    g = torch.Generator().manual_seed(0)
+    for name, nq in (("down.attn2", 16), ("up.attn2", 64)):  # official M_r: the layer at half resolution
+        rec.record(name, *(torch.randn(1, 2, n, 8, generator=g) for n in (nq, 2, 2)), step=0)
+    return rec.maps()
+
+
+@pytest.mark.parametrize("protocol", ["paper", "official"])
+def test_imacs_of_a_constant_map_is_none_with_the_reason(protocol):
+    ref_mask = torch.zeros(6, 6)
+    ref_mask[1:4, 1:4] = 1
+    scores = one_token_maps(protocol).imacs(ref_mask=ref_mask)
+    assert scores["ref"] is None and "1x1 reference grid" in scores["undefined"]["ref"]
+    assert isinstance(scores["gen"], float) and "gen" not in scores["undefined"]
+
+
+def test_reports_and_eval_summaries_leave_an_undefined_score_out(tmp_path, capsys):
+    from i2am.cli import _print_scores
+    from i2am.evaluation import summary
+    from i2am.report import write_report
+
+    ref_mask = torch.zeros(6, 6)
+    ref_mask[1:4, 1:4] = 1
+    scores = write_report(tmp_path / "r", one_token_maps(), ref_mask=ref_mask)
+    saved = json.loads((tmp_path / "r" / "scores.json").read_text())
+    assert saved["IMACS_r"] is None and "1x1" in saved["undefined"]["IMACS_r"]
+    assert "| IMACS_r | undefined (the reference map is constant" in (tmp_path / "r" / "report.md").read_text()
+    _print_scores(scores, tmp_path / "r")
+    assert "IMACS_r: undefined (the reference map is constant" in capsys.readouterr().out
+    records = [{"id": str(i), "scores": {"paper": {"IMACS_g": g, "IMACS_r": r, **extra}}}
+               for i, (g, r, extra) in enumerate([(0.5, None, {"undefined": {"IMACS_r": "constant"}}),
+                                                  (0.25, 0.75, {})])]
+    result = summary.write(tmp_path, records, {}, {}, [], [], [], ["paper"])
+    assert result["protocols"]["paper"] == {"IMACS_g": 0.375, "IMACS_r": 0.75}
