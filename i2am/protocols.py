@@ -121,7 +121,7 @@ class Official(Paper):
             need = "per_key" if kind == "generated" else "key_grid"
             names = [n for n, lay in maps.layers.items() if lay[need] and not in_middle_block(n)]
             if not names:
-                raise ValueError(f"the official {kind.replace('_', ' ')} layer set (the traced layers outside the "
+                raise EmptyLayerSet(f"the official {kind.replace('_', ' ')} layer set (the traced layers outside the "
                                  f"middle block, with {'per-key maps' if need == 'per_key' else 'reference keys'}) "
                                  f"is empty among {list(maps.layers)}: pass layers=")
             return names
@@ -129,7 +129,7 @@ class Official(Paper):
         halves = {(-(-h // 2), -(-w // 2)), (h // 2, w // 2)}
         names = [n for n, lay in maps.layers.items() if lay["key_grid"] is not None and lay["grid"] in halves]
         if not names:
-            raise ValueError(f"the official reference layer set (a layer at half the latent resolution "
+            raise EmptyLayerSet(f"the official reference layer set (a layer at half the latent resolution "
                              f"{sorted(halves)} with reference keys) is empty; the traced layers are "
                              f"{ {n: lay['grid'] for n, lay in maps.layers.items()} }: pass layers=")
         return names if by == "time" else names[:1]  # one block; all blocks at that resolution by time
@@ -153,11 +153,15 @@ class Official(Paper):
     def imacs(self, maps, ref_mask, gen_mask, lam, threshold, ref=0):  # one reference: ref is 0
         threshold = 0.4 if threshold is None else threshold
         x = display.binary_mask(gen_mask, "gen_mask")
-        M = maps.generated(normalize=False)
-        g = pixel_level(M.double(), x.shape[-2:])
-        r = 1 - torch.where(g >= self.GEN_CUT, torch.ones_like(g), g)
-        x = x.to(r.dtype)
-        scores = {"gen": (_mean(r, x) - lam * _mean(r, 1 - x), M)}
+        try:
+            M = maps.generated(normalize=False)
+        except EmptyLayerSet as err:  # e.g. only warp blocks traced: IMACS_r is still defined
+            scores = {"gen": (None, f"there is no generated map: {err}")}
+        else:
+            g = pixel_level(M.double(), x.shape[-2:])
+            r = 1 - torch.where(g >= self.GEN_CUT, torch.ones_like(g), g)
+            x = x.to(r.dtype)
+            scores = {"gen": (_mean(r, x) - lam * _mean(r, 1 - x), M)}
         if ref_mask is not None:
             y = display.binary_mask(ref_mask, "ref_mask")
             M = maps.reference(ref_mask=y, normalize=False)
@@ -166,6 +170,10 @@ class Official(Paper):
             y = y.to(m.dtype)
             scores["ref"] = (_mean(m, y, EPS) - lam * _mean(m, 1 - y, EPS), M)
         return defined(scores)
+
+
+class EmptyLayerSet(ValueError):
+    """A protocol's default layer set holds none of the traced layers."""
 
 
 PROTOCOLS = {p.name: p for p in (Paper(), Official())}
@@ -199,11 +207,14 @@ def _paper_score(M, mask, what, lam, threshold):
 
 
 def defined(scores):
-    """{key: (score tensor, the map it scores)} -> {key: float, or None where the map is constant},
+    """{key: (score tensor, the map it scores) or (None, why)} -> {key: float, or None where the map is constant},
     with "undefined": {key: why} when any is None. A constant map ranks no pixel above another
     (min-max leaves all zeros): its IMACS would be a number that says nothing, never 0.0."""
     out, why = {}, {}
     for key, (v, M) in scores.items():
+        if v is None:  # M: why there is no map to score
+            out[key], why[key] = None, M
+            continue
         flat = M.flatten(-2)
         constant = flat.amax(-1) == flat.amin(-1)
         values = [None if c else x for x, c in zip(v.reshape(-1).tolist(), constant.reshape(-1).tolist())]

@@ -161,3 +161,45 @@ def test_reports_and_eval_summaries_leave_an_undefined_score_out(tmp_path, capsy
                                                   (0.25, 0.75, {})])]
     result = summary.write(tmp_path, records, {}, {}, [], [], [], ["paper"])
     assert result["protocols"]["paper"] == {"IMACS_g": 0.375, "IMACS_r": 0.75}
+
+
+# ---- saved maps are checked on loading; IMACS_r without a generated layer set --------------------
+def test_load_checks_every_buffer_against_the_metadata(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = tmp_path / "maps.safetensors"
+    one_token_maps().save(path)
+    assert AttributionMaps.load(path).imacs()["gen"] is not None
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {n: f.get_tensor(n) for n in f.keys()}
+    bad = tmp_path / "bad.safetensors"
+    for name, wrong in (("gen/up.attn2", lambda t: t[..., :-1].contiguous()),  # a plausible smaller map
+                        ("ref/down.attn2", lambda t: torch.cat([t, t], 3)),
+                        ("gen/down.attn2", lambda t: t.double())):
+        save_file({**tensors, name: wrong(tensors[name])}, str(bad), metadata=meta)
+        with pytest.raises(ValueError, match=f"bad.safetensors.*{name}"):
+            AttributionMaps.load(bad)
+    for raw in ("[]", json.dumps({**json.loads(meta["i2am"]), "layers": []}),
+                json.dumps({**json.loads(meta["i2am"]), "layer_grids": []})):
+        save_file(tensors, str(bad), metadata={"i2am": raw})
+        with pytest.raises(ValueError, match="bad.safetensors"):
+            AttributionMaps.load(bad)
+
+
+def test_official_imacs_r_without_a_generated_layer_set():
+    """Only layers whose keys lie on their own grid (StableVITON's warp blocks): no official M_g,
+    IMACS_r still defined."""
+    mask = torch.zeros(8, 8)
+    mask[2:6, 2:6] = 1
+    rec = Recorder(ref_grid="layer", latent_size=(8, 8), num_steps=1, mask=mask, backend="torch",
+                   protocol="official")
+    g = torch.Generator().manual_seed(0)
+    for name, n in (("warp.0", 16), ("warp.1", 64)):
+        rec.record(name, *(torch.randn(1, 2, n, 8, generator=g) for _ in range(3)), step=0)
+    maps = rec.maps()
+    ref_mask = torch.zeros(8, 8)
+    ref_mask[1:5, 2:7] = 1
+    scores = maps.imacs(ref_mask=ref_mask)
+    assert isinstance(scores["ref"], float) and scores["gen"] is None
+    assert "generated layer set" in scores["undefined"]["gen"]
