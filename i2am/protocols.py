@@ -209,7 +209,8 @@ def _paper_score(M, mask, what, lam, threshold):
 def defined(scores):
     """{key: (score tensor, the map it scores) or (None, why)} -> {key: float, or None where the map is constant},
     with "undefined": {key: why} when any is None. A constant map ranks no pixel above another
-    (min-max leaves all zeros): its IMACS would be a number that says nothing, never 0.0."""
+    (min-max leaves all zeros): its IMACS would be a number that says nothing, never 0.0.
+    Several recorded images: a tensor of scores, NaN (JSON null in reports) where undefined."""
     out, why = {}, {}
     for key, (v, M) in scores.items():
         if v is None:  # M: why there is no map to score
@@ -217,8 +218,10 @@ def defined(scores):
             continue
         flat = M.flatten(-2)
         constant = flat.amax(-1) == flat.amin(-1)
-        values = [None if c else x for x, c in zip(v.reshape(-1).tolist(), constant.reshape(-1).tolist())]
-        out[key] = values[0] if v.dim() == 0 else values
+        if v.dim() == 0:
+            out[key] = None if constant else v.item()
+        else:
+            out[key] = v.masked_fill(constant, float("nan"))
         if constant.any():
             one_token = " (a 1x1 reference grid: the model sees one reference token)" if M.shape[-2:] == (1, 1) else ""
             why[key] = (f"the {'generated' if key == 'gen' else 'reference'} map is constant{one_token}, so it "

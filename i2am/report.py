@@ -8,6 +8,7 @@ Images are PIL images or arrays/tensors as in i2am.viz; when more than one image
 image may be a list with one image per recorded entry and every figure is made per entry.
 """
 import json
+import math
 import os
 from pathlib import Path
 
@@ -385,11 +386,13 @@ def _join(coords):
 
 def _jsonable(x):
     if torch.is_tensor(x):
-        return x.tolist()
+        return _jsonable(x.tolist())
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
+    if isinstance(x, float) and math.isnan(x):
+        return None  # an undefined score of one of several images
     if isinstance(x, (str, int, float, bool)) or x is None:
         return x
     return str(x)  # paths, dtypes, devices

@@ -203,3 +203,31 @@ def test_official_imacs_r_without_a_generated_layer_set():
     scores = maps.imacs(ref_mask=ref_mask)
     assert isinstance(scores["ref"], float) and scores["gen"] is None
     assert "generated layer set" in scores["undefined"]["gen"]
+
+
+# ---- images and masks of any bit depth are scaled by their type's range --------------------------
+def sixteen_bit(tmp_path):
+    """A 16-bit PNG: left half 20000 (0.31 of full white), right half 40000 (0.61)."""
+    a = np.full((8, 12), 20000, np.uint16)
+    a[:, 6:] = 40000
+    Image.fromarray(a).save(tmp_path / "g16.png")
+    return tmp_path / "g16.png", a
+
+
+def test_sixteen_bit_images_and_masks_are_scaled_not_clipped(tmp_path):
+    from i2am.evaluation import tasks
+    from i2am.inputs import as_mask, open_image, to_pil
+
+    path, a = sixteen_bit(tmp_path)
+    want = np.round(a / 65535 * 255)
+    for image in (open_image(path, "image"), open_image(Image.open(path), "reference"), to_pil(tasks.as_uint8(path)),
+                  to_pil(Image.open(path)), to_pil(a)):
+        got = np.asarray(image)
+        assert image.mode == "RGB" and np.array_equal(got[..., 0], want), got[0, :, 0]
+    inside = torch.zeros(8, 12, dtype=torch.bool)
+    inside[:, 6:] = True
+    for mask in (Image.open(path), a, open_image(path, "mask", mode="L"), Image.fromarray(a.astype(np.int32), "I"),
+                 Image.fromarray((a / 65535).astype(np.float32), "F")):
+        assert torch.equal(as_mask(mask), inside), type(mask)
+    with pytest.raises(ValueError, match="mask.*mode F.*values in \\[0, 1\\]"):
+        as_mask(Image.fromarray(np.full((4, 4), 3.0, np.float32), "F"))
