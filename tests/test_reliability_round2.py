@@ -231,3 +231,54 @@ def test_sixteen_bit_images_and_masks_are_scaled_not_clipped(tmp_path):
         assert torch.equal(as_mask(mask), inside), type(mask)
     with pytest.raises(ValueError, match="mask.*mode F.*values in \\[0, 1\\]"):
         as_mask(Image.fromarray(np.full((4, 4), 3.0, np.float32), "F"))
+
+
+# ---- i2am eval: ids are file names inside --out, bad samples stop the run before generation -----
+def manifest(tmp_path, *entries):
+    for name in ("p.png", "m.png", "c.png"):
+        tm.image(0).save(tmp_path / name)
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    good = {"image": "p.png", "mask": "m.png", "reference": "c.png"}
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({**good, **e}) + "\n" for e in entries))
+    return tmp_path / "d.jsonl"
+
+
+@pytest.mark.parametrize("entries, message", [
+    ([{"id": "s0"}, {"id": "./s0"}], r"line 2: sample id 's0' appears twice"),
+    ([{"id": "s0"}, {"id": "S0"}], r"line 2: sample id 'S0' appears twice"),
+    ([{"id": "../x"}], r"line 1: sample id '../x' must be a file name"),
+    ([{"id": "a/b"}], r"line 1: sample id 'a/b' must be a file name"),
+    ([{"id": "a\\b"}], r"line 1: sample id 'a\\\\b' must be a file name"),
+    ([{"id": "ok"}, {"id": "s1", "mask": "bad.png"}], r"line 2: mask .*bad.png is not a readable image.*id 's1'"),
+    ([{"id": "s0", "seed": "7"}], r"line 1: seed must be an integer, got '7'.*id 's0'"),
+    ([{"id": "s0", "seed": 7.9}], r"line 1: seed must be an integer, got 7.9.*id 's0'"),
+])
+def test_manifest_ids_and_samples_are_checked_before_generation(tmp_path, entries, message):
+    from i2am.evaluation import load_dataset
+    from i2am.evaluation.datasets import DatasetError
+
+    with pytest.raises(DatasetError, match=message):
+        load_dataset(manifest(tmp_path, *entries))
+
+
+def test_eval_writes_inside_out_and_names_the_failing_sample(tmp_path):
+    from i2am.evaluation import evaluate, load_dataset
+    from i2am.evaluation.datasets import DatasetError, Sample
+    from i2am.evaluation.runner import SampleError
+
+    class Task:
+        settings, correlated, calls = {}, (), []
+
+        def run(self, sample, protocol, seed):
+            self.calls.append(sample.id)
+            raise RuntimeError("the model broke")
+
+    task = Task()
+    escaping = [Sample(id="../outside", index=0, image=None, mask=None, reference=None)]
+    with pytest.raises(DatasetError, match="'../outside' must be a file name"):
+        evaluate(task, escaping, tmp_path / "out", features=torch.nn.Identity(), progress=False)
+    assert task.calls == [] and not (tmp_path / "outside.json").exists()
+    samples = load_dataset(manifest(tmp_path, {"id": "./s0"}))
+    assert samples[0].id == "s0"
+    with pytest.raises(SampleError, match=r"d.jsonl, line 1 \(id 's0'\): the model broke"):
+        evaluate(task, samples, tmp_path / "out", features=torch.nn.Identity(), progress=False)
