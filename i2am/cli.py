@@ -140,7 +140,9 @@ examples:
     run.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     run.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float16 on CUDA, else float32")
     _display_options(run)
-    run.add_argument("--out", required=True, help="report folder")
+    run.add_argument("--out", required=True, help="report folder: new or empty, unless --overwrite")
+    run.add_argument("--overwrite", action="store_true", help="replace the i2am report in --out (only the files "
+                     "i2am wrote there are removed; any other file stops the run)")
     run.add_argument("--quiet", action="store_true", help="no progress bar and no scores on the terminal")
 
     show = _command(sub, "show", _show, "re-render the figures and report of saved maps", """\
@@ -290,7 +292,7 @@ def _run(args):
     from . import generation
     from .config import TraceConfig
 
-    check_out(args.out)
+    check_out(args.out, report=True, overwrite=args.overwrite)
     device = check_device(args.device, args.backend)
     _check_time_groups(args.time_groups, args.steps)
     pipelines.check_protocols_of(args.pipeline, [args.protocol])

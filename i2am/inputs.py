@@ -155,8 +155,11 @@ def _wxh(img):
     return f"{img.width}x{img.height}"
 
 
-def check_out(out, what="out"):
-    """The output folder can be made and written: checked before any work is done."""
+def check_out(out, what="out", *, report=False, overwrite=False):
+    """The output folder can be made and written: checked before any work is done. report: the
+    folder of one report, new or empty, or with overwrite one holding only an earlier i2am report
+    (the files its scores.json lists, which write_report then replaces); files i2am did not write
+    are never removed: they stop it."""
     path = Path(out)
     existing = path
     while not existing.exists() and existing != existing.parent:
@@ -165,6 +168,22 @@ def check_out(out, what="out"):
         raise InputError(f"{arg(what)} {path}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(f"{arg(what)} {path}: {existing} is not writable")
+    present = sorted(p.name for p in path.iterdir()) if report and path.is_dir() else []
+    if not present:
+        return
+    if not overwrite:
+        raise InputError(f"{arg(what)} {path} is not empty ({_names(present)}): choose a new folder, or "
+                         f"pass {arg('overwrite')} to replace the i2am report it holds")
+    from .report import report_files
+
+    foreign = sorted(set(present) - set(report_files(path)))
+    if foreign:
+        raise InputError(f"{arg(what)} {path} holds files that are not an i2am report's ({_names(foreign)}); "
+                         "overwriting replaces only a report i2am wrote: move them, or choose a new folder")
+
+
+def _names(names, shown=4):
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def check_device(device=None, backend="auto"):

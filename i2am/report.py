@@ -35,6 +35,7 @@ def write_report(out_dir, maps, *, image=None, reference=None, ref_mask=None, se
     query region is the generated image of the figures, its reference region the reference."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _remove_previous_report(out)  # nothing of an earlier report (its ref_mask.png, its figures) survives
     run = {**maps.settings, **(settings or {}), "threshold": threshold, "alpha": alpha}
     _save_maps(maps, out / MAPS_FILE, _jsonable(run))
     scores = {"protocol": maps.protocol, **imacs_scores(maps, ref_mask, lam=lam, threshold=threshold)}
@@ -43,22 +44,32 @@ def write_report(out_dir, maps, *, image=None, reference=None, ref_mask=None, se
                                  for name in readable_protocols(maps)}
     scores.update(extra_scores or {})
     scores["settings"] = {**map_settings(maps), "lam": lam, **run}
-    (out / SCORES_FILE).write_text(json.dumps(_jsonable(scores), indent=2) + "\n")
-
-    images, whole = dict(extra_images or {}), image
+    whole = image
     if maps.regions is not None and image is not None:
         image, reference = _region_images(image, maps.regions)
-    for name, img in (("generated", whole), ("reference", reference)):
+    images = _report_images(whole, reference, extra_images)
+    figures = render_figures(out, maps, image=image, reference=reference, ref_mask=ref_mask, threshold=threshold,
+                             alpha=alpha)
+    # the files of this report: the next report into the folder removes them first
+    scores["files"] = sorted([MAPS_FILE, SCORES_FILE, INDEX_FILE, *(f"{n}.png" for n in images),
+                              *(f"{stem}.{fmt}" for stem, _ in figures for fmt in ("png", "pdf"))])
+    (out / SCORES_FILE).write_text(json.dumps(_jsonable(scores), indent=2) + "\n")
+
+    for name, img in images.items():
+        to_pil(img).save(out / f"{name}.png")
+    (out / INDEX_FILE).write_text(_markdown(title, maps, scores, list(images), figures))
+    return scores
+
+
+def _report_images(image, reference, extra_images):
+    """{file stem: image} of the images a report shows."""
+    images = dict(extra_images or {})
+    for name, img in (("generated", image), ("reference", reference)):
         if isinstance(img, (list, tuple)):
             images.update((f"{name}_{b}", one) for b, one in enumerate(img))
         elif img is not None:
             images[name] = img
-    for name, img in images.items():
-        to_pil(img).save(out / f"{name}.png")
-    figures = render_figures(out, maps, image=image, reference=reference, ref_mask=ref_mask, threshold=threshold,
-                             alpha=alpha)
-    (out / INDEX_FILE).write_text(_markdown(title, maps, scores, list(images), figures))
-    return scores
+    return images
 
 
 def rewrite_report(maps_file, out_dir, *, image=None, reference=None, ref_mask=None, protocol=None, threshold=None,
@@ -88,6 +99,11 @@ def rewrite_report(maps_file, out_dir, *, image=None, reference=None, ref_mask=N
             given[key] = path.parent / name
     image, reference, ref_mask = (None if given[key] is None else open_image(given[key], key, mode)
                                   for key, mode in (("image", "RGB"), ("reference", "RGB"), ("ref_mask", "L")))
+    # the run's inputs shown in its report are carried along: a report rewritten in its own folder keeps them
+    carried = {name: open_image(path.parent / f"{name}.png", name, mode)
+               for name, mode in (("input", "RGB"), ("mask", "L")) if (path.parent / f"{name}.png").is_file()}
+    if ref_mask is not None and given["ref_mask"] == path.parent / "ref_mask.png":
+        carried["ref_mask"] = ref_mask
     if ref_mask is not None:
         if reference is not None:
             same_size(ref_mask, "ref_mask", reference, "reference")
@@ -98,7 +114,25 @@ def rewrite_report(maps_file, out_dir, *, image=None, reference=None, ref_mask=N
     shown = {key: maps.settings.get(key, default) if value is None else value
              for key, value, default in (("threshold", threshold, 0.4), ("alpha", alpha, 0.5))}  # the run's
     return write_report(out_dir, maps, image=image, reference=reference, ref_mask=ref_mask,
-                        settings={"maps_file": str(path)}, **shown)
+                        settings={"maps_file": str(path)}, extra_images=carried, **shown)
+
+
+def report_files(out):
+    """The file names the i2am report in `out` lists in its scores.json (plain names inside out
+    only, scores.json itself among them); [] when out holds no i2am report."""
+    try:
+        names = json.loads((Path(out) / SCORES_FILE).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    if not isinstance(names, list):
+        return []
+    return [n for n in names if isinstance(n, str) and n == Path(n).name and n not in ("", ".", "..")]
+
+
+def _remove_previous_report(out):
+    for name in report_files(out):
+        if (out / name).is_file():
+            (out / name).unlink()
 
 
 def render_figures(out_dir, maps, *, image=None, reference=None, ref_mask=None, threshold=0.4, alpha=0.5):
@@ -298,7 +332,7 @@ def score_lines(scores):
     says so, and why."""
     why = scores.get("undefined", {})
     return [(key, f"undefined ({why[key]})" if value is None and key in why else value)
-            for key, value in scores.items() if key not in ("settings", "undefined")]
+            for key, value in scores.items() if key not in ("settings", "undefined", "files")]
 
 
 def map_settings(maps):

@@ -13,6 +13,7 @@ from PIL import Image
 
 import i2am
 import tiny_models as tm
+from test_cli import inputs, tiny_pipeline  # noqa: F401 (fixtures)
 from i2am import AttributionMaps, Recorder
 from i2am.kernels import attention_with_maps, prepare
 
@@ -282,3 +283,27 @@ def test_eval_writes_inside_out_and_names_the_failing_sample(tmp_path):
     assert samples[0].id == "s0"
     with pytest.raises(SampleError, match=r"d.jsonl, line 1 \(id 's0'\): the model broke"):
         evaluate(task, samples, tmp_path / "out", features=torch.nn.Identity(), progress=False)
+
+
+# ---- i2am run --out: a used folder is refused unless --overwrite, and then nothing stale survives --
+def test_run_into_a_used_folder_needs_overwrite_and_leaves_nothing_stale(capsys, inputs, tiny_pipeline, tmp_path):
+    from test_cli import cli, run_args
+
+    out = tmp_path / "report"
+    code, _, err = cli(capsys, *run_args(inputs, tiny_pipeline, out, "--ref-mask", inputs["ref_mask"]))
+    assert code == 0 and (out / "ref_mask.png").is_file(), err
+    before = sorted(p.name for p in out.iterdir())
+    code, _, err = cli(capsys, *run_args(inputs, tiny_pipeline, out))
+    assert code == 2 and f"--out {out} is not empty" in err and "--overwrite" in err
+    assert sorted(p.name for p in out.iterdir()) == before  # refused before any work
+    code, _, err = cli(capsys, *run_args(inputs, tiny_pipeline, out, "--overwrite"))
+    assert code == 0, err
+    assert not (out / "ref_mask.png").exists() and "IMACS_r" not in json.loads((out / "scores.json").read_text())
+    code, stdout, _ = cli(capsys, "show", out / "maps.safetensors", "--out", tmp_path / "shown")
+    assert code == 0 and "IMACS_g" in stdout and "IMACS_r" not in stdout
+    kept = sorted(p.name for p in out.iterdir())
+    code, _, err = cli(capsys, "show", out / "maps.safetensors", "--out", out)  # rewritten in its own folder
+    assert code == 0 and sorted(p.name for p in out.iterdir()) == kept, err
+    (out / "notes.txt").write_text("mine")
+    code, _, err = cli(capsys, *run_args(inputs, tiny_pipeline, out, "--overwrite"))
+    assert code == 2 and "notes.txt" in err and (out / "notes.txt").read_text() == "mine"
