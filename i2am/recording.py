@@ -122,7 +122,7 @@ class recording:
             if self.denoiser is not None:
                 self._claim(self.denoiser)
                 self._names = {m: n for n, m in self.denoiser.named_modules()}
-                handle = self.denoiser.register_forward_pre_hook(self._on_denoiser_call, with_kwargs=True)
+                handle = self.denoiser.register_forward_pre_hook(TraceHook(self._on_denoiser_call), with_kwargs=True)
                 self._undo.append(handle.remove)
             self._install()
         except BaseException:
@@ -152,6 +152,7 @@ class recording:
         self.current_step = t
         return t
 
+    @torch.compiler.disable  # under torch.compile: a graph break at each recorded call, run eagerly
     def attend(self, layer, q, k, v, *, scale=None, attn_mask=None, grid=None, query_rows=None, ref_keys=None,
                segments=None):
         """The attention of one call of `layer` (a name or a module), its maps recorded
@@ -200,6 +201,26 @@ class recording:
             raise ValueError(f"layer {type(layer).__name__} is not a module of this recording's denoiser; "
                              "pass the layer's name as a string instead")
         return name
+
+
+class TraceHook:
+    """A module hook of a trace (the denoiser's step hook, a DiT layer's hooks). A deep copy of the
+    traced model is an untraced copy: the copy of the hook does nothing (as the copies of the UNet
+    family's processors are the originals)."""
+
+    def __init__(self, hook):
+        self.hook = hook
+
+    @torch.compiler.disable  # the step count and the running layer are Python state: a graph break
+    def __call__(self, *args):
+        return self.hook(*args)
+
+    def __deepcopy__(self, memo):
+        return _untraced
+
+
+def _untraced(*args):
+    return None
 
 
 def latent_size_of(args, kwargs):

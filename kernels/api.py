@@ -70,7 +70,19 @@ def attention_with_maps(q, k, v, *, scale=None, ref_keys=None, query_rows=None, 
         enabled; maps {"gen_query": (Br,H,Ru,Nr), "gen_key": ..., "ref_key": (Br,H,Rw,Kr),
         "ref_query": ...}, float32, exactly the requested entries (the accumulate dict itself
         when given), never carrying autograd history.
+
+    Under torch.compile the call is a graph break: it runs as it does eagerly.
     """
+    return _attention_with_maps(q, k, v, scale=scale, ref_keys=ref_keys, query_rows=query_rows, record=record,
+                                key_probes=key_probes, query_probes=query_probes, gen=gen, ref=ref, backend=backend,
+                                accumulate=accumulate)
+
+
+# Dynamo cannot trace the argument checks (host-side index work, a frozen dataclass of prepared
+# arguments); torch.compile of attention_with_maps itself traces its body, so the break is here
+@torch.compiler.disable
+def _attention_with_maps(q, k, v, *, scale, ref_keys, query_rows, record, key_probes, query_probes, gen, ref,
+                         backend, accumulate):
     if accumulate is None and _selects_nothing(record):
         return _unrecorded(q, k, v, scale, ref_keys, query_rows, key_probes, query_probes, gen, ref, backend)
     call = prepare(q, k, v, scale=scale, ref_keys=ref_keys, query_rows=query_rows, record=record,
@@ -128,6 +140,7 @@ class MapsCall:
         """Whether q, k, v (and scale) have the signature these arguments were checked for."""
         return _signature(q, k, v, scale) == self.signature
 
+    @torch.compiler.disable  # a graph break, as attention_with_maps
     def __call__(self, q, k, v, maps):
         if not self.matches(q, k, v, self.scale):
             raise ValueError(f"q, k, v {_signature(q, k, v, self.scale)} do not match the call these maps "

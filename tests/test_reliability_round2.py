@@ -307,3 +307,54 @@ def test_run_into_a_used_folder_needs_overwrite_and_leaves_nothing_stale(capsys,
     (out / "notes.txt").write_text("mine")
     code, _, err = cli(capsys, *run_args(inputs, tiny_pipeline, out, "--overwrite"))
     assert code == 2 and "notes.txt" in err and (out / "notes.txt").read_text() == "mine"
+
+
+# ---- torch.compile and copy.deepcopy around traced models ----------------------------------------
+def test_torch_compile_of_the_op_and_of_a_traced_unet_gives_the_eager_maps():
+    q, k, v = qkv()
+    out, maps = torch.compile(attention_with_maps, backend="eager")(q, k, v, backend="torch")
+    want_out, want = attention_with_maps(q, k, v, backend="torch")
+    torch.testing.assert_close(out, want_out)
+    torch.testing.assert_close(maps, want)
+    unet = tm.unet(9)
+    results = []
+    for compiled in (False, True):
+        with torch.no_grad(), i2am.trace(unet, ref_grid=REF_GRID, num_steps=2, points=[(2, 3)]) as tc:
+            run = torch.compile(unet, backend="eager") if compiled else unet
+            outs = [run(**unet_inputs(seed)).sample for seed in (0, 1)]
+        results.append((outs, tc.maps()))
+    (eager_outs, eager), (compiled_outs, compiled) = results
+    torch.testing.assert_close(compiled_outs, eager_outs)
+    assert compiled.num_steps == 2
+    torch.testing.assert_close(compiled.generated(by="time"), eager.generated(by="time"))
+    torch.testing.assert_close(compiled.specific_reference((2, 3)), eager.specific_reference((2, 3)))
+
+
+def test_a_traced_model_deep_copies_into_an_untraced_one():
+    import tiny_flux as tf
+
+    unet = tm.unet(9)
+    inputs = unet_inputs(0)
+    with torch.no_grad():
+        want = unet(**inputs).sample
+    with torch.no_grad(), i2am.trace(unet, ref_grid=REF_GRID, num_steps=1) as tc:
+        twin = copy.deepcopy(unet)
+        torch.testing.assert_close(twin(**inputs).sample, want)  # the copy runs, and is not the traced model
+    assert tc.current_step is None and type(twin.mid_block.attentions[0].transformer_blocks[0].attn2.processor) \
+        is type(unet.mid_block.attentions[0].transformer_blocks[0].attn2.processor)
+    with i2am.trace(unet, ref_grid=REF_GRID, num_steps=1):  # the copy is free to be traced on its own
+        with i2am.trace(twin, ref_grid=REF_GRID, num_steps=1) as twin_trace, torch.no_grad():
+            twin(**inputs)
+    assert twin_trace.maps().generated().shape == tm.LATENT
+    pipe = tf.pipeline()
+    flux_inputs = tf.kontext_inputs(batch=1)
+    with torch.no_grad():
+        want = pipe.transformer(**flux_inputs)[0]
+    with i2am.trace(pipe, backend="torch", num_steps=1) as tc, torch.no_grad():
+        transformer = copy.deepcopy(pipe.transformer)
+        torch.testing.assert_close(transformer(**flux_inputs)[0], want)
+        assert tc.current_step is None  # the copy's calls are not the traced model's
+    assert all(type(m.processor).__name__ == "FluxAttnProcessor" for m in transformer.modules() if hasattr(m, "processor"))
+    with i2am.trace(transformer, backend="torch", num_steps=1) as twin_trace, torch.no_grad():
+        transformer(**flux_inputs)
+    assert twin_trace.maps().generated().shape == tf.GRID
