@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import pipelines
-from .inputs import InputError, check_device, check_out, command_line_spelling
+from .inputs import InputError, check_device, check_out, check_out_file, command_line_spelling
 from .probes import check_probes
 from .regions import regions_of
 from .protocols import PROTOCOLS
@@ -276,6 +276,9 @@ def _bench(args):
 
     if args.device:
         check_device(args.device, "auto")
+    for option in ("json", "plot"):
+        if getattr(args, option):
+            check_out_file(getattr(args, option), option)
     benchmark.main(quick=args.quick, device=args.device, json_path=args.json, plot_path=args.plot,
                    pipeline=not args.no_pipeline)
 

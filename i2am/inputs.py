@@ -182,6 +182,13 @@ def check_out(out, what="out", *, report=False, overwrite=False):
                          "overwriting replaces only a report i2am wrote: move them, or choose a new folder")
 
 
+def check_out_file(path, what):
+    """An output file can be written: not a folder, and its folder can be made and written."""
+    if Path(path).is_dir():
+        raise InputError(f"{arg(what)} {path} is a folder, not a file")
+    check_out(Path(path).parent, what)
+
+
 def _names(names, shown=4):
     return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 

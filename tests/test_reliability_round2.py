@@ -358,3 +358,17 @@ def test_a_traced_model_deep_copies_into_an_untraced_one():
     with i2am.trace(transformer, backend="torch", num_steps=1) as twin_trace, torch.no_grad():
         transformer(**flux_inputs)
     assert twin_trace.maps().generated().shape == tf.GRID
+
+
+def test_bench_output_paths_are_made_or_refused_before_the_benchmark(capsys, monkeypatch, tmp_path):
+    from i2am import benchmark
+    from test_cli import cli
+
+    ran = []
+    monkeypatch.setattr(benchmark, "run", lambda *a, **k: ran.append(1) or [])
+    target = tmp_path / "new" / "folder" / "bench.json"
+    code, _, err = cli(capsys, "bench", "--quick", "--no-pipeline", "--json", target)
+    assert code == 0 and json.loads(target.read_text())["rows"] == [], err
+    (tmp_path / "file").write_text("")
+    code, _, err = cli(capsys, "bench", "--quick", "--no-pipeline", "--json", tmp_path / "file" / "b.json")
+    assert code == 2 and "--json" in err and ran == [1]
