@@ -8,29 +8,17 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import i2am
-import tiny_models as tm
-from test_cli import inputs, tiny_pipeline  # noqa: F401 (fixtures)
 from i2am import AttributionMaps, Recorder
 from i2am.kernels import attention_with_maps, prepare
 
-REF_GRID = (4, 3)  # the patch_inpainting UNet's keys: CLS + 4 x 3 patches
+import tiny_models as tm
+from test_cli import inputs, tiny_pipeline  # noqa: F401 (fixtures)
+from test_reliability import REF_GRID, qkv, unet_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def qkv(B=2, H=2, Nq=24, Nk=13, d=8, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, H, n, d, generator=g).to(dtype) for n in (Nq, Nk, Nk)]
-
-
-def unet_inputs(seed=0, batch=2):
-    g = torch.Generator().manual_seed(seed)
-    return dict(sample=torch.randn(batch, 9, *tm.LATENT, generator=g), timestep=torch.tensor(10),
-                encoder_hidden_states=torch.randn(batch, 13, tm.CROSS_DIM, generator=g))
 
 
 # ---- maps never carry autograd history, whatever the probes ----------------------------------
