@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from .grid import layer_grid
 from .integers import as_int
+from .kernels import graph_break
 from .recorder import Recorder
 
 _CURRENT = contextvars.ContextVar("i2am_recording", default=None)
@@ -152,7 +153,7 @@ class recording:
         self.current_step = t
         return t
 
-    @torch.compiler.disable  # under torch.compile: a graph break at each recorded call, run eagerly
+    @graph_break  # under torch.compile each recorded call runs eagerly
     def attend(self, layer, q, k, v, *, scale=None, attn_mask=None, grid=None, query_rows=None, ref_keys=None,
                segments=None):
         """The attention of one call of `layer` (a name or a module), its maps recorded
@@ -211,7 +212,7 @@ class TraceHook:
     def __init__(self, hook):
         self.hook = hook
 
-    @torch.compiler.disable  # the step count and the running layer are Python state: a graph break
+    @graph_break  # the step count and the running layer are Python state, never traced into a graph
     def __call__(self, *args):
         return self.hook(*args)
 
