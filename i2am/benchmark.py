@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -450,6 +451,9 @@ def kontext_pipeline_row(device, dtype, steps=10, reps=3, grid=(16, 16), text=64
 def main(quick=False, device=None, json_path=None, plot_path=None, dtype=None, pipeline=True, progress=True):
     """Time every column, print the environment and the table once (progress: a line on stderr
     as each row is timed); returns the rows."""
+    for path in (json_path, plot_path):  # their folders made first: a bad path fails before the benchmark
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     shapes = GPU_SHAPES if device == "cuda" else (QUICK_CPU_SHAPES if quick else CPU_SHAPES)
     if device == "cuda" and quick:

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import pipelines
-from .inputs import InputError, check_device, check_out, command_line_spelling
+from .inputs import InputError, check_device, check_out, check_out_file, command_line_spelling
 from .probes import check_probes
 from .regions import regions_of
 from .protocols import PROTOCOLS
@@ -156,7 +156,9 @@ examples:
     run.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float16 on CUDA, else float32")
     _display_options(run)
     _imacs_threshold_option(run)
-    run.add_argument("--out", required=True, help="report folder")
+    run.add_argument("--out", required=True, help="report folder: new or empty, unless --overwrite")
+    run.add_argument("--overwrite", action="store_true", help="replace the i2am report in --out (only the files "
+                     "i2am wrote there are removed; any other file stops the run)")
     run.add_argument("--quiet", action="store_true", help="no progress bars, library warnings or scores on the "
                                                           "terminal")
 
@@ -295,6 +297,9 @@ def _bench(args):
 
     if args.device:
         check_device(args.device, "auto")
+    for option in ("json", "plot"):
+        if getattr(args, option):
+            check_out_file(getattr(args, option), option)
     benchmark.main(quick=args.quick, device=args.device, json_path=args.json, plot_path=args.plot,
                    pipeline=not args.no_pipeline, progress=not args.quiet)
 
@@ -312,7 +317,7 @@ def _run(args):
     from . import generation
     from .config import TraceConfig
 
-    check_out(args.out)
+    check_out(args.out, report=True, overwrite=args.overwrite)
     device = check_device(args.device, args.backend)
     _check_time_groups(args.time_groups, args.steps)
     pipelines.check_protocols_of(args.pipeline, [args.protocol])
@@ -385,8 +390,10 @@ def _library_warnings_silenced(everything=False):
 
 
 def _print_scores(scores, out, quiet=False):
-    for key, value in scores.items():
-        if key != "settings" and not quiet:
+    from .report import score_lines
+
+    for key, value in score_lines(scores):
+        if not quiet:
             print(f"{key}: {value}")
     print(f"report written to {Path(out) / 'report.md'}")
 

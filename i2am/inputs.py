@@ -7,8 +7,10 @@ reports the library's own message and exits with 2.
 
 One rule for every mask (i2am.trace, AttributionMaps.imacs, i2am.viz, the `i2am` command):
 1 marks the region to fill (the inpainting mask) or the region of interest (a reference mask);
-values are scaled to [0, 1] (PIL images and uint8 arrays divided by 255, bool as 0/1, other
-numbers must already lie in [0, 1]) and a pixel is inside when its value is > 0.5.
+values are scaled to [0, 1] (PIL images and integer arrays divided by their type's range: 255
+for 8 bits, 65535 for 16 bits; bool as 0/1; other numbers must already lie in [0, 1]) and a
+pixel is inside when its value is > 0.5. Images are read the same way: a 16-bit PNG is scaled,
+never clipped.
 """
 import os
 from contextlib import contextmanager
@@ -20,6 +22,11 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 _COMMAND_LINE = ContextVar("i2am_command_line_spelling", default=False)
+
+# PIL modes beyond 8 bits and the value of full white: 16-bit files open as I;16 (or as I, 32-bit
+# integers holding 16-bit data, in older Pillow); F holds floats in [0, 1]
+HIGH_BIT_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+INTEGER_RANGES = {np.dtype(np.uint8): 255, np.dtype(np.uint16): 65535}
 
 
 class InputError(ValueError):
@@ -53,7 +60,9 @@ def as_mask(mask, what="mask", *, batched=False):
     Leading (and, for arrays, one trailing) axes of size 1 are dropped: (1, 1, H, W) and
     (H, W, 1) are (H, W) masks."""
     if isinstance(mask, Image.Image):
-        mask = np.asarray(mask.convert("L"))
+        mask = np.asarray(as_8bit(mask, what).convert("L"))
+    if isinstance(mask, np.ndarray) and mask.dtype in INTEGER_RANGES and mask.dtype != np.uint8:
+        mask = mask / INTEGER_RANGES[mask.dtype]  # uint8 keeps its exact > 127 rule below
     m = mask.detach().cpu() if torch.is_tensor(mask) else torch.from_numpy(np.array(mask))
     if m.dim() == 3 and m.shape[-1] == 1:
         m = m[..., 0]
@@ -79,10 +88,12 @@ def as_mask(mask, what="mask", *, batched=False):
 
 def to_pil(image):
     """An RGB PIL image from a PIL image or a (3, H, W) / (H, W, 3) / (H, W) array or tensor with
-    floats in [0, 1] or uint8 values."""
+    floats in [0, 1], uint8 or uint16 values."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return as_8bit(image).convert("RGB")
     a = image.detach().cpu().numpy() if torch.is_tensor(image) else np.asarray(image)
+    if a.dtype in INTEGER_RANGES and a.dtype != np.uint8:
+        a = a / INTEGER_RANGES[a.dtype]
     if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
         a = a.transpose(1, 2, 0)
     if a.ndim == 3 and a.shape[-1] == 1:
@@ -98,16 +109,29 @@ def open_image(source, what, mode="RGB"):
     """A PIL image in `mode` from a file path, a PIL image or an array or tensor (to_pil's forms);
     `what` names the argument."""
     if isinstance(source, Image.Image):
-        return source.convert(mode)
+        return as_8bit(source, arg(what)).convert(mode)
     if not isinstance(source, (str, os.PathLike)):
         return to_pil(source).convert(mode)
     if not Path(source).is_file():
         raise InputError(f"{arg(what)} file not found: {source}")
     try:
         with Image.open(source) as img:
-            return img.convert(mode)
+            return as_8bit(img, f"{arg(what)} {source}").convert(mode)
     except (OSError, UnidentifiedImageError) as err:
         raise InputError(f"cannot read {arg(what)} {source}: {err}") from err
+
+
+def as_8bit(img, what="image"):
+    """A PIL image as an 8-bit one: the modes of HIGH_BIT_MODES divided by their full white
+    (values outside it are an error, not clipped); 8-bit images are returned as they are."""
+    top = HIGH_BIT_MODES.get(img.mode)
+    if top is None:
+        return img
+    a = np.asarray(img, dtype=np.float64) / top
+    if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+        raise InputError(f"{what} (PIL mode {img.mode}) must hold values in [0, {top:g}], got values from "
+                         f"{np.nanmin(a) * top:g} to {np.nanmax(a) * top:g}")
+    return Image.fromarray(np.round(a * 255).astype(np.uint8), "L")
 
 
 def binary_mask(mask, what="mask", how=""):
@@ -131,8 +155,11 @@ def _wxh(img):
     return f"{img.width}x{img.height}"
 
 
-def check_out(out, what="out"):
-    """The output folder can be made and written: checked before any work is done."""
+def check_out(out, what="out", *, report=False, overwrite=False):
+    """The output folder can be made and written: checked before any work is done. report: the
+    folder of one report, new or empty, or with overwrite one holding only an earlier i2am report
+    (the files its scores.json lists, which write_report then replaces); files i2am did not write
+    are never removed: they stop it."""
     path = Path(out)
     existing = path
     while not existing.exists() and existing != existing.parent:
@@ -141,6 +168,29 @@ def check_out(out, what="out"):
         raise InputError(f"{arg(what)} {path}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(f"{arg(what)} {path}: {existing} is not writable")
+    present = sorted(p.name for p in path.iterdir()) if report and path.is_dir() else []
+    if not present:
+        return
+    if not overwrite:
+        raise InputError(f"{arg(what)} {path} is not empty ({_names(present)}): choose a new folder, or "
+                         f"pass {arg('overwrite')} to replace the i2am report it holds")
+    from .report import report_files
+
+    foreign = sorted(set(present) - set(report_files(path)))
+    if foreign:
+        raise InputError(f"{arg(what)} {path} holds files that are not an i2am report's ({_names(foreign)}); "
+                         "overwriting replaces only a report i2am wrote: move them, or choose a new folder")
+
+
+def check_out_file(path, what):
+    """An output file can be written: not a folder, and its folder can be made and written."""
+    if Path(path).is_dir():
+        raise InputError(f"{arg(what)} {path} is a folder, not a file")
+    check_out(Path(path).parent, what)
+
+
+def _names(names, shown=4):
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def check_device(device=None, backend="auto"):

@@ -164,7 +164,9 @@ class AttributionMaps:
         mask), and "ref": IMACS_r against ref_mask when it is given. Maps are taken to each mask's
         size at pixel level before scoring. threshold: the reference-side display threshold
         (default 0.4; "paper" applies it to both maps, "official" cuts M_g at 0.6). ref: the
-        reference both maps are of (with one reference, 0: its maps)."""
+        reference both maps are of (with one reference, 0: its maps). A score of a constant map (a
+        1x1 reference grid: one reference token) is undefined: None, and "undefined" then maps its
+        key to the reason."""
         if gen_mask is None:
             if self.mask is None:
                 raise ValueError("imacs needs gen_mask, or a trace with mask=")
@@ -317,11 +319,13 @@ class AttributionMaps:
                 if "key_grids" in grid:
                     grid["key_grids"] = tuple(tuple(g) for g in grid["key_grids"])
                 layers[n].update(grid)
+            if not layers:
+                raise ValueError("no layers")
             for key in ("key_labels", "query_labels", "query_rows"):
                 if key in meta:
                     meta[key] = _labels(meta[key])
-            return cls(layers, mask=tensors.get("mask"), **meta)
-        except (SafetensorError, OSError, ValueError, KeyError, TypeError, IndexError) as err:
+            return _checked_shapes(cls(layers, mask=tensors.get("mask"), **meta))
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
             detail = f"missing entry {err}" if isinstance(err, KeyError) else str(err)
             raise ValueError(f"cannot read i2am maps from {path}: {detail} (write maps files with "
                              "AttributionMaps.save)") from err
@@ -342,6 +346,28 @@ class AttributionMaps:
                 f"{'' if grid.startswith('s ') else ' '}{grid}, {len(self.record)} image(s), "
                 f"{self.time_groups} time group(s) over {self.num_steps} steps, convention="
                 f"{self.convention!r}, protocol={self.protocol!r}, probes: {probes})")
+
+
+def _checked_shapes(maps):
+    """maps, each buffer checked against what the metadata says it holds: float32 (records,
+    time groups, heads, probe rows, layer grid) gen and (..., query rows, reference keys) ref
+    buffers, so that a wrong buffer is an error, not a plausible wrong map."""
+    Br, G = len(maps.record), maps.time_groups
+    for name, lay in maps.layers.items():
+        heads = lay["gen"].shape[2] if lay["gen"].dim() == 6 else "H"
+        rows = (len(maps.key_labels) if lay["key_grid"] is not None else 0) + lay["per_key"]
+        want = {"gen": (Br, G, heads, rows, *lay["grid"])}
+        if "ref" in lay:
+            grids = lay.get("key_grids") or (lay["key_grid"],)  # several references: their keys side by side
+            want["ref"] = (Br, G, heads, len(maps.query_rows), sum(h * w for h, w in grids))
+        for kind, shape in want.items():
+            t = lay[kind]
+            if t.dtype != torch.float32 or tuple(t.shape) != shape:
+                raise ValueError(f"buffer {kind}/{name} is {t.dtype} {tuple(t.shape)}, but the metadata describes "
+                                 f"float32 {shape}")
+    if maps.mask is not None and not (maps.mask.is_floating_point() and maps.mask.dim() in (2, 3)):
+        raise ValueError(f"the mask is {maps.mask.dtype} {tuple(maps.mask.shape)}, not a float (H, W) mask")
+    return maps
 
 
 def _labels(raw):

@@ -75,11 +75,12 @@ class Paper:
 
     def imacs(self, maps, ref_mask, gen_mask, lam, threshold, ref=0):
         threshold = 0.4 if threshold is None else threshold
-        scores = {"gen": _paper_score(maps.generated(normalize=False, ref=ref), gen_mask, "gen_mask", lam, threshold)}
+        M = maps.generated(normalize=False, ref=ref)
+        scores = {"gen": (_paper_score(M, gen_mask, "gen_mask", lam, threshold), M)}
         if ref_mask is not None:
-            scores["ref"] = _paper_score(maps.reference(masked=True, normalize=False, ref=ref), ref_mask, "ref_mask",
-                                         lam, threshold)
-        return scores
+            M = maps.reference(masked=True, normalize=False, ref=ref)
+            scores["ref"] = (_paper_score(M, ref_mask, "ref_mask", lam, threshold), M)
+        return defined(scores)
 
 
 class Official(Paper):
@@ -120,7 +121,7 @@ class Official(Paper):
             need = "per_key" if kind == "generated" else "key_grid"
             names = [n for n, lay in maps.layers.items() if lay[need] and not in_middle_block(n)]
             if not names:
-                raise ValueError(f"the official {kind.replace('_', ' ')} layer set (the traced layers outside the "
+                raise EmptyLayerSet(f"the official {kind.replace('_', ' ')} layer set (the traced layers outside the "
                                  f"middle block, with {'per-key maps' if need == 'per_key' else 'reference keys'}) "
                                  f"is empty among {list(maps.layers)}: pass layers=")
             return names
@@ -128,7 +129,7 @@ class Official(Paper):
         halves = {(-(-h // 2), -(-w // 2)), (h // 2, w // 2)}
         names = [n for n, lay in maps.layers.items() if lay["key_grid"] is not None and lay["grid"] in halves]
         if not names:
-            raise ValueError(f"the official reference layer set (a layer at half the latent resolution "
+            raise EmptyLayerSet(f"the official reference layer set (a layer at half the latent resolution "
                              f"{sorted(halves)} with reference keys) is empty; the traced layers are "
                              f"{ {n: lay['grid'] for n, lay in maps.layers.items()} }: pass layers=")
         return names if by == "time" else names[:1]  # one block; all blocks at that resolution by time
@@ -152,17 +153,27 @@ class Official(Paper):
     def imacs(self, maps, ref_mask, gen_mask, lam, threshold, ref=0):  # one reference: ref is 0
         threshold = 0.4 if threshold is None else threshold
         x = display.binary_mask(gen_mask, "gen_mask")
-        g = pixel_level(maps.generated(normalize=False).double(), x.shape[-2:])
-        r = 1 - torch.where(g >= self.GEN_CUT, torch.ones_like(g), g)
-        x = x.to(r.dtype)
-        scores = {"gen": _value(_mean(r, x) - lam * _mean(r, 1 - x))}
+        try:
+            M = maps.generated(normalize=False)
+        except EmptyLayerSet as err:  # e.g. only warp blocks traced: IMACS_r is still defined
+            scores = {"gen": (None, f"there is no generated map: {err}")}
+        else:
+            g = pixel_level(M.double(), x.shape[-2:])
+            r = 1 - torch.where(g >= self.GEN_CUT, torch.ones_like(g), g)
+            x = x.to(r.dtype)
+            scores = {"gen": (_mean(r, x) - lam * _mean(r, 1 - x), M)}
         if ref_mask is not None:
             y = display.binary_mask(ref_mask, "ref_mask")
-            m = pixel_level(maps.reference(ref_mask=y, normalize=False).double(), y.shape[-2:])
+            M = maps.reference(ref_mask=y, normalize=False)
+            m = pixel_level(M.double(), y.shape[-2:])
             m = torch.where(m <= threshold, torch.zeros_like(m), m)
             y = y.to(m.dtype)
-            scores["ref"] = _value(_mean(m, y, EPS) - lam * _mean(m, 1 - y, EPS))
-        return scores
+            scores["ref"] = (_mean(m, y, EPS) - lam * _mean(m, 1 - y, EPS), M)
+        return defined(scores)
+
+
+class EmptyLayerSet(ValueError):
+    """A protocol's default layer set holds none of the traced layers."""
 
 
 PROTOCOLS = {p.name: p for p in (Paper(), Official())}
@@ -192,8 +203,29 @@ def _mean(M, x, eps=0.0):
 
 def _paper_score(M, mask, what, lam, threshold):
     mask = display.binary_mask(mask, what)
-    return _value(display.imacs(display.pixel_level(M.double(), mask.shape[-2:], threshold), mask, lam))
+    return display.imacs(display.pixel_level(M.double(), mask.shape[-2:], threshold), mask, lam)
 
 
-def _value(v):
-    return v.item() if v.dim() == 0 else v
+def defined(scores):
+    """{key: (score tensor, the map it scores) or (None, why)} -> {key: float, or None where the map is constant},
+    with "undefined": {key: why} when any is None. A constant map ranks no pixel above another
+    (min-max leaves all zeros): its IMACS would be a number that says nothing, never 0.0.
+    Several recorded images: a tensor of scores, NaN (JSON null in reports) where undefined."""
+    out, why = {}, {}
+    for key, (v, M) in scores.items():
+        if v is None:  # M: why there is no map to score
+            out[key], why[key] = None, M
+            continue
+        flat = M.flatten(-2)
+        constant = flat.amax(-1) == flat.amin(-1)
+        if v.dim() == 0:
+            out[key] = None if constant else v.item()
+        else:
+            out[key] = v.masked_fill(constant, float("nan"))
+        if constant.any():
+            one_token = " (a 1x1 reference grid: the model sees one reference token)" if M.shape[-2:] == (1, 1) else ""
+            why[key] = (f"the {'generated' if key == 'gen' else 'reference'} map is constant{one_token}, so it "
+                        "ranks no pixel above another and IMACS is undefined")
+    if why:
+        out["undefined"] = why
+    return out

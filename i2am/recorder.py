@@ -26,7 +26,7 @@ from . import protocols
 from .config import CONVENTIONS, TraceConfig, check_groups, pair, positive
 from .finite import describe, nonfinite_groups
 from .grid import layer_grid, pullback
-from .kernels import prepare, query_row_range
+from .kernels import prepare, query_row_range, slice_indices
 from .layers import layer_selected
 from .maps import AttributionMaps
 from .probes import key_probes, query_probes, reference_key_probes
@@ -332,13 +332,15 @@ class Recorder:
         labels, extra = self.protocol.layer_query_rows(self.queries.labels, self.map_size, grid)
         queries = torch.cat([pullback(self.queries.weights, grid, self.resize), extra])
         self._query_rows = self.queries.labels + labels
-        buf = LayerBuffers(
-            grid, heads, nk, ref_idx.to(device), ref_cols, key_grid, per_key, keys.to(device), queries.to(device),
-            torch.zeros(Br, G, heads, keys.shape[0], grid[0] * grid[1], device=device),
-            None if ref_cols is None else torch.zeros(Br, G, heads, queries.shape[0], ref_idx.numel(), device=device),
-            ref_cpu=ref_cpu, key_grids=self.references, sources=sources)
-        if sources and CONVENTIONS[self.convention][0] != "key":  # the sources are P: a gen_key buffer beside
-            buf.gen_p = torch.zeros_like(buf.gen)
+        with torch.inference_mode(False):  # normal tensors: a later step outside inference_mode adds into them
+            buf = LayerBuffers(
+                grid, heads, nk, ref_idx.to(device), ref_cols, key_grid, per_key, keys.to(device), queries.to(device),
+                torch.zeros(Br, G, heads, keys.shape[0], grid[0] * grid[1], device=device),
+                None if ref_cols is None else torch.zeros(Br, G, heads, queries.shape[0], ref_idx.numel(),
+                                                          device=device),
+                ref_cpu=ref_cpu, key_grids=self.references, sources=sources)
+            if sources and CONVENTIONS[self.convention][0] != "key":  # the sources are P: a gen_key buffer beside
+                buf.gen_p = torch.zeros_like(buf.gen)
         self.buffers[name] = buf
         return buf
 
@@ -400,7 +402,7 @@ def _one_reference(patches):
 def _key_indices(ref_keys, nk):
     """ref_keys (a slice or indices into the nk keys) as an int64 CPU tensor."""
     if isinstance(ref_keys, slice):
-        return torch.arange(nk)[ref_keys]
+        return slice_indices(ref_keys, nk)
     return torch.as_tensor(ref_keys).reshape(-1).long().cpu()
 
 

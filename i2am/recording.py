@@ -23,6 +23,7 @@ under its layer name. Instrumenting an LDM-style codebase (StableVITON, DCI-VTON
 one.) Without a denoiser, give ``latent_size`` and call ``rec.step()`` before each step.
 """
 import contextvars
+import warnings
 import weakref
 
 import torch
@@ -30,10 +31,12 @@ import torch.nn.functional as F
 
 from .grid import layer_grid
 from .integers import as_int
+from .kernels import graph_break
 from .recorder import Recorder
 
 _CURRENT = contextvars.ContextVar("i2am_recording", default=None)
 _IN_USE = weakref.WeakSet()  # denoisers hooked by an active recording
+_ACTIVE = weakref.WeakSet()  # entered recordings, found by their modules from other threads
 
 
 def attention(q, k, v, *, scale=None, layer=None, attn_mask=None, heads=None, grid=None, query_rows=None,
@@ -51,7 +54,7 @@ def attention(q, k, v, *, scale=None, layer=None, attn_mask=None, heads=None, gr
     keys): in a self-attention with concatenated reference features, keys = [own, reference]
     and ref_keys the reference part. A recorded call may not have an attention mask.
     """
-    rec = _CURRENT.get()
+    rec = _CURRENT.get() or _recording_of(layer)
     if rec is None or layer is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
     if q.dim() == 4:
@@ -70,6 +73,19 @@ def attention(q, k, v, *, scale=None, layer=None, attn_mask=None, heads=None, gr
         attn_mask = attn_mask.unflatten(0, (-1, heads))
     return rec.attend(layer, q, k, v, scale=scale, attn_mask=attn_mask, grid=grid, query_rows=query_rows,
                       ref_keys=ref_keys).flatten(0, 1)
+
+
+def _recording_of(layer):
+    """The active recording a call outside its context (another thread) belongs to: the one whose
+    denoiser holds the module `layer`. A layer name cannot say which: a warning, not a silent gap."""
+    if layer is None or not _ACTIVE:
+        return None
+    if not isinstance(layer, str):
+        return next((rec for rec in list(_ACTIVE) if layer in rec._names), None)
+    warnings.warn(f"i2am.attention(layer={layer!r}) was called outside the active i2am recording (from another "
+                  "thread or context): this call is not recorded; pass the layer module of the recording's "
+                  "denoiser, or call it from the thread that entered the recording", RuntimeWarning, stacklevel=3)
+    return None
 
 
 class recording:
@@ -107,26 +123,28 @@ class recording:
             if self.denoiser is not None:
                 self._claim(self.denoiser)
                 self._names = {m: n for n, m in self.denoiser.named_modules()}
-                handle = self.denoiser.register_forward_pre_hook(self._on_denoiser_call, with_kwargs=True)
+                handle = self.denoiser.register_forward_pre_hook(TraceHook(self._on_denoiser_call), with_kwargs=True)
                 self._undo.append(handle.remove)
             self._install()
         except BaseException:
             self._restore()
             raise
         self._token = _CURRENT.set(self)
+        _ACTIVE.add(self)
         return self
 
     def __exit__(self, *exc):
         _CURRENT.reset(self._token)
+        _ACTIVE.discard(self)
         self._token = None
         self._restore()
         return False
 
     def step(self, t=None):
         """Set the current denoising step to t (0 = first), or advance to the next one."""
-        t = (0 if self.current_step is None else self.current_step + 1) if t is None else t
+        t = (0 if self.current_step is None else self.current_step + 1) if t is None else as_int(t, "step")
         T = self.recorder.num_steps
-        if not isinstance(t, int) or t < 0:
+        if t < 0:
             raise ValueError(f"step must be an integer >= 0 (0 = first), got {t!r}")
         if T is not None and t >= T:
             raise ValueError(f"step {t} is outside the {T} steps of this recording (0 = first); one "
@@ -135,6 +153,7 @@ class recording:
         self.current_step = t
         return t
 
+    @graph_break  # under torch.compile each recorded call runs eagerly
     def attend(self, layer, q, k, v, *, scale=None, attn_mask=None, grid=None, query_rows=None, ref_keys=None,
                segments=None):
         """The attention of one call of `layer` (a name or a module), its maps recorded
@@ -183,6 +202,26 @@ class recording:
             raise ValueError(f"layer {type(layer).__name__} is not a module of this recording's denoiser; "
                              "pass the layer's name as a string instead")
         return name
+
+
+class TraceHook:
+    """A module hook of a trace (the denoiser's step hook, a DiT layer's hooks). A deep copy of the
+    traced model is an untraced copy: the copy of the hook does nothing (as the copies of the UNet
+    family's processors are the originals)."""
+
+    def __init__(self, hook):
+        self.hook = hook
+
+    @graph_break  # the step count and the running layer are Python state, never traced into a graph
+    def __call__(self, *args):
+        return self.hook(*args)
+
+    def __deepcopy__(self, memo):
+        return _untraced
+
+
+def _untraced(*args):
+    return None
 
 
 def latent_size_of(args, kwargs):

@@ -8,6 +8,7 @@ Images are PIL images or arrays/tensors as in i2am.viz; when more than one image
 image may be a list with one image per recorded entry and every figure is made per entry.
 """
 import json
+import math
 import os
 from pathlib import Path
 
@@ -36,6 +37,7 @@ def write_report(out_dir, maps, *, image=None, reference=None, ref_mask=None, se
     query region is the generated image of the figures, its reference region the reference."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _remove_previous_report(out)  # nothing of an earlier report (its ref_mask.png, its figures) survives
     run = {**maps.settings, **(settings or {}), "threshold": threshold, "alpha": alpha,
            "imacs_threshold": imacs_threshold}
     _save_maps(maps, out / MAPS_FILE, _jsonable(run))
@@ -46,22 +48,32 @@ def write_report(out_dir, maps, *, image=None, reference=None, ref_mask=None, se
                                  for name in readable_protocols(maps)}
     scores.update(extra_scores or {})
     scores["settings"] = {**map_settings(maps), "lam": lam, **run}
-    (out / SCORES_FILE).write_text(json.dumps(_jsonable(scores), indent=2) + "\n")
-
-    images, whole = dict(extra_images or {}), image
+    whole = image
     if maps.regions is not None and image is not None:
         image, reference = _region_images(image, maps.regions)
-    for name, img in (("generated", whole), ("reference", reference)):
+    images = _report_images(whole, reference, extra_images)
+    figures = render_figures(out, maps, image=image, reference=reference, ref_mask=ref_mask, threshold=threshold,
+                             alpha=alpha, true_sources=true_sources)
+    # the files of this report: the next report into the folder removes them first
+    scores["files"] = sorted([MAPS_FILE, SCORES_FILE, INDEX_FILE, *(f"{n}.png" for n in images),
+                              *(f"{stem}.{fmt}" for stem, _ in figures for fmt in ("png", "pdf"))])
+    (out / SCORES_FILE).write_text(json.dumps(_jsonable(scores), indent=2) + "\n")
+
+    for name, img in images.items():
+        to_pil(img).save(out / f"{name}.png")
+    (out / INDEX_FILE).write_text(_markdown(title, maps, scores, list(images), figures))
+    return scores
+
+
+def _report_images(image, reference, extra_images):
+    """{file stem: image} of the images a report shows."""
+    images = dict(extra_images or {})
+    for name, img in (("generated", image), ("reference", reference)):
         if isinstance(img, (list, tuple)):
             images.update((f"{name}_{b}", one) for b, one in enumerate(img))
         elif img is not None:
             images[name] = img
-    for name, img in images.items():
-        to_pil(img).save(out / f"{name}.png")
-    figures = render_figures(out, maps, image=image, reference=reference, ref_mask=ref_mask, threshold=threshold,
-                             alpha=alpha, true_sources=true_sources)
-    (out / INDEX_FILE).write_text(_markdown(title, maps, scores, list(images), figures))
-    return scores
+    return images
 
 
 def rewrite_report(maps_file, out_dir, *, image=None, reference=None, ref_mask=None, protocol=None, threshold=None,
@@ -92,6 +104,11 @@ def rewrite_report(maps_file, out_dir, *, image=None, reference=None, ref_mask=N
             given[key] = path.parent / name
     image, reference, ref_mask = (None if given[key] is None else open_image(given[key], key, mode)
                                   for key, mode in (("image", "RGB"), ("reference", "RGB"), ("ref_mask", "L")))
+    # the run's inputs shown in its report are carried along: a report rewritten in its own folder keeps them
+    carried = {name: open_image(path.parent / f"{name}.png", name, mode)
+               for name, mode in (("input", "RGB"), ("mask", "L")) if (path.parent / f"{name}.png").is_file()}
+    if ref_mask is not None and given["ref_mask"] == path.parent / "ref_mask.png":
+        carried["ref_mask"] = ref_mask
     if ref_mask is not None:
         if reference is not None:
             same_size(ref_mask, "ref_mask", reference, "reference")
@@ -104,7 +121,26 @@ def rewrite_report(maps_file, out_dir, *, image=None, reference=None, ref_mask=N
     if imacs_threshold is None:  # the run's (maps saved before it had its own name were scored at "threshold")
         imacs_threshold = maps.settings.get("imacs_threshold", maps.settings.get("threshold", 0.4))
     return write_report(out_dir, maps, image=image, reference=reference, ref_mask=ref_mask,
-                        settings={"maps_file": str(path)}, imacs_threshold=imacs_threshold, **shown)
+                        settings={"maps_file": str(path)}, extra_images=carried, imacs_threshold=imacs_threshold,
+                        **shown)
+
+
+def report_files(out):
+    """The file names the i2am report in `out` lists in its scores.json (plain names inside out
+    only, scores.json itself among them); [] when out holds no i2am report."""
+    try:
+        names = json.loads((Path(out) / SCORES_FILE).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    if not isinstance(names, list):
+        return []
+    return [n for n in names if isinstance(n, str) and n == Path(n).name and n not in ("", ".", "..")]
+
+
+def _remove_previous_report(out):
+    for name in report_files(out):
+        if (out / name).is_file():
+            (out / name).unlink()
 
 
 def render_figures(out_dir, maps, *, image=None, reference=None, ref_mask=None, threshold=0.4, alpha=0.5,
@@ -293,13 +329,26 @@ def has_reference_side(maps):
 
 def imacs_scores(maps, ref_mask=None, *, lam=3.0, threshold=0.4):
     """{"IMACS_g", "IMACS_r"} as AttributionMaps.imacs computes them; empty without a traced
-    inpainting mask (IMACS_r also needs ref_mask)."""
+    inpainting mask (IMACS_r also needs ref_mask). An undefined score is None, and "undefined"
+    then says why: {"IMACS_r": reason}."""
     if maps.mask is None:
         if ref_mask is not None:
             raise ValueError("IMACS_r needs the inpainting mask in the trace (mask=), these maps have none")
         return {}
     scores = maps.imacs(ref_mask=ref_mask, lam=lam, threshold=threshold)
-    return {f"IMACS_{'g' if key == 'gen' else 'r'}": value for key, value in scores.items()}
+    why = scores.pop("undefined", {})
+    named = {f"IMACS_{'g' if key == 'gen' else 'r'}": value for key, value in scores.items()}
+    if why:
+        named["undefined"] = {f"IMACS_{'g' if key == 'gen' else 'r'}": reason for key, reason in why.items()}
+    return named
+
+
+def score_lines(scores):
+    """"name: value" lines of a scores dict for the terminal and report.md: an undefined score
+    says so, and why."""
+    why = scores.get("undefined", {})
+    return [(key, f"undefined ({why[key]})" if value is None and key in why else value)
+            for key, value in scores.items() if key not in ("settings", "undefined", "files")]
 
 
 def map_settings(maps):
@@ -405,11 +454,13 @@ def _join(coords):
 
 def _jsonable(x):
     if torch.is_tensor(x):
-        return x.tolist()
+        return _jsonable(x.tolist())
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
+    if isinstance(x, float) and math.isnan(x):
+        return None  # an undefined score of one of several images
     if isinstance(x, (str, int, float, bool)) or x is None:
         return x
     return str(x)  # paths, dtypes, devices
@@ -417,7 +468,7 @@ def _jsonable(x):
 
 def _markdown(title, maps, scores, image_names, figures):
     settings = scores["settings"]
-    values = {k: v for k, v in scores.items() if k not in ("settings", "protocol", "by_protocol")}
+    values = dict(score_lines({k: v for k, v in scores.items() if k not in ("protocol", "by_protocol")}))
     protocol = protocols.get(scores["protocol"])
     lines = [f"# {title}", "", *_legend(maps, settings["threshold"]), "", "## Scores", "",
              f"Protocol: **{protocol.name}** ({protocol.summary}).", "",
@@ -430,7 +481,7 @@ def _markdown(title, maps, scores, image_names, figures):
     compared = scores.get("by_protocol", {})
     if len(compared) > 1:
         names = list(compared)
-        keys = sorted({k for s in compared.values() for k in s})
+        keys = sorted({k for s in compared.values() for k in s} - {"undefined"})
         lines += ["", "### IMACS under each protocol", "", "| score | " + " | ".join(names) + " |",
                   "|---|" + "---|" * len(names)]
         lines += [f"| {k} | " + " | ".join(_score_cell(compared[n].get(k, "")) for n in names) + " |" for k in keys]
@@ -491,4 +542,8 @@ def _score_cell(value):
     value = _jsonable(value)
     if isinstance(value, list):
         return ", ".join(_score_cell(v) for v in value)
+    if value is None:
+        return "undefined"
+    if isinstance(value, str):
+        return value
     return f"{value:.4f}" if isinstance(value, float) else json.dumps(value)

@@ -23,6 +23,7 @@ int64 on the device; key_probes (Ru,Kr) and query_probes (Rw,Nq) are contiguous 
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import math
@@ -72,7 +73,30 @@ def attention_with_maps(q, k, v, *, scale=None, ref_keys=None, query_rows=None, 
         enabled; maps {"gen_query": (Br,H,Ru,Nr), "gen_key": ..., "ref_key": (Br,H,Rw,Kr),
         "ref_query": ...}, float32, exactly the requested entries (the accumulate dict itself
         when given), never carrying autograd history.
+
+    Under torch.compile the call is a graph break: it runs as it does eagerly.
     """
+    return _attention_with_maps(q, k, v, scale=scale, ref_keys=ref_keys, query_rows=query_rows, record=record,
+                                key_probes=key_probes, query_probes=query_probes, gen=gen, ref=ref, backend=backend,
+                                accumulate=accumulate)
+
+
+def graph_break(fn):
+    """fn, run eagerly under torch.compile (a graph break at each call: Dynamo cannot trace i2am's
+    host-side argument checks and Python state). Eager calls skip the torch.compiler.disable
+    wrapper, whose frame switch would cost about 10x the call itself on small layers."""
+    disabled = torch.compiler.disable(fn)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        return disabled(*args, **kwargs) if torch.compiler.is_dynamo_compiling() else fn(*args, **kwargs)
+
+    return call
+
+
+@graph_break  # torch.compile of attention_with_maps itself traces its body: the break is here
+def _attention_with_maps(q, k, v, *, scale, ref_keys, query_rows, record, key_probes, query_probes, gen, ref,
+                         backend, accumulate):
     if accumulate is None and _selects_nothing(record):
         return _unrecorded(q, k, v, scale, ref_keys, query_rows, key_probes, query_probes, gen, ref, backend)
     call = prepare(q, k, v, scale=scale, ref_keys=ref_keys, query_rows=query_rows, record=record,
@@ -130,12 +154,12 @@ class MapsCall:
         """Whether q, k, v (and scale) have the signature these arguments were checked for."""
         return _signature(q, k, v, scale) == self.signature
 
+    @graph_break
     def __call__(self, q, k, v, maps):
         if not self.matches(q, k, v, self.scale):
             raise ValueError(f"q, k, v {_signature(q, k, v, self.scale)} do not match the call these maps "
                              f"were prepared for: {self.signature}")
-        if maps.keys() != self.shapes.keys():
-            raise ValueError(f"maps must hold exactly the prepared maps {sorted(self.shapes)}, got {sorted(maps)}")
+        _checked_buffers(maps, self.shapes, q.device, "maps")
         if not self.shapes or self.record_idx.numel() == 0:
             return _sdpa(q, k, v, self.scale)
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
@@ -314,7 +338,7 @@ def _index(sel, n, what, device, unique=False):
     if sel is None:
         idx = torch.arange(n)
     elif isinstance(sel, slice):
-        idx = torch.tensor(range(n)[sel], dtype=torch.long)  # any step, reversed ones too
+        idx = slice_indices(sel, n)
     else:
         idx = torch.as_tensor(sel).reshape(-1)
         if idx.numel() and (idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool):
@@ -328,6 +352,12 @@ def _index(sel, n, what, device, unique=False):
     if what != "record" and idx.numel() == 0:
         raise ValueError(f"{what} selects no index out of {n}")
     return idx.contiguous().to(device)  # a strided slice or view is a strided tensor: backends read it flat
+
+
+def slice_indices(sel, n):
+    """The indices of range(n) a slice selects, any step, reversed ones too (torch indexing
+    refuses negative steps)."""
+    return torch.tensor(range(n)[sel], dtype=torch.long)
 
 
 def query_row_range(sel, n):
@@ -370,7 +400,8 @@ def _probes(p, n, what, n_name, device):
         raise ValueError(f"{what} must be (R, {n_name}={n}) with R >= 1, got {tuple(p.shape)}")
     if not torch.isfinite(p).all():
         raise ValueError(f"{what} must be finite")
-    return p.to(device=device, dtype=torch.float32).contiguous()
+    # probes are weights of a reduction, not parameters: the maps never carry their history
+    return p.detach().to(device=device, dtype=torch.float32).contiguous()
 
 
 def _conventions(sel, what):
@@ -383,18 +414,24 @@ def _conventions(sel, what):
 
 def _buffers(accumulate, shapes, device):
     if accumulate is None:
-        return {n: torch.zeros(s, device=device) for n, s in shapes.items()}
-    if not isinstance(accumulate, dict) or set(accumulate) != set(shapes):
-        got = sorted(accumulate) if isinstance(accumulate, dict) else type(accumulate).__name__
-        raise ValueError(f"accumulate must be a dict with exactly the keys {sorted(shapes)}, got {got}")
+        with torch.inference_mode(False):  # normal tensors: a later call outside inference_mode adds into them
+            return {n: torch.zeros(s, device=device) for n, s in shapes.items()}
+    return _checked_buffers(accumulate, shapes, device, "accumulate")
+
+
+def _checked_buffers(maps, shapes, device, what):
+    """maps, checked to be a dict of float32 buffers of exactly `shapes` on device."""
+    if not isinstance(maps, dict) or set(maps) != set(shapes):
+        got = sorted(maps) if isinstance(maps, dict) else type(maps).__name__
+        raise ValueError(f"{what} must hold exactly the keys {sorted(shapes)} (a dict), got {got}")
     for n, s in shapes.items():
-        t = accumulate[n]
+        t = maps[n]
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"accumulate[{n!r}] must be a float32 tensor {s} on {device}, got {type(t).__name__}")
+            raise TypeError(f"{what}[{n!r}] must be a float32 tensor {s} on {device}, got {type(t).__name__}")
         if tuple(t.shape) != s or t.dtype != torch.float32 or t.device != device:
-            raise ValueError(f"accumulate[{n!r}] must be float32 {s} on {device}, "
+            raise ValueError(f"{what}[{n!r}] must be float32 {s} on {device}, "
                              f"got {t.dtype} {tuple(t.shape)} on {t.device}")
-    return accumulate
+    return maps
 
 
 def _complement(idx, n):

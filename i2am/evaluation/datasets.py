@@ -11,8 +11,11 @@ JSONL manifest, one sample a line, paths relative to the manifest's folder:
      "ground_truth": "image/00001_00.jpg", "prompt": "", "seed": 7}
 
 "reference" may be a list of paths, for a pipeline of several references (ref 0 first).
-"ref_mask", "ground_truth", "prompt" and "seed" are optional (seed: the run's seed plus the
-sample's line number).
+"ref_mask", "ground_truth", "prompt" and "seed" are optional (seed: an integer, added to the
+run's seed; default the sample's line number). An id names the sample's result files: it is a
+file name (no folder, no "/" or "\\"), distinct from every other id after normalisation ("./s0" is
+"s0"; letter case and Unicode forms do not tell ids apart). Every image is checked to decode
+when the data set is loaded, so that a bad sample stops the run before any generation.
 
 Folder (VITON-HD's test split, with StableVITON's agnostic masks): image/, agnostic-mask/
 (NAME_mask.png), cloth/, cloth-mask/, and test_pairs.txt ("person.jpg cloth.jpg" a line) in the
@@ -20,10 +23,15 @@ folder or beside it. A pair whose cloth is the person's own (the same name) is p
 image is the ground truth; an unpaired pair has none (FID and KID only).
 """
 import json
+import posixpath
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image, UnidentifiedImageError
+
 from ..inputs import InputError
+from ..integers import as_int
 
 PAIRS_FILE = "test_pairs.txt"
 
@@ -46,6 +54,7 @@ class Sample:
     prompt: str = ""
     seed: int = None
     extra: dict = field(default_factory=dict)  # data-set-specific inputs (the demo's warp)
+    source: str = ""  # where the sample is described ("pairs.jsonl, line 3"), for error messages
 
 
 def load_dataset(path):
@@ -76,12 +85,13 @@ def load_manifest(path):
         unknown = set(entry) - {"id", "image", "mask", "reference", "ref_mask", "ground_truth", "prompt", "seed"}
         if unknown:
             raise DatasetError(f"{where}: unknown keys {', '.join(sorted(unknown))}")
-        files = {key: _existing(path.parent / entry[key], where, key)
+        sample_id = str(entry.get("id", Path(str(entry["image"])).stem))
+        files = {key: _image(path.parent / entry[key], where, key, sample_id)
                  for key in ("image", "mask", "ref_mask", "ground_truth") if entry.get(key)}
-        files["reference"] = _references(entry["reference"], path.parent, where)
-        samples.append(Sample(id=str(entry.get("id", Path(entry["image"]).stem)), index=len(samples),
-                              prompt=entry.get("prompt", ""), seed=entry.get("seed"), **files))
-    return _checked(samples, path)
+        files["reference"] = _references(entry["reference"], path.parent, where, sample_id)
+        samples.append(Sample(id=sample_id, index=len(samples), prompt=entry.get("prompt", ""),
+                              seed=entry.get("seed"), source=where, **files))
+    return check_samples(samples, path)
 
 
 def load_folder(root):
@@ -99,37 +109,66 @@ def load_folder(root):
             raise DatasetError(f"{where}: expected 'person.jpg cloth.jpg', got {line!r}")
         person, cloth = names
         stem = Path(person).stem
-        image = _existing(root / "image" / person, where, "image")
+        sample_id = stem if stem == Path(cloth).stem else f"{stem}__{Path(cloth).stem}"
+        image = _image(root / "image" / person, where, "image", sample_id)
         samples.append(Sample(
-            id=stem if stem == Path(cloth).stem else f"{stem}__{Path(cloth).stem}", index=len(samples),
-            image=image, mask=_existing(root / "agnostic-mask" / f"{stem}_mask.png", where, "mask"),
-            reference=_existing(root / "cloth" / cloth, where, "cloth"),
-            ref_mask=_existing(root / "cloth-mask" / cloth, where, "cloth mask"),
-            ground_truth=image if stem == Path(cloth).stem else None))
-    return _checked(samples, pairs)
+            id=sample_id, index=len(samples),
+            image=image, mask=_image(root / "agnostic-mask" / f"{stem}_mask.png", where, "mask", sample_id),
+            reference=_image(root / "cloth" / cloth, where, "cloth", sample_id),
+            ref_mask=_image(root / "cloth-mask" / cloth, where, "cloth mask", sample_id),
+            ground_truth=image if stem == Path(cloth).stem else None, source=where))
+    return check_samples(samples, pairs)
 
 
-def _references(given, folder, where):
+def _references(given, folder, where, sample_id):
     """A manifest's "reference": one path, or a non-empty list of paths (several references)."""
     if isinstance(given, str):
-        return _existing(folder / given, where, "reference")
+        return _image(folder / given, where, "reference", sample_id)
     if not (isinstance(given, list) and given and all(isinstance(p, str) for p in given)):
         raise DatasetError(f"{where}: reference must be a path or a non-empty list of paths, got {given!r}")
-    return [_existing(folder / p, where, f"reference {r}") for r, p in enumerate(given)]
+    return [_image(folder / p, where, f"reference {r}", sample_id) for r, p in enumerate(given)]
 
 
-def _existing(path, where, what):
+def _image(path, where, what, sample_id):
+    """path, checked to be an image file that decodes."""
     if not Path(path).is_file():
-        raise DatasetError(f"{where}: {what} file not found: {path}")
+        raise DatasetError(f"{where}: {what} file not found: {path} (sample id {sample_id!r})")
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except (OSError, UnidentifiedImageError, SyntaxError) as err:  # PIL's decoders raise all three
+        raise DatasetError(f"{where}: {what} {path} is not a readable image: {err} (sample id {sample_id!r})") from None
     return Path(path)
 
 
-def _checked(samples, source):
+def check_samples(samples, source="the samples"):
+    """samples, their ids normalised (see the module docstring) and checked to be distinct file
+    names, and their seeds integers; an error names the sample (its manifest line) and id."""
     if not samples:
         raise DatasetError(f"{source}: no samples")
-    seen = set()
+    seen = {}
     for s in samples:
-        if s.id in seen:
-            raise DatasetError(f"{source}: sample id {s.id!r} appears twice (ids name the result files)")
-        seen.add(s.id)
+        where = s.source or f"{source}, sample {s.index}"
+        s.id = _file_name(s.id, where)
+        if s.seed is not None:
+            try:
+                s.seed = as_int(s.seed, "seed")
+            except TypeError as err:
+                raise DatasetError(f"{where}: {err}, an integer (sample id {s.id!r})") from None
+        key = s.id.casefold()
+        if key in seen:
+            raise DatasetError(f"{where}: sample id {s.id!r} appears twice: {seen[key]} has it too (ids name the "
+                               "result files and must differ after normalisation)")
+        seen[key] = where
     return samples
+
+
+def _file_name(sample_id, where):
+    """The id as the file name it becomes: "./s0" -> "s0"; a folder, a separator or an id that
+    leaves the output folder is an error."""
+    name = unicodedata.normalize("NFC", str(sample_id)).strip()
+    name = posixpath.normpath(name) if name else name
+    if name in ("", ".", "..") or name.startswith("../") or "/" in name or "\\" in name or "\0" in name:
+        raise DatasetError(f"{where}: sample id {sample_id!r} must be a file name (ids name the result files "
+                           "inside the output folder): no '/', '\\' or '..'")
+    return name

@@ -20,9 +20,14 @@ from PIL import Image
 from ..inputs import InputError, check_protocols
 from ..report import imacs_scores
 from . import metrics, summary
+from .datasets import check_samples
 from .tasks import as_uint8
 
 SETTINGS_FILE, SAMPLES_FILE, RESULTS_DIR = "settings.json", "samples.jsonl", "samples"
+
+
+class SampleError(RuntimeError):
+    """A sample failed during its generation or scoring; the message names it."""
 
 
 class SettingsMismatch(InputError):
@@ -41,6 +46,7 @@ def evaluate(task, samples, out, *, protocols=("paper",), seed=0, features=None,
     from tqdm import tqdm
 
     protocols = check_protocols(protocols)
+    samples = check_samples(samples)  # every id a file name inside `out`, before any generation
     state = PartialState()
     out = Path(out)
     results = out / RESULTS_DIR
@@ -56,7 +62,10 @@ def evaluate(task, samples, out, *, protocols=("paper",), seed=0, features=None,
     if state.is_main_process and len(pending) < len(samples):
         print(f"resuming: {len(samples) - len(pending)} of {len(samples)} samples already done", flush=True)
     for sample in tqdm(mine, desc="i2am eval", unit="sample", disable=not (progress and state.is_main_process)):
-        record = _evaluate_sample(task, sample, protocols, seed, paired, results if save_maps else None)
+        try:
+            record = _evaluate_sample(task, sample, protocols, seed, paired, results if save_maps else None)
+        except Exception as err:
+            raise SampleError(f"{sample.source or f'sample {sample.index}'} (id {sample.id!r}): {err}") from err
         record["settings"] = settings
         _write_atomic(results / f"{sample.id}.png", lambda p, img=record.pop("_image"): _save_png(img, p))
         _write_atomic(results / f"{sample.id}.json", lambda p, r=record: p.write_text(json.dumps(r) + "\n"))

@@ -37,7 +37,7 @@ def write(out, records, set_scores, settings, missing, paired_names, task_names,
 
 def _columns(records, protocol):
     """{score name: [value or None per record]} of the per-protocol scores (IMACS first)."""
-    names = list(IMACS) + sorted({k for r in records for k in r["scores"][protocol]} - set(IMACS))
+    names = list(IMACS) + sorted({k for r in records for k in r["scores"][protocol]} - set(IMACS) - {"undefined"})
     return {k: [r["scores"][protocol].get(k) for r in records] for k in names}
 
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..recording import TraceHook
 from .base import Family
 
 _LAYER = contextvars.ContextVar("i2am_dit_layer", default=None)  # (family, layer name) running now
@@ -120,8 +121,10 @@ class DiTFamily(Family):
         for module in dict.fromkeys(sys.modules[p.__module__] for p in self.PROCESSORS):
             self._undo.append(_bind(module))
         for name, module in layers.items():
-            entered = module.register_forward_pre_hook(lambda m, a, n=name: self._running.append(_LAYER.set((self, n))))
-            left = module.register_forward_hook(lambda m, a, o: _LAYER.reset(self._running.pop()), always_call=True)
+            entered = module.register_forward_pre_hook(
+                TraceHook(lambda m, a, n=name: self._running.append(_LAYER.set((self, n)))))
+            left = module.register_forward_hook(TraceHook(lambda m, a, o: _LAYER.reset(self._running.pop())),
+                                                always_call=True)
             self._undo += [entered.remove, left.remove]
 
     def attend(self, layer, query, key, value, attn_mask, scale, plain):

@@ -9,6 +9,8 @@ buffers. The latent size is read from the UNet's input sample. These processors 
 directly (not diffusers' dispatch_attention_fn, where the DiT families stand in), and the
 IP-Adapter one splits text and image attention, so the UNet family keeps processor copies.
 """
+import copy
+
 import torch.nn.functional as F
 from diffusers.models.attention_processor import (Attention, AttnProcessor, AttnProcessor2_0,
                                                   IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0)
@@ -61,7 +63,7 @@ class UNetFamily(Family):
             if isinstance(original, IP_ADAPTER):
                 module.set_processor(I2AMIPAdapterAttnProcessor(original, recording, name))
             else:
-                module.set_processor(I2AMAttnProcessor(recording, name))
+                module.set_processor(I2AMAttnProcessor(recording, name, original))
             self._undo.append(lambda m=module, p=original: m.set_processor(p))
 
     def read_inputs(self, args, kwargs):
@@ -125,8 +127,11 @@ class I2AMAttnProcessor:
     The score scale is ``attn.scale`` (dim_head ** -0.5 in Stable Diffusion, as SDPA's default).
     """
 
-    def __init__(self, recording, layer):
-        self.recording, self.layer = recording, layer
+    def __init__(self, recording, layer, original):
+        self.recording, self.layer, self.original = recording, layer, original
+
+    def __deepcopy__(self, memo):  # a deep copy of the traced model is untraced: its own original processor
+        return copy.deepcopy(self.original, memo)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
@@ -153,6 +158,9 @@ class I2AMIPAdapterAttnProcessor(IPAdapterAttnProcessor2_0):
         self.hidden_size, self.cross_attention_dim = original.hidden_size, original.cross_attention_dim
         self.num_tokens = original.num_tokens
         self.to_k_ip, self.to_v_ip = original.to_k_ip, original.to_v_ip
+
+    def __deepcopy__(self, memo):  # as I2AMAttnProcessor: the copy runs the original processor
+        return copy.deepcopy(self.original[0], memo)
 
     @property
     def scale(self):
