@@ -6,11 +6,13 @@
     maps.generated(), maps.reference(masked=True), maps.specific_reference((20, 30))
 """
 from .config import TraceConfig
+from .faithfulness import ablate, randomize
 from .maps import AttributionMaps
 from .recorder import Recorder
 from .recording import attention, recording
 
-__all__ = ["AttributionMaps", "Recorder", "TraceConfig", "attention", "plot_overlay", "recording", "trace"]
+__all__ = ["AttributionMaps", "Recorder", "TraceConfig", "ablate", "attention", "plot_overlay", "randomize",
+           "recording", "trace"]
 
 
 def __getattr__(name):
