@@ -83,6 +83,7 @@ def test_the_copied_cell_dominates_the_deletion_test(tmp_path):
     trained = result["trained"]
     for ci in trained["gain"].values():  # top-1 and top-4 M_sr cells hold the copied cell: gain interval > 0
         assert ci[1] > 0.1
+    assert set(trained["area"]) == {f"{t} - {b}" for t in ("top", "top_masked") for b in ("random", "random_in_mask")}
     for ci in trained["area"].values():
         assert ci[1] > 0
     top, random = trained["curves"]["top"], trained["curves"]["random"]
@@ -100,8 +101,8 @@ def test_summary_intervals_and_undefined_scores():
            "swap_spearman": None}
     s = summarize([{"trained": rec}, {"trained": rec}], ["trained"])["trained"]
     assert s["gain"]["1"] == [1.0, 1.0, 1.0] and s["gain"]["4"] == [0.5, 0.5, 0.5]
-    assert "random_in_mask" not in s["area"] and s["swap_spearman"] is None
-    assert s["area"]["random"][0] == pytest.approx(np.trapezoid([1, 1, 2, 2], [0.05, 0.1, 0.2, 0.4]))
+    assert set(s["area"]) == {"top - random"} and s["swap_spearman"] is None
+    assert s["area"]["top - random"][0] == pytest.approx(np.trapezoid([1, 1, 2, 2], [0.05, 0.1, 0.2, 0.4]))
 
 
 def test_top_patches_order_and_ties():

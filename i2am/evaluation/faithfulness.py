@@ -24,6 +24,8 @@ from .runner import RESULTS_DIR, SETTINGS_FILE, _claim, _write_atomic
 
 FRACTIONS = (0.05, 0.10, 0.20, 0.40)
 POINT_CELLS = (1, 4)
+TOPS = ("top", "top_masked")  # ranked by M_r, and by the inpainting-mask probe M_r (eq. 17)
+BASELINES = ("random", "random_in_mask")
 MODELS = ("trained", "randomized")
 
 
@@ -92,10 +94,11 @@ def _sample(task, sample, other, model, draws, n_points, mode, seed):
         n = grid[0] * grid[1]
         inside = _cells_inside(sample.ref_mask, grid)
         everywhere = [divmod(i, grid[1]) for i in range(n)]
-        rec = {"top": [], "random": [], "random_in_mask": []}
+        rec = {"top": [], "top_masked": [], "random": [], "random_in_mask": []}
         for frac in FRACTIONS:
             k = max(1, round(frac * n))
             rec["top"].append(change(maps.top_patches(k)))
+            rec["top_masked"].append(change(maps.top_patches(k, masked=True)))
             rec["random"].append([change(_draw(rng, everywhere, k)) for _ in range(draws)])
             if len(inside) >= k:
                 rec["random_in_mask"].append([change(_draw(rng, inside, k)) for _ in range(draws)])
@@ -165,14 +168,14 @@ def summarize(records, models, *, seed=0):
     out = {"fractions": list(FRACTIONS), "samples": len(records)}
     for model in models:
         recs = [r[model] for r in records]
-        curves = {"top": np.array([r["top"] for r in recs])}
-        for base in ("random", "random_in_mask"):
-            if all(len(r[base]) == len(FRACTIONS) for r in recs):
-                curves[base] = np.array([[np.mean(d) for d in r[base]] for r in recs])
+        curves = {}
+        for name in TOPS + BASELINES:
+            if all(len(r.get(name, ())) == len(FRACTIONS) for r in recs):
+                curves[name] = np.array([[np.mean(v) for v in r[name]] for r in recs])
         res = {"curves": {name: [_interval(c[:, i], seed) for i in range(len(FRACTIONS))]
                           for name, c in curves.items()},
-               "area": {base: _interval(np.trapezoid(curves["top"] - c, x, axis=1), seed)
-                        for base, c in curves.items() if base != "top"},
+               "area": {f"{top} - {base}": _interval(np.trapezoid(curves[top] - curves[base], x, axis=1), seed)
+                        for top in TOPS for base in BASELINES if top in curves and base in curves},
                "gain": {str(c): _interval([np.mean([p[str(c)]["top"] - np.mean(p[str(c)]["random"])
                                                     for p in r["points"].values()]) for r in recs], seed)
                         for c in POINT_CELLS},
@@ -189,6 +192,10 @@ def _verdict(ci):
     return "n/a" if ci is None else ("passes" if ci[1] > 0 else "fails" if ci[2] > 0 else "reversed")
 
 
+TOP_NAMES = {"top": "M_r", "top_masked": "mask-probe M_r"}
+BASE_NAMES = {"random": "random cells", "random_in_mask": "random cells inside the reference mask"}
+
+
 def table(result):
     """faithfulness.md: one row a test and model, mean [95% interval] and whether the interval
     lies above 0."""
@@ -197,11 +204,11 @@ def table(result):
              "Change: mean squared difference from the unablated generation inside the inpainting mask. "
              "A test passes when its 95% bootstrap interval lies above 0.", "",
              "| test | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
-    rows = [("area, M_r top-k minus random cells", lambda r: r["area"].get("random")),
-            ("area, M_r top-k minus random cells inside the reference mask", lambda r: r["area"].get("random_in_mask")),
-            ("M_sr gain, top-1 cell minus a random cell", lambda r: r["gain"]["1"]),
-            ("M_sr gain, top-4 cells minus 4 random cells", lambda r: r["gain"]["4"]),
-            ("Spearman, M_g against the change from another reference", lambda r: r["swap_spearman"])]
+    rows = [(f"area, {TOP_NAMES[top]} top-k minus {BASE_NAMES[base]}", lambda r, a=f"{top} - {base}": r["area"].get(a))
+            for top in TOPS for base in BASELINES]
+    rows += [("M_sr gain, top-1 cell minus a random cell", lambda r: r["gain"]["1"]),
+             ("M_sr gain, top-4 cells minus 4 random cells", lambda r: r["gain"]["4"]),
+             ("Spearman, M_g against the change from another reference", lambda r: r["swap_spearman"])]
     for name, get in rows:
         lines.append(f"| {name} | " + " | ".join(f"{_fmt(get(result[m]))} ({_verdict(get(result[m]))})"
                                                  for m in models) + " |")
@@ -218,7 +225,8 @@ def figure(result, path):
     models = [m for m in MODELS if m in result]
     x = 100 * np.asarray(result["fractions"])
     fig, axes = plt.subplots(1, len(models) + 1, figsize=(4.2 * (len(models) + 1), 3.4), layout="constrained")
-    styles = {"top": ("C3", "top-k cells of M_r"), "random": ("C0", "random cells"),
+    styles = {"top": ("C3", "top-k cells of M_r"), "top_masked": ("C1", "top-k cells of the mask-probe M_r"),
+              "random": ("C0", "random cells"),
               "random_in_mask": ("C2", "random cells in the reference mask")}
     for ax, model in zip(axes, models):
         for name, points in result[model]["curves"].items():
