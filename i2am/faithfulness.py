@@ -80,7 +80,24 @@ class Cut:
         return out
 
 
-class ablate:
+class _Restoring:
+    """A context manager that changes the model in _apply() and undoes it in _restore(), which also
+    runs when _apply() or the block raised."""
+
+    def __enter__(self):
+        try:
+            self._apply()
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self._restore()
+        return False
+
+
+class ablate(_Restoring):
     """Context manager: the given reference cells removed from the attention of the traced layers.
 
     Args:
@@ -127,21 +144,15 @@ class ablate:
         if self.denoiser in _ACTIVE:
             raise RuntimeError(f"{type(self.denoiser).__name__} is already inside an i2am.ablate block; "
                                "give one block all the cells to remove")
-        try:
-            handle = self.denoiser.register_forward_pre_hook(self._on_denoiser_call, with_kwargs=True)
-            self._hooks.append(handle.remove)
-            from .recording import _IN_USE  # a trace or recording is active: its processors consult us
-            if self.denoiser not in _IN_USE:
-                self._install()
-            _ACTIVE[self.denoiser] = self
-        except BaseException:
-            self._restore()
-            raise
-        return self
+        return super().__enter__()
 
-    def __exit__(self, *exc):
-        self._restore()
-        return False
+    def _apply(self):
+        handle = self.denoiser.register_forward_pre_hook(self._on_denoiser_call, with_kwargs=True)
+        self._hooks.append(handle.remove)
+        from .recording import _IN_USE  # a trace or recording is active: its processors consult us
+        if self.denoiser not in _IN_USE:
+            self._install()
+        _ACTIVE[self.denoiser] = self
 
     def _restore(self):
         _ACTIVE.pop(self.denoiser, None)
@@ -252,7 +263,7 @@ def _cells(patches, ref_grid):
     return grid, cells
 
 
-class randomize:
+class randomize(_Restoring):
     """Context manager: the traced layers' query and key projections re-initialised as at training
     start (each Linear's reset_parameters, from `seed`; the caller's random stream is left alone),
     the trained values copied back on exit, also when the block raised.
@@ -275,22 +286,13 @@ class randomize:
             raise ValueError(f"layers={layers!r} matches none of the attention layers: {', '.join(names)}")
         self.seed, self._saved = int_tuple((seed,), 1, "seed")[0], []
 
-    def __enter__(self):
+    def _apply(self):
         linears = [getattr(m, p) for m in self.modules for p in self.PROJECTIONS if getattr(m, p, None) is not None]
         self._saved = [(p, p.detach().clone()) for lin in linears for p in lin.parameters()]
-        try:
-            with torch.random.fork_rng(), torch.no_grad():
-                torch.manual_seed(self.seed)
-                for lin in linears:
-                    lin.reset_parameters()
-        except BaseException:
-            self._restore()
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        self._restore()
-        return False
+        with torch.random.fork_rng(), torch.no_grad():
+            torch.manual_seed(self.seed)
+            for lin in linears:
+                lin.reset_parameters()
 
     def _restore(self):
         with torch.no_grad():

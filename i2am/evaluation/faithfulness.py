@@ -13,6 +13,7 @@ samples) goes to faithfulness.json, faithfulness.md and faithfulness.png.
 """
 import json
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +77,7 @@ def _sample(task, sample, other, model, draws, n_points, mode, seed):
     sample_seed = seed + (sample.index if sample.seed is None else sample.seed)
     rng = np.random.default_rng([seed, sample.index])
     target = task.pipe.unet
-    randomizing = randomize(target, seed=seed) if model == "randomized" else _nothing()
+    randomizing = randomize(target, seed=seed) if model == "randomized" else nullcontext()
     with randomizing:
         traced = task.traced(sample, sample_seed)  # the unablated generation and its maps
         base, maps = traced.image, traced.maps
@@ -110,14 +111,6 @@ def _sample(task, sample, other, model, draws, n_points, mode, seed):
         swapped = task.generate(sample, sample_seed, other.reference)
         rec["swap_spearman"] = _spearman(maps.generated(normalize=False), (swapped - base) ** 2, sample.mask)
     return rec
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _draw(rng, cells, k):
