@@ -279,7 +279,8 @@ class randomize(_Restoring):
         family = integrations.family(pipe_or_denoiser)
         _, denoiser = family.split(pipe_or_denoiser)
         names = family(denoiser).attention_layers()
-        if layers is not None and any(not isinstance(x, str) for x in ([layers] if isinstance(layers, str) else layers)):
+        patterns = [layers] if isinstance(layers, str) else layers
+        if layers is not None and any(not isinstance(x, str) for x in patterns):
             raise ValueError("randomize takes layers as name patterns (resolutions are known only once the model runs)")
         self.modules = [m for n, m in names.items() if layer_selected(n, None, layers)]
         if not self.modules:

@@ -151,7 +151,8 @@ class recording:
             raise ValueError("i2am.ablate removes the keys of a model's own reference tokens; it does not "
                              "combine with a trace on query_region/ref_region")
         cut = None if ablation is None else ablation.cut(name, q, k, grid=grid, query_rows=query_rows,
-                                                         ref_keys=ref_keys, cfg=self.cfg, ref_grid=self.recorder.ref_grid)
+                                                         ref_keys=ref_keys, cfg=self.cfg,
+                                                         ref_grid=self.recorder.ref_grid)
         if cut is not None and cut.mode == "zero":
             k, v, cut = *cut.zeroed(k, v), None
         if attn_mask is not None:

@@ -228,9 +228,10 @@ def test_randomize_reinitialises_q_and_k_and_restores_exactly():
     attn = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
     with i2am.randomize(unet, seed=3):
         first = attn.to_q.weight.clone()
-        assert not torch.equal(attn.to_q.weight, state["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q.weight"])
-        assert not torch.equal(attn.to_k.weight, state["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"])
-        assert torch.equal(attn.to_v.weight, state["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v.weight"])
+        block = "down_blocks.0.attentions.0.transformer_blocks.0"
+        assert not torch.equal(attn.to_q.weight, state[f"{block}.attn2.to_q.weight"])
+        assert not torch.equal(attn.to_k.weight, state[f"{block}.attn2.to_k.weight"])
+        assert torch.equal(attn.to_v.weight, state[f"{block}.attn2.to_v.weight"])
         assert torch.equal(unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight,
                            state["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"])
     assert all(torch.equal(unet.state_dict()[k], v) for k, v in state.items())
