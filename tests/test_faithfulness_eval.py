@@ -122,3 +122,18 @@ def test_top_patches_order_and_ties():
         maps.top_patches(1, of=(1, 1))
     with pytest.raises(ValueError, match="ref=1"):
         maps.top_patches(1, ref=1)
+
+
+@pytest.mark.slow
+def test_demo_task_untraced_generation_is_its_traced_one():
+    """The deletion test's changes are measured from the traced generation: the same seeded call
+    untraced (what ablate runs) must give the same image, and the probe points are the traced ones."""
+    from i2am.evaluation import DemoTask
+
+    task = DemoTask(samples=2, steps=2, backend="torch")
+    first, second = task.samples()
+    traced = task.traced(first, seed=5)
+    torch.testing.assert_close(task.generate(first, 5), traced.image, rtol=0, atol=1e-5)
+    assert not torch.allclose(task.generate(first, 5, second.reference), traced.image, atol=1e-3)
+    for p in task.points(first).tolist():
+        traced.maps.specific_reference(tuple(p))  # an untraced point raises
