@@ -170,6 +170,8 @@ class ablate(_Restoring):
         self._installed = False
 
     # ---- what the family's stand-in and read_inputs use (self stands in for a trace) ---------
+    regions = None  # the reference is the model's own reference tokens (no query_region/ref_region)
+
     @property
     def recorder(self):
         return self

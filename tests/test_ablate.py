@@ -13,6 +13,7 @@ import torch
 
 import i2am
 import tiny_flux as tf
+import tiny_incontext as tic
 import tiny_models as tm
 
 REF_GRID = (3, 4)  # the UNet tests' reference tokens: a CLS token and a 3 x 4 grid
@@ -241,3 +242,18 @@ def test_randomize_reinitialises_q_and_k_and_restores_exactly():
     assert all(torch.equal(unet.state_dict()[k], v) for k, v in state.items())
     with pytest.raises(ValueError, match="matches none"):
         i2am.randomize(unet, layers="nothing.*")
+
+
+def test_ablate_under_a_trace_on_regions_is_an_error_and_restores():
+    """query_region/ref_region put the reference inside the generated grid, where ablate's cells
+    (the model's own reference tokens) are not: a clear error, the model back as it was."""
+    from diffusers.models.transformers import transformer_flux
+
+    model, inputs = tf.transformer(), tic.fill_inputs(batch=1)
+    dispatch = transformer_flux.dispatch_attention_fn
+    with pytest.raises(ValueError, match="query_region/ref_region"):
+        with torch.no_grad(), i2am.trace(model, num_steps=1, query_region=tic.FILL_QUERY, ref_region=tic.FILL_REF):
+            with i2am.ablate(model, [(0, 0)], ref_grid=(4, 4)):
+                model(**inputs)
+    assert transformer_flux.dispatch_attention_fn is dispatch
+    assert not model._forward_pre_hooks and not i2am.faithfulness.active(model)
