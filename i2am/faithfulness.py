@@ -123,7 +123,8 @@ class ablate(_Restoring):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if ref != 0 or isinstance(ref, bool):
-            raise ValueError(f"ref={ref!r}: the traced families have one reference (ref=0)")
+            raise ValueError(f"ref={ref!r}: i2am.ablate removes cells of a model's one reference (ref=0); several "
+                             "references (Qwen-Image-Edit-Plus, FLUX.2) are not ablated yet")
         check_branch(branch)
         check_layers(layers)
         family = integrations.family(pipe_or_denoiser)
@@ -192,8 +193,10 @@ class ablate(_Restoring):
         if self._installed:  # else a trace's family reads the call and hands the grids to cut()
             self.family.read_inputs(args, kwargs)
 
-    def attend(self, layer, q, k, v, *, scale=None, attn_mask=None, grid=None, query_rows=None, ref_keys=None):
-        """A traced layer's attention outside a trace: SDPA with the ablation."""
+    def attend(self, layer, q, k, v, *, scale=None, attn_mask=None, grid=None, query_rows=None, ref_keys=None,
+               segments=None):
+        """A traced layer's attention outside a trace: SDPA with the ablation (segments, the key
+        segments a DiT family names for the maps' sources, play no part in it)."""
         cut = self.cut(layer, q, k, grid=grid, query_rows=query_rows, ref_keys=ref_keys, cfg=self.cfg)
         if cut is None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
