@@ -8,6 +8,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from .config import TraceConfig
+from .faithfulness import ablate, randomize
 from .maps import AttributionMaps
 from .recorder import Recorder
 from .recording import attention, recording
@@ -17,7 +18,8 @@ try:
 except PackageNotFoundError:  # a checkout on sys.path without an install
     __version__ = "0+unknown"
 
-__all__ = ["AttributionMaps", "Recorder", "TraceConfig", "attention", "plot_overlay", "recording", "trace"]
+__all__ = ["AttributionMaps", "Recorder", "TraceConfig", "ablate", "attention", "plot_overlay", "randomize",
+           "recording", "trace"]
 
 
 def __getattr__(name):

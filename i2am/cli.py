@@ -227,6 +227,13 @@ examples:
     ev.add_argument("--inception-weights", metavar="FILE", help="torch-fidelity's FID Inception weights "
                     "(pt_inception-2015-12-05-6726825d.pth): gives FID and KID")
     ev.add_argument("--save-maps", action="store_true", help="also save each sample's maps (.safetensors)")
+    ev.add_argument("--faithfulness", action="store_true", help="--demo: the deletion test instead (i2am.ablate: "
+                    "top-k M_r and top M_sr cells against random cells, M_g against a swapped reference) with 95%% "
+                    "bootstrap intervals; faithfulness.md and faithfulness.png")
+    ev.add_argument("--randomized", action="store_true", help="with --faithfulness: also on the model whose "
+                    "query and key projections are re-initialised (i2am.randomize)")
+    ev.add_argument("--draws", type=_positive, default=3, help="with --faithfulness: random draws per baseline "
+                    "(default: %(default)s)")
     ev.add_argument("--out", required=True, help="output folder (an existing one is resumed)")
     ev.add_argument("--quiet", action="store_true", help="no library warnings on the terminal")
 
@@ -273,9 +280,20 @@ def _eval(args):
     check_out(args.out)
     steps = args.steps or (10 if args.demo else 50)
     device = check_device(args.device or str(PartialState().device), args.backend)
+    if args.randomized and not args.faithfulness:
+        raise UsageError("--randomized belongs to --faithfulness")
+    if args.faithfulness and not args.demo:
+        raise UsageError("--faithfulness runs with --demo (the embedded model) for now")
     if args.demo:
         task = DemoTask(samples=args.samples, steps=steps, device=device, backend=args.backend)
         samples = task.samples()
+        if args.faithfulness:
+            from .evaluation.faithfulness import evaluate_faithfulness
+            evaluate_faithfulness(task, samples, args.out, randomized=args.randomized, draws=args.draws,
+                                  seed=args.seed)
+            if PartialState().is_main_process:
+                print(f"summary written to {Path(args.out) / 'faithfulness.md'}")
+            return
     else:
         if not (args.pipeline and args.model):
             raise UsageError("--data needs --pipeline and --model (the model to evaluate)")

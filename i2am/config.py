@@ -91,8 +91,7 @@ class TraceConfig:
                              "are given on")
         if self.resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
-        if not (self.branch in BRANCHES or _is_index_list(self.branch)):
-            raise ValueError(f"branch must be one of {BRANCHES} or a list of batch indices, got {self.branch!r}")
+        check_branch(self.branch)
         put("time_groups", positive(self.time_groups, "time_groups"))
         if self.num_steps is not None:
             put("num_steps", positive(self.num_steps, "num_steps"))
@@ -156,6 +155,13 @@ def pair(x, what):
     if a < 1 or b < 1:
         raise ValueError(f"{what} must be positive, got {(a, b)}")
     return a, b
+
+
+def check_branch(branch):
+    """The batch-entry rule's argument (trace's and ablate's branch=): "cond", "uncond", "all" or a
+    non-empty list of batch indices."""
+    if not (branch in BRANCHES or _is_index_list(branch)):
+        raise ValueError(f"branch must be one of {BRANCHES} or a list of batch indices, got {branch!r}")
 
 
 def _is_index_list(x):

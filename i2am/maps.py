@@ -159,6 +159,27 @@ class AttributionMaps:
         share = share[0] if share.shape[0] == 1 else share  # (..., S, h, w)
         return {kinds[i]: share.select(-3, s) for s, i in enumerate(keep)}
 
+    def top_patches(self, k, *, of="reference", masked=False, ref=0):
+        """The k reference cells (i, j) ranked highest by M_r (of="reference"; the inpainting-mask
+        probe with masked=True) or by the M_sr of a traced point or box (of=(row, col) or
+        (top, left, bottom, right)), of reference `ref`, highest first, ties in row-major order."""
+        if isinstance(of, str):
+            if of != "reference":
+                raise ValueError(f"of must be 'reference' or a traced point or box, got {of!r}")
+            M = self.reference(masked=masked, normalize=False, ref=ref)
+        else:
+            M = self.specific_reference(of, normalize=False, ref=ref)
+        if M.dim() != 2:
+            raise ValueError("top_patches ranks the maps of one recorded image; these hold several (trace one "
+                             "branch, or use maps.reference(...)[b])")
+        k = as_int(k, "k")
+        if not 1 <= k <= M.numel():
+            raise ValueError(f"k must be between 1 and the {M.numel()} reference cells, got {k}")
+        if not torch.isfinite(M).all():
+            raise ValueError("the map holds non-finite values; its cells cannot be ranked")
+        order = torch.sort(M.flatten(), descending=True, stable=True).indices[:k]  # stable: ties row-major
+        return [divmod(int(i), M.shape[1]) for i in order]
+
     def imacs(self, ref_mask=None, gen_mask=None, lam=3.0, threshold=None, ref=0):
         """IMACS under the maps' protocol: {"gen": IMACS_g} against gen_mask (default the traced
         mask), and "ref": IMACS_r against ref_mask when it is given. Maps are taken to each mask's

@@ -154,7 +154,7 @@ class Recorder:
         return layer_selected(name, grid, self.layers)
 
     def record(self, layer, q, k, v, *, step, scale=None, grid=None, cfg=None, query_rows=None, ref_keys=None,
-               segments=None):
+               segments=None, cut=None):
         """Attention of one call (q (B,H,Nq,d), k, v), with its maps added to layer's buffers.
 
         step: the denoising step, 0 = first. grid: the layer's (h_l, w_l), default inferred
@@ -181,6 +181,8 @@ class Recorder:
         if grid[0] * grid[1] != n:
             raise ValueError(f"layer {layer!r}: grid {grid} does not hold its Nq={n} queries")
         if self.regions is None and not self.selected(layer, grid):
+            if cut is not None:
+                return cut.attention(q, k, v, scale)
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
         tau = self._group(step)
         rec = self._entries(B, cfg)
@@ -188,6 +190,8 @@ class Recorder:
         gen, ref = CONVENTIONS[self.convention]
         ref = (ref,) if buf.ref is not None else ()
         gens = (gen,) if buf.gen_p is None else (gen, "key")
+        if cut is not None:
+            return self._record_cut(layer, buf, tau, rec, cut, q, k, v, scale, rows, gens, ref)
         if buf.call is None or not buf.call.matches(q, k, v, scale) or not _same_rows(buf.rows, rows):
             buf.rows = rows
             buf.call = prepare(q, k, v, scale=scale, ref_keys=buf.ref_idx, query_rows=rows, record=rec,
@@ -199,6 +203,36 @@ class Recorder:
         if ref:
             into[f"ref_{ref[0]}"] = buf.ref[:, tau]
         return buf.call(q, k, v, into)
+
+    def _record_cut(self, layer, buf, tau, rec, cut, q, k, v, scale, rows, gens, ref):
+        """record() of a call whose batch entries cut.entries attend to the kept keys only: the
+        kernel gets the kept keys as an index set (never an Nq x Nk mask), the maps' dropped
+        reference keys carry nothing, and the uniform key probe covers the kept ones."""
+        if not set(rec.tolist()) <= set(cut.entries.tolist()):
+            raise ValueError(f"layer {layer!r}: i2am.ablate removes keys from batch entries {cut.entries.tolist()} "
+                             f"but the trace records {rec.tolist()}: give ablate the trace's branch")
+        where = torch.full((buf.nk,), -1)
+        where[cut.kept] = torch.arange(cut.kept.numel())
+        at = where[buf.ref_idx.cpu()]  # the kernel's reduced keys among the kept ones, -1: dropped
+        live = (at >= 0).nonzero().flatten()
+        if live.numel() == 0:
+            raise ValueError(f"layer {layer!r}: i2am.ablate drops every reference key; keep at least one cell")
+        probes = buf.key_probes[:, live.to(q.device)].clone()
+        probes[0] /= probes[0].sum().clamp_min(1e-30)  # row 0 is the uniform probe: over the kept keys
+        kept = cut.kept.to(q.device)
+        k_kept, v_kept = k[:, :, kept], v[:, :, kept]
+        call = prepare(q, k_kept, v_kept, scale=scale, ref_keys=at[live].to(q.device), query_rows=rows, record=rec,
+                       key_probes=probes, query_probes=buf.query_probes, gen=gens, ref=ref, backend=self.backend)
+        into = {f"gen_{gens[0]}": buf.gen[:, tau]}
+        if buf.gen_p is not None:
+            into["gen_key"] = buf.gen_p[:, tau]
+        if ref:
+            part = torch.zeros(*buf.ref.shape[:1], *buf.ref.shape[2:-1], live.numel(), device=q.device)
+            into[f"ref_{ref[0]}"] = part
+        out = call(q, k_kept, v_kept, into)
+        if ref:
+            buf.ref[:, tau].index_add_(-1, live.to(q.device), part)
+        return cut.restore_others(out, q, k, v, scale)
 
     def maps(self):
         """The accumulated maps as an i2am.AttributionMaps (buffers moved to the CPU)."""
@@ -270,21 +304,7 @@ class Recorder:
         return step * self.time_groups // self.num_steps  # tau(t) = floor(t G / T), eq. 10
 
     def _entries(self, B, cfg):
-        cfg = B % 2 == 0 if cfg is None else cfg
-        if self.branch == "all" or (self.branch == "cond" and not cfg):
-            rec = list(range(B))
-        elif self.branch == "uncond" and not cfg:
-            raise ValueError(f"branch='uncond' needs a classifier-free-guidance batch [uncond, cond]; "
-                             f"this call has batch {B} without guidance")
-        elif self.branch in ("cond", "uncond"):
-            half = B // 2
-            rec = list(range(half, B)) if self.branch == "cond" else list(range(half))
-        else:
-            rec = [int(i) for i in self.branch]
-            if max(rec) >= B or min(rec) < -B:
-                raise ValueError(f"branch indices {rec} are out of range for batch size {B}")
-            rec = [i % B for i in rec]
-        rec = torch.tensor(rec)
+        rec = torch.tensor(batch_entries(self.branch, B, cfg))
         if self.record_idx is None:
             self.record_idx = rec
         elif not torch.equal(rec, self.record_idx):
@@ -397,6 +417,24 @@ def _one_reference(patches):
             p = p[1:]
         out.append(p)
     return tuple(out)
+
+
+def batch_entries(branch, B, cfg):
+    """The batch entries of a call that `branch` selects ("cond", "uncond", "all" or indices); cfg:
+    whether the batch is [uncond, cond] (None: an even batch is)."""
+    cfg = B % 2 == 0 if cfg is None else cfg
+    if branch == "all" or (branch == "cond" and not cfg):
+        return list(range(B))
+    if branch == "uncond" and not cfg:
+        raise ValueError(f"branch='uncond' needs a classifier-free-guidance batch [uncond, cond]; "
+                         f"this call has batch {B} without guidance")
+    if branch in ("cond", "uncond"):
+        half = B // 2
+        return list(range(half, B)) if branch == "cond" else list(range(half))
+    rec = [int(i) for i in branch]
+    if max(rec) >= B or min(rec) < -B:
+        raise ValueError(f"branch indices {rec} are out of range for batch size {B}")
+    return [i % B for i in rec]
 
 
 def _key_indices(ref_keys, nk):

@@ -29,6 +29,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from . import faithfulness
 from .grid import layer_grid
 from .integers import as_int
 from .kernels import graph_break
@@ -162,14 +163,25 @@ class recording:
         if self.recorder.latent_size is None or self.current_step is None:
             raise ValueError(f"layer {name!r} was called before the first step: pass a denoiser (or "
                              "latent_size) to the recording and call rec.step() before each step")
+        n_rows = q.shape[2] if query_rows is None else len(range(q.shape[2])[query_rows])
+        grid = grid or layer_grid(n_rows, self.recorder.latent_size)
+        ablation = faithfulness.active(self.denoiser)  # an i2am.ablate block on this denoiser
+        if ablation is not None and self.recorder.regions is not None:
+            raise ValueError("i2am.ablate removes the keys of a model's own reference tokens; it does not "
+                             "combine with a trace on query_region/ref_region")
+        cut = None if ablation is None else ablation.cut(name, q, k, grid=grid, query_rows=query_rows,
+                                                         ref_keys=ref_keys, cfg=self.cfg,
+                                                         ref_grid=self.recorder.ref_grid)
+        if cut is not None and cut.mode == "zero":
+            k, v, cut = *cut.zeroed(k, v), None
         if attn_mask is not None:
-            n_rows = q.shape[2] if query_rows is None else len(range(q.shape[2])[query_rows])
-            if self.recorder.selected(name, grid or layer_grid(n_rows, self.recorder.latent_size)):
+            if cut is not None or self.recorder.selected(name, grid):
                 raise ValueError(f"layer {name!r}: i2am cannot record attention with an attention mask "
                                  "(the maps assume the plain softmax); leave this layer out with layers=")
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
         return self.recorder.record(name, q, k, v, step=self.current_step, scale=scale, grid=grid, cfg=self.cfg,
-                                    query_rows=query_rows, ref_keys=ref_keys, segments=segments)
+                                    query_rows=query_rows, ref_keys=ref_keys, segments=segments,
+                                    cut=cut)
 
     def maps(self):
         """The maps recorded so far, as an i2am.AttributionMaps."""

@@ -12,7 +12,7 @@ objects, the original dispatch function) and the denoiser's hooks are gone.
 """
 import torch
 
-from . import integrations
+from . import faithfulness, integrations
 from .config import TraceConfig
 from .layers import could_select
 from .recording import recording
@@ -109,6 +109,7 @@ class trace(recording):
         if not could_select(self.attention_layers, self.recorder.layers):
             raise ValueError(f"layers={self.recorder.layers!r} matches none of the {len(self.attention_layers)} "
                              f"attention layers: {', '.join(self.attention_layers)}")
+        faithfulness.step_aside(self.denoiser, self._undo)  # an enclosing i2am.ablate acts through attend
         self._undo.append(self.family.restore)  # before install: a partial install is undone too
         self.family.install(self, self.attention_layers)
 

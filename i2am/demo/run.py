@@ -42,6 +42,18 @@ def best_single_patch(true_patches, grid):
     return max(sum(near((i, j), t) for t in truths) for i in range(grid[0]) for j in range(grid[1])) / len(truths)
 
 
+def probe_points(pipe, mask):
+    """The POINTS probe points (P, 2) inside an example's (T, T) inpainting mask, on the latent grid."""
+    fold = pipe.config.fold
+    return data.probe_points(mask, POINTS, grid=(mask.shape[0] // fold, mask.shape[1] // fold))
+
+
+def pipeline_call(example, steps=STEPS):
+    """The demo pipeline's keywords for an example (a batch of one), without the generator."""
+    return dict(reference=example["reference"], masked=example["masked"], mask=example["mask"],
+                num_inference_steps=steps, guidance_scale=GUIDANCE)
+
+
 def analyse(pipe, example, *, seed, steps=STEPS, backend="auto", protocol="paper", traced_as="official"):
     """One traced generation of an example, a batch of one: reference (1, 3, R, R), masked
     (1, 3, T, T), mask (1, 1, T, T) and warp (1, ...) -> i2am.generation.Generation with the maps
@@ -50,15 +62,12 @@ def analyse(pipe, example, *, seed, steps=STEPS, backend="auto", protocol="paper
     under `traced_as`: "official" buffers also hold everything "paper" reads, so that a report
     can give both protocols' scores of one run."""
     fold, encoder, mask = pipe.config.fold, pipe.reference_encoder, example["mask"][0, 0]
-    latent = (mask.shape[0] // fold, mask.shape[1] // fold)
-    points = data.probe_points(mask, POINTS, grid=latent)
+    points = probe_points(pipe, mask)
     patch = encoder.config.image_size // encoder.grid[0]
     truth = data.true_patch(example["warp"], points[None], patch, latent_scale=fold)[0]
-    call = dict(reference=example["reference"], masked=example["masked"], mask=example["mask"],
-                num_inference_steps=steps, guidance_scale=GUIDANCE)
-    gen = run_traced(pipe, call, seed=seed, target=pipe.unet, ref_grid=encoder.grid, num_steps=steps,
-                     time_groups=min(TIME_GROUPS, steps), mask=mask, points=[tuple(p) for p in points.tolist()],
-                     protocol=traced_as, backend=backend)
+    gen = run_traced(pipe, pipeline_call(example, steps), seed=seed, target=pipe.unet, ref_grid=encoder.grid,
+                     num_steps=steps, time_groups=min(TIME_GROUPS, steps), mask=mask,
+                     points=[tuple(p) for p in points.tolist()], protocol=traced_as, backend=backend)
     gen.maps = gen.maps.with_protocol(protocol)
     gen.image = gen.image.cpu()
     gen.scores = {"correspondence_accuracy": correspondence(gen.maps, points, truth),

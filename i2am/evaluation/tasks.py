@@ -59,11 +59,31 @@ class DemoTask:
                 for b in range(self.count)]
 
     def run(self, sample, protocol, seed):
-        example = {"reference": sample.reference[None], "masked": sample.extra["masked"][None],
-                   "mask": sample.mask[None, None], "warp": sample.extra["warp"]}
-        gen = self._run.analyse(self.pipe, example, seed=seed, steps=self.steps, backend=self.backend,
-                                protocol=protocol, traced_as=protocol)
+        gen = self.traced(sample, seed, protocol)
         return Generation(as_uint8(gen.image), gen.maps, seed, as_mask(sample.ref_mask).float(), gen.scores)
+
+    # ---- what the faithfulness evaluation (i2am.evaluation.faithfulness) asks of a task ----------
+    def traced(self, sample, seed, protocol="paper"):
+        """run()'s traced generation with the image as it came, (3, H, W) floats in [0, 1]."""
+        return self._run.analyse(self.pipe, self._example(sample), seed=seed, steps=self.steps,
+                                 backend=self.backend, protocol=protocol, traced_as=protocol)
+
+    def points(self, sample):
+        """The probe points (P, 2) traced in the sample's generation, on the latent grid."""
+        return self._run.probe_points(self.pipe, sample.mask)
+
+    def generate(self, sample, seed, reference=None):
+        """The image (3, H, W) of the same seeded generation untraced, with the sample's reference
+        or another one (3, R, R)."""
+        call = self._run.pipeline_call(self._example(sample, reference), self.steps)
+        return self.pipe(**call, generator=torch.Generator().manual_seed(seed))[0].cpu()
+
+    @staticmethod
+    def _example(sample, reference=None):
+        """The sample as the demo's batch of one."""
+        return {"reference": (sample.reference if reference is None else reference)[None],
+                "masked": sample.extra["masked"][None], "mask": sample.mask[None, None],
+                "warp": sample.extra["warp"]}
 
 
 class PipelineTask:
