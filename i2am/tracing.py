@@ -80,8 +80,8 @@ class trace(recording):
     maps come from the attention over the image tokens. Flux: every FluxAttention running
     FluxAttnProcessor; the joint sequence is [text, generated, reference] tokens, the
     generated rows are the queries of the maps, the latent grid is the packed token grid
-    (H/16, W/16), and both grids are read from img_ids at every call; a second call at the same
-    timestep (true CFG's negative prompt) is no new step and is not recorded. A recorded call with an
+    (H/16, W/16), and both grids are read from img_ids at every call; a second call within one
+    scheduler step (true CFG's negative prompt) is no new step and is not recorded. A recorded call with an
     attention mask (or ip_adapter_masks) is an error: the maps assume the plain softmax.
     """
 

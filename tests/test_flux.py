@@ -7,6 +7,7 @@ untraced run: P over all joint keys (text, generated, reference), C over the gen
 summed over the steps of each time group.
 """
 import contextlib
+import warnings
 
 import pytest
 import torch
@@ -215,6 +216,51 @@ def test_true_cfg_records_the_cond_pass_of_each_step():
     with pytest.raises(ValueError, match="records the cond pass of true CFG only"), \
             i2am.trace(pipe, branch="all"):
         pipe(**kwargs)
+
+
+def heun_steps(pipe, inputs):
+    """The transformer calls of a FluxKontextPipeline run with FlowMatchHeunDiscreteScheduler, made as
+    the pipeline makes them: one call per scheduler step, whose timesteps repeat (t0, t1, t1, t2, t2).
+    Returns every call's output."""
+    pipe.scheduler.set_timesteps(3)
+    n_gen = tf.GRID[0] * tf.GRID[1]
+    latents, reference = inputs["hidden_states"][:, :n_gen], inputs["hidden_states"][:, n_gen:]
+    outs = []
+    for t in pipe.scheduler.timesteps:
+        out = pipe.transformer(**{**inputs, "hidden_states": torch.cat([latents, reference], 1),
+                                  "timestep": t.expand(1) / 1000})[0]
+        outs.append(out)
+        latents = pipe.scheduler.step(out[:, :n_gen], t, latents, return_dict=False)[0]
+    return outs
+
+
+def test_heun_repeated_timesteps_are_steps_and_every_call_is_recorded():
+    """A scheduler that repeats timesteps: every call is a step of its own (the scheduler stepped
+    in between), recorded, no steps left over; the maps are float64's over all five calls."""
+    from diffusers import FlowMatchHeunDiscreteScheduler
+
+    pipe, inputs = tf.pipeline(), tf.kontext_inputs(batch=1)
+    pipe.scheduler = FlowMatchHeunDiscreteScheduler()
+    with torch.no_grad(), captured_qk() as calls:
+        want_out = heun_steps(pipe, inputs)
+    timesteps = pipe.scheduler.timesteps
+    steps = len(timesteps)
+    assert steps == 5 and len(set(timesteps.tolist())) == 3  # t0, t1, t1, t2, t2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning of steps left over
+        with torch.no_grad(), i2am.trace(pipe, time_groups=G, points=[POINT], backend="torch") as tc:
+            got_out = heun_steps(pipe, inputs)
+    for a, b in zip(got_out, want_out):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    maps = tc.maps()
+    assert tc.current_step == steps - 1 and maps.num_steps == steps and len(calls) == steps * len(LAYERS)
+    n_text, gen, ref = tf.TEXT, tf.GRID[0] * tf.GRID[1], tf.REF_GRID[0] * tf.REF_GRID[1]
+    exp = expected_maps(calls, steps, slice(n_text, n_text + gen), slice(n_text + gen, n_text + gen + ref),
+                        tf.GRID, tf.REF_GRID)
+    torch.testing.assert_close(maps.generated(by="time", normalize=False).double()[None],
+                               integrated(exp, "gen", "time", tf.GRID), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(maps.specific_reference(POINT, normalize=False).double()[None],
+                               integrated(exp, "point", None, tf.REF_GRID), rtol=1e-4, atol=1e-7)
 
 
 def test_kontext_answers_ref_0_and_its_sources_sum_to_one():

@@ -1,6 +1,8 @@
 """i2am.trace on FLUX.2: a tiny Flux2Transformer2DModel (one double- and one single-stream block)
 called as Flux2Pipeline and Flux2KleinKVPipeline call it, with two references of different grids.
 Every map of several references against float64 from the model's own q and k."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 from diffusers.models.transformers import transformer_flux2
@@ -58,6 +60,31 @@ def test_kv_cache_maps_match_float64(backend):
     assert len(calls) == 3 * len(LAYERS)
     mr.check_maps(tc.maps(), mr.expected_maps(calls, LAYERS, 3, G, layout, POINT, PATCH), layout, POINT, PATCH,
                   TOL[backend])
+
+
+def test_kv_cache_with_repeated_timesteps_records_every_call_as_a_step():
+    """Flux2KleinKVPipeline with FlowMatchHeunDiscreteScheduler (t0, t1, t1, t2, t2): the extract
+    call and each cached call are steps of their own, all recorded, the maps float64's."""
+    from diffusers import FlowMatchHeunDiscreteScheduler
+
+    model, scheduler = t2.transformer(guidance=False, kv=True), FlowMatchHeunDiscreteScheduler()
+    pipe = SimpleNamespace(transformer=model, scheduler=scheduler)  # what i2am reads of the pipeline
+    n_ref = sum(h * w for h, w in t2.REFS)
+    scheduler.set_timesteps(3)
+    with torch.no_grad(), mr.captured_qk(transformer_flux2, keep=lambda q, k: q.shape[1] != n_ref) as calls:
+        want_out = t2.kv_steps(model, None, scheduler=scheduler)
+    steps = len(scheduler.timesteps)
+    assert steps == 5 and len(set(scheduler.timesteps.tolist())) == 3
+    scheduler.set_timesteps(3)
+    with torch.no_grad(), i2am.trace(pipe, time_groups=G, points=[POINT], patches=[PATCH], backend="torch") as tc:
+        got_out = t2.kv_steps(model, None, scheduler=scheduler)
+    for a, b in zip(got_out, want_out):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert tc.current_step == steps - 1 and tc.maps().num_steps == steps and len(calls) == steps * len(LAYERS)
+    ids, text = t2.image_ids(t2.GRID, 0), torch.zeros(1, t2.TEXT, t2.JOINT_DIM)
+    layout = cached_layout(ids, text, None, n_ref, t2.REFS)
+    mr.check_maps(tc.maps(), mr.expected_maps(calls, LAYERS, steps, G, layout, POINT, PATCH), layout, POINT, PATCH,
+                  TOL["torch"])
 
 
 def test_klein_true_cfg_records_the_cond_pass():

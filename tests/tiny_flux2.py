@@ -47,16 +47,20 @@ def inputs(batch=1, seed=0, guidance=True, refs=REFS):
                 joint_attention_kwargs=None, return_dict=False)
 
 
-def kv_steps(model, timesteps, seed=0):
+def kv_steps(model, timesteps, seed=0, scheduler=None):
     """The transformer calls of Flux2KleinKVPipeline: the first step with [references, generated]
     (kv_cache_mode="extract"), the next ones with the generated tokens and the cached reference K/V.
-    Returns the generated tokens' outputs of every step."""
+    With a scheduler, its timesteps (pipeline units), which it steps after each call as the
+    pipeline does. Returns the generated tokens' outputs of every step."""
     base = inputs(seed=seed, guidance=False)
     n_ref = sum(h * w for h, w in REFS)
     refs, gen = base["hidden_states"][:, GRID[0] * GRID[1]:], base["hidden_states"][:, :GRID[0] * GRID[1]]
     outs, cache = [], None
+    if scheduler is not None:
+        scheduler.set_begin_index(0)  # as the pipeline does
+        timesteps = scheduler.timesteps / 1000
     for i, t in enumerate(timesteps):
-        step = {**base, "timestep": torch.full((1,), t)}
+        step = {**base, "timestep": torch.full((1,), float(t))}
         if i == 0:
             out, cache = model(**{**step, "hidden_states": torch.cat([refs, gen], 1),
                                   "img_ids": torch.cat([reference_ids(), image_ids(GRID, 0)])[None],
@@ -65,4 +69,6 @@ def kv_steps(model, timesteps, seed=0):
             out = model(**{**step, "hidden_states": gen, "img_ids": image_ids(GRID, 0)[None], "kv_cache": cache,
                            "kv_cache_mode": "cached"})[0]
         outs.append(out)
+        if scheduler is not None:
+            gen = scheduler.step(out, t, gen, return_dict=False)[0]
     return outs

@@ -25,8 +25,8 @@ editors whose reference sits beside the generated image) is a DiTFamily subclass
                           from the transformer call, and the recording's latent size and grids
 
 and, when some calls are not to be recorded (true CFG's negative pass), ``self.plain = True``
-(``negative_pass`` tells it from the timestep). The layout's text and generated keys are kept as
-two more sources beside the references (AttributionMaps.sources).
+(``negative_pass`` tells it from the scheduler's step index and the timestep). The layout's text
+and generated keys are kept as two more sources beside the references (AttributionMaps.sources).
 
 The stand-in is bound while any trace uses it (counted per module) and the original is back
 when the last one leaves.
@@ -105,7 +105,7 @@ class DiTFamily(Family):
         self.layout = None   # the last transformer call's TokenLayout
         self.plain = False   # the last call is not recorded (its attention runs as the model's own)
         self._running = []   # contextvar tokens of the layers running now
-        self._last_timestep = None  # the last transformer call's (negative_pass)
+        self._last_call = None  # the last transformer call's (timestep, scheduler step index): negative_pass
 
     def install(self, recording, layers):
         for name, module in layers.items():  # check them all before changing any
@@ -190,14 +190,24 @@ def _stand_in(original):
 
 
 def negative_pass(family, timestep):
-    """Whether a transformer call at `timestep` (pipeline units) is true CFG's negative-prompt pass:
-    a second call in a row at the same timestep (recorded only under branch="cond": not at all)."""
+    """Whether a transformer call at `timestep` (pipeline units) is true CFG's negative-prompt pass,
+    the second call of one denoising step (recorded only under branch="cond": not at all).
+
+    Under a pipeline whose scheduler keeps a step index, the call belongs to the previous call's
+    step only if the scheduler has not stepped since (the negative pass runs before
+    scheduler.step) and the timestep is the same: schedulers such as
+    FlowMatchHeunDiscreteScheduler repeat timesteps (t0, t1, t1, t2, ...) over distinct steps,
+    and calls made without stepping the scheduler stay steps of their own timesteps. With no
+    scheduler to ask (a bare transformer, or a scheduler without a step index) the rule is the
+    timestep alone: a second call in a row at the same timestep."""
     t = None if timestep is None else timestep.flatten()[:1].cpu()
-    last, family._last_timestep = family._last_timestep, t
-    negative = t is not None and last is not None and torch.equal(t, last)
+    scheduler = getattr(getattr(family.recording, "pipe", None), "scheduler", None)
+    index = getattr(scheduler, "step_index", None)
+    last, family._last_call = family._last_call, (t, index)
+    negative = t is not None and last is not None and torch.equal(t, last[0]) and index == last[1]
     branch = family.recording.recorder.branch
     if negative and branch != "cond":
-        raise ValueError(f"two transformer calls in a row at timestep {t.item():g}: true CFG's negative-prompt "
+        raise ValueError(f"two transformer calls in one step at timestep {t.item():g}: true CFG's negative-prompt "
                          f"pass (true_cfg_scale > 1); i2am records the cond pass of true CFG only (branch='cond'), "
                          f"got branch={branch!r}")
     return negative

@@ -33,8 +33,8 @@ class FluxFamily(DiTFamily):
 
     def read_inputs(self, args, kwargs):
         """The call's token layout from its img_ids and text length; sets the latent size and the
-        reference grid (both fixed for the trace). A second call at the same timestep is true
-        CFG's negative-prompt pass (FluxKontextPipeline with true_cfg_scale > 1): not a new step,
+        reference grid (both fixed for the trace). A second call within one scheduler step is
+        true CFG's negative-prompt pass (FluxKontextPipeline with true_cfg_scale > 1): not a new step,
         and not recorded (branch="cond")."""
         inputs = self.inputs(args, kwargs)
         negative = self.plain = negative_pass(self, self.timestep(args, kwargs))

@@ -7,7 +7,7 @@ image tokens are the generated image's and each reference image's, told apart by
 coordinate of ``img_ids`` (T, H, W, L): 0 for the generated tokens, 10 + 10 r for reference r
 (H and W are row and column). So the generated rows (the maps' queries), each reference's keys
 and every grid are read from img_ids at every call. FLUX.2 [dev] is guidance-distilled; Klein
-runs true CFG as a second call at the same timestep (not recorded, branch="cond").
+runs true CFG as a second call within the same step (not recorded, branch="cond").
 
 The KV-cache variant (Flux2KleinKVPipeline) puts the references first at the first step
 (``kv_cache_mode="extract"``: [text, references, generated], the references attending only to
