@@ -289,9 +289,10 @@ def test_report_without_mask_or_images(tmp_path):
     for t in range(2):
         rec.record("a.attn2", *(torch.randn(1, 2, n, 4) for n in (16, 5, 5)), step=t)
     scores = report.write_report(tmp_path, rec.maps())
-    assert set(scores) == {"protocol", "settings"} and scores["protocol"] == "paper"
+    assert set(scores) == {"protocol", "settings", "files"} and scores["protocol"] == "paper"  # no IMACS
     assert {p.name for p in tmp_path.glob("*.p*")} == {"overview.png", "by_head.png", "overview.pdf",
                                                        "by_head.pdf"}  # one time group
+    assert sorted(p.name for p in tmp_path.iterdir()) == scores["files"]  # the report lists what it wrote
     assert "IMACS is not defined" in (tmp_path / "report.md").read_text()
 
 
