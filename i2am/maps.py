@@ -45,9 +45,9 @@ class AttributionMaps:
         self.latent_size = tuple(latent_size)
         self.ref_grid = None if ref_grid is None else tuple(ref_grid)
         if references is not None:
-            self.references = tuple(tuple(g) for g in references)
+            self._references = tuple(tuple(g) for g in references)
         else:
-            self.references = () if self.ref_grid is None else (self.ref_grid,)
+            self._references = () if self.ref_grid is None else (self.ref_grid,)
         self.convention, self.num_steps, self.resize = convention, num_steps, resize
         self.key_labels, self.query_labels = tuple(key_labels), tuple(query_labels)
         self.query_rows = self.query_labels if query_rows is None else tuple(query_rows)
@@ -62,6 +62,11 @@ class AttributionMaps:
     def protocol(self):
         """The protocol ("paper" or "official") the maps are read under."""
         return self._protocol.name
+
+    @property
+    def references(self):
+        """((hI_0, wI_0), ...): the grid of each reference, ref 0 first (one for one-reference models)."""
+        return self._references
 
     def with_protocol(self, protocol):
         """The same buffers read under another protocol, where they hold what it needs (maps
