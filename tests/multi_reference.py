@@ -5,6 +5,8 @@ import contextlib
 
 import torch
 
+import i2am
+
 
 @contextlib.contextmanager
 def captured_qk(module, keep=lambda q, k: True):
@@ -34,6 +36,19 @@ def run_steps(model, inputs, timesteps, negative=None):
         if negative is not None:
             outs.append(model(**{**step, "encoder_hidden_states": negative})[0])
     return outs
+
+
+def traced_against_untraced(model, inputs, module, timesteps, **trace_options):
+    """(maps, calls): the steps run untraced with every (q, k) of `module` captured, then traced
+    (i2am.trace(model, num_steps=len(timesteps), **trace_options)), whose outputs must equal the
+    untraced ones (1e-6)."""
+    with torch.no_grad(), captured_qk(module) as calls:
+        want = run_steps(model, inputs, timesteps)
+    with torch.no_grad(), i2am.trace(model, num_steps=len(timesteps), **trace_options) as tc:
+        got = run_steps(model, inputs, timesteps)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    return tc.maps(), calls
 
 
 def expected_maps(calls, layers, steps, groups, layout, point, patch):

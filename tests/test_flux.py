@@ -15,6 +15,7 @@ from diffusers.models.transformers import transformer_flux
 
 import i2am
 import tiny_flux as tf
+from multi_reference import integrated
 from i2am.integrations import dit
 from i2am.integrations.flux import token_layout
 from i2am.kernels import triton_available
@@ -62,19 +63,6 @@ def expected_maps(calls, steps, rows, ref, grid, ref_grid):
         for n, m in maps.items():
             acc[n][:, t * G // steps] += m
     return out
-
-
-def integrated(exp, name, by, shape):
-    """SPEC section 3: mean over layers and heads; gen maps clamped at 0 after the time sum."""
-    total = 0
-    for layer in exp.values():
-        m = layer[name]
-        m = m if by == "time" else m.sum(1, keepdim=True)
-        if name in ("gen", "patch"):
-            m = m.clamp_min(0)
-        total = total + m.mean(2)
-    total = (total / len(exp)).reshape(*total.shape[:2], *shape)
-    return total if by == "time" else total[:, 0]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

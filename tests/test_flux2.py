@@ -25,16 +25,10 @@ TOL = {"torch": dict(rtol=1e-4, atol=1e-7), "triton": dict(rtol=1e-4, atol=1e-6)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_flux2_maps_match_float64(backend):
     model, inputs = t2.transformer(), t2.inputs(batch=2)
-    with torch.no_grad(), mr.captured_qk(transformer_flux2) as calls:
-        want_out = mr.run_steps(model, inputs, TIMESTEPS)
     layout = token_layout(inputs["img_ids"], inputs["encoder_hidden_states"], inputs["hidden_states"])
     assert (layout.rows, layout.ref_keys, layout.grids) == (slice(5, 29), slice(29, 60), t2.REFS)
-    with torch.no_grad(), i2am.trace(model, num_steps=3, time_groups=G, points=[POINT], patches=[PATCH],
-                                     backend=backend) as tc:
-        got_out = mr.run_steps(model, inputs, TIMESTEPS)
-    for a, b in zip(got_out, want_out):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-    maps = tc.maps()
+    maps, calls = mr.traced_against_untraced(model, inputs, transformer_flux2, TIMESTEPS, time_groups=G, points=[POINT],
+                                             patches=[PATCH], backend=backend)
     assert set(maps.layers) == set(LAYERS) and maps.latent_size == t2.GRID and maps.references == t2.REFS
     mr.check_maps(maps, mr.expected_maps(calls, LAYERS, 3, G, layout, POINT, PATCH), layout, POINT, PATCH,
                   TOL[backend])

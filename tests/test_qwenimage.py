@@ -23,16 +23,10 @@ TIMESTEPS = [1.0, 0.7, 0.4]
 @pytest.mark.parametrize("zero_cond_t", [False, True])  # Qwen-Image-Edit-2511 modulates the references apart
 def test_edit_plus_maps_match_float64(backend, zero_cond_t):
     model, inputs = tq.transformer(zero_cond_t), tq.edit_plus_inputs(batch=2)
-    with torch.no_grad(), mr.captured_qk(transformer_qwenimage) as calls:
-        want_out = mr.run_steps(model, inputs, TIMESTEPS)
     layout = token_layout(inputs["img_shapes"], inputs["encoder_hidden_states"], inputs["hidden_states"])
     assert (layout.rows, layout.ref_keys, layout.text) == (slice(5, 29), slice(29, 60), 5)
-    with torch.no_grad(), i2am.trace(model, num_steps=3, time_groups=G, points=[POINT], patches=[PATCH],
-                                     backend=backend) as tc:
-        got_out = mr.run_steps(model, inputs, TIMESTEPS)
-    for a, b in zip(got_out, want_out):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-    maps = tc.maps()
+    maps, calls = mr.traced_against_untraced(model, inputs, transformer_qwenimage, TIMESTEPS, time_groups=G, points=[POINT],
+                                             patches=[PATCH], backend=backend)
     assert set(maps.layers) == set(LAYERS) and maps.latent_size == tq.GRID and maps.references == tq.REFS
     exp = mr.expected_maps(calls, LAYERS, 3, G, layout, POINT, PATCH)
     mr.check_maps(maps, exp, layout, POINT, PATCH, dict(rtol=1e-4, atol=1e-7 if backend == "torch" else 1e-6))
