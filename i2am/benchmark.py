@@ -317,7 +317,8 @@ def environment(device):
             return None
 
     env = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "python": platform.python_version(),
-           "torch": torch.__version__, "device": device, "commit": commit(), "cpu_threads": torch.get_num_threads()}
+           "torch": torch.__version__, "device": device, "commit": commit(), "cpu_threads": torch.get_num_threads(),
+           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_average": os.getloadavg()[0]}
     try:
         import triton
         env["triton"] = triton.__version__

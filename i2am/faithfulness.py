@@ -150,7 +150,7 @@ class ablate(_Restoring):
     def _apply(self):
         handle = self.denoiser.register_forward_pre_hook(self._on_denoiser_call, with_kwargs=True)
         self._hooks.append(handle.remove)
-        from .recording import _IN_USE  # a trace or recording is active: its processors consult us
+        from .instrument import _IN_USE  # a trace or recording is active: its processors consult us
         if self.denoiser not in _IN_USE:
             self._install()
         _ACTIVE[self.denoiser] = self

@@ -15,7 +15,7 @@ import torch
 from . import faithfulness, integrations
 from .config import TraceConfig
 from .layers import could_select
-from .recording import recording
+from .instrument import recording
 
 
 class trace(recording):

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..recording import TraceHook
+from ..instrument import TraceHook
 from .base import Family
 
 _LAYER = contextvars.ContextVar("i2am_dit_layer", default=None)  # (family, layer name) running now

@@ -16,7 +16,7 @@ from diffusers.models.attention_processor import (Attention, AttnProcessor, Attn
                                                   IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0)
 from torch import nn
 
-from ..recording import latent_size_of
+from ..instrument import latent_size_of
 
 from .base import Family
 
