@@ -126,7 +126,8 @@ def draw_probe(ax, probe, grid_size, size, *, label=True):
 def add_colorbar(fig, axes, *, cmap="jet", threshold=0.4, label=SCALE_LABEL):
     """One colorbar of the [0, 1] colour scale beside `axes` (one Axes or several), the values
     <= threshold, which the overlays leave transparent, greyed out."""
-    bar = fig.colorbar(ScalarMappable(Normalize(0, 1), cmap), ax=axes, fraction=0.05, pad=0.02, aspect=25)
+    bar = fig.colorbar(ScalarMappable(Normalize(0, 1), cmap), ax=axes, fraction=0.05, pad=0.02, aspect=25,
+                       panchor=False)  # the panels keep their own anchor
     if threshold > 0:
         bar.ax.axhspan(0, threshold, facecolor="white", alpha=0.75, hatch="//", edgecolor="0.5", linewidth=0)
         bar.ax.axhline(threshold, color="black", linewidth=0.8)
@@ -254,6 +255,8 @@ def _figure(rows, aspects, title):
     height = PANEL_INCHES * rows + (0.5 if title else 0.2) + 0.3
     fig, axes = plt.subplots(rows, len(aspects), figsize=(width, height), layout="constrained", squeeze=False,
                              gridspec_kw={"width_ratios": aspects})
+    for ax in axes.ravel():  # a panel narrower than its column keeps to the left, beside its row's label
+        ax.set_anchor("W")
     if title:
         fig.suptitle(title, fontsize=10)
     return fig, axes
