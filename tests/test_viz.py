@@ -231,6 +231,21 @@ def test_split_figure_lays_out_rows_and_columns(maps):
     assert len(fig.axes) == 5  # one colorbar for the grid
 
 
+def test_split_figure_keeps_every_row_label_inside_the_figure():
+    # two references of other aspects than the image (a square 4x4 and a wide 3x5 grid): the
+    # widest row fills its column, and its label must not be pushed off the figure's left edge
+    gen, square, wide = torch.rand(3, 4, 6), torch.rand(3, 4, 4), torch.rand(3, 3, 5)
+    fig = viz.split_figure([gen, square, gen, wide], column_labels=["a", "b", "c"],
+                           row_labels=["M_g, ref 0", "M_r, ref 0", "M_g, ref 1", "M_r, ref 1"],
+                           images=[gradient_image(64, 96), gradient_image(64, 64), gradient_image(64, 96),
+                                   gradient_image(48, 80)], title="three\nline\ntitle")
+    fig.canvas.draw()
+    boxes = [ax.yaxis.label.get_window_extent() for ax in fig.axes[0:12:3]]
+    assert min(box.x0 for box in boxes) >= 0
+    assert max(box.x0 for box in boxes) - min(box.x0 for box in boxes) < 1  # the labels stand in one column
+    plt.close(fig)
+
+
 def test_split_figure_checks_its_labels(maps):
     with pytest.raises(ValueError, match="3 column labels for 2 maps"):
         viz.split_figure([maps.generated(by="time")], column_labels=["a", "b", "c"], row_labels=["g"])
