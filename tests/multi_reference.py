@@ -1,11 +1,14 @@
 """Float64 I2AM maps of several references, written from the definitions (section 3d of the
 maps' contract) and the model's own q and k, captured where diffusers hands them to
-dispatch_attention_fn in an untraced run. Shared by the Qwen-Image and FLUX.2 tests."""
+dispatch_attention_fn in an untraced run (of the transformer or of a whole pipeline). Shared by
+the Qwen-Image and FLUX.2 tests."""
 import contextlib
 
 import torch
+from PIL import Image
 
 import i2am
+from i2am.integrations.dit import TokenLayout
 
 
 @contextlib.contextmanager
@@ -38,17 +41,39 @@ def run_steps(model, inputs, timesteps, negative=None):
     return outs
 
 
-def traced_against_untraced(model, inputs, module, timesteps, **trace_options):
-    """(maps, calls): the steps run untraced with every (q, k) of `module` captured, then traced
-    (i2am.trace(model, num_steps=len(timesteps), **trace_options)), whose outputs must equal the
-    untraced ones (1e-6)."""
-    with torch.no_grad(), captured_qk(module) as calls:
-        want = run_steps(model, inputs, timesteps)
-    with torch.no_grad(), i2am.trace(model, num_steps=len(timesteps), **trace_options) as tc:
-        got = run_steps(model, inputs, timesteps)
-    for a, b in zip(got, want):
+def traced_against_untraced(target, run, module, keep=lambda q, k: True, **trace_options):
+    """(maps, calls): run() (a list of outputs) untraced with every (q, k) of `module` that keep
+    accepts captured, then traced (i2am.trace(target, **trace_options)), whose outputs must equal
+    the untraced ones (1e-6)."""
+    with torch.no_grad(), captured_qk(module, keep) as calls:
+        want = run()
+    with torch.no_grad(), i2am.trace(target, **trace_options) as tc:
+        got = run()
+    for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     return tc.maps(), calls
+
+
+def first_passes(calls, layers, passes=2):
+    """The calls of each step's first transformer pass, of `passes` per step (true CFG: the cond
+    pass, then the negative prompt's)."""
+    return [c for i, c in enumerate(calls) if i // layers % passes == 0]
+
+
+def joint_layout(tokens, grid, refs):
+    """The TokenLayout of a joint sequence of `tokens` tokens: [text, generated (grid), ref_0,
+    ref_1, ...]: the pipeline tests' own statement of where the tokens are."""
+    image = grid[0] * grid[1] + sum(h * w for h, w in refs)
+    text = tokens - image
+    rows = slice(text, text + grid[0] * grid[1])
+    return TokenLayout(text, image, rows, slice(rows.stop, tokens), grid, refs[0], references=tuple(refs))
+
+
+def images(sizes, seed=0):
+    """Random RGB PIL images of the given (width, height)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=gen, dtype=torch.uint8).numpy())
+            for w, h in sizes]
 
 
 def expected_maps(calls, layers, steps, groups, layout, point, patch):

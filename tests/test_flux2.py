@@ -27,8 +27,9 @@ def test_flux2_maps_match_float64(backend):
     model, inputs = t2.transformer(), t2.inputs(batch=2)
     layout = token_layout(inputs["img_ids"], inputs["encoder_hidden_states"], inputs["hidden_states"])
     assert (layout.rows, layout.ref_keys, layout.grids) == (slice(5, 29), slice(29, 60), t2.REFS)
-    maps, calls = mr.traced_against_untraced(model, inputs, transformer_flux2, TIMESTEPS, time_groups=G, points=[POINT],
-                                             patches=[PATCH], backend=backend)
+    maps, calls = mr.traced_against_untraced(model, lambda: mr.run_steps(model, inputs, TIMESTEPS),
+                                             transformer_flux2, num_steps=3, time_groups=G,
+                                             points=[POINT], patches=[PATCH], backend=backend)
     assert set(maps.layers) == set(LAYERS) and maps.latent_size == t2.GRID and maps.references == t2.REFS
     mr.check_maps(maps, mr.expected_maps(calls, LAYERS, 3, G, layout, POINT, PATCH), layout, POINT, PATCH,
                   TOL[backend])
@@ -40,19 +41,15 @@ def test_kv_cache_maps_match_float64(backend):
     and as cached K/V afterwards; the references' own attention (their queries) is not recorded."""
     model = t2.transformer(guidance=False, kv=True)
     n_ref = sum(h * w for h, w in t2.REFS)
-    with torch.no_grad(), mr.captured_qk(transformer_flux2, keep=lambda q, k: q.shape[1] != n_ref) as calls:
-        want_out = t2.kv_steps(model, TIMESTEPS)
-    with torch.no_grad(), i2am.trace(model, num_steps=3, time_groups=G, points=[POINT], patches=[PATCH],
-                                     backend=backend) as tc:
-        got_out = t2.kv_steps(model, TIMESTEPS)
-    for a, b in zip(got_out, want_out):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    maps, calls = mr.traced_against_untraced(model, lambda: t2.kv_steps(model, TIMESTEPS), transformer_flux2,
+                                             keep=lambda q, k: q.shape[1] != n_ref, num_steps=3, time_groups=G,
+                                             points=[POINT], patches=[PATCH], backend=backend)
     ids, text = t2.image_ids(t2.GRID, 0), torch.zeros(1, t2.TEXT, t2.JOINT_DIM)
     layout = cached_layout(ids, text, None, n_ref, t2.REFS)  # the keys of the extract call are laid out the same
     assert (layout.rows, layout.ref_keys, layout.segments["generated"]) == (slice(5, 29), slice(5, 36),
                                                                             slice(36, 60))
     assert len(calls) == 3 * len(LAYERS)
-    mr.check_maps(tc.maps(), mr.expected_maps(calls, LAYERS, 3, G, layout, POINT, PATCH), layout, POINT, PATCH,
+    mr.check_maps(maps, mr.expected_maps(calls, LAYERS, 3, G, layout, POINT, PATCH), layout, POINT, PATCH,
                   TOL[backend])
 
 

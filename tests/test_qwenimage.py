@@ -25,8 +25,9 @@ def test_edit_plus_maps_match_float64(backend, zero_cond_t):
     model, inputs = tq.transformer(zero_cond_t), tq.edit_plus_inputs(batch=2)
     layout = token_layout(inputs["img_shapes"], inputs["encoder_hidden_states"], inputs["hidden_states"])
     assert (layout.rows, layout.ref_keys, layout.text) == (slice(5, 29), slice(29, 60), 5)
-    maps, calls = mr.traced_against_untraced(model, inputs, transformer_qwenimage, TIMESTEPS, time_groups=G, points=[POINT],
-                                             patches=[PATCH], backend=backend)
+    maps, calls = mr.traced_against_untraced(model, lambda: mr.run_steps(model, inputs, TIMESTEPS),
+                                             transformer_qwenimage, num_steps=3, time_groups=G,
+                                             points=[POINT], patches=[PATCH], backend=backend)
     assert set(maps.layers) == set(LAYERS) and maps.latent_size == tq.GRID and maps.references == tq.REFS
     exp = mr.expected_maps(calls, LAYERS, 3, G, layout, POINT, PATCH)
     mr.check_maps(maps, exp, layout, POINT, PATCH, dict(rtol=1e-4, atol=1e-7 if backend == "torch" else 1e-6))
