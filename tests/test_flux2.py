@@ -1,6 +1,7 @@
 """i2am.trace on FLUX.2: a tiny Flux2Transformer2DModel (one double- and one single-stream block)
-called as Flux2Pipeline and Flux2KleinKVPipeline call it, with two references of different grids.
-Every map of several references against float64 from the model's own q and k."""
+called as Flux2Pipeline and Flux2KleinKVPipeline call it, with two references of different grids,
+and the Klein pipeline objects themselves. Every map of several references against float64 from
+the model's own q and k."""
 from types import SimpleNamespace
 
 import pytest
@@ -10,6 +11,7 @@ from diffusers.models.transformers import transformer_flux2
 import i2am
 import multi_reference as mr
 import tiny_flux2 as t2
+from i2am import pipelines
 from i2am.integrations.flux2 import cached_layout, token_layout
 from i2am.kernels import triton_available
 
@@ -115,3 +117,49 @@ def test_a_layout_it_cannot_read_is_an_error():
             i2am.trace(kv, num_steps=1):
         kv(**cached)
     assert not hasattr(transformer_flux2.dispatch_attention_fn, "__wrapped__")  # the original is back
+
+
+# ---- the pipeline objects, every component tiny and built in code (tests/tiny_flux2.py) ---------
+PIPE_POINT, PIPE_PATCH, TEXT_TOKENS = (2, 5), (1, 4, 3), 48
+
+
+def klein_run(pipe, images, **options):
+    """run() for mr.traced_against_untraced: one 2-step pipeline call on the references (the same
+    noise each time), its latents."""
+    return lambda: [pipe(image=images, prompt="swap the colours", height=t2.PIPE_SIZE[0], width=t2.PIPE_SIZE[1],
+                         num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent",
+                         max_sequence_length=TEXT_TOKENS, **options).images]
+
+
+def test_klein_pipeline_with_true_cfg_matches_float64(one_thread):
+    """Flux2KleinPipeline with guidance_scale > 1: two transformer calls a step, the cond pass
+    recorded; every map against float64 from its q and k."""
+    pipe, images = t2.klein_pipeline(), mr.images(t2.REFERENCE_SIZES)
+    maps, calls = mr.traced_against_untraced(pipe, klein_run(pipe, images, guidance_scale=4.0), transformer_flux2,
+                                             time_groups=G, points=[PIPE_POINT], patches=[PIPE_PATCH])
+    assert len(calls) == 2 * 2 * len(LAYERS)  # steps x (cond, negative) x layers
+    calls = mr.first_passes(calls, len(LAYERS))
+    layout = mr.joint_layout(calls[0][0].shape[1], t2.GRID, t2.PIPE_REFS)
+    assert layout.text == TEXT_TOKENS
+    assert maps.num_steps == 2 and maps.latent_size == t2.GRID
+    # what `i2am run` expects of the pipeline before the run
+    assert maps.references == t2.PIPE_REFS == pipelines.inputs("flux2", pipe, reference=images).ref_grids
+    mr.check_maps(maps, mr.expected_maps(calls, LAYERS, 2, G, layout, PIPE_POINT, PIPE_PATCH), layout, PIPE_POINT,
+                  PIPE_PATCH, TOL["torch"])
+
+
+def test_klein_kv_pipeline_matches_float64(one_thread):
+    """Flux2KleinKVPipeline: the references' K/V extracted at the first step, cached at the second."""
+    pipe = t2.klein_pipeline(kv=True)
+    n_ref = sum(h * w for h, w in t2.PIPE_REFS)
+    maps, calls = mr.traced_against_untraced(pipe, klein_run(pipe, mr.images(t2.REFERENCE_SIZES)), transformer_flux2,
+                                             keep=lambda q, k: q.shape[1] != n_ref, time_groups=G,
+                                             points=[PIPE_POINT], patches=[PIPE_PATCH])
+    assert len(calls) == 2 * len(LAYERS)
+    text = torch.zeros(1, TEXT_TOKENS, 1)
+    layout = cached_layout(t2.image_ids(t2.GRID, 0), text, None, n_ref, t2.PIPE_REFS)
+    assert (layout.rows, layout.ref_keys, layout.segments["generated"]) == (slice(48, 72), slice(48, 84),
+                                                                            slice(84, 108))
+    assert maps.num_steps == 2 and maps.latent_size == t2.GRID and maps.references == t2.PIPE_REFS
+    mr.check_maps(maps, mr.expected_maps(calls, LAYERS, 2, G, layout, PIPE_POINT, PIPE_PATCH), layout, PIPE_POINT,
+                  PIPE_PATCH, TOL["torch"])

@@ -1,6 +1,7 @@
 """i2am.trace on Qwen-Image-Edit-Plus: a tiny QwenImageTransformer2DModel called as
-QwenImageEditPlusPipeline calls it, with two references of different grids. Every map of
-several references against float64 from the model's own q and k (tests/multi_reference.py)."""
+QwenImageEditPlusPipeline calls it, with two references of different grids, and that pipeline
+itself. Every map of several references against float64 from the model's own q and k
+(tests/multi_reference.py)."""
 import pytest
 import torch
 from diffusers.models.transformers import transformer_qwenimage
@@ -102,3 +103,29 @@ def test_report_has_rows_per_reference_and_a_sources_figure(tmp_path):
     assert "| references | [[4, 4], [3, 5]] |" in (tmp_path / "report.md").read_text()
     with pytest.raises(ValueError, match="1 reference images for the 2 references"):
         write_report(tmp_path / "again", tc.maps(), reference=refs[:1])
+
+
+@pytest.mark.parametrize("true_cfg", [False, True])
+def test_edit_plus_pipeline_matches_float64(one_thread, true_cfg):
+    """QwenImageEditPlusPipeline itself, every component tiny and built in code (tests/tiny_qwen.py):
+    two references of different grids, 2 steps, with and without true CFG (whose negative prompt's
+    pass is not recorded); every map against float64 from the transformer's own q and k."""
+    from i2am import pipelines
+
+    pipe, images = tq.edit_plus_pipeline(), mr.images(tq.REFERENCE_SIZES)
+    cfg = dict(negative_prompt="blurry", true_cfg_scale=4.0) if true_cfg else {}
+
+    def run():
+        return [pipe(image=images, prompt="swap the colours", height=tq.PIPE_SIZE[0], width=tq.PIPE_SIZE[1],
+                     num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent",
+                     **cfg).images]
+    maps, calls = mr.traced_against_untraced(pipe, run, transformer_qwenimage, time_groups=G, points=[POINT],
+                                             patches=[PATCH])
+    passes = 1 + true_cfg  # the cond pass, then the negative prompt's
+    assert len(calls) == 2 * passes * len(LAYERS)
+    calls = mr.first_passes(calls, len(LAYERS), passes)
+    layout = mr.joint_layout(calls[0][0].shape[1], tq.GRID, tq.PIPE_REFS)
+    assert layout.text > 0 and maps.num_steps == 2 and maps.latent_size == tq.GRID
+    assert maps.references == tq.PIPE_REFS == pipelines.inputs("qwen-image-edit-plus", pipe, reference=images).ref_grids
+    exp = mr.expected_maps(calls, LAYERS, 2, G, layout, POINT, PATCH)
+    mr.check_maps(maps, exp, layout, POINT, PATCH, dict(rtol=1e-4, atol=1e-7))

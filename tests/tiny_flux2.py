@@ -3,20 +3,26 @@
 Flux2Transformer2DModel with one double-stream and one single-stream block, 2 heads of 8
 channels, called as Flux2Pipeline (guidance-distilled) and Flux2KleinKVPipeline (KV cache) call
 it: img_ids (time, row, col, layer) give the generated 4 x 6 token grid time 0 and two
-references of different sizes (4 x 4, 3 x 5) times 10 and 20.
+references of different sizes (4 x 4, 3 x 5) times 10 and 20. And Flux2KleinPipeline and
+Flux2KleinKVPipeline around it, every component built in code (a tiny Qwen3 text encoder, the
+byte-level tokenizer of tiny_qwen, a tiny VAE).
 """
 import torch
-from diffusers import Flux2Transformer2DModel
+from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinKVPipeline, Flux2KleinPipeline,
+                       Flux2Transformer2DModel)
 from diffusers.models.transformers.transformer_flux2 import Flux2KVAttnProcessor, Flux2KVParallelSelfAttnProcessor
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from tiny_qwen import tokenizer
 
 GRID, REFS = (4, 6), ((4, 4), (3, 5))
 TEXT, JOINT_DIM, CHANNELS = 5, 16, 16
 
 
-def transformer(guidance=True, kv=False):
+def transformer(guidance=True, kv=False, joint_dim=JOINT_DIM):
     torch.manual_seed(0)
     model = Flux2Transformer2DModel(patch_size=1, in_channels=CHANNELS, num_layers=1, num_single_layers=1,
-                                    attention_head_dim=8, num_attention_heads=2, joint_attention_dim=JOINT_DIM,
+                                    attention_head_dim=8, num_attention_heads=2, joint_attention_dim=joint_dim,
                                     timestep_guidance_channels=16, axes_dims_rope=(2, 2, 2, 2),
                                     guidance_embeds=guidance)
     if kv:  # as Flux2KleinKVPipeline sets them
@@ -72,3 +78,39 @@ def kv_steps(model, timesteps, seed=0, scheduler=None):
         if scheduler is not None:
             gen = scheduler.step(out, t, gen, return_dict=False)[0]
     return outs
+
+
+# ---- the whole Flux2KleinPipeline / Flux2KleinKVPipeline, every component built in code --------
+# A 4-level VAE (8 pixels a latent cell, 16 a packed token): a 64 x 96 output is the 4 x 6 GRID,
+# references of 64 x 64 and 64 x 80 (width x height) pack to 4 x 4 and 5 x 4 (the pipeline takes
+# sides of at least 64 pixels).
+PIPE_SIZE, PIPE_REFS, REFERENCE_SIZES = (64, 96), ((4, 4), (5, 4)), ((64, 64), (64, 80))
+HIDDEN_LAYERS = (9, 18, 27)  # the text encoder's hidden states the pipeline stacks (its default)
+TEXT_HIDDEN = 8  # the text encoder's width: the transformer's text input is len(HIDDEN_LAYERS) of them
+QWEN3_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
+                  "not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+def text_encoder(tok):
+    """Qwen3ForCausalLM with as many layers as the deepest hidden state the pipeline reads."""
+    torch.manual_seed(1)
+    return Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=TEXT_HIDDEN, intermediate_size=16,
+                                        num_hidden_layers=max(HIDDEN_LAYERS), num_attention_heads=2,
+                                        num_key_value_heads=1, head_dim=4)).eval()
+
+
+def vae():
+    torch.manual_seed(2)
+    return AutoencoderKLFlux2(block_out_channels=(4, 4, 4, 4), layers_per_block=1, latent_channels=CHANNELS // 4,
+                              norm_num_groups=2).eval()
+
+
+def klein_pipeline(kv=False):
+    """Flux2KleinPipeline (true CFG with guidance_scale > 1), or with kv Flux2KleinKVPipeline."""
+    tok = tokenizer(QWEN3_TEMPLATE)
+    cls = Flux2KleinKVPipeline if kv else Flux2KleinPipeline
+    pipe = cls(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae(), text_encoder=text_encoder(tok), tokenizer=tok,
+               transformer=transformer(guidance=False, joint_dim=len(HIDDEN_LAYERS) * TEXT_HIDDEN).eval())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
