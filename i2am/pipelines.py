@@ -32,9 +32,11 @@ class Inputs:
     reference: object  # the reference (PIL) as the model saw it: resized and cropped by its encoder; a list
     # of them, ref 0 first, for a pipeline of several references
     mask: Optional[torch.Tensor] = None  # 0/1 float (H, W) for i2am.trace: the region filled or edited
-    ref_mask: Optional[torch.Tensor] = None  # 0/1 float on `reference`: gives IMACS_r
+    ref_mask: object = None  # 0/1 float on `reference`: gives IMACS_r; a list like `reference` for a pipeline of
+    # several references (None for a reference without one)
     images: dict = field(default_factory=dict)  # the input images as the model used them, for a report
     ref_grids: tuple = ()  # every reference's (hI, wI), ref 0 first, for a pipeline of several references
+    ground_truth: object = None  # the expected output (PIL) framed as the output is, for SSIM and LPIPS
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class Kind:
     takes_prompt: bool = False
     edits_reference: bool = False  # no image: the pipeline edits its reference
     several: bool = False  # takes several references (a list), ref 0 first
+    output_of: int = 0  # an editor's output takes this reference's frame (so do its mask and ground truth)
     guidance: float = 5.0  # the guidance scale when none is given (None: the pipeline's own)
 
 
@@ -67,19 +70,42 @@ def load(kind, model, *, device="cpu", dtype="auto", progress=True, **options):
     return pipe
 
 
-def inputs(kind, pipe, *, reference, image=None, mask=None, ref_mask=None, prompt=""):
+def inputs(kind, pipe, *, reference, image=None, mask=None, ref_mask=None, prompt="", ground_truth=None):
     """One sample's Inputs for `pipe` (from load(kind, ...)). Images are file paths or PIL images;
     reference: one image, or a list of them for a pipeline of several references (ref 0 first);
-    masks are white (1) where the image is filled (flux-kontext: the edited region of the
-    reference, optional) and on the reference's relevant region (ref_mask, optional)."""
+    masks are white (1) where the image is filled (an editor's: the edited region, optional) and
+    on the reference's relevant region (ref_mask, optional; one per reference, a list, with several).
+    ground_truth (optional): the expected output, framed as the output is in Inputs.ground_truth."""
     return kind_of(kind).prepare(pipe, read(kind, reference=reference, image=image, mask=mask, ref_mask=ref_mask,
-                                            prompt=prompt))
+                                            prompt=prompt, ground_truth=ground_truth))
 
 
-def read(kind, *, reference, image=None, mask=None, ref_mask=None, prompt=""):
-    """The sample's images opened and checked (sizes, masks that mark a region) before any model
-    is loaded: {"reference", "image", "mask", "ref_mask", "prompt"}, absent ones None; "reference"
-    is a list for a pipeline of several references."""
+# what each input is, for the messages of sample_rules' needed inputs
+NEEDED = {"image": "the image to inpaint", "mask": "the region to fill, white", "reference": "the reference image",
+          "prompt": "the edit instruction"}
+
+
+def sample_rules(kind=None):
+    """What one sample of `kind` must give and must not: ({name: what it is} of the inputs it
+    needs, {name: why} of those it takes none of); every other input (image, mask, reference,
+    ref_mask, prompt, ground_truth) is optional. The one rule behind read (`i2am run`) and the
+    `i2am eval` manifests. An inpainting pipeline needs the image to fill, its mask and the
+    reference; an editor (edits_reference) needs its references and the edit instruction, and
+    takes no image. kind None: what every inpainting pipeline needs, refusing nothing."""
+    entry = Kind(None, None, takes_prompt=True) if kind is None else kind_of(kind)
+    names = ("reference", "prompt") if entry.edits_reference else ("image", "mask", "reference")
+    refused = {"image": "it edits its reference"} if entry.edits_reference else {}
+    if not entry.takes_prompt:
+        refused["prompt"] = "its reference replaces the text"
+    return {name: NEEDED[name] for name in names}, refused
+
+
+def read(kind, *, reference, image=None, mask=None, ref_mask=None, prompt="", ground_truth=None):
+    """The sample's images opened and checked (sample_rules, sizes, masks that mark a region)
+    before any model is loaded: {"reference", "image", "mask", "ref_mask", "prompt",
+    "ground_truth"}, absent ones None; "reference" and "ref_mask" are lists for a pipeline of
+    several references. The mask and the ground truth take the output's frame: the image's, or an
+    editor's reference output_of (flux2: ref 0; qwen-image-edit-plus: the last)."""
     entry = kind_of(kind)
     references = list(reference) if isinstance(reference, (list, tuple)) else [reference]
     if not references:
@@ -88,31 +114,58 @@ def read(kind, *, reference, image=None, mask=None, ref_mask=None, prompt=""):
         several = ", ".join(name for name, k in KINDS.items() if k.several)
         raise InputError(f"the {kind} pipeline takes one {arg('reference')}, got {len(references)}; "
                          f"pipelines of several references: {several}")
-    if entry.several and (mask is not None or ref_mask is not None):
-        raise InputError(f"the {kind} pipeline takes no {arg('mask')} or {arg('ref_mask')}: its output and its "
-                         "references have sizes of their own")
-    if prompt and not entry.takes_prompt:
-        raise InputError(f"the {kind} pipeline takes no {arg('prompt')}: its reference replaces the text")
-    if entry.edits_reference and image is not None:
-        raise InputError(f"{kind} edits {arg('reference')} and takes no {arg('image')}")
-    for name, given in (("image", image), ("mask", mask)):
-        if not entry.edits_reference and given is None:
-            raise InputError(f"the {kind} pipeline needs {arg(name)}")
+    values = {"image": image, "mask": mask, "reference": references, "prompt": prompt}
+    needed, refused = sample_rules(kind)
+    for name, why in refused.items():
+        if _given(values[name]):
+            raise InputError(f"the {kind} pipeline takes no {arg(name)}: {why}")
+    for name, what in needed.items():
+        if not _given(values[name]):
+            raise InputError(f"the {kind} pipeline needs {arg(name)} ({what})")
+    ref_masks = _one_per_reference(ref_mask, len(references))
     opened = [open_image(one, "reference") for one in references]
+    ref_masks = [None if m is None else open_image(m, "ref_mask", mode="L") for m in ref_masks]
     given = {"reference": opened if entry.several else opened[0], "prompt": prompt,
              "image": None if image is None else open_image(image, "image"),
              "mask": None if mask is None else open_image(mask, "mask", mode="L"),
-             "ref_mask": None if ref_mask is None else open_image(ref_mask, "ref_mask", mode="L")}
+             "ground_truth": None if ground_truth is None else open_image(ground_truth, "ground_truth"),
+             "ref_mask": ((ref_masks if any(m is not None for m in ref_masks) else None) if entry.several
+                          else ref_masks[0])}
+    r = entry.output_of % len(opened)
+    frame = (given["image"], "image") if image is not None else (opened[r], _nth("reference", r, len(opened)))
+    for name in ("mask", "ground_truth"):
+        if given[name] is not None:
+            same_size(given[name], name, *frame)
     if given["mask"] is not None:
-        same_size(given["mask"], "mask", *((given["image"], "image") if given["image"] else
-                                           (given["reference"], "reference")))
         binary_mask(given["mask"], "mask")
-    if given["ref_mask"] is not None:
-        same_size(given["ref_mask"], "ref_mask", given["reference"], "reference")
-        if entry.edits_reference and given["mask"] is None:
-            raise InputError(f"{arg('ref_mask')} gives IMACS_r, which needs {arg('mask')} (the edited region) "
-                             f"with {kind}")
+    for r, m in enumerate(ref_masks):
+        if m is not None:
+            same_size(m, _nth("ref_mask", r, len(opened)), opened[r], _nth("reference", r, len(opened)))
+    if given["ref_mask"] is not None and entry.edits_reference and given["mask"] is None:
+        raise InputError(f"{arg('ref_mask')} gives IMACS_r, which needs {arg('mask')} (the edited region) "
+                         f"with {kind}")
     return given
+
+
+def _given(value):
+    """Whether an input was given: neither None nor an empty text or list."""
+    return value is not None and not (isinstance(value, (str, list)) and len(value) == 0)
+
+
+def _one_per_reference(ref_mask, count):
+    """ref_mask as a list of one mask (or None) per reference."""
+    if ref_mask is None:
+        return [None] * count
+    masks = list(ref_mask) if isinstance(ref_mask, (list, tuple)) else [ref_mask]
+    if len(masks) != count:
+        raise InputError(f"{arg('ref_mask')} gives {len(masks)} mask(s) for {count} references: give one per "
+                         "reference, ref 0 first (None for a reference without one)")
+    return masks
+
+
+def _nth(name, r, count):
+    """The argument `name` of reference r, numbered when there are several."""
+    return name if count == 1 else f"{name} {r}"
 
 
 def check_protocols_of(kind, protocols):
@@ -206,7 +259,8 @@ def _inpainting(pipe, given, ref_grid, reference_inputs):
         ref_mask = binary_mask(ref_mask_image, "ref_mask", ", cropped as the reference,")
     call = dict(image=image, mask_image=mask_image, height=image.height, width=image.width, **reference_inputs)
     return Inputs(call, (image.height // scale, image.width // scale), ref_grid, seen, binary_mask(mask_image),
-                  ref_mask, {"input": image, "mask": mask_image, "ref_mask": ref_mask_image})
+                  ref_mask, {"input": image, "mask": mask_image, "ref_mask": ref_mask_image},
+                  ground_truth=given["ground_truth"])
 
 
 def _prepare_paint_by_example(pipe, given):
@@ -261,10 +315,11 @@ def _prepare_flux_kontext(pipe, given):
                          f"of at least {pipe.vae_scale_factor * 2} pixels")
     grid = flux.token_grid(pipe, height, width)
     crop = {name: None if given[name] is None else given[name].crop((0, 0, width, height))  # as it is encoded
-            for name in ("reference", "mask", "ref_mask")}
+            for name in ("reference", "mask", "ref_mask", "ground_truth")}
     masks = {name: None if crop[name] is None else binary_mask(crop[name], name) for name in ("mask", "ref_mask")}
     return Inputs(flux.kontext_call(crop["reference"], given["prompt"], height, width), grid, grid, crop["reference"],
-                  masks["mask"], masks["ref_mask"], {"mask": crop["mask"], "ref_mask": crop["ref_mask"]})
+                  masks["mask"], masks["ref_mask"], {"mask": crop["mask"], "ref_mask": crop["ref_mask"]},
+                  ground_truth=crop["ground_truth"])
 
 
 # ---- several references: Qwen-Image-Edit-Plus, FLUX.2 -------------------------------------------
@@ -280,14 +335,29 @@ def _loader(cls_name):
     return load
 
 
-def _several(pipe, given, seen, size):
-    """Inputs of a pipeline of several references: `seen` the references as its VAE encodes them,
-    size (height, width) the generated image's; every grid is the packed token grid (size / 16)."""
+def _several(pipe, given, fit, kind):
+    """Inputs of a pipeline of several references: fit(image) is an image the size of a reference
+    as the VAE encodes that reference (each reference's mask is fitted as it is); the output takes
+    the fitted size of the reference the kind's output_of names, and the mask and the ground truth
+    are fitted as that reference. Every grid is the packed token grid (size / 16)."""
+    seen = [fit(im) for im in given["reference"]]
+    out = seen[KINDS[kind].output_of]
     token = pipe.vae_scale_factor * 2  # latents packed 2x2
     grids = tuple((im.height // token, im.width // token) for im in seen)
-    grid = (size[0] // token, size[1] // token)
-    call = dict(image=list(given["reference"]), prompt=given["prompt"], height=size[0], width=size[1])
-    return Inputs(call, grid, grids[0], seen, ref_grids=grids)
+    call = dict(image=list(given["reference"]), prompt=given["prompt"], height=out.height, width=out.width)
+    fitted = {name: None if given[name] is None else fit(given[name]) for name in ("mask", "ground_truth")}
+    mask_image = None if fitted["mask"] is None else fitted["mask"].convert("L")
+    images = {"mask": mask_image}
+    ref_mask = None
+    if given["ref_mask"] is not None:
+        ref_mask = []
+        for r, m in enumerate(given["ref_mask"]):
+            images[f"ref_mask_{r}"] = None if m is None else fit(m).convert("L")
+            ref_mask.append(None if m is None else binary_mask(images[f"ref_mask_{r}"], f"ref_mask {r}",
+                                                               ", resized as its reference,"))
+    mask = None if mask_image is None else binary_mask(mask_image, "mask", ", resized as the output,")
+    return Inputs(call, (out.height // token, out.width // token), grids[0], seen, mask, ref_mask, images,
+                  ref_grids=grids, ground_truth=fitted["ground_truth"])
 
 
 def _prepare_qwen_image_edit_plus(pipe, given):
@@ -295,26 +365,25 @@ def _prepare_qwen_image_edit_plus(pipe, given):
     of 32) for its VAE; the output takes the last reference's shape at that area."""
     from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import VAE_IMAGE_SIZE, calculate_dimensions
 
-    seen = []
-    for im in given["reference"]:
+    def fit(im):
         width, height = calculate_dimensions(VAE_IMAGE_SIZE, im.width / im.height)
-        seen.append(_as_vae_input(pipe.image_processor, im, height, width))
-    return _several(pipe, given, seen, (seen[-1].height, seen[-1].width))
+        return _as_vae_input(pipe.image_processor, im, height, width)
+    return _several(pipe, given, fit, "qwen-image-edit-plus")
 
 
 def _prepare_flux2(pipe, given):
     """Flux2Pipeline scales each reference down to at most 1024x1024 pixels and crops it to
     multiples of 16; the output takes the first reference's size."""
     processor, multiple = pipe.image_processor, pipe.vae_scale_factor * 2
-    seen = []
-    for im in given["reference"]:
+
+    def fit(im):
         im = processor._resize_if_exceeds_area(im.convert("RGB"), 1024 * 1024)
         width, height = im.width // multiple * multiple, im.height // multiple * multiple
         if width == 0 or height == 0:
             raise InputError(f"{arg('reference')} is {im.width}x{im.height}: flux2 needs sides of at least "
                              f"{multiple} pixels")
-        seen.append(_as_vae_input(processor, im, height, width, resize_mode="crop"))
-    return _several(pipe, given, seen, (seen[0].height, seen[0].width))
+        return _as_vae_input(processor, im, height, width, resize_mode="crop")
+    return _several(pipe, given, fit, "flux2")
 
 
 def on_regions(x, regions):
@@ -340,7 +409,7 @@ KINDS = {
                          takes_prompt=True, edits_reference=True, guidance=2.5),
     "qwen-image-edit-plus": Kind(_loader("QwenImageEditPlusPipeline"), _prepare_qwen_image_edit_plus,
                                  cuda_dtype="bfloat16", protocols=("paper",), takes_prompt=True,
-                                 edits_reference=True, several=True, guidance=None),
+                                 edits_reference=True, several=True, output_of=-1, guidance=None),
     "flux2": Kind(_loader("Flux2Pipeline"), _prepare_flux2, cuda_dtype="bfloat16", protocols=("paper",),
                   takes_prompt=True, edits_reference=True, several=True, guidance=4.0),
 }

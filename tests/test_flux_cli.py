@@ -55,7 +55,8 @@ def test_run_flux_kontext_writes_the_report(capsys, kontext_model, tmp_path):
 def test_run_flux_kontext_usage_errors_exit_2(capsys, kontext_model, tmp_path, extra, message):
     tiny_models.image(1, (24, 16)).save(tmp_path / "photo.png")
     code, _, err = run(capsys, "run", "--pipeline", "flux-kontext", "--model", kontext_model, "--reference",
-                       tmp_path / "photo.png", "--steps", 1, "--time-groups", 1, "--out", tmp_path / "r", *extra)
+                       tmp_path / "photo.png", "--prompt", "a hat", "--steps", 1, "--time-groups", 1,
+                       "--out", tmp_path / "r", *extra)
     assert code == 2 and message in err
 
 
