@@ -163,6 +163,8 @@ def render_figures(out_dir, maps, *, image=None, reference=None, ref_mask=None, 
     if len(maps.references) > 1:
         return _render_references(Path(out_dir), maps, image=image, references=reference, ref_mask=ref_mask,
                                   shown=dict(threshold=threshold, alpha=alpha))
+    if isinstance(ref_mask, (list, tuple)):  # one per reference: of the one reference
+        (ref_mask,) = _reference_masks(ref_mask, 1)
     true_sources = {tuple(p): tuple(c) for p, c in (true_sources or {}).items()}
     out = Path(out_dir)
     samples = len(maps.record)
@@ -237,8 +239,7 @@ def render_figures(out_dir, maps, *, image=None, reference=None, ref_mask=None, 
 def _render_references(out, maps, *, image, references, ref_mask, shown):
     """render_figures of maps with several references."""
     R, samples = len(maps.references), len(maps.record)
-    if ref_mask is not None:
-        raise ValueError("ref_mask is one reference's mask; with several references the figures take none")
+    ref_masks = _reference_masks(ref_mask, R)
     refs = [None] * R if references is None else list(references)
     if len(refs) != R:
         raise ValueError(f"{len(refs)} reference images for the {R} references of the maps")
@@ -264,10 +265,11 @@ def _render_references(out, maps, *, image, references, ref_mask, shown):
         rows = []
         for r in range(R):
             row = [viz.Panel(f"{gen_name} of reference {r}", img, pick(maps.generated(ref=r)), mask=maps.mask),
-                   viz.Panel(f"reference {r}", refs[r]),
-                   viz.Panel(f"M_r: reference map {r}", refs[r], pick(maps.reference(ref=r)))]
+                   viz.Panel(f"reference {r}", refs[r], mask=ref_masks[r]),
+                   viz.Panel(f"M_r: reference map {r}", refs[r], pick(maps.reference(ref=r)), mask=ref_masks[r])]
             if maps.mask is not None:
-                row.append(viz.Panel("M_r, mask probe (eq. 17)", refs[r], pick(maps.reference(masked=True, ref=r))))
+                row.append(viz.Panel("M_r, mask probe (eq. 17)", refs[r], pick(maps.reference(masked=True, ref=r)),
+                                     mask=ref_masks[r]))
             rows.append(row)
         caption = f"Generated map {gen_name} and reference map M_r of each reference"
         save(viz.panel_figure(rows, title=_title(maps, caption), row_labels=[f"reference {r}" for r in range(R)],
@@ -279,7 +281,8 @@ def _render_references(out, maps, *, image, references, ref_mask, shown):
                 names += [f"{gen_name}, ref {r}", f"M_r, ref {r}"]
                 images += [img, refs[r]]
             fig = viz.split_figure(stacks, column_labels=labels, row_labels=names, images=images,
-                                   masks=[maps.mask, None] * R, title=_title(maps, caption), **shown)
+                                   masks=[m for r in range(R) for m in (maps.mask, ref_masks[r])],
+                                   title=_title(maps, caption), **shown)
             save(fig, name + sfx, caption)
         caption = "Sources: the share of each reference, the text and the image itself in each position"
         shares = {k: pick(v) for k, v in maps.sources(all_keys=_all_sources(maps)).items()}
@@ -328,19 +331,37 @@ def has_reference_side(maps):
 
 
 def imacs_scores(maps, ref_mask=None, *, lam=3.0, threshold=0.4):
-    """{"IMACS_g", "IMACS_r"} as AttributionMaps.imacs computes them; empty without a traced
-    inpainting mask (IMACS_r also needs ref_mask). An undefined score is None, and "undefined"
-    then says why: {"IMACS_r": reason}."""
+    """{"IMACS_g", "IMACS_r"} as AttributionMaps.imacs computes them, of reference 0; maps of
+    several references add "IMACS_g_ref1", "IMACS_r_ref1", ... of each further reference.
+    ref_mask: reference 0's mask, or a list of one per reference (None for one without). Empty
+    without a traced inpainting mask (IMACS_r also needs its ref_mask). An undefined score is
+    None, and "undefined" then says why: {"IMACS_r": reason}."""
+    ref_masks = _reference_masks(ref_mask, len(maps.references))
     if maps.mask is None:
-        if ref_mask is not None:
+        if any(m is not None for m in ref_masks):
             raise ValueError("IMACS_r needs the inpainting mask in the trace (mask=), these maps have none")
         return {}
-    scores = maps.imacs(ref_mask=ref_mask, lam=lam, threshold=threshold)
-    why = scores.pop("undefined", {})
-    named = {f"IMACS_{'g' if key == 'gen' else 'r'}": value for key, value in scores.items()}
+    named, why = {}, {}
+    for r, mask in enumerate(ref_masks):
+        scores = maps.imacs(ref_mask=mask, lam=lam, threshold=threshold, ref=r)
+        reasons = scores.pop("undefined", {})
+        for key, value in scores.items():
+            name = f"IMACS_{'g' if key == 'gen' else 'r'}" + (f"_ref{r}" if r else "")
+            named[name] = value
+            if key in reasons:
+                why[name] = reasons[key]
     if why:
-        named["undefined"] = {f"IMACS_{'g' if key == 'gen' else 'r'}": reason for key, reason in why.items()}
+        named["undefined"] = why
     return named
+
+
+def _reference_masks(ref_mask, references):
+    """ref_mask (reference 0's mask, or a list of one per reference) as a list of one per reference."""
+    if not isinstance(ref_mask, (list, tuple)):
+        return [ref_mask] + [None] * (max(references, 1) - 1)
+    if len(ref_mask) != references:
+        raise ValueError(f"ref_mask holds {len(ref_mask)} masks for the {references} references of the maps")
+    return list(ref_mask)
 
 
 def score_lines(scores):
