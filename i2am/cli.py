@@ -198,12 +198,17 @@ the ground truth; over the set: FID and KID. Writes samples.jsonl, summary.md (t
 Pearson and Spearman correlations of IMACS with each metric) and scatter plots. The same
 command run again on the same --out resumes: finished samples are kept, the rest are run.
 Under `accelerate launch -m i2am eval ...` (or torchrun) the samples are shared among the
-processes. --data is a JSONL manifest ({"image", "mask", "reference", "ref_mask",
-"ground_truth"} paths a line; an optional unique "id" names the result files, default the
-image's file name) or a VITON-HD-like test folder (image/, agnostic-mask/, cloth/,
+processes. --data is a JSONL manifest, one sample a line, paths relative to it: for the
+inpainting pipelines {"image", "mask", "reference"} and optional "ref_mask", "ground_truth";
+for the editors (flux-kontext, qwen-image-edit-plus, flux2) {"reference": a path or a list,
+ref 0 first, "prompt": the edit instruction (without it, --prompt)} and optional "mask" (the
+edited region: IMACS_g of each reference), "ref_mask" (a list like "reference", null for none:
+IMACS_r), "ground_truth" (SSIM, LPIPS, and the real images of FID and KID), no "image"; an
+optional unique "id" names the result files (default the image's or first reference's file
+name), "seed" its seed. Or a VITON-HD-like test folder (image/, agnostic-mask/, cloth/,
 cloth-mask/, test_pairs.txt). LPIPS needs torchvision and its AlexNet weights in the torch hub
-cache; FID and KID need torch-fidelity and --inception-weights: without them those columns
-are left out, and the summary says so.
+cache; FID and KID need torch-fidelity and --inception-weights: without them (or an editor's
+sample without a ground truth) those columns are left out, and the summary says so.
 
 examples:
   i2am eval --demo --out eval-demo
@@ -217,7 +222,8 @@ examples:
     ev.add_argument("--samples", type=_positive, default=32, help="--demo: synthetic samples (default: %(default)s)")
     ev.add_argument("--pipeline", choices=PIPELINES, help="with --data: the pipeline, as for `i2am run`")
     ev.add_argument("--model", metavar="PATH_OR_ID", help="with --data: local folder or cached model id")
-    ev.add_argument("--prompt", default="", help="text prompt (ip-adapter only; default empty)")
+    ev.add_argument("--prompt", default="", help="the prompt of samples without their own (ip-adapter and the "
+                    "editors; default empty)")
     ev.add_argument("--ip-adapter", metavar="FILE", help="IP-Adapter weights, as for `i2am run`")
     ev.add_argument("--ip-adapter-scale", type=float, default=1.0)
     ev.add_argument("--protocol", nargs="+", default=["paper"], choices=tuple(PROTOCOLS),
@@ -306,7 +312,7 @@ def _eval(args):
             raise UsageError("--data needs --pipeline and --model (the model to evaluate)")
         _check_time_groups(args.time_groups, steps)
         pipelines.check_protocols_of(args.pipeline, args.protocol)
-        samples = load_dataset(args.data)
+        samples = load_dataset(args.data, args.pipeline, args.prompt)
         task = PipelineTask(args.pipeline, args.model, device=device, dtype=args.dtype, prompt=args.prompt,
                             steps=steps, guidance=_guidance(args), time_groups=args.time_groups,
                             convention=args.convention, backend=args.backend, settings={"data": args.data},

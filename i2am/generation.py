@@ -24,6 +24,7 @@ class Generation:
     ref_mask: object = None      # binary (H, W) on the reference as the model saw it; None: no IMACS_r
     scores: dict = field(default_factory=dict)  # scores of the run beside IMACS (the demo's correspondence)
     true_sources: dict = None    # {latent point: reference patch} its content truly comes from (synthetic data)
+    ground_truth: object = None  # the expected image, framed as `image` (an evaluation's SSIM and LPIPS)
 
     def write_report(self, out_dir, **options):
         """report.write_report of this generation into out_dir: its image, maps, ref_mask, scores

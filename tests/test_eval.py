@@ -274,7 +274,8 @@ def test_manifest_reads_paths_relative_to_it_and_names_bad_lines(tmp_path):
     first, second = load_dataset(tmp_path / "d.jsonl")
     assert (first.id, first.index, first.seed, first.image) == ("p", 0, 9, tmp_path / "p.png")
     assert (second.id, second.index, second.ground_truth, second.ref_mask) == ("x", 1, None, None)
-    for line, message in ((json.dumps({"image": "p.png"}), "line 1: lacks mask, reference"),
+    for line, message in ((json.dumps({"image": "p.png"}), r"line 1: lacks mask \(the region to fill, white\), "
+                                                           r"reference \(the reference image\)"),
                           (json.dumps({**good, "mask": "nope.png"}), "line 1: mask file not found"),
                           (json.dumps({**good, "colour": 1}), "line 1: unknown keys colour"),
                           ("{", "line 1: not JSON"),

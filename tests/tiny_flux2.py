@@ -5,12 +5,18 @@ channels, called as Flux2Pipeline (guidance-distilled) and Flux2KleinKVPipeline 
 it: img_ids (time, row, col, layer) give the generated 4 x 6 token grid time 0 and two
 references of different sizes (4 x 4, 3 x 5) times 10 and 20. And Flux2KleinPipeline and
 Flux2KleinKVPipeline around it, every component built in code (a tiny Qwen3 text encoder, the
-byte-level tokenizer of tiny_qwen, a tiny VAE).
+byte-level tokenizer of tiny_qwen, a tiny VAE); Pipeline stands in for a whole Flux2Pipeline
+(whose text encoder is too large to build here) in the eval tests.
 """
+from types import SimpleNamespace
+
+import numpy as np
 import torch
 from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinKVPipeline, Flux2KleinPipeline,
                        Flux2Transformer2DModel)
 from diffusers.models.transformers.transformer_flux2 import Flux2KVAttnProcessor, Flux2KVParallelSelfAttnProcessor
+from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+from PIL import Image
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from tiny_qwen import tokenizer
@@ -114,3 +120,46 @@ def klein_pipeline(kv=False):
                transformer=transformer(guidance=False, joint_dim=len(HIDDEN_LAYERS) * TEXT_HIDDEN).eval())
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+class Pipeline:
+    """A stand-in Flux2Pipeline: its denoising loop, token layout and image processor around the tiny
+    transformer, without VAE or text encoder. A token is 16 x 16 pixels (vae_scale_factor 8, packed
+    2 x 2): each reference (sides multiples of 16, as the pipeline's processor leaves it) enters as
+    its tokens' mean colours, the prompt as seeded text states, and the output image shows the
+    generated tokens' first three channels."""
+
+    vae_scale_factor, dtype = 8, torch.float32
+
+    def __init__(self):
+        self.transformer, self.scheduler = transformer(), FlowMatchEulerDiscreteScheduler()
+        self.image_processor = Flux2ImageProcessor(vae_scale_factor=16)
+
+    def set_progress_bar_config(self, **options):
+        pass
+
+    @torch.no_grad()
+    def __call__(self, image, prompt, height, width, num_inference_steps, guidance_scale, generator):
+        grid = (height // 16, width // 16)
+        refs = [_tokens(im) for im in image]
+        ids = torch.cat([image_ids(grid, 0), reference_ids([g for g, _ in refs])])[None]
+        text = torch.randn(1, TEXT, JOINT_DIM, generator=torch.Generator().manual_seed(len(prompt)))
+        latents = torch.randn(1, grid[0] * grid[1], CHANNELS, generator=generator)
+        self.scheduler.set_timesteps(num_inference_steps)
+        for t in self.scheduler.timesteps:
+            out = self.transformer(hidden_states=torch.cat([latents, *(tokens for _, tokens in refs)], 1),
+                                   timestep=t.expand(1) / 1000, guidance=torch.full((1,), float(guidance_scale)),
+                                   encoder_hidden_states=text, txt_ids=torch.zeros(1, TEXT, 4), img_ids=ids,
+                                   return_dict=False)[0][:, :latents.shape[1]]
+            latents = self.scheduler.step(out, t, latents, return_dict=False)[0]
+        rgb = torch.sigmoid(latents[0, :, :3]).reshape(*grid, 3).repeat_interleave(16, 0).repeat_interleave(16, 1)
+        return SimpleNamespace(images=[Image.fromarray((rgb.numpy() * 255).round().astype(np.uint8))])
+
+
+def _tokens(image):
+    """(grid, (1, tokens, CHANNELS)) of a reference: each 16 x 16 cell's mean colour, repeated."""
+    a = torch.from_numpy(np.asarray(image.convert("RGB"), np.float32) / 255)
+    h, w = a.shape[0] // 16, a.shape[1] // 16
+    assert (h * 16, w * 16) == tuple(a.shape[:2]), "the stand-in takes references of sides multiples of 16"
+    cells = a.reshape(h, 16, w, 16, 3).mean((1, 3)).reshape(1, h * w, 3)
+    return (h, w), cells.repeat(1, 1, CHANNELS // 3 + 1)[..., :CHANNELS]

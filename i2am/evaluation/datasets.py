@@ -1,21 +1,33 @@
 """Evaluation data sets: what one sample holds, read from a JSONL manifest or a VITON-HD-like folder.
 
-A sample is the image to inpaint (also the real image the FID and KID compare with), its
-inpainting mask (white = fill), the reference and its mask (e.g. the cloth mask, for IMACS_r),
-and the ground truth for SSIM and LPIPS (in a paired setting: the image itself).
+For an inpainting pipeline a sample is the image to inpaint (also the real image the FID and KID
+compare with), its inpainting mask (white = fill), the reference and its mask (e.g. the cloth
+mask, for IMACS_r), and the ground truth for SSIM and LPIPS (in a paired setting: the image
+itself). For an editor (flux-kontext, qwen-image-edit-plus, flux2) a sample is its references and
+its edit instruction (the prompt), with optionally the edited region (mask, for IMACS_g), each
+reference's mask (ref_mask, for IMACS_r) and the expected edit (ground truth, for SSIM and
+LPIPS, and the real image of FID and KID). Which inputs a pipeline needs and refuses is
+i2am.pipelines.sample_rules; sizes and masks are checked by i2am.pipelines.read as each sample
+is generated.
 
 JSONL manifest, one sample a line, paths relative to the manifest's folder:
 
     {"id": "00001_00", "image": "image/00001_00.jpg", "mask": "agnostic-mask/00001_00_mask.png",
      "reference": "cloth/00001_00.jpg", "ref_mask": "cloth-mask/00001_00.jpg",
      "ground_truth": "image/00001_00.jpg", "prompt": "", "seed": 7}
+    {"id": "tryon_3", "reference": ["person/3.jpg", "shirt/9.jpg"], "prompt": "the person wears the shirt",
+     "mask": "edit/3.png", "ref_mask": [null, "shirt-mask/9.png"], "ground_truth": "result/3.jpg"}
 
-"reference" may be a list of paths, for a pipeline of several references (ref 0 first).
-"ref_mask", "ground_truth", "prompt" and "seed" are optional (seed: an integer, added to the
-run's seed; default the sample's line number). An id names the sample's result files: it is a
-file name (no folder, no "/" or "\\"), distinct from every other id after normalisation ("./s0" is
-"s0"; letter case and Unicode forms do not tell ids apart). Every image is checked to decode
-when the data set is loaded, so that a bad sample stops the run before any generation.
+"reference" may be a list of paths, for a pipeline of several references (ref 0 first);
+"ref_mask" then is a list as long (null for a reference without one). An editor's mask and
+ground truth are the size of the reference its output takes its frame from (flux2: ref 0;
+qwen-image-edit-plus: the last). "seed" is optional (an integer, added to the run's seed;
+default the sample's line number); an editor's sample without its own "prompt" takes the
+default prompt (`i2am eval --prompt`), and with neither is an error. An id names the sample's
+result files (default: the image's file name, an editor's first reference's): it is a file name
+(no folder, no "/" or "\\"), distinct from every other id after normalisation ("./s0" is "s0";
+letter case and Unicode forms do not tell ids apart). Every image is checked to decode when the
+data set is loaded, so that a bad sample stops the run before any generation.
 
 Folder (VITON-HD's test split, with StableVITON's agnostic masks): image/, agnostic-mask/
 (NAME_mask.png), cloth/, cloth-mask/, and test_pairs.txt ("person.jpg cloth.jpg" a line) in the
@@ -32,8 +44,10 @@ from PIL import Image, UnidentifiedImageError
 
 from ..inputs import InputError
 from ..integers import as_int
+from ..pipelines import sample_rules
 
 PAIRS_FILE = "test_pairs.txt"
+INPUTS = ("image", "mask", "reference", "ref_mask", "prompt", "ground_truth")  # a manifest's keys beside id, seed
 
 
 class DatasetError(InputError):
@@ -46,8 +60,8 @@ class Sample:
 
     id: str
     index: int
-    image: object
-    mask: object
+    image: object  # None for an editor's sample
+    mask: object  # None for an editor's sample without an edited region
     reference: object  # one image, or a list of them (several references, ref 0 first)
     ref_mask: object = None
     ground_truth: object = None
@@ -56,20 +70,30 @@ class Sample:
     extra: dict = field(default_factory=dict)  # data-set-specific inputs (the demo's warp)
     source: str = ""  # where the sample is described ("pairs.jsonl, line 3"), for error messages
 
+    @property
+    def real(self):
+        """The real image FID and KID compare with: the image to inpaint; an editor's (no image)
+        ground truth; None when there is neither."""
+        return self.image if self.image is not None else self.ground_truth
 
-def load_dataset(path):
-    """Samples from a .jsonl manifest or a VITON-HD-like folder."""
+
+def load_dataset(path, kind=None, prompt=""):
+    """Samples from a .jsonl manifest or a VITON-HD-like folder for the pipeline `kind` (its
+    i2am.pipelines.sample_rules; None: an inpainting pipeline's). prompt: the default prompt of
+    samples without their own (an editor's samples need one or the other)."""
     path = Path(path)
     if path.is_dir():
-        return load_folder(path)
+        return load_folder(path, kind)
     if path.is_file():
-        return load_manifest(path)
+        return load_manifest(path, kind, prompt)
     raise DatasetError(f"data set not found: {path} (a .jsonl manifest or a folder with image/, "
                        f"agnostic-mask/, cloth/, cloth-mask/ and {PAIRS_FILE})")
 
 
-def load_manifest(path):
+def load_manifest(path, kind=None, prompt=""):
     path = Path(path)
+    needed, refused = sample_rules(kind)
+    pipeline = f"the {kind} pipeline" if kind else "an inpainting pipeline"
     samples = []
     for n, line in enumerate(path.read_text().splitlines()):
         if not line.strip():
@@ -79,23 +103,39 @@ def load_manifest(path):
             entry = json.loads(line)
         except json.JSONDecodeError as err:
             raise DatasetError(f"{where}: not JSON ({err})") from None
-        missing = [key for key in ("image", "mask", "reference") if key not in entry]
-        if missing:
-            raise DatasetError(f"{where}: lacks {', '.join(missing)} (every sample needs image, mask and reference)")
-        unknown = set(entry) - {"id", "image", "mask", "reference", "ref_mask", "ground_truth", "prompt", "seed"}
+        if not isinstance(entry, dict):
+            raise DatasetError(f"{where}: a sample is a JSON object ({{\"reference\": ..., ...}}), got {line.strip()!r}")
+        unknown = set(entry) - {"id", "seed", *INPUTS}
         if unknown:
             raise DatasetError(f"{where}: unknown keys {', '.join(sorted(unknown))}")
-        sample_id = str(entry.get("id", Path(str(entry["image"])).stem))
-        files = {key: _image(path.parent / entry[key], where, key, sample_id)
-                 for key in ("image", "mask", "ref_mask", "ground_truth") if entry.get(key)}
-        files["reference"] = _references(entry["reference"], path.parent, where, sample_id)
+        for key, why in refused.items():
+            if entry.get(key) not in (None, ""):
+                raise DatasetError(f"{where}: \"{key}\" is not an input of {pipeline}: {why}; leave it out")
+        missing = [key for key in needed if entry.get(key) in (None, "") and not (key == "prompt" and prompt)]
+        if missing:
+            what = ", ".join(f"{key} ({needed[key]})" for key in missing)
+            default = "; or a default prompt (--prompt) for the samples without one" if "prompt" in missing else ""
+            raise DatasetError(f"{where}: lacks {what}, which {pipeline} needs{default}")
+        if not isinstance(entry.get("prompt", ""), str):
+            raise DatasetError(f"{where}: prompt must be a text, got {entry['prompt']!r}")
+        references = entry["reference"]
+        first = references[0] if isinstance(references, list) and references else references
+        sample_id = str(entry.get("id", Path(str(entry.get("image") or first)).stem))
+        files = {key: _image(path.parent / entry[key], where, key, sample_id) if entry.get(key) else None
+                 for key in ("image", "mask", "ground_truth")}
+        files["reference"] = _references(references, path.parent, where, sample_id)
+        if entry.get("ref_mask") is not None:
+            files["ref_mask"] = _ref_masks(entry["ref_mask"], files["reference"], path.parent, where, sample_id)
         samples.append(Sample(id=sample_id, index=len(samples), prompt=entry.get("prompt", ""),
                               seed=entry.get("seed"), source=where, **files))
     return check_samples(samples, path)
 
 
-def load_folder(root):
+def load_folder(root, kind=None):
     root = Path(root)
+    if "image" in sample_rules(kind)[1]:
+        raise DatasetError(f"{root}: a VITON-HD-like folder holds inpainting samples (image, mask, cloth); the {kind} "
+                           "pipeline edits its references: describe its samples in a .jsonl manifest")
     pairs = next((p for p in (root / PAIRS_FILE, root.parent / PAIRS_FILE) if p.is_file()), None)
     if pairs is None:
         raise DatasetError(f"{root}: no {PAIRS_FILE} in the folder or beside it (lines 'person.jpg cloth.jpg')")
@@ -127,6 +167,21 @@ def _references(given, folder, where, sample_id):
     if not (isinstance(given, list) and given and all(isinstance(p, str) for p in given)):
         raise DatasetError(f"{where}: reference must be a path or a non-empty list of paths, got {given!r}")
     return [_image(folder / p, where, f"reference {r}", sample_id) for r, p in enumerate(given)]
+
+
+def _ref_masks(given, references, folder, where, sample_id):
+    """A manifest's "ref_mask": a path beside one reference path; beside a list of them, a list as
+    long of paths or nulls (one per reference)."""
+    if isinstance(references, list):
+        if not (isinstance(given, list) and len(given) == len(references)
+                and all(p is None or isinstance(p, str) for p in given)):
+            raise DatasetError(f"{where}: ref_mask must be a list like reference, one path or null per reference "
+                               f"(ref 0 first; {len(references)} here), got {given!r}")
+        return [None if p is None else _image(folder / p, where, f"ref_mask {r}", sample_id)
+                for r, p in enumerate(given)]
+    if not isinstance(given, str):
+        raise DatasetError(f"{where}: ref_mask must be a path (reference is one path), got {given!r}")
+    return _image(folder / given, where, "ref_mask", sample_id)
 
 
 def _image(path, where, what, sample_id):

@@ -8,7 +8,8 @@ the samples without a .json. The output folder is shared by the processes (on se
 it must be a shared file system). When every sample is done, the FID and KID are computed with
 each process feeding its contiguous slice of the set to torchmetrics, which reduces the
 statistics across processes; the main process then writes samples.jsonl, summary.md and the
-scatter plots.
+scatter plots. The real images of FID and KID are the samples' images to inpaint, or an editor's
+ground truths (Sample.real): a set where some sample has none leaves them out and says why.
 """
 import json
 import os
@@ -94,14 +95,18 @@ def _evaluate_sample(task, sample, protocols, seed, paired, maps_dir):
         record["scores"][protocol] = {**imacs_scores(gen.maps, gen.ref_mask), **gen.scores}
         if maps_dir is not None:
             gen.maps.save(maps_dir / f"{sample.id}.{protocol}.safetensors")
-    if sample.ground_truth is not None:
-        record.update(paired(image, as_uint8(sample.ground_truth)))
+    if gen.ground_truth is not None:
+        record.update(paired(image, gen.ground_truth))
     record["_image"] = image
     return record
 
 
 def _set_metrics(samples, results, features, inception_weights, state, seed, device):
     """({"FID", "KID", "KID_std"} or {}, the lines saying what was left out), on every process."""
+    unreal = sum(s.real is None for s in samples)
+    if unreal:
+        return {}, [f"FID and KID left out: {unreal} of {len(samples)} samples have no real image (an edited "
+                    "sample's real image is its ground truth: give every sample a ground_truth to add them)"]
     if features is None:
         why = metrics.inception_missing(inception_weights)
         if why:
@@ -112,7 +117,7 @@ def _set_metrics(samples, results, features, inception_weights, state, seed, dev
     scores = metrics.SetMetrics(features.to(device), len(samples), device)
     for i in np.array_split(np.arange(len(samples)), state.num_processes)[state.process_index]:
         s = samples[i]
-        scores.update(as_uint8(results / f"{s.id}.png"), as_uint8(s.image))
+        scores.update(as_uint8(results / f"{s.id}.png"), as_uint8(s.real))
     return scores.compute(seed), []
 
 

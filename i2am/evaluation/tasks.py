@@ -1,7 +1,8 @@
 """What an evaluation generates: the traced run of one sample under one protocol.
 
 A task knows its model and samples; `run(sample, protocol, seed)` makes one traced generation
-and returns an i2am.generation.Generation (image as uint8 (3, H, W), maps, ref_mask, scores).
+and returns an i2am.generation.Generation (image as uint8 (3, H, W), maps, ref_mask, scores, and
+the sample's ground truth as uint8 framed as the image, or None).
 DemoTask is the embedded demo model over its synthetic data (where the true correspondence is
 known), generated as `i2am demo` does (i2am.demo.run.analyse); PipelineTask is a diffusers
 pipeline as `i2am run` loads it, generated as `i2am run` does (i2am.generation.run_traced).
@@ -16,8 +17,6 @@ from ..generation import Generation
 from ..inputs import InputError, as_mask, open_image
 from ..viz import to_pil
 from .datasets import Sample
-
-
 
 
 def as_uint8(image):
@@ -60,7 +59,8 @@ class DemoTask:
 
     def run(self, sample, protocol, seed):
         gen = self.traced(sample, seed, protocol)
-        return Generation(as_uint8(gen.image), gen.maps, seed, as_mask(sample.ref_mask).float(), gen.scores)
+        return Generation(as_uint8(gen.image), gen.maps, seed, as_mask(sample.ref_mask).float(), gen.scores,
+                          ground_truth=as_uint8(sample.ground_truth))
 
     # ---- what the faithfulness evaluation (i2am.evaluation.faithfulness) asks of a task ----------
     def traced(self, sample, seed, protocol="paper"):
@@ -88,9 +88,10 @@ class DemoTask:
 
 class PipelineTask:
     """A pipeline of i2am.pipelines (`kind`, as `i2am run` loads it), loaded once at construction:
-    each sample is only prepared (pipelines.inputs) and generated. options: the kind's load
-    options (ip-adapter's ip_adapter and ip_adapter_scale); prompt: the prompt of samples without
-    their own."""
+    each sample is only prepared (pipelines.inputs, as `i2am run` prepares its inputs: the mask
+    and ground truth framed as the output) and generated. options: the kind's load options
+    (ip-adapter's ip_adapter and ip_adapter_scale); prompt: the prompt of samples without their
+    own (a sample's own prompt wins)."""
 
     correlated = ()
 
@@ -109,7 +110,8 @@ class PipelineTask:
         pipe = self.pipe
         try:
             x = pipelines.inputs(self.kind, pipe, image=sample.image, mask=sample.mask, reference=sample.reference,
-                                 ref_mask=sample.ref_mask, prompt=sample.prompt or self.prompt)
+                                 ref_mask=sample.ref_mask, prompt=sample.prompt or self.prompt,
+                                 ground_truth=sample.ground_truth)
         except InputError as err:
             raise InputError(f"sample {sample.id}: {err}") from err
 
@@ -117,4 +119,5 @@ class PipelineTask:
         gen = generation.run_traced(pipe, call, seed=seed, ref_grid=x.ref_grid, time_groups=self.time_groups,
                                     mask=x.mask, convention=self.convention, protocol=protocol, backend=self.backend)
         gen.image, gen.ref_mask = as_uint8(gen.image), x.ref_mask
+        gen.ground_truth = None if x.ground_truth is None else as_uint8(x.ground_truth)
         return gen
