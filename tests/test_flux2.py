@@ -143,7 +143,7 @@ def test_klein_pipeline_with_true_cfg_matches_float64(one_thread):
     assert layout.text == TEXT_TOKENS
     assert maps.num_steps == 2 and maps.latent_size == t2.GRID
     # what `i2am run` expects of the pipeline before the run
-    assert maps.references == t2.PIPE_REFS == pipelines.inputs("flux2", pipe, reference=images).ref_grids
+    assert maps.references == t2.PIPE_REFS == pipelines.inputs("flux2", pipe, reference=images, prompt="swap the colours").ref_grids
     mr.check_maps(maps, mr.expected_maps(calls, LAYERS, 2, G, layout, PIPE_POINT, PIPE_PATCH), layout, PIPE_POINT,
                   PIPE_PATCH, TOL["torch"])
 

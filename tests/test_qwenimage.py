@@ -126,6 +126,7 @@ def test_edit_plus_pipeline_matches_float64(one_thread, true_cfg):
     calls = mr.first_passes(calls, len(LAYERS), passes)
     layout = mr.joint_layout(calls[0][0].shape[1], tq.GRID, tq.PIPE_REFS)
     assert layout.text > 0 and maps.num_steps == 2 and maps.latent_size == tq.GRID
-    assert maps.references == tq.PIPE_REFS == pipelines.inputs("qwen-image-edit-plus", pipe, reference=images).ref_grids
+    assert maps.references == tq.PIPE_REFS == pipelines.inputs("qwen-image-edit-plus", pipe, reference=images,
+                                                               prompt="swap the colours").ref_grids
     exp = mr.expected_maps(calls, LAYERS, 2, G, layout, POINT, PATCH)
     mr.check_maps(maps, exp, layout, POINT, PATCH, dict(rtol=1e-4, atol=1e-7))
