@@ -143,8 +143,9 @@ def positive(x, what):
 
 
 def check_groups(time_groups, num_steps):
+    """The time groups of a run fit its steps: one group holds at least one step."""
     if time_groups > num_steps:
-        raise ValueError(f"time_groups={time_groups} is more than the {num_steps} steps")
+        raise InputError(f"{arg('time_groups')}={time_groups} is more than the {num_steps} steps")
 
 
 def pair(x, what):

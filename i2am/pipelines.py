@@ -6,8 +6,8 @@
         generated = pipe(**x.call, num_inference_steps=50).images[0]
 
 Models come from a local folder (save_pretrained) or the local Hugging Face cache; nothing is
-downloaded. Each kind is one entry of KINDS (how to load it, how to prepare a sample); a new
-pipeline is one more entry. Bad arguments raise i2am.inputs.InputError naming the argument.
+downloaded. Each kind is one entry of KINDS (what it is, how to load it, how to prepare a
+sample); a new pipeline is one more entry. Bad arguments raise i2am.inputs.InputError naming the argument.
 """
 import json
 import warnings
@@ -42,9 +42,11 @@ class Inputs:
 @dataclass(frozen=True)
 class Kind:
     """One pipeline i2am knows: load(model, device, dtype, **options) -> pipe on device, and
-    prepare(pipe, given) -> Inputs, where `given` holds the sample's opened images and prompt."""
+    prepare(pipe, given) -> Inputs, where `given` holds the sample's opened images and prompt;
+    description: what it is and what its maps are (`i2am run --help` lists them)."""
     load: Callable
     prepare: Callable
+    description: str
     options: tuple = ()  # the load keywords it takes beyond model, device and dtype
     cuda_dtype: str = "float16"  # dtype "auto" on a CUDA device (float32 elsewhere)
     protocols: tuple = tuple(PROTOCOLS)
@@ -53,6 +55,10 @@ class Kind:
     several: bool = False  # takes several references (a list), ref 0 first
     output_of: int = 0  # an editor's output takes this reference's frame (so do its mask and ground truth)
     guidance: float = 5.0  # the guidance scale when none is given (None: the pipeline's own)
+
+    def guidance_scale(self, scale=None):
+        """The guidance scale of a run: `scale`, else the kind's default."""
+        return self.guidance if scale is None else scale
 
 
 def load(kind, model, *, device="cpu", dtype="auto", progress=True, **options):
@@ -92,7 +98,7 @@ def sample_rules(kind=None):
     `i2am eval` manifests. An inpainting pipeline needs the image to fill, its mask and the
     reference; an editor (edits_reference) needs its references and the edit instruction, and
     takes no image. kind None: what every inpainting pipeline needs, refusing nothing."""
-    entry = Kind(None, None, takes_prompt=True) if kind is None else kind_of(kind)
+    entry = Kind(None, None, "an inpainting pipeline", takes_prompt=True) if kind is None else kind_of(kind)
     names = ("reference", "prompt") if entry.edits_reference else ("image", "mask", "reference")
     refused = {"image": "it edits its reference"} if entry.edits_reference else {}
     if not entry.takes_prompt:
@@ -401,17 +407,42 @@ def on_regions(x, regions):
 
 
 KINDS = {
-    "paint-by-example": Kind(_load_paint_by_example, _prepare_paint_by_example),
-    "sd-inpaint-patch": Kind(_load_sd_inpaint_patch, _prepare_sd_inpaint_patch),
-    "ip-adapter": Kind(_load_ip_adapter, _prepare_ip_adapter, options=("ip_adapter", "ip_adapter_scale"),
-                       takes_prompt=True),
-    "flux-kontext": Kind(_load_flux_kontext, _prepare_flux_kontext, cuda_dtype="bfloat16", protocols=("paper",),
-                         takes_prompt=True, edits_reference=True, guidance=2.5),
-    "qwen-image-edit-plus": Kind(_loader("QwenImageEditPlusPipeline"), _prepare_qwen_image_edit_plus,
-                                 cuda_dtype="bfloat16", protocols=("paper",), takes_prompt=True,
-                                 edits_reference=True, several=True, output_of=-1, guidance=None),
-    "flux2": Kind(_loader("Flux2Pipeline"), _prepare_flux2, cuda_dtype="bfloat16", protocols=("paper",),
-                  takes_prompt=True, edits_reference=True, several=True, guidance=4.0),
+    "paint-by-example": Kind(
+        _load_paint_by_example, _prepare_paint_by_example,
+        "diffusers PaintByExamplePipeline (run without its safety checker): one reference token, so the "
+        "reference grid is 1x1 and M_r is a single value; M_g is still meaningful"),
+    "sd-inpaint-patch": Kind(
+        _load_sd_inpaint_patch, _prepare_sd_inpaint_patch,
+        "StableDiffusionInpaintPipeline whose cross-attention keys are the CLS and patch tokens "
+        "(last_hidden_state) of its image_encoder component (e.g. a CLIPVisionModel) on the reference, "
+        "preprocessed by its feature_extractor; zero tokens are the null reference of classifier-free guidance"),
+    "ip-adapter": Kind(
+        _load_ip_adapter, _prepare_ip_adapter,
+        "StableDiffusionInpaintPipeline with an IP-Adapter (loaded from its weights file): the maps come from the "
+        "attention over the adapter's N image tokens, which are not spatial: the reference grid is 1xN",
+        options=("ip_adapter", "ip_adapter_scale"), takes_prompt=True),
+    "flux-kontext": Kind(
+        _load_flux_kontext, _prepare_flux_kontext,
+        "diffusers FluxKontextPipeline editing the reference by the prompt (no image): the maps come from every "
+        "joint attention layer, the latent grid is the packed token grid (size / 16) of generated and reference "
+        "tokens alike; a mask (optional, the size of the reference) marks the edited region for IMACS_g; the "
+        "output keeps the reference's size (floored to multiples of 16)",
+        cuda_dtype="bfloat16", protocols=("paper",), takes_prompt=True, edits_reference=True, guidance=2.5),
+    "qwen-image-edit-plus": Kind(
+        _loader("QwenImageEditPlusPipeline"), _prepare_qwen_image_edit_plus,
+        "diffusers QwenImageEditPlusPipeline (Qwen-Image-Edit-2509, -2511) editing by the prompt with one or "
+        "several references (no image); maps per reference, on the packed token grids (size / 16); the output "
+        "takes the last reference's frame, and so does a mask of the edited region (optional, for IMACS_g)",
+        cuda_dtype="bfloat16", protocols=("paper",), takes_prompt=True, edits_reference=True, several=True,
+        output_of=-1, guidance=None),
+    "flux2": Kind(
+        _loader("Flux2Pipeline"), _prepare_flux2,
+        "diffusers Flux2Pipeline (FLUX.2 [dev]) editing by the prompt with one or several references (no image); "
+        "maps per reference, on the packed token grids (size / 16); the output takes the first reference's frame, "
+        "and so does a mask of the edited region (optional, for IMACS_g); the FLUX.2 [klein] pipelines "
+        "(Flux2KleinPipeline, Flux2KleinKVPipeline) are not loaded here: trace them from Python with i2am.trace",
+        cuda_dtype="bfloat16", protocols=("paper",), takes_prompt=True, edits_reference=True, several=True,
+        guidance=4.0),
 }
 
 
