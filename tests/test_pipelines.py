@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from i2am import AttributionMaps, pipelines
+from i2am import AttributionMaps, TraceConfig, generation, pipelines
 from i2am.inputs import InputError, command_line_spelling
 from test_cli import cli, inputs, save_png, tiny_pipeline  # noqa: F401 (fixtures)
 
@@ -47,6 +47,12 @@ def test_readme_python_run_equals_i2am_run(capsys, monkeypatch, inputs, tiny_pip
     np.testing.assert_array_equal(ours.specific_reference((3, 4)).numpy(), theirs.specific_reference((3, 4)).numpy())
     scores = [json.loads((d / "scores.json").read_text())["IMACS_g"] for d in (python, command)]
     assert scores[0] == scores[1]
+    # the command's work in one call: the same report; an image given as an object is not recorded
+    generation.run_report("sd-inpaint-patch", "./my-model", "call", TraceConfig(time_groups=1, points=[(3, 4)]),
+                          image=Image.open("img.png"), mask="mask.png", reference="ref.png", steps=STEPS)
+    assert (work / "call" / "generated.png").read_bytes() == (command / "generated.png").read_bytes()
+    called, ran = (json.loads((d / "scores.json").read_text())["settings"] for d in (work / "call", command))
+    assert ran.pop("image") == "img.png" and called == ran and ran["guidance"] == 5.0
 
 
 @pytest.mark.slow
