@@ -7,12 +7,12 @@ errors and the library's InputError: missing files, a mask of the wrong size, a 
 grid, a model that is not available locally), 1 failure.
 """
 import argparse
-import importlib
 import logging
 import math
 import os
 import re
 import sys
+import textwrap
 import traceback
 import warnings
 from contextlib import contextmanager
@@ -25,18 +25,11 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import pipelines  # noqa: E402 (after the threading policy)
+from .config import ATTENTIONS, CONVENTIONS, check_groups
 from .inputs import InputError, check_device, check_out, check_out_file, command_line_spelling
-from .probes import check_probes
-from .regions import regions_of
 from .protocols import PROTOCOLS
 
-PIPELINES = tuple(pipelines.KINDS)
-BACKENDS = ("auto", "torch", "triton", "cuda")
-DTYPES = ("auto", "float32", "float16", "bfloat16")
-# the default guidance of each pipeline kind (the DiT editors' own) when --guidance is not given
-_GUIDANCE_DEFAULTS = "; ".join([f"{pipelines.Kind.guidance:g}"] + [
-    f"{name}: {'its own' if kind.guidance is None else format(kind.guidance, 'g')}"
-    for name, kind in pipelines.KINDS.items() if kind.guidance != pipelines.Kind.guidance])
+BACKENDS = ("auto", "torch", "triton", "cuda")  # the kernels' float64 "reference" is for tests, not offered
 
 
 class UsageError(InputError):
@@ -84,29 +77,7 @@ reference-grid (row, col) cells. The mask is white (1) where the image is to be 
 report shows the reference, and applies --ref-mask, as the model's feature_extractor resizes
 and crops it, so that each reference patch covers the pixels its token saw.
 
-pipelines:
-  paint-by-example  diffusers PaintByExamplePipeline (run without its safety checker): one
-                    reference token, so the reference grid is 1x1 and M_r is a single value;
-                    M_g is still meaningful
-  sd-inpaint-patch  StableDiffusionInpaintPipeline whose cross-attention keys are the CLS and
-                    patch tokens (last_hidden_state) of its image_encoder component (e.g. a
-                    CLIPVisionModel) on the reference, preprocessed by its feature_extractor;
-                    zero tokens are the null reference of classifier-free guidance
-  ip-adapter        StableDiffusionInpaintPipeline with an IP-Adapter (--ip-adapter FILE);
-                    the maps come from the attention over the adapter's N image tokens,
-                    which are not spatial: the reference grid is 1xN
-  flux-kontext      diffusers FluxKontextPipeline editing --reference by --prompt (no --image):
-                    the maps come from every joint attention layer, the latent grid is the
-                    packed token grid (size / 16) of generated and reference tokens alike;
-                    --mask (optional, the size of --reference) marks the edited region for
-                    IMACS_g; the output keeps the reference's size (floored to multiples of 16)
-  qwen-image-edit-plus
-                    diffusers QwenImageEditPlusPipeline (Qwen-Image-Edit-2509, -2511) editing
-                    by --prompt with one or several --reference images (no --image, --mask
-                    or --ref-mask); maps per reference, on the packed token grids (size / 16)
-  flux2             diffusers Flux2Pipeline (FLUX.2 [dev]) likewise; the FLUX.2 [klein]
-                    pipelines (Flux2KleinPipeline, Flux2KleinKVPipeline) are traced from
-                    Python, not loaded by this command
+""" + _pipelines_help() + """
 
 examples:
   i2am run --pipeline paint-by-example --model Fantasy-Studio/Paint-by-Example \\
@@ -120,27 +91,19 @@ examples:
   i2am run --pipeline sd-inpaint-patch --model ./my-model --image pair.png --mask mask.png \\
       --reference cloth.png --attention self --query-region 0,0,64,48 --ref-region 0,48,64,96 \\
       --points 20,30 --out report     # the reference beside the image in one latent
-  i2am run --pipeline qwen-image-edit-plus --model Qwen/Qwen-Image-Edit-2509 \
-      --reference person.png --reference shirt.png --prompt "the person wears the shirt" \
+  i2am run --pipeline qwen-image-edit-plus --model Qwen/Qwen-Image-Edit-2509 \\
+      --reference person.png --reference shirt.png --prompt "the person wears the shirt" \\
       --points 20,30 --patches 0,10,12 1,8,8 --out report""")
-    run.add_argument("--pipeline", required=True, choices=PIPELINES)
-    run.add_argument("--model", required=True, metavar="PATH_OR_ID", help="local folder or cached model id")
-    run.add_argument("--image", help="the image to inpaint (all but flux-kontext)")
-    run.add_argument("--mask", help="inpainting mask, same size as --image, white = fill (flux-kontext: "
-                                    "optional, the edited region, same size as --reference)")
+    _pipeline_options(run)
+    run.add_argument("--image", help=f"the image to inpaint ({_kinds(lambda k: not k.edits_reference)})")
+    run.add_argument("--mask", help="inpainting mask, same size as --image, white = fill "
+                     f"({_kinds(lambda k: k.edits_reference)}: optional, the edited region, the size of the "
+                     "--reference the output is framed as)")
     run.add_argument("--reference", required=True, action="append",
-                     help="the reference (example) image; flux-kontext: the image to edit; given again for "
-                          "each further reference of qwen-image-edit-plus and flux2")
+                     help=f"the reference (example) image ({_kinds(lambda k: k.edits_reference)}: the image to "
+                          f"edit); given again for each further reference of {_kinds(lambda k: k.several)}")
     run.add_argument("--ref-mask", help="mask of the reference's relevant region (e.g. the cloth), "
                                         "same size as --reference: gives IMACS_r")
-    run.add_argument("--prompt", default="", help="text prompt (ip-adapter and flux-kontext; default empty)")
-    run.add_argument("--ip-adapter", metavar="FILE", help="IP-Adapter weights (.safetensors or .bin); "
-                     "its image encoder is the model's image_encoder or the file's image_encoder/ folder")
-    run.add_argument("--ip-adapter-scale", type=float, default=1.0)
-    run.add_argument("--steps", type=_positive, default=50, help="denoising steps (default: %(default)s)")
-    run.add_argument("--guidance", type=float, help=f"guidance scale (default: {_GUIDANCE_DEFAULTS})")
-    run.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    run.add_argument("--time-groups", type=_positive, default=5, help="time groups G (default: %(default)s)")
     run.add_argument("--points", nargs="*", default=[], type=_ints(2, "row,col"), metavar="ROW,COL",
                      help="latent points for specific-reference maps")
     run.add_argument("--boxes", nargs="*", default=[], type=_ints(4, "top,left,bottom,right"),
@@ -152,17 +115,12 @@ examples:
     run.add_argument("--ref-region", type=_ints(4, "top,left,bottom,right"), metavar="T,L,B,R",
                      help="the reference part of the same latent; points and boxes are then in the query "
                           "region's coordinates, patches in the reference region's")
-    run.add_argument("--attention", choices=("cross", "self"), default="cross",
+    run.add_argument("--attention", choices=ATTENTIONS, default="cross",
                      help="UNet pipelines: trace the cross- (attn2) or the self-attention (attn1) layers "
                           "(default: %(default)s)")
-    _convention_option(run)
     _protocol_option(run, "paper: the printed equations; official: the authors' released code (its M_g, display, "
                           "IMACS and layer sets)")
-    run.add_argument("--backend", choices=BACKENDS, default="auto", help="attention backend")
-    run.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    run.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float16 on CUDA, else float32")
-    _display_options(run)
-    _imacs_threshold_option(run)
+    _report_options(run)
     run.add_argument("--out", required=True, help="report folder: new or empty, unless --overwrite")
     run.add_argument("--overwrite", action="store_true", help="replace the i2am report in --out (only the files "
                      "i2am wrote there are removed; any other file stops the run)")
@@ -188,8 +146,7 @@ examples:
     show.add_argument("--protocol", choices=tuple(PROTOCOLS),
                       help="read the maps under this protocol (default: the one they were traced under; maps "
                            "traced under official can also be read as paper)")
-    _display_options(show, saved=True)
-    _imacs_threshold_option(show, saved=True)
+    _report_options(show, saved=True)
     show.add_argument("--out", required=True, help="report folder")
 
     ev = _command(sub, "eval", _eval, "evaluate a model over a data set: IMACS, SSIM, LPIPS, FID, KID, correlations", """\
@@ -220,23 +177,17 @@ examples:
     what.add_argument("--demo", action="store_true", help="the embedded demo model over its synthetic data set")
     what.add_argument("--data", metavar="PATH", help="JSONL manifest or VITON-HD-like folder")
     ev.add_argument("--samples", type=_positive, default=32, help="--demo: synthetic samples (default: %(default)s)")
-    ev.add_argument("--pipeline", choices=PIPELINES, help="with --data: the pipeline, as for `i2am run`")
-    ev.add_argument("--model", metavar="PATH_OR_ID", help="with --data: local folder or cached model id")
-    ev.add_argument("--prompt", default="", help="the prompt of samples without their own (ip-adapter and the "
-                    "editors; default empty)")
-    ev.add_argument("--ip-adapter", metavar="FILE", help="IP-Adapter weights, as for `i2am run`")
-    ev.add_argument("--ip-adapter-scale", type=float, default=1.0)
+    _pipeline_options(ev, pipeline=dict(required=False, help="with --data: the pipeline, as for `i2am run`"),
+                      model=dict(required=False, help="with --data: local folder or cached model id"),
+                      prompt=dict(help="the prompt of samples without their own (ip-adapter and the editors; "
+                                       "default empty)"),
+                      steps=dict(default=None, help="denoising steps (default: 50; 10 with --demo)"),
+                      guidance=dict(help=f"guidance scale (default: {_per_kind('guidance')}; the demo's own with "
+                                         "--demo)"),
+                      seed=dict(help="sample i is generated from seed + i (default: %(default)s)"),
+                      device=dict(help="torch device (default: the process's accelerator, else cpu)"))
     ev.add_argument("--protocol", nargs="+", default=["paper"], choices=tuple(PROTOCOLS),
                     help="IMACS protocol(s), one traced run each (default: paper)")
-    ev.add_argument("--steps", type=_positive, help="denoising steps (default: 50; 10 with --demo)")
-    ev.add_argument("--guidance", type=float, help=f"guidance scale (default: {_GUIDANCE_DEFAULTS}; the demo's "
-                    "own with --demo)")
-    ev.add_argument("--seed", type=int, default=0, help="sample i is generated from seed + i (default: %(default)s)")
-    ev.add_argument("--time-groups", type=_positive, default=5, help="time groups G (default: %(default)s)")
-    _convention_option(ev)
-    ev.add_argument("--backend", choices=BACKENDS, default="auto", help="attention backend")
-    ev.add_argument("--device", help="torch device (default: the process's accelerator, else cpu)")
-    ev.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float16 on CUDA, else float32")
     ev.add_argument("--inception-weights", metavar="FILE", help="torch-fidelity's FID Inception weights "
                     "(pt_inception-2015-12-05-6726825d.pth): gives FID and KID")
     ev.add_argument("--save-maps", action="store_true", help="also save each sample's maps (.safetensors)")
@@ -266,21 +217,11 @@ examples:
 
 # ---- commands -------------------------------------------------------------------------------
 def _demo(args):
-    """Hands over to i2am.demo.run_demo(out=, device=, backend=, protocol=) -> exit code (None: 0) once the
-    demo package provides it."""
+    from .demo import run_demo
+
     check_out(args.out)
     check_device(args.device, args.backend)
-    try:
-        demo = importlib.import_module("i2am.demo")
-    except ModuleNotFoundError as err:
-        if err.name != "i2am.demo":
-            raise
-        demo = None
-    run_demo = getattr(demo, "run_demo", None)
-    if run_demo is None:
-        print("i2am demo: the embedded demo model is not yet available (issue 7); nothing to do.")
-        return 0
-    return run_demo(out=args.out, device=args.device, backend=args.backend, protocol=args.protocol)
+    return run_demo(**_given(args, "out", "device", "backend", "protocol"))
 
 
 def _eval(args):
@@ -310,13 +251,13 @@ def _eval(args):
     else:
         if not (args.pipeline and args.model):
             raise UsageError("--data needs --pipeline and --model (the model to evaluate)")
-        _check_time_groups(args.time_groups, steps)
+        check_groups(args.time_groups, steps)
         pipelines.check_protocols_of(args.pipeline, args.protocol)
         samples = load_dataset(args.data, args.pipeline, args.prompt)
         task = PipelineTask(args.pipeline, args.model, device=device, dtype=args.dtype, prompt=args.prompt,
-                            steps=steps, guidance=_guidance(args), time_groups=args.time_groups,
-                            convention=args.convention, backend=args.backend, settings={"data": args.data},
-                            **_load_options(args))
+                            steps=steps, guidance=pipelines.KINDS[args.pipeline].guidance_scale(args.guidance),
+                            time_groups=args.time_groups, convention=args.convention, backend=args.backend,
+                            settings={"data": args.data}, **_load_options(args))
     evaluate(task, samples, args.out, protocols=args.protocol, seed=args.seed,
              inception_weights=args.inception_weights, save_maps=args.save_maps, device=device)
     if PartialState().is_main_process:
@@ -338,64 +279,31 @@ def _bench(args):
 def _show(args):
     from .report import rewrite_report
 
-    scores = rewrite_report(args.maps, args.out, image=args.image, reference=args.reference, ref_mask=args.ref_mask,
-                            protocol=args.protocol, threshold=args.threshold, alpha=args.alpha,
-                            imacs_threshold=args.imacs_threshold)
+    scores = rewrite_report(args.maps, args.out, **_given(args, "image", "reference", "ref_mask", "protocol",
+                                                          "threshold", "alpha", "imacs_threshold"))
     _print_scores(scores, args.out)
 
 
 def _run(args):
-    from . import generation
     from .config import TraceConfig
+    from .generation import run_report
 
-    check_out(args.out, report=True, overwrite=args.overwrite)
-    device = check_device(args.device, args.backend)
-    _check_time_groups(args.time_groups, args.steps)
-    pipelines.check_protocols_of(args.pipeline, [args.protocol])
-    regions = regions_of(args.query_region, args.ref_region)
-    given = pipelines.read(args.pipeline, image=args.image, mask=args.mask, reference=args.reference,
-                           ref_mask=args.ref_mask, prompt=args.prompt)  # checked before the model loads
-    pipe = pipelines.load(args.pipeline, args.model, device=device, dtype=args.dtype, progress=not args.quiet,
-                          **_load_options(args))
-    x = pipelines.inputs(args.pipeline, pipe, **given)
-    if regions is not None:  # the maps live on two regions of the one latent
-        x = pipelines.on_regions(x, regions)
-    check_probes(x.latent_size, x.ref_grids or x.ref_grid, args.points, args.boxes, args.patches)
-
-    config = TraceConfig(ref_grid=None if regions else x.ref_grid, time_groups=args.time_groups, mask=x.mask,
-                         points=args.points, boxes=args.boxes, patches=args.patches, convention=args.convention,
-                         protocol=args.protocol, backend=args.backend, query_region=args.query_region,
-                         ref_region=args.ref_region, attention=args.attention)
-    args.guidance = _guidance(args)  # the run's settings record the scale used
-    call = dict(**x.call, num_inference_steps=args.steps, guidance_scale=args.guidance)
-    result = generation.run_traced(pipe, call, config, seed=args.seed)
-    settings = {key: getattr(args, key) for key in (
-        "pipeline", "model", "image", "mask", "reference", "ref_mask", "prompt", "steps", "guidance", "seed",
-        "backend", "attention") if key != "image" or args.image is not None}  # the protocol is in the maps' own settings
-    if len(args.reference) == 1:
-        settings["reference"] = args.reference[0]
-    settings.update(_load_options(args), device=device, dtype=str(pipe.dtype).removeprefix("torch."),
-                    height=x.call["height"], width=x.call["width"])
-    extra_images = {name: im for name, im in x.images.items() if im is not None}
-    scores = result.write_report(args.out, reference=x.reference, ref_mask=x.ref_mask, settings=settings,
-                                 extra_images=extra_images, threshold=args.threshold, alpha=args.alpha,
-                                 imacs_threshold=args.imacs_threshold)
+    config = TraceConfig(**_given(args, "time_groups", "points", "boxes", "patches", "query_region", "ref_region",
+                                  "attention", "convention", "protocol", "backend"))
+    scores = run_report(args.pipeline, args.model, args.out, config, progress=not args.quiet, **_load_options(args),
+                        **_given(args, "reference", "image", "mask", "ref_mask", "prompt", "steps", "guidance", "seed",
+                                 "device", "dtype", "overwrite", "threshold", "alpha", "imacs_threshold"))
     _print_scores(scores, args.out, quiet=args.quiet)
 
 
+def _given(args, *names):
+    """The parsed options `names` as the library's keywords (an option is its keyword's spelling)."""
+    return {name: getattr(args, name) for name in names}
+
+
 def _load_options(args):
-    """The pipeline's own load options (ip-adapter's weights and scale) from the parsed arguments."""
-    return {name: getattr(args, name) for name in pipelines.KINDS[args.pipeline].options}
-
-
-def _guidance(args):
-    """--guidance, else the pipeline's own default."""
-    return pipelines.KINDS[args.pipeline].guidance if args.guidance is None else args.guidance
-
-
-def _check_time_groups(time_groups, steps):
-    if time_groups > steps:
-        raise UsageError(f"--time-groups {time_groups} is more than the {steps} --steps")
+    """The pipeline's own load options (ip-adapter's weights and scale)."""
+    return _given(args, *pipelines.KINDS[args.pipeline].options)
 
 
 @contextmanager
@@ -443,49 +351,87 @@ def _protocol_option(parser, help):
     parser.add_argument("--protocol", choices=tuple(PROTOCOLS), default="paper", help=f"{help} (default: %(default)s)")
 
 
-def _display_options(parser, saved=False):
-    """--threshold and --alpha in [0, 1]; saved: their defaults are the ones the maps file keeps."""
-    default = "the run's, else %s" if saved else "%s"
-    parser.add_argument("--threshold", type=_fraction, default=None if saved else 0.4,
-                        help=f"display threshold in [0, 1]: map values <= it are not drawn; it never changes a "
-                             f"score (default: {default % 0.4})")
-    parser.add_argument("--alpha", type=_fraction, default=None if saved else 0.5,
-                        help=f"overlay opacity in [0, 1] (default: {default % 0.5})")
+def _pipeline_options(parser, **changes):
+    """The options of `run` and `eval` that choose and drive a pipeline; changes: {dest: the
+    add_argument keywords that differ}."""
+    options = dict(
+        pipeline=dict(required=True, choices=tuple(pipelines.KINDS), help="the pipeline (see pipelines: below)"),
+        model=dict(required=True, metavar="PATH_OR_ID", help="local folder or cached model id"),
+        prompt=dict(default="", help=f"text prompt ({_kinds(lambda k: k.takes_prompt)}; default empty)"),
+        ip_adapter=dict(metavar="FILE", help="IP-Adapter weights (.safetensors or .bin); its image encoder is the "
+                        "model's image_encoder or the file's image_encoder/ folder"),
+        ip_adapter_scale=dict(type=float, default=1.0, help="IP-Adapter scale (default: %(default)s)"),
+        steps=dict(type=_positive, default=50, help="denoising steps (default: %(default)s)"),
+        guidance=dict(type=float, help=f"guidance scale (default: {_per_kind('guidance')})"),
+        seed=dict(type=int, default=0, help="random seed (default: %(default)s)"),
+        time_groups=dict(type=_positive, default=5, help="time groups G (default: %(default)s)"),
+        convention=dict(choices=tuple(CONVENTIONS), default="official", help="softmax convention: official takes "
+                        "M_g from the softmax over queries and M_r from the softmax over keys, as the authors' code; "
+                        "paper the printed eq. 4 and 12's axes (default: %(default)s)"),
+        backend=dict(choices=BACKENDS, default="auto", help="attention backend"),
+        device=dict(help="torch device (default: cuda when available, else cpu)"),
+        dtype=dict(choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+                   help=f"auto: float32 off CUDA; on CUDA {_per_kind('cuda_dtype')}"))
+    for dest, keywords in options.items():
+        parser.add_argument("--" + dest.replace("_", "-"), **{**keywords, **changes.get(dest, {})})
 
 
-def _imacs_threshold_option(parser, saved=False):
-    """--imacs-threshold: the scoring threshold, apart from the display one; saved: the run's by default."""
-    parser.add_argument("--imacs-threshold", type=_fraction, default=None if saved else 0.4,
-                        help="IMACS threshold in [0, 1]: map values <= it count as 0 in the scores (official: in "
-                             "IMACS_r; its IMACS_g cuts M_g at 0.6) (default: " + ("the run's, else 0.4)" if saved
-                                                                                    else "0.4)"))
+def _report_options(parser, saved=False):
+    """--threshold, --alpha and --imacs-threshold, in [0, 1]; saved (show): by default the run's,
+    which the maps file keeps."""
+    runs = "the run's, else " if saved else ""
+    for name, default, help in (
+            ("--threshold", 0.4, "display threshold in [0, 1]: map values <= it are not drawn; it never changes a "
+                                 "score"),
+            ("--alpha", 0.5, "overlay opacity in [0, 1]"),
+            ("--imacs-threshold", 0.4, "IMACS threshold in [0, 1]: map values <= it count as 0 in the scores "
+                                       "(official: in IMACS_r; its IMACS_g cuts M_g at 0.6)")):
+        parser.add_argument(name, type=_fraction, default=None if saved else default,
+                            help=f"{help} (default: {runs}{default})")
 
 
-def _convention_option(parser):
-    parser.add_argument("--convention", choices=("official", "paper"), default="official",
-                        help="softmax convention: official takes M_g from the softmax over queries and M_r from the "
-                             "softmax over keys, as the authors' code; paper the printed eq. 4 and 12's axes "
-                             "(default: %(default)s)")
+def _pipelines_help():
+    """The `pipelines:` block of `i2am run --help`: each kind's description (pipelines.Kind)."""
+    lines, indent = ["pipelines:"], " " * 20
+    for name, kind in pipelines.KINDS.items():
+        if len(name) > 16:
+            lines.append(f"  {name}")
+        first = f"  {name:<18}" if len(name) <= 16 else indent
+        lines.append(textwrap.fill(kind.description, 96, initial_indent=first, subsequent_indent=indent))
+    return "\n".join(lines)
 
 
-def _fraction(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(value) and 0 <= value <= 1):
-        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1]")
-    return value
+def _kinds(has):
+    """The pipeline kinds whose Kind satisfies `has`, for the help."""
+    return ", ".join(name for name, kind in pipelines.KINDS.items() if has(kind))
 
 
-def _positive(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not positive")
-    return value
+def _per_kind(field):
+    """A Kind field's default, then the kinds that set their own: "5; flux-kontext: 2.5; ...", for the help."""
+    show = lambda v: "its own" if v is None else f"{v:g}" if isinstance(v, float) else v  # noqa: E731
+    own = {}
+    for name, kind in pipelines.KINDS.items():
+        own.setdefault(show(getattr(kind, field)), []).append(name)
+    default = show(getattr(pipelines.Kind, field))
+    return "; ".join([default] + [f"{', '.join(names)}: {v}" for v, names in own.items() if v != default])
+
+
+def _number(convert, rule, ok):
+    """An argparse type: the text as convert(text) (int or float), which must satisfy ok (`rule`)."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if convert is int else 'a number'}") \
+                from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text} is not {rule}")
+        return value
+    return parse
+
+
+_fraction = _number(float, "in [0, 1]", lambda v: math.isfinite(v) and 0 <= v <= 1)
+_positive = _number(int, "positive", lambda v: v >= 1)
 
 
 def _ints(n, form):

@@ -116,13 +116,28 @@ def run_args(inputs, model, out, *extra, pipeline="sd-inpaint-patch"):
             "--reference", inputs["reference"], "--steps", 2, "--time-groups", 2, "--out", out, *extra]
 
 
-# ---- help, placeholders, entry point ----------------------------------------------------------
-@pytest.mark.parametrize("command", ["demo", "run", "show", "bench"])
-def test_help_of_each_command_has_examples(capsys, command):
+# ---- help, entry point -------------------------------------------------------------------------
+def help_text(capsys, command):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
     assert exit_.value.code == 0
-    assert f"i2am {command}" in capsys.readouterr().out.split("examples:")[1]
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["demo", "run", "show", "eval", "bench"])
+def test_help_of_each_command_has_examples(capsys, command):
+    examples = help_text(capsys, command).split("examples:")[1]
+    assert f"i2am {command}" in examples
+    # an example's lines are continued with a backslash each: a lost one joins them into one long line
+    assert all(len(line) <= 100 for line in examples.splitlines()), examples
+
+
+def test_run_help_describes_every_pipeline_kind(capsys):
+    from i2am import pipelines
+
+    block = " ".join(help_text(capsys, "run").split("pipelines:\n")[1].split("examples:")[0].split())
+    for name, kind in pipelines.KINDS.items():
+        assert f"{name} {' '.join(kind.description.split())}" in block, name
 
 
 @pytest.mark.slow
@@ -132,17 +147,11 @@ def test_entry_point_module():
     assert done.returncode == 2 and "missing.safetensors" in done.stderr
 
 
-def test_demo_placeholder_until_the_demo_provides_run_demo(capsys, monkeypatch):
-    demo = pytest.importorskip("i2am.demo")
-    monkeypatch.delattr(demo, "run_demo", raising=False)
-    code, out, _ = cli(capsys, "demo")
-    assert code == 0 and "not yet available" in out
-
-
 def test_demo_calls_run_demo(capsys, monkeypatch, tmp_path):
-    demo = pytest.importorskip("i2am.demo")
+    import i2am.demo as demo
+
     calls = []
-    monkeypatch.setattr(demo, "run_demo", lambda **kw: calls.append(kw) or 0, raising=False)
+    monkeypatch.setattr(demo, "run_demo", lambda **kw: calls.append(kw) or 0)
     code, _, _ = cli(capsys, "demo", "--out", tmp_path, "--backend", "torch")
     assert code == 0 and calls == [{"out": str(tmp_path), "device": None, "backend": "torch", "protocol": "paper"}]
 
@@ -243,7 +252,7 @@ def test_run_usage_errors_exit_2(capsys, inputs, tmp_path):
         (dict(mask=wrong_size), [], "--mask is 8x8 but --image is 24x16"),
         (dict(mask=empty), [], "--mask is empty"),
         (dict(), ["--ref-mask", wrong_size], "--ref-mask is 8x8 but --reference is 12x20"),
-        (dict(), ["--time-groups", 5], "--time-groups 5 is more than the 2 --steps"),
+        (dict(), ["--time-groups", 5], "--time-groups=5 is more than the 2 steps"),
         (dict(), ["--model", tmp_path / "no" / "such" / "folder"], "model folder not found"),
         (dict(), ["--model", "i2am-tests/no-such-model"], "local Hugging Face cache"),
     ]
@@ -319,6 +328,7 @@ def test_run_end_to_end_writes_the_report(capsys, request, inputs, tmp_path, pip
     assert f"IMACS_g: {scores['IMACS_g']}" in stdout
     settings = scores["settings"]
     assert settings["pipeline"] == pipeline and settings["steps"] == 2 and settings["seed"] == 3
+    assert settings["image"] == str(inputs["image"]) and settings["reference"] == str(inputs["reference"])
     assert settings["latent_size"] == list(LATENT) and settings["ref_grid"] == list(ref_grid)
     assert settings["num_steps"] == 2 and settings["time_groups"] == 2 and settings["points"] == [[3, 4]]
     assert Image.open(out / "generated.png").size == (WIDTH, HEIGHT)

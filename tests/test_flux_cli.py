@@ -38,6 +38,7 @@ def test_run_flux_kontext_writes_the_report(capsys, kontext_model, tmp_path):
     assert scores["settings"]["pipeline"] == "flux-kontext" and (scores["settings"]["height"], scores["settings"]
                                                                   ["width"]) == (16, 24)
     assert scores["settings"]["guidance"] == 2.5  # no --guidance: FLUX.1 Kontext's own
+    assert "image" not in scores["settings"] and scores["settings"]["mask"] == str(tmp_path / "edit.png")
     assert -4 <= scores["IMACS_g"] <= 1  # scored against --mask, the edited region
     maps = AttributionMaps.load(report / "maps.safetensors")
     assert maps.latent_size == (4, 6) and maps.ref_grid == (4, 6) and maps.num_steps == 2
