@@ -219,8 +219,6 @@ examples:
 def _demo(args):
     from .demo import run_demo
 
-    check_out(args.out)
-    check_device(args.device, args.backend)
     return run_demo(**_given(args, "out", "device", "backend", "protocol"))
 
 

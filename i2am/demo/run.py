@@ -12,10 +12,10 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from ..generation import run_traced
+from ..inputs import check_device, check_out
 from . import data, model
 
 STEPS, GUIDANCE, TIME_GROUPS, POINTS, SEED = 50, 2.0, 5, 8, 0
@@ -82,8 +82,9 @@ def run_demo(out="i2am-demo", device=None, backend="auto", examples=4, steps=STE
     the IMACS of both protocols side by side), print the summary; returns the exit code 0.
 
     progress: a bar over the examples, and diffusers' bar over the steps of each generation
-    (the trained model and its randomised copy)."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    (the trained model and its randomised copy). out, device and backend are checked first."""
+    check_out(out)
+    device = check_device(device, backend)
     start = time.perf_counter()
     pipe = model.load_pipeline(device=device)
     randomised = model.with_random_cross_attention(pipe)
