@@ -70,7 +70,7 @@ def _report_images(image, reference, extra_images):
     images = dict(extra_images or {})
     for name, img in (("generated", image), ("reference", reference)):
         if isinstance(img, (list, tuple)):
-            images.update((f"{name}_{b}", one) for b, one in enumerate(img))
+            images.update((f"{name}_{b}", one) for b, one in enumerate(img) if one is not None)
         elif img is not None:
             images[name] = img
     return images
@@ -81,7 +81,9 @@ def rewrite_report(maps_file, out_dir, *, image=None, reference=None, ref_mask=N
     """write_report of a saved maps file (AttributionMaps.save), read under `protocol` (default:
     its own), with the run's images found beside it (generated.png, reference.png, ref_mask.png)
     unless given, and its threshold, alpha and imacs_threshold unless given; returns the
-    scores."""
+    scores. Maps of several references take theirs from beside the maps file only:
+    reference_R.png and ref_mask_R.png (none for a reference without one), as their report
+    saved them; a given reference or ref_mask is then an error."""
     from .inputs import InputError, arg, binary_mask, check_out, open_image, same_size
     from .maps import AttributionMaps
 
@@ -98,18 +100,27 @@ def rewrite_report(maps_file, out_dir, *, image=None, reference=None, ref_mask=N
             maps = maps.with_protocol(protocol)
         except ValueError as err:
             raise InputError(f"{arg('protocol')} {protocol}: {err}") from err
+    several = len(maps.references)
+    if several > 1:
+        for key, value in (("reference", reference), ("ref_mask", ref_mask)):
+            if value is not None:
+                raise InputError(f"{arg(key)} is one image, but these maps have {several} references: their "
+                                 f"{key}_0.png to {key}_{several - 1}.png beside the maps file are used")
     given = {"image": image, "reference": reference, "ref_mask": ref_mask}
     for key, name in (("image", "generated.png"), ("reference", "reference.png"), ("ref_mask", "ref_mask.png")):
-        if given[key] is None and (path.parent / name).is_file():  # the run's report folder
-            given[key] = path.parent / name
+        if given[key] is None and (path.parent / name).is_file() and (key == "image" or several == 1):
+            given[key] = path.parent / name  # the run's report folder
     image, reference, ref_mask = (None if given[key] is None else open_image(given[key], key, mode)
                                   for key, mode in (("image", "RGB"), ("reference", "RGB"), ("ref_mask", "L")))
     # the run's inputs shown in its report are carried along: a report rewritten in its own folder keeps them
     carried = {name: open_image(path.parent / f"{name}.png", name, mode)
                for name, mode in (("input", "RGB"), ("mask", "L")) if (path.parent / f"{name}.png").is_file()}
-    if ref_mask is not None and given["ref_mask"] == path.parent / "ref_mask.png":
-        carried["ref_mask"] = ref_mask
-    if ref_mask is not None:
+    if several > 1:
+        reference, images, ref_mask = _beside_references(path.parent, maps)
+        carried.update((f"ref_mask_{r}", m) for r, m in enumerate(images) if m is not None)
+    elif ref_mask is not None:
+        if given["ref_mask"] == path.parent / "ref_mask.png":
+            carried["ref_mask"] = ref_mask
         if reference is not None:
             same_size(ref_mask, "ref_mask", reference, "reference")
         ref_mask = binary_mask(ref_mask, "ref_mask")
@@ -123,6 +134,30 @@ def rewrite_report(maps_file, out_dir, *, image=None, reference=None, ref_mask=N
     return write_report(out_dir, maps, image=image, reference=reference, ref_mask=ref_mask,
                         settings={"maps_file": str(path)}, extra_images=carried, imacs_threshold=imacs_threshold,
                         **shown)
+
+
+def _beside_references(folder, maps):
+    """(reference_R.png, ref_mask_R.png, that mask as 0/1) of each reference of maps of several
+    references, read from their report folder: lists, None where a file is not there. Each mask
+    is checked as a given ref_mask is; an error names the files."""
+    from .inputs import InputError, binary_mask, open_image
+
+    refs, images, masks = [], [], []
+    for r in range(len(maps.references)):
+        ref_file, mask_file = folder / f"reference_{r}.png", folder / f"ref_mask_{r}.png"
+        ref = open_image(ref_file, f"reference {r}") if ref_file.is_file() else None
+        image = open_image(mask_file, f"ref_mask {r}", "L") if mask_file.is_file() else None
+        if image is not None:
+            if ref is not None and image.size != ref.size:
+                raise InputError(f"{mask_file} is {image.width}x{image.height} but {ref_file} is "
+                                 f"{ref.width}x{ref.height}: a reference's mask must be its size")
+            if maps.mask is None:
+                raise InputError(f"{mask_file} gives IMACS_r, which needs maps traced with an inpainting mask; "
+                                 "these have none")
+        refs.append(ref)
+        images.append(image)
+        masks.append(None if image is None else binary_mask(image, f"ref_mask {r}", f" ({mask_file})"))
+    return refs, images, masks
 
 
 def report_files(out):
@@ -264,9 +299,10 @@ def _render_references(out, maps, *, image, references, ref_mask, shown):
 
         rows = []
         for r in range(R):
-            row = [viz.Panel(f"{gen_name} of reference {r}", img, pick(maps.generated(ref=r)), mask=maps.mask),
-                   viz.Panel(f"reference {r}", refs[r], mask=ref_masks[r]),
-                   viz.Panel(f"M_r: reference map {r}", refs[r], pick(maps.reference(ref=r)), mask=ref_masks[r])]
+            row = [viz.Panel(f"{gen_name} of reference {r}", img, pick(maps.generated(ref=r)), mask=maps.mask)]
+            if any(ref is not None for ref in refs):  # a missing one of them: a grey canvas of its grid
+                row.append(viz.Panel(f"reference {r}", refs[r], mask=ref_masks[r], probe_grid=maps.references[r]))
+            row.append(viz.Panel(f"M_r: reference map {r}", refs[r], pick(maps.reference(ref=r)), mask=ref_masks[r]))
             if maps.mask is not None:
                 row.append(viz.Panel("M_r, mask probe (eq. 17)", refs[r], pick(maps.reference(masked=True, ref=r)),
                                      mask=ref_masks[r]))

@@ -235,6 +235,93 @@ def test_show_bad_arguments_exit_2(capsys, tmp_path):
     assert code == 2 and "--ref-mask is 5x5 but --reference is 4x4" in err
 
 
+def two_reference_report(folder):
+    """The report folder of maps of two references (the tiny Qwen-Image-Edit-Plus transformer)
+    traced with an inpainting mask, written as `i2am run` writes it (reference_R.png,
+    ref_mask_R.png); returns the scores."""
+    import multi_reference as mr
+    import tiny_qwen as tq
+
+    import i2am
+
+    model, inputs = tq.transformer(), tq.edit_plus_inputs(batch=1)
+    mask = torch.zeros(tq.GRID)
+    mask[1:3, 2:5] = 1
+    with torch.no_grad(), i2am.trace(model, num_steps=1, mask=mask) as tc:  # few figures: a quick report
+        mr.run_steps(model, inputs, [1.0])
+    refs = mr.images([(16 * w, 16 * h) for h, w in tq.REFS], seed=1)
+    ref_masks = []
+    for r, ref in enumerate(refs):
+        m = np.zeros((ref.height, ref.width), np.uint8)
+        m[4 + 4 * r:30, 8:40 + 8 * r] = 255  # a different region on each reference
+        ref_masks.append(Image.fromarray(m))
+    return report.write_report(folder, tc.maps(), image=mr.images([(96, 64)])[0], reference=refs, ref_mask=ref_masks,
+                               extra_images={f"ref_mask_{r}": m for r, m in enumerate(ref_masks)})
+
+
+def imacs_of(scores):
+    return {k: v for k, v in scores.items() if k.startswith("IMACS")}
+
+
+def test_show_of_several_references_reads_their_images_and_masks(capsys, tmp_path):
+    first, again = tmp_path / "run", tmp_path / "shown"
+    scores = two_reference_report(first)
+    assert set(imacs_of(scores)) == {"IMACS_g", "IMACS_r", "IMACS_g_ref1", "IMACS_r_ref1"}
+    code, _, _ = cli(capsys, "show", first / "maps.safetensors", "--out", again)
+    assert code == 0
+    assert imacs_of(json.loads((again / "scores.json").read_text())) == imacs_of(scores)
+    pngs = sorted(p.name for p in first.glob("*.png"))
+    assert {"reference_0.png", "reference_1.png", "ref_mask_0.png", "ref_mask_1.png"} <= set(pngs)
+    assert pngs == sorted(p.name for p in again.glob("*.png"))
+    for name in pngs:  # the references and their mask outlines drawn as in the run's figures
+        assert (first / name).read_bytes() == (again / name).read_bytes(), name
+
+
+def test_show_of_several_references_without_some_of_their_files(capsys, tmp_path):
+    first = tmp_path / "run"
+    scores = two_reference_report(first)
+    (first / "ref_mask_0.png").unlink()  # reference 0 then has no mask, reference 1 no image
+    (first / "reference_1.png").unlink()
+    assert cli(capsys, "show", first / "maps.safetensors", "--out", tmp_path / "some")[0] == 0
+    shown = json.loads((tmp_path / "some" / "scores.json").read_text())
+    assert imacs_of(shown) == {k: scores[k] for k in ("IMACS_g", "IMACS_g_ref1", "IMACS_r_ref1")}
+    assert {"reference_0.png", "ref_mask_1.png"} <= set(shown["files"])
+    assert not {"reference_1.png", "ref_mask_0.png"} & set(shown["files"])
+    (first / "reference_0.png").unlink()  # no reference image at all: the overview leaves out their column
+    assert cli(capsys, "show", first / "maps.safetensors", "--out", tmp_path / "none")[0] == 0
+    widths = [Image.open(tmp_path / name / "overview.png").width for name in ("some", "none")]
+    assert widths[1] < widths[0]
+
+
+def test_show_of_several_references_in_their_own_folder_keeps_them(capsys, tmp_path):
+    scores = two_reference_report(tmp_path)
+    kept = {name: (tmp_path / name).read_bytes() for name in ("reference_0.png", "reference_1.png",
+                                                                "ref_mask_0.png", "ref_mask_1.png")}
+    assert cli(capsys, "show", tmp_path / "maps.safetensors", "--threshold", "0.2", "--out", tmp_path)[0] == 0
+    for name, data in kept.items():
+        assert (tmp_path / name).read_bytes() == data, name
+    shown = json.loads((tmp_path / "scores.json").read_text())
+    assert (shown["IMACS_r"], shown["IMACS_r_ref1"]) == (scores["IMACS_r"], scores["IMACS_r_ref1"])
+    assert set(kept) <= set(shown["files"])  # a further rewrite or --overwrite removes them as its own
+
+
+def test_show_of_several_references_bad_masks_and_options_exit_2(capsys, tmp_path):
+    first = tmp_path / "run"
+    two_reference_report(first)
+    for option in ("--reference", "--ref-mask"):
+        code, _, err = cli(capsys, "show", first / "maps.safetensors", option, first / "reference_0.png",
+                           "--out", tmp_path / "o")
+        key = option[2:].replace("-", "_")
+        assert code == 2 and f"{option} is one image, but these maps have 2 references" in err
+        assert f"{key}_0.png to {key}_1.png beside the maps file are used" in err
+    save_png(first / "ref_mask_1.png", np.eye(5) * 255)
+    code, _, err = cli(capsys, "show", first / "maps.safetensors", "--out", tmp_path / "o")
+    assert code == 2 and f"{first / 'ref_mask_1.png'} is 5x5 but {first / 'reference_1.png'} is 80x48" in err
+    save_png(first / "ref_mask_1.png", np.zeros((48, 80)))
+    code, _, err = cli(capsys, "show", first / "maps.safetensors", "--out", tmp_path / "o")
+    assert code == 2 and f"({first / 'ref_mask_1.png'}) is empty" in err
+
+
 # ---- run: argument errors ---------------------------------------------------------------------
 @pytest.mark.parametrize("bad", [["--points", "1"], ["--boxes", "1,2,3"], ["--steps", "0"], ["--pipeline", "sdxl"],
                                  ["--time-groups", "x"]])
