@@ -140,9 +140,10 @@ examples:
     show.add_argument("maps", metavar="MAPS", help="a maps.safetensors file (AttributionMaps.save)")
     show.add_argument("--image", help="the generated image the maps belong to (default: generated.png "
                                       "beside MAPS, when there)")
-    show.add_argument("--reference", help="the reference image (default: reference.png beside MAPS, when there)")
+    show.add_argument("--reference", help="the reference image (default: reference.png beside MAPS, when there; "
+                                          "maps of several references: always reference_R.png beside MAPS)")
     show.add_argument("--ref-mask", help="reference mask, same size as --reference: gives IMACS_r (default: "
-                                         "ref_mask.png beside MAPS, when there)")
+                                         "ref_mask.png beside MAPS, when there; several references: ref_mask_R.png)")
     show.add_argument("--protocol", choices=tuple(PROTOCOLS),
                       help="read the maps under this protocol (default: the one they were traced under; maps "
                            "traced under official can also be read as paper)")
