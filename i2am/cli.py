@@ -26,6 +26,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import pipelines  # noqa: E402 (after the threading policy)
 from .config import ATTENTIONS, CONVENTIONS, check_groups
+from .evaluation.datasets import DATA_SETS
 from .inputs import InputError, check_device, check_out, check_out_file, command_line_spelling
 from .protocols import PROTOCOLS
 
@@ -156,18 +157,12 @@ the ground truth; over the set: FID and KID. Writes samples.jsonl, summary.md (t
 Pearson and Spearman correlations of IMACS with each metric) and scatter plots. The same
 command run again on the same --out resumes: finished samples are kept, the rest are run.
 Under `accelerate launch -m i2am eval ...` (or torchrun) the samples are shared among the
-processes. --data is a JSONL manifest, one sample a line, paths relative to it: for the
-inpainting pipelines {"image", "mask", "reference"} and optional "ref_mask", "ground_truth";
-for the editors (flux-kontext, qwen-image-edit-plus, flux2) {"reference": a path or a list,
-ref 0 first, "prompt": the edit instruction (without it, --prompt)} and optional "mask" (the
-edited region: IMACS_g of each reference), "ref_mask" (a list like "reference", null for none:
-IMACS_r), "ground_truth" (SSIM, LPIPS, and the real images of FID and KID), no "image"; an
-optional unique "id" names the result files (default the image's or first reference's file
-name), "seed" its seed. Or a VITON-HD-like test folder (image/, agnostic-mask/, cloth/,
-cloth-mask/, test_pairs.txt). LPIPS needs torchvision and its AlexNet weights in the torch hub
-cache; FID and KID need torch-fidelity and --inception-weights: without them (or an editor's
-sample without a ground truth) those columns are left out, and the summary says so.
+processes. LPIPS needs torchvision and its AlexNet weights in the torch hub cache; FID and KID
+need torch-fidelity and --inception-weights: without them (or an editor's sample without a
+ground truth) those columns are left out, and the summary says so.
 
+data sets (--data: a JSONL manifest or a VITON-HD-like test folder):
+""" + textwrap.indent(DATA_SETS, "  ") + """
 examples:
   i2am eval --demo --out eval-demo
   i2am eval --pipeline sd-inpaint-patch --model ./my-model --data viton-hd/test \\

@@ -1,22 +1,42 @@
 """Evaluation data sets: what one sample holds, read from a JSONL manifest or a VITON-HD-like folder.
 
+DATA_SETS below says what a sample holds and how a manifest or a folder describes the samples
+(`i2am eval --help` shows the same text). Which inputs a pipeline needs and refuses is
+i2am.pipelines.sample_rules; sizes and masks are checked by i2am.pipelines.read as each sample
+is generated.
+"""
+import json
+import posixpath
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from ..inputs import InputError
+from ..integers import as_int
+from ..pipelines import sample_rules
+
+PAIRS_FILE = "test_pairs.txt"
+INPUTS = ("image", "mask", "reference", "ref_mask", "prompt", "ground_truth")  # a manifest's keys beside id, seed
+
+DATA_SETS = """\
 For an inpainting pipeline a sample is the image to inpaint (also the real image the FID and KID
 compare with), its inpainting mask (white = fill), the reference and its mask (e.g. the cloth
 mask, for IMACS_r), and the ground truth for SSIM and LPIPS (in a paired setting: the image
 itself). For an editor (flux-kontext, qwen-image-edit-plus, flux2) a sample is its references and
-its edit instruction (the prompt), with optionally the edited region (mask, for IMACS_g), each
-reference's mask (ref_mask, for IMACS_r) and the expected edit (ground truth, for SSIM and
-LPIPS, and the real image of FID and KID). Which inputs a pipeline needs and refuses is
-i2am.pipelines.sample_rules; sizes and masks are checked by i2am.pipelines.read as each sample
-is generated.
+its edit instruction (the prompt), with optionally the edited region (mask, for IMACS_g of each
+reference), each reference's mask (ref_mask, for IMACS_r) and the expected edit (ground truth,
+for SSIM and LPIPS, and the real image of FID and KID), and no image.
 
-JSONL manifest, one sample a line, paths relative to the manifest's folder:
+JSONL manifest, one sample a line (wrapped here), paths relative to the manifest's folder:
 
-    {"id": "00001_00", "image": "image/00001_00.jpg", "mask": "agnostic-mask/00001_00_mask.png",
-     "reference": "cloth/00001_00.jpg", "ref_mask": "cloth-mask/00001_00.jpg",
-     "ground_truth": "image/00001_00.jpg", "prompt": "", "seed": 7}
-    {"id": "tryon_3", "reference": ["person/3.jpg", "shirt/9.jpg"], "prompt": "the person wears the shirt",
-     "mask": "edit/3.png", "ref_mask": [null, "shirt-mask/9.png"], "ground_truth": "result/3.jpg"}
+  {"id": "00001_00", "image": "image/00001_00.jpg", "mask": "agnostic-mask/00001_00_mask.png",
+   "reference": "cloth/00001_00.jpg", "ref_mask": "cloth-mask/00001_00.jpg",
+   "ground_truth": "image/00001_00.jpg", "prompt": "", "seed": 7}
+  {"id": "tryon_3", "reference": ["person/3.jpg", "shirt/9.jpg"],
+   "prompt": "the person wears the shirt", "mask": "edit/3.png",
+   "ref_mask": [null, "shirt-mask/9.png"], "ground_truth": "result/3.jpg"}
 
 "reference" may be a list of paths, for a pipeline of several references (ref 0 first);
 "ref_mask" then is a list as long (null for a reference without one). An editor's mask and
@@ -34,20 +54,6 @@ Folder (VITON-HD's test split, with StableVITON's agnostic masks): image/, agnos
 folder or beside it. A pair whose cloth is the person's own (the same name) is paired: its
 image is the ground truth; an unpaired pair has none (FID and KID only).
 """
-import json
-import posixpath
-import unicodedata
-from dataclasses import dataclass, field
-from pathlib import Path
-
-from PIL import Image, UnidentifiedImageError
-
-from ..inputs import InputError
-from ..integers import as_int
-from ..pipelines import sample_rules
-
-PAIRS_FILE = "test_pairs.txt"
-INPUTS = ("image", "mask", "reference", "ref_mask", "prompt", "ground_truth")  # a manifest's keys beside id, seed
 
 
 class DatasetError(InputError):
@@ -197,7 +203,7 @@ def _image(path, where, what, sample_id):
 
 
 def check_samples(samples, source="the samples"):
-    """samples, their ids normalised (see the module docstring) and checked to be distinct file
+    """samples, their ids normalised (see DATA_SETS) and checked to be distinct file
     names, and their seeds integers; an error names the sample (its manifest line) and id."""
     if not samples:
         raise DatasetError(f"{source}: no samples")

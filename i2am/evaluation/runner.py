@@ -19,7 +19,6 @@ import numpy as np
 from PIL import Image
 
 from ..inputs import InputError, check_protocols
-from ..report import imacs_scores
 from . import metrics, summary
 from .datasets import check_samples
 from .tasks import as_uint8
@@ -86,6 +85,10 @@ def evaluate(task, samples, out, *, protocols=("paper",), seed=0, features=None,
 
 def _evaluate_sample(task, sample, protocols, seed, paired, maps_dir):
     """The record of one sample: its traced runs (one per protocol), IMACS and paired metrics."""
+    # imported here: report draws with matplotlib, which importing i2am.evaluation (the command's
+    # help shows its data-set text) does not load
+    from ..report import imacs_scores
+
     sample_seed = seed + (sample.index if sample.seed is None else sample.seed)
     record = {"id": sample.id, "index": sample.index, "seed": sample_seed, "scores": {}}
     image = None

@@ -14,8 +14,7 @@ import torch
 
 from .. import generation, pipelines
 from ..generation import Generation
-from ..inputs import InputError, as_mask, open_image
-from ..viz import to_pil
+from ..inputs import InputError, as_mask, open_image, to_pil
 from .datasets import Sample
 
 
