@@ -25,16 +25,12 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import pipelines  # noqa: E402 (after the threading policy)
-from .config import ATTENTIONS, CONVENTIONS, check_groups
+from .config import ATTENTIONS, CONVENTIONS
 from .evaluation.datasets import DATA_SETS
-from .inputs import InputError, check_device, check_out, check_out_file, command_line_spelling
+from .inputs import InputError, check_device, check_out_file, command_line_spelling
 from .protocols import PROTOCOLS
 
 BACKENDS = ("auto", "torch", "triton", "cuda")  # the kernels' float64 "reference" is for tests, not offered
-
-
-class UsageError(InputError):
-    """A bad combination of the command's options, found after parsing: exit 2."""
 
 
 def main(argv=None):
@@ -219,43 +215,14 @@ def _demo(args):
 
 
 def _eval(args):
-    try:
-        from accelerate import PartialState
-        from .evaluation import DemoTask, PipelineTask, evaluate, load_dataset
-    except ModuleNotFoundError as err:
-        raise UsageError(f"i2am eval needs {err.name}: pip install 'i2am[eval]'") from err
+    from .evaluation import run_eval
 
-    check_out(args.out)
-    steps = args.steps or (10 if args.demo else 50)
-    device = check_device(args.device or str(PartialState().device), args.backend)
-    if args.randomized and not args.faithfulness:
-        raise UsageError("--randomized belongs to --faithfulness")
-    if args.faithfulness and not args.demo:
-        raise UsageError("--faithfulness runs with --demo (the embedded model) for now")
-    if args.demo:
-        task = DemoTask(samples=args.samples, steps=steps, device=device, backend=args.backend)
-        samples = task.samples()
-        if args.faithfulness:
-            from .evaluation.faithfulness import evaluate_faithfulness
-            evaluate_faithfulness(task, samples, args.out, randomized=args.randomized, draws=args.draws,
-                                  seed=args.seed)
-            if PartialState().is_main_process:
-                print(f"summary written to {Path(args.out) / 'faithfulness.md'}")
-            return
-    else:
-        if not (args.pipeline and args.model):
-            raise UsageError("--data needs --pipeline and --model (the model to evaluate)")
-        check_groups(args.time_groups, steps)
-        pipelines.check_protocols_of(args.pipeline, args.protocol)
-        samples = load_dataset(args.data, args.pipeline, args.prompt)
-        task = PipelineTask(args.pipeline, args.model, device=device, dtype=args.dtype, prompt=args.prompt,
-                            steps=steps, guidance=pipelines.KINDS[args.pipeline].guidance_scale(args.guidance),
-                            time_groups=args.time_groups, convention=args.convention, backend=args.backend,
-                            settings={"data": args.data}, **_load_options(args))
-    evaluate(task, samples, args.out, protocols=args.protocol, seed=args.seed,
-             inception_weights=args.inception_weights, save_maps=args.save_maps, device=device)
-    if PartialState().is_main_process:
-        print(f"summary written to {Path(args.out) / 'summary.md'}")
+    summary = run_eval(args.out, protocols=args.protocol, **_load_options(args),
+                       **_given(args, "demo", "data", "pipeline", "model", "samples", "prompt", "steps", "guidance",
+                                "seed", "time_groups", "convention", "backend", "device", "dtype", "inception_weights",
+                                "save_maps", "faithfulness", "randomized", "draws"))
+    if summary is not None:  # the main process
+        print(f"summary written to {summary}")
 
 
 def _bench(args):
@@ -296,8 +263,8 @@ def _given(args, *names):
 
 
 def _load_options(args):
-    """The pipeline's own load options (ip-adapter's weights and scale)."""
-    return _given(args, *pipelines.KINDS[args.pipeline].options)
+    """The pipeline's own load options (ip-adapter's weights and scale); none without one (eval --demo)."""
+    return _given(args, *pipelines.KINDS[args.pipeline].options) if args.pipeline else {}
 
 
 @contextmanager

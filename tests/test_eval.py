@@ -7,6 +7,7 @@ compared exactly.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -264,6 +265,46 @@ def test_eval_usage_errors_exit_2(capsys, tmp_path):
     code, _, err = cli(capsys, "eval", "--data", tmp_path, "--out", tmp_path / "o")
     assert code == 2 and "--data needs --pipeline and --model" in err
 
+
+@pytest.mark.parametrize("options, python, command", [
+    (dict(demo=True, randomized=True), "randomized belongs to faithfulness", "--randomized belongs to --faithfulness"),
+    (dict(data="pairs.jsonl", faithfulness=True), "faithfulness runs with demo", "--faithfulness runs with --demo"),
+    (dict(data="pairs.jsonl", pipeline="paint-by-example"), "data needs pipeline and model",
+     "--data needs --pipeline and --model"),
+    (dict(), "either demo (the embedded model) or data", "either --demo (the embedded model) or --data"),
+])
+def test_run_eval_refuses_bad_combinations_naming_them_as_the_caller(tmp_path, options, python, command):
+    """i2am.evaluation.run_eval checks the combination before anything is written or loaded, and
+    names the options as keywords, or as the command's options inside command_line_spelling."""
+    from i2am.evaluation import run_eval
+    from i2am.inputs import InputError, command_line_spelling
+
+    out = tmp_path / "out"
+    with pytest.raises(InputError) as err:
+        run_eval(out, **options)
+    assert python in str(err.value) and "--" not in str(err.value)
+    with command_line_spelling(), pytest.raises(InputError, match=re.escape(command)):
+        run_eval(out, **options)
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_run_eval_writes_what_the_command_writes(capsys, tmp_path):
+    from i2am.evaluation import run_eval
+
+    summary = run_eval(tmp_path / "lib", demo=True, samples=1, steps=2, progress=False)
+    assert summary == tmp_path / "lib" / "summary.md" and summary.is_file()
+    code, stdout, err = cli(capsys, "eval", "--demo", "--samples", 1, "--steps", 2, "--out", tmp_path / "cli")
+    assert code == 0, err
+    assert f"summary written to {tmp_path / 'cli' / 'summary.md'}" in stdout
+    rows = records(tmp_path / "lib")
+    assert len(rows) == 1 and rows == records(tmp_path / "cli")
+    for name in ("summary.md", "summary.json", "settings.json"):
+        assert read(tmp_path / "lib", name) == read(tmp_path / "cli", name), name
+    faithfulness = run_eval(tmp_path / "faith", demo=True, faithfulness=True, samples=2, steps=2, draws=1,
+                            progress=False)
+    assert faithfulness == tmp_path / "faith" / "faithfulness.md" and faithfulness.is_file()
+    assert json.loads(read(tmp_path / "faith", "settings.json"))["draws"] == 1
 
 # ---- data sets --------------------------------------------------------------------------------
 def test_manifest_reads_paths_relative_to_it_and_names_bad_lines(tmp_path):
