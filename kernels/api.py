@@ -344,10 +344,10 @@ def _index(sel, n, what, device, unique=False):
         if idx.numel() and (idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool):
             raise TypeError(f"{what} must hold integer indices, got {idx.dtype}")
         idx = idx.long().cpu()
-        if idx.numel() and (idx.min() < 0 or idx.max() >= n):
-            raise ValueError(f"{what} must index range(0, {n}), got values from "
-                             f"{int(idx.min())} to {int(idx.max())}")
-        if unique and idx.unique().numel() != idx.numel():
+        lo, hi = idx.aminmax() if idx.numel() else (0, 0)
+        if lo < 0 or hi >= n:
+            raise ValueError(f"{what} must index range(0, {n}), got values from {int(lo)} to {int(hi)}")
+        if unique and idx.numel() > 1 and idx.unique().numel() != idx.numel():
             raise ValueError(f"{what} must not repeat an index, got {idx.tolist()}")
     if what != "record" and idx.numel() == 0:
         raise ValueError(f"{what} selects no index out of {n}")
@@ -437,10 +437,9 @@ def _checked_buffers(maps, shapes, device, what):
 def _complement(idx, n):
     """The indices of range(n) not in idx (batch entries, query rows): a slice when they are
     contiguous (the CFG uncond half), so that q[u] is a view, not a copy of the inputs."""
-    keep = torch.ones(n, dtype=torch.bool)
-    keep[idx.cpu()] = False
-    rest = keep.nonzero().flatten()
-    if rest.numel() and rest[-1] - rest[0] + 1 == rest.numel():
-        return slice(int(rest[0]), int(rest[-1]) + 1)
-    return rest.to(idx.device)
+    taken = set(idx.tolist())  # a few batch entries mostly: Python ints cost less than tensor ops
+    rest = [i for i in range(n) if i not in taken]
+    if rest and rest[-1] - rest[0] + 1 == len(rest):
+        return slice(rest[0], rest[-1] + 1)
+    return torch.tensor(rest, dtype=torch.long, device=idx.device)
 
