@@ -330,25 +330,38 @@ def environment(device):
 
 
 def plot(rows, path):
-    """Ratio to SDPA against Nq, one panel per head dim, one line per i2am column."""
+    """Write ratio_figure(rows) to path (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = ratio_figure(rows)
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def ratio_figure(rows):
+    """Each column's median time over SDPA's, one line per shape, one colour and marker per column
+    across the figure (a dot plot: the shapes differ in Nq, Nk and d at once, so no one of them
+    makes an x axis). The pipeline rows (no attention shape) are left out."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if r.d]  # the pipeline rows have no head dim
-    dims = sorted({r.d for r in rows})
-    fig, axes = plt.subplots(1, len(dims), figsize=(4 * len(dims), 3.2), squeeze=False)
-    for ax, d in zip(axes[0], dims):
-        for col in sorted({r.column for r in rows if r.column != "sdpa"}):
-            pts = sorted((r.nq, r.ratio) for r in rows if r.d == d and r.column == col)
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=col)
-        ax.set(xscale="log", yscale="log", xlabel="Nq", ylabel="time / SDPA", title=f"d = {d}")
-        ax.axhline(2.0, color="grey", lw=0.8, ls="--", label="2 x SDPA")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    rows = [r for r in rows if r.d and r.column != "sdpa"]
+    shapes = list(dict.fromkeys(r.shape for r in rows))
+    columns = list(dict.fromkeys(r.column for r in rows))
+    fig, ax = plt.subplots(figsize=(8, 1.4 + 0.3 * len(shapes)), layout="constrained")
+    for i, column in enumerate(columns):
+        ratio, at = zip(*[(r.ratio, shapes.index(r.shape)) for r in rows if r.column == column])
+        ax.scatter(ratio, at, color=f"C{i}", marker="osD^vPX*h"[i % 9], label=column, zorder=3)
+    ax.set_yticks(range(len(shapes)), shapes, fontsize=8)
+    ax.set_ylim(len(shapes) - 0.5, -0.5)  # the first shape on top, as in the table
+    ax.grid(axis="y", color="0.9")
+    ax.axvline(1, color="black", lw=0.8)
+    ax.axvline(2, color="grey", lw=0.8, ls="--")
+    ax.set_xlim(left=0)
+    ax.set_xlabel("time / SDPA's (median of interleaved reps; solid line: SDPA, dashed: 2 x SDPA)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+    return fig
 
 
 def pipeline_row(device, dtype, steps=10, reps=3):

@@ -35,6 +35,23 @@ def test_table_has_every_column_side_by_side(tmp_path):
     assert (tmp_path / "ratio.png").stat().st_size > 0
 
 
+def test_ratio_figure_gives_each_column_one_colour_across_shapes():
+    from matplotlib.colors import to_hex
+
+    Row = benchmark.Row
+    rows = [Row(shape, col, 64, 9, 16, 1.0, ratio, 0.0, 0.0) for shape, ratios in (("a", (1.0, 3.0, 2.0)),
+                                                                                   ("b", (1.0, 1.5)))
+            for col, ratio in zip(("sdpa", "i2am-torch maps", "composition"), ratios)]
+    rows.append(Row("pipe", "pipeline traced", 64, 9, 0, 1.0, 1.2, 0.0, 0.0))  # no attention shape: left out
+    ax = benchmark.ratio_figure(rows).axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b"]
+    points = {c.get_label(): (c.get_offsets().tolist(), {to_hex(f) for f in c.get_facecolors()})
+              for c in ax.collections}
+    assert points["i2am-torch maps"][0] == [[3.0, 0], [1.5, 1]] and points["composition"][0] == [[2.0, 0]]
+    assert len(points["i2am-torch maps"][1]) == 1 and points["i2am-torch maps"][1] != points["composition"][1]
+    assert set(points) == {"i2am-torch maps", "composition"}  # SDPA is the line at 1, not a column
+
+
 def test_columns_are_interleaved_rep_by_rep():
     """One call of every column per round, the order rotating, after one warm-up call each: a
     disturbed stretch of the machine cannot fall on one column's whole block of reps."""
