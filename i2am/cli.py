@@ -191,7 +191,7 @@ examples:
     ev.add_argument("--draws", type=_positive, default=3, help="with --faithfulness: random draws per baseline "
                     "(default: %(default)s)")
     ev.add_argument("--out", required=True, help="output folder (an existing one is resumed)")
-    ev.add_argument("--quiet", action="store_true", help="no library warnings on the terminal")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar or library warnings on the terminal")
 
     bench = _command(sub, "bench", _bench,
                      "time i2am against SDPA, three fused SDPA calls, the naive path and a chunked capture", """\
@@ -217,7 +217,7 @@ def _demo(args):
 def _eval(args):
     from .evaluation import run_eval
 
-    summary = run_eval(args.out, protocols=args.protocol, **_load_options(args),
+    summary = run_eval(args.out, protocols=args.protocol, progress=not args.quiet, **_load_options(args),
                        **_given(args, "demo", "data", "pipeline", "model", "samples", "prompt", "steps", "guidance",
                                 "seed", "time_groups", "convention", "backend", "device", "dtype", "inception_weights",
                                 "save_maps", "faithfulness", "randomized", "draws"))

@@ -439,6 +439,17 @@ def test_run_quiet_prints_only_where_the_report_is(capsys, inputs, tiny_pipeline
     assert "IMACS_g" in stdout and len(step_bars) == 2 and step_bars[1]["disable"] is False
 
 
+@pytest.mark.parametrize("quiet", [False, True])
+def test_eval_quiet_turns_the_progress_bar_off(capsys, monkeypatch, tmp_path, quiet):
+    import i2am.evaluation
+
+    given = {}
+    monkeypatch.setattr(i2am.evaluation, "run_eval", lambda out, **kw: given.update(kw))
+    code, _, err = cli(capsys, "eval", "--demo", "--out", str(tmp_path / "e"), *(["--quiet"] if quiet else []))
+    assert code == 0, err
+    assert given["progress"] is not quiet and given["demo"] is True
+
+
 def test_run_on_two_regions_of_one_image(capsys, inputs, tiny_pipeline, tmp_path):
     """--query-region/--ref-region with --attention self: the maps live on the two halves of the
     one generated image (side by side along width), the figures show both halves."""
