@@ -331,9 +331,9 @@ def environment(device):
 
 def plot(rows, path):
     """Write ratio_figure(rows) to path (PNG)."""
+    fig = ratio_figure(rows)  # first: it selects the Agg backend before pyplot is imported here
     import matplotlib.pyplot as plt
 
-    fig = ratio_figure(rows)
     fig.savefig(path, dpi=150)
     plt.close(fig)
 
